@@ -1,0 +1,301 @@
+"""Gyro dropout (Lee et al., MLSys 2022): a fixed set of subnetworks, trained in turn.
+
+Plain dropout samples a fresh mask per row per step, so each of astronomically many
+subnetworks is trained about once. Gyro dropout pre-selects ``num_subnets`` (sigma)
+masks, trains ``subnets_per_step`` (tau) of them at once (the batch split into tau
+contiguous row groups, one mask each) and keeps each set for ``steps_per_set``
+consecutive steps, so every subnetwork is trained enough to be good.
+
+The work per step is one broadcast multiply: the tau active masks are cached and only
+rebuilt when the set changes, so there is no per-element random number generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gyrodrop import distributed, masks
+from gyrodrop.schedule import ScheduledModule, SubnetSchedule, check_p
+
+__all__ = ["GyroDropout", "gyro_dropout", "subnet_masks", "apply_group_masks"]
+
+SCALES = ("inverted", "realized")
+
+
+def _normalize_dims(owner: str, dims: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    if dims is None:
+        return None
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        dims = (dims,)
+    if not isinstance(dims, Sequence) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in dims
+    ):
+        raise ValueError(f"{owner}: dims must be None, an int or a tuple of ints, got {dims!r}")
+    dims = tuple(dims)
+    if 0 in dims:
+        raise ValueError(
+            f"{owner}: dims must name non-batch dims (1..ndim-1 or negative), got {dims}; "
+            "dim 0 is the batch"
+        )
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"{owner}: dims must not repeat a dim, got {dims}")
+    return dims
+
+
+def mask_shape_for(owner: str, shape: torch.Size, dims: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Shape of one subnetwork mask for an input of ``shape`` (batch dim excluded):
+    the size of each dim the mask spans, 1 where rows share the mask."""
+    ndim = len(shape)
+    if ndim == 0:
+        raise ValueError(
+            f"{owner}: input must have a batch dim, shape (B, *), got a 0-d tensor; "
+            "hint: x.reshape(1, -1)"
+        )
+    if dims is None:
+        return tuple(shape[1:])
+    spanned = set()
+    for d in dims:
+        if not -ndim < d < ndim:
+            raise ValueError(
+                f"{owner}: dims={dims} is out of range for an input of shape {tuple(shape)} "
+                f"({ndim} dims); dims index non-batch dims 1..{ndim - 1} or -1..-{ndim - 1}; "
+                "hint: pass dims=(-1,) for (B, T, F) inputs, dims=(1,) for channel-wise masks"
+            )
+        spanned.add(d % ndim)
+    if 0 in spanned:
+        raise ValueError(
+            f"{owner}: dims={dims} names the batch dim of an input with {ndim} dims; "
+            "the mask spans non-batch dims only"
+        )
+    return tuple(shape[i] if i in spanned else 1 for i in range(1, ndim))
+
+
+def subnet_masks(
+    seed: int,
+    subnets: Tensor,
+    mask_shape: tuple[int, ...],
+    p: float,
+    *,
+    scale: str = "inverted",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Scaled masks of the given subnetworks, shape ``(len(subnets), *mask_shape)``.
+
+    ``scale="inverted"`` multiplies kept values by ``1/(1-p)``; ``"realized"`` by
+    ``numel / kept`` of each mask (the authors' variant), so each mask preserves the
+    sum of a constant input exactly.
+    """
+    numel = 1
+    for s in mask_shape:
+        numel *= s
+    with torch.no_grad():
+        keep = masks.element_keep_mask(seed, subnets, numel, p, device=device)
+        if scale == "realized":
+            kept = keep.sum(dim=1, keepdim=True).clamp_min(1)
+            factor = (numel / kept.to(torch.float64)).to(dtype)
+            out = keep.to(dtype) * factor
+        else:
+            out = keep.to(dtype) * (1.0 / (1.0 - p))
+    return out.reshape(len(subnets), *mask_shape)
+
+
+def apply_group_masks(x: Tensor, group_masks: Tensor, counts: Sequence[int]) -> Tensor:
+    """Multiply consecutive row groups of ``x`` by their masks.
+
+    ``group_masks`` has shape ``(G, *mask_shape)`` (broadcastable against one row),
+    ``counts[g]`` is the number of rows of ``x`` in group ``g`` (summing to ``B``).
+    Groups of equal size are handled by one batched multiply each, so a batch divisible
+    by the number of groups costs exactly one broadcast multiply.
+    """
+    rest = x.shape[1:]
+    pieces = []
+    row, g = 0, 0
+    n_groups = len(counts)
+    while g < n_groups:
+        c = counts[g]
+        end = g
+        while end < n_groups and counts[end] == c:
+            end += 1
+        if c > 0:
+            n = end - g
+            whole = row == 0 and n * c == x.shape[0]
+            chunk = (x if whole else x[row : row + n * c]).reshape(n, c, *rest)  # (n, c, *rest)
+            m = group_masks[g:end].unsqueeze(1)  # (n, 1, *mask_shape)
+            pieces.append((chunk * m).reshape(n * c, *rest))
+            row += n * c
+        g = end
+    if len(pieces) == 1:
+        return pieces[0]
+    if not pieces:
+        return x * group_masks[:0].sum()  # an empty batch: keep autograd and dtype
+    return torch.cat(pieces, dim=0)
+
+
+def gyro_dropout(
+    x: Tensor,
+    p: float = 0.5,
+    *,
+    step: int,
+    seed: int = 0,
+    num_subnets: int = 256,
+    subnets_per_step: int = 16,
+    steps_per_set: int = 1,
+    dims: int | Sequence[int] | None = None,
+    schedule: str = "consecutive",
+    scale: str = "inverted",
+    training: bool = True,
+) -> Tensor:
+    """Functional gyro dropout: stateless, the step is passed in. See :class:`GyroDropout`.
+
+    Rebuilds the active masks on every call; the module caches them.
+    """
+    if not training or p == 0.0:
+        return x
+    dims_t = _normalize_dims("gyro_dropout", dims)
+    mshape = mask_shape_for("gyro_dropout", x.shape, dims_t)
+    sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
+    active = sched.at_step(seed, step)
+    m = subnet_masks(seed, active, mshape, p, scale=scale, dtype=x.dtype, device=x.device)
+    start, global_batch = distributed.row_window(x.shape[0])
+    counts = distributed.local_group_counts(start, x.shape[0], global_batch, subnets_per_step)
+    return apply_group_masks(x, m, counts)
+
+
+class GyroDropout(ScheduledModule):
+    """Drop-in replacement for :class:`torch.nn.Dropout` that trains a fixed set of
+    subnetworks (gyro dropout).
+
+    Args:
+        p: drop probability of each neuron in a subnetwork mask, in ``[0, 1)``.
+        num_subnets: sigma, the number of pre-selected subnetworks.
+        subnets_per_step: tau, subnetworks trained at once (one per row group).
+        total_steps: the run's number of steps; sets
+            ``steps_per_set = max(1, total_steps * tau // sigma)``.
+        steps_per_set: steps each set of tau subnetworks stays active (instead of
+            ``total_steps``). With neither, 1 and a warning.
+        dims: non-batch dims the mask spans; other dims share it. ``None``: all.
+            ``(-1,)`` for ``(B, T, F)`` sequences, ``(1,)`` for channel-wise masks
+            on ``(B, C, H, W)``.
+        schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
+        scale: ``"inverted"`` (``1/(1-p)``) or ``"realized"`` (``numel / kept`` per mask).
+        seed: seeds the masks and the schedule; buffers, so it is checkpointed.
+        auto_step: advance the schedule on each training forward; set ``False`` and call
+            :func:`gyrodrop.step` after each optimizer step instead when one step runs
+            several forwards.
+
+    Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> drop = gyrodrop.GyroDropout(p=0.5, num_subnets=64, subnets_per_step=4,
+        ...                             total_steps=1000)
+        >>> y = drop(torch.ones(8, 16))
+        >>> sorted(set(y.flatten().tolist()))
+        [0.0, 2.0]
+        >>> bool((y[0] == y[1]).all())   # rows 0-1 form one group: one subnetwork
+        True
+    """
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        num_subnets: int = 256,
+        subnets_per_step: int = 16,
+        *,
+        total_steps: int | None = None,
+        steps_per_set: int | None = None,
+        dims: int | Sequence[int] | None = None,
+        schedule: str = "consecutive",
+        scale: str = "inverted",
+        seed: int = 0,
+        auto_step: bool = True,
+    ) -> None:
+        owner = type(self).__name__
+        p = check_p(owner, p)
+        if scale not in SCALES:
+            raise ValueError(f"{owner}: scale must be one of {SCALES}, got {scale!r}")
+        super().__init__(
+            num_subnets=num_subnets,
+            subnets_per_step=subnets_per_step,
+            total_steps=total_steps,
+            steps_per_set=steps_per_set,
+            schedule=schedule,
+            seed=seed,
+            auto_step=auto_step,
+            owner=owner,
+        )
+        self.p = p
+        self.dims = _normalize_dims(owner, dims)
+        self.scale = scale
+        self._cache_key: tuple | None = None
+        self._cache_masks: Tensor | None = None
+        self._counts_key: tuple[int, int, int] | None = None
+        self._counts: list[int] = []
+
+    def extra_repr(self) -> str:
+        dims = "" if self.dims is None else f", dims={self.dims}"
+        return (
+            f"p={self.p}, num_subnets={self.num_subnets}, "
+            f"subnets_per_step={self.subnets_per_step}, steps_per_set={self.steps_per_set}, "
+            f"schedule={self.schedule}, scale={self.scale}{dims}"
+        )
+
+    def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
+        """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
+        shape ``(tau, *mask_shape)``; cached until the set changes."""
+        step = self.current_step() if step is None else step
+        seed = self.current_seed()
+        mshape = mask_shape_for(type(self).__name__, x.shape, self.dims)
+        set_index = self.subnet_schedule.set_index(step)
+        key = (set_index, seed, mshape, x.dtype, x.device, self.p, self.scale, self.schedule,
+               self.num_subnets, self.subnets_per_step, self.steps_per_set)
+        if key != self._cache_key or self._cache_masks is None:
+            active = self.subnet_schedule.subnets(seed, set_index)
+            self._cache_masks = subnet_masks(
+                seed, active, mshape, self.p, scale=self.scale, dtype=x.dtype, device=x.device
+            )
+            self._cache_key = key
+        return self._cache_masks
+
+    def subnet_mask(self, k: int, like: Tensor) -> Tensor:
+        """The scaled mask of subnetwork ``k`` for inputs shaped like ``like``,
+        shape ``mask_shape`` (used by ensembles and diversity analysis)."""
+        mshape = mask_shape_for(type(self).__name__, like.shape, self.dims)
+        ids = torch.tensor([k], dtype=torch.int64)
+        return subnet_masks(self.current_seed(), ids, mshape, self.p, scale=self.scale,
+                            dtype=like.dtype, device=like.device)[0]
+
+    def _group_counts(self, batch: int) -> list[int]:
+        start, global_batch = distributed.row_window(batch)
+        key = (start, batch, global_batch)
+        if key != self._counts_key:
+            self._counts = distributed.local_group_counts(
+                start, batch, global_batch, self.subnets_per_step
+            )
+            self._counts_key = key
+        return self._counts
+
+    @torch.compiler.disable
+    def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
+        group_masks = self.active_masks(x)
+        counts = self._group_counts(x.shape[0])
+        if self.auto_step:
+            self.advance()
+        return group_masks, counts
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        if self.p == 0.0:
+            if x.dim() == 0:
+                mask_shape_for(type(self).__name__, x.shape, self.dims)
+            if self.auto_step:
+                self.advance()
+            return x
+        group_masks, counts = self._prepare(x)
+        return apply_group_masks(x, group_masks, counts)
+

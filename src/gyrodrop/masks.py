@@ -1,0 +1,122 @@
+"""Seeded, counter-based subnetwork masks.
+
+A subnetwork is a keep/drop pattern over a layer's neurons. gyrodrop never stores the
+``num_subnets`` patterns: mask ``k`` is a pure function of ``(seed, k)`` computed by an
+integer hash, so any mask can be rebuilt on any device, on any rank, at any step, and
+gives the same bits on the CPU and on an accelerator. Only the masks of the active set
+are ever held in memory.
+
+The hash is a 32-bit integer mixer evaluated with int64 tensor arithmetic (products are
+reduced modulo 2**32, so wrap-around in int64 does not change the result).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "hash_u32",
+    "mix_keys",
+    "seeded_permutation",
+    "element_keep_mask",
+    "block_keep_mask",
+    "block_bounds",
+]
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+# Stream tags keep the hash inputs of different uses apart.
+TAG_ELEMENT = 0x11
+TAG_BLOCK = 0x22
+TAG_PERM = 0x33
+TAG_RANDOM_SET = 0x44
+TAG_DEPTH = 0x55
+
+
+def hash_u32(x: Tensor) -> Tensor:
+    """Mix a tensor of integers in ``[0, 2**32)`` into well spread 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix_int(h: int, key: int) -> int:
+    """Python-int twin of one :func:`mix_keys` round, for scalar keys."""
+    x = (h ^ (key & _M32) ^ ((key >> 32) & _M32)) + _GOLDEN
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def mix_keys(*keys: int) -> int:
+    """Fold non-negative Python ints (seed, tag, counters) into one 32-bit key."""
+    h = 0
+    for key in keys:
+        h = _mix_int(h, int(key))
+    return h
+
+
+def _hash_grid(base: Tensor, index: Tensor) -> Tensor:
+    """Two hash rounds of ``base`` (shape (K, 1)) with element indices (shape (N,))."""
+    h = hash_u32((base ^ index) & _M32)
+    return hash_u32((h + _GOLDEN) & _M32 ^ base)
+
+
+def _subnet_bases(seed: int, tag: int, subnets: Tensor) -> Tensor:
+    """Per-subnetwork 32-bit hash bases, shape (K, 1), from (seed, tag, k)."""
+    key = mix_keys(seed, tag)
+    return hash_u32((subnets.to(torch.int64) * 0x2545F491 + key) & _M32).unsqueeze(1)
+
+
+def seeded_permutation(seed: int, tag: int, counter: int, n: int) -> Tensor:
+    """A permutation of ``range(n)`` that depends only on ``(seed, tag, counter)``.
+
+    Sorted by hash with the index as a tie-break, so it is identical everywhere.
+    Returned on the CPU as int64.
+    """
+    idx = torch.arange(n, dtype=torch.int64)
+    h = hash_u32((idx * 0x27D4EB2F + mix_keys(seed, tag, counter)) & _M32)
+    return torch.argsort((h << 31) | idx)
+
+
+def element_keep_mask(
+    seed: int, subnets: Tensor, numel: int, p: float, device: torch.device | None = None
+) -> Tensor:
+    """Element-wise keep masks of the given subnetworks, shape ``(len(subnets), numel)``.
+
+    Each element is dropped independently with probability ``p`` (a Bernoulli draw
+    made deterministic by hashing ``(seed, k, element index)``).
+    """
+    subnets = subnets.to(device=device, dtype=torch.int64)
+    base = _subnet_bases(seed, TAG_ELEMENT, subnets)
+    index = torch.arange(numel, dtype=torch.int64, device=subnets.device)
+    threshold = min(int(round(p * 2**32)), 2**32)
+    return _hash_grid(base, index) >= threshold
+
+
+def block_keep_mask(
+    seed: int, subnets: Tensor, n_blocks: int, n_drop: int, device: torch.device | None = None
+) -> Tensor:
+    """Block keep masks, shape ``(len(subnets), n_blocks)``, with exactly ``n_drop``
+    blocks dropped in every mask (the ``n_drop`` blocks of smallest hash)."""
+    if not 0 <= n_drop <= n_blocks:
+        raise ValueError(f"n_drop must be in [0, {n_blocks}], got {n_drop}")
+    subnets = subnets.to(device=device, dtype=torch.int64)
+    base = _subnet_bases(seed, TAG_BLOCK, subnets)
+    index = torch.arange(n_blocks, dtype=torch.int64, device=subnets.device)
+    order = torch.argsort((_hash_grid(base, index) << 31) | index, dim=1)
+    keep = torch.ones(len(subnets), n_blocks, dtype=torch.bool, device=subnets.device)
+    keep.scatter_(1, order[:, :n_drop], False)
+    return keep
+
+
+def block_bounds(features: int, block_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each block; the last block is shorter when needed."""
+    return [(s, min(s + block_size, features)) for s in range(0, features, block_size)]
