@@ -1,0 +1,93 @@
+"""Properties of the counter-based subnetwork masks."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gyrodrop import masks
+
+
+class TestHashU32:
+    def test_values_stay_in_32_bits_for_extreme_inputs(self):
+        x = torch.tensor([0, 1, 2**31, 2**32 - 1], dtype=torch.int64)
+        h = masks.hash_u32(x)
+        assert bool(((h >= 0) & (h < 2**32)).all())
+
+    def test_is_a_bijection_on_a_sample(self):
+        x = torch.arange(1 << 16, dtype=torch.int64)
+        assert masks.hash_u32(x).unique().numel() == x.numel()
+
+    def test_mix_keys_is_deterministic_and_order_sensitive(self):
+        assert masks.mix_keys(7, 2**40) == masks.mix_keys(7, 2**40)
+        assert masks.mix_keys(1, 2) != masks.mix_keys(2, 1)
+        assert 0 <= masks.mix_keys(2**63 - 1) < 2**32
+
+
+class TestSeededPermutation:
+    @given(st.integers(1, 300), st.integers(0, 2**63 - 1), st.integers(0, 1000))
+    @settings(max_examples=40, deadline=None)
+    def test_is_a_permutation(self, n, seed, counter):
+        perm = masks.seeded_permutation(seed, masks.TAG_PERM, counter, n)
+        assert torch.equal(perm.sort().values, torch.arange(n))
+
+    def test_depends_on_seed_and_counter(self):
+        a = masks.seeded_permutation(0, masks.TAG_PERM, 0, 64)
+        assert torch.equal(a, masks.seeded_permutation(0, masks.TAG_PERM, 0, 64))
+        assert not torch.equal(a, masks.seeded_permutation(1, masks.TAG_PERM, 0, 64))
+        assert not torch.equal(a, masks.seeded_permutation(0, masks.TAG_PERM, 1, 64))
+
+
+class TestElementKeepMask:
+    @given(
+        p=st.floats(0.05, 0.95),
+        numel=st.integers(200, 3000),
+        seed=st.integers(0, 2**40),
+    )
+    @settings(max_examples=30, deadline=None)
+    def test_drop_rate_matches_p_within_binomial_bound(self, p, numel, seed):
+        keep = masks.element_keep_mask(seed, torch.arange(8), numel, p)
+        n = keep.numel()
+        dropped = n - int(keep.sum())
+        sd = math.sqrt(n * p * (1 - p))
+        assert abs(dropped - n * p) <= 5 * sd + 1
+
+    def test_same_seed_same_masks_and_subnets_differ(self):
+        a = masks.element_keep_mask(3, torch.tensor([0, 1, 5]), 512, 0.5)
+        b = masks.element_keep_mask(3, torch.tensor([5, 0]), 512, 0.5)
+        assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
+        assert not torch.equal(a[0], a[1])
+
+    def test_different_seeds_give_different_masks(self):
+        a = masks.element_keep_mask(0, torch.tensor([0]), 512, 0.5)
+        b = masks.element_keep_mask(1, torch.tensor([0]), 512, 0.5)
+        assert not torch.equal(a, b)
+
+    def test_elements_are_uncorrelated_between_neighbours(self):
+        keep = masks.element_keep_mask(0, torch.arange(64), 1024, 0.5).float()
+        same = (keep[:, 1:] == keep[:, :-1]).float().mean().item()
+        assert abs(same - 0.5) < 0.02
+
+    def test_p_zero_keeps_everything(self):
+        assert bool(masks.element_keep_mask(0, torch.arange(4), 100, 0.0).all())
+
+
+class TestBlockKeepMask:
+    @given(
+        n_blocks=st.integers(1, 64),
+        frac=st.floats(0, 1),
+        k=st.integers(1, 8),
+        seed=st.integers(0, 2**32),
+    )
+    @settings(max_examples=40, deadline=None)
+    def test_every_mask_drops_exactly_n_drop_blocks(self, n_blocks, frac, k, seed):
+        n_drop = round(frac * n_blocks)
+        keep = masks.block_keep_mask(seed, torch.arange(k), n_blocks, n_drop)
+        assert keep.shape == (k, n_blocks)
+        assert bool((keep.sum(1) == n_blocks - n_drop).all())
+
+
+class TestBlockBounds:
+    def test_last_block_is_shorter(self):
+        assert masks.block_bounds(70, 32) == [(0, 32), (32, 64), (64, 70)]

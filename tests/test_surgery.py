@@ -1,0 +1,121 @@
+"""apply_gyro_dropout: what it replaces, what it keeps, how it reports."""
+
+import pytest
+import torch
+from torch import nn
+
+import gyrodrop
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout2d(0.2), nn.ReLU())
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3))])
+        self.heads = nn.ModuleDict({"a": nn.Dropout1d(0.4), "b": nn.Dropout3d(0.1)})
+        self.drop = nn.Dropout(0.5)
+        self.alpha = nn.AlphaDropout(0.5)
+
+    def forward(self, x):
+        x = self.features(x).mean(dim=(2, 3))
+        return self.drop(self.blocks[0](x))
+
+
+def gyro_layers(model):
+    return [m for m in model.modules() if isinstance(m, gyrodrop.GyroDropout)]
+
+
+class TestApplyGyroDropout:
+    def test_replaces_every_dropout_kind_in_nested_containers(self):
+        model = Net()
+        assert gyrodrop.apply_gyro_dropout(model, total_steps=100) == 5
+        assert not any(type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+                       for m in model.modules())
+        assert isinstance(model.alpha, nn.AlphaDropout)  # not a plain dropout: left alone
+
+    def test_keeps_each_layers_p_unless_p_given(self):
+        model = Net()
+        gyrodrop.apply_gyro_dropout(model, total_steps=100)
+        assert [m.p for m in gyro_layers(model)] == [0.2, 0.3, 0.4, 0.1, 0.5]
+        other = Net()
+        gyrodrop.apply_gyro_dropout(other, p=0.25, total_steps=100)
+        assert {m.p for m in gyro_layers(other)} == {0.25}
+
+    def test_channelwise_dropouts_become_channelwise_masks(self):
+        model = Net()
+        gyrodrop.apply_gyro_dropout(model, total_steps=100)
+        assert model.features[1].dims == (1,)
+        assert model.heads["a"].dims == (1,) and model.heads["b"].dims == (1,)
+        assert model.drop.dims is None
+
+    def test_every_layer_gets_its_own_seed_fixed_by_the_seed(self):
+        a, b, c = Net(), Net(), Net()
+        for model, seed in ((a, 0), (b, 0), (c, 1)):
+            gyrodrop.apply_gyro_dropout(model, total_steps=100, seed=seed)
+        seeds = [int(m.seed) for m in gyro_layers(a)]
+        assert len(set(seeds)) == len(seeds)
+        assert seeds == [int(m.seed) for m in gyro_layers(b)]
+        assert seeds != [int(m.seed) for m in gyro_layers(c)]
+
+    def test_passes_schedule_options_and_steps(self):
+        model = Net()
+        gyrodrop.apply_gyro_dropout(model, num_subnets=64, subnets_per_step=8,
+                                    total_steps=800, schedule="random", auto_step=False)
+        layer = model.drop
+        assert (layer.num_subnets, layer.subnets_per_step, layer.steps_per_set) == (64, 8, 100)
+        assert layer.schedule == "random" and layer.auto_step is False
+
+    def test_second_application_replaces_nothing_and_warns(self):
+        model = Net()
+        gyrodrop.apply_gyro_dropout(model, total_steps=100)
+        with pytest.warns(UserWarning, match="no nn.Dropout"):
+            assert gyrodrop.apply_gyro_dropout(model, total_steps=100) == 0
+
+    def test_model_still_runs_and_trains(self):
+        model = Net()
+        gyrodrop.apply_gyro_dropout(model, total_steps=100, num_subnets=16, subnets_per_step=4)
+        model(torch.randn(8, 3, 6, 6)).sum().backward()
+
+    def test_unwraps_compiled_model(self):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+        compiled = torch.compile(model)
+        assert gyrodrop.apply_gyro_dropout(compiled, total_steps=10) == 1
+        assert isinstance(model[1], gyrodrop.GyroDropout)
+
+    def test_unwraps_data_parallel(self):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+        assert gyrodrop.apply_gyro_dropout(nn.DataParallel(model), total_steps=10) == 1
+        assert isinstance(model[1], gyrodrop.GyroDropout)
+
+    def test_replacement_lands_on_the_model_device_and_dtype_is_irrelevant(self):
+        model = nn.Sequential(nn.Linear(4, 4).double(), nn.Dropout(0.5))
+        gyrodrop.apply_gyro_dropout(model, total_steps=10)
+        assert model[1].step.device == model[0].weight.device
+
+    def test_missing_steps_warns_once(self):
+        model = Net()
+        with pytest.warns(UserWarning) as record:
+            gyrodrop.apply_gyro_dropout(model)
+        assert len([w for w in record if "steps_per_set=1" in str(w.message)]) == 1
+
+    def test_bad_arguments_are_named(self):
+        with pytest.raises(ValueError, match=r"apply_gyro_dropout: p must be in \[0, 1\)"):
+            gyrodrop.apply_gyro_dropout(Net(), p=1.5, total_steps=10)
+        with pytest.raises(TypeError, match="unexpected keyword arguments.*'sigma'"):
+            gyrodrop.apply_gyro_dropout(Net(), sigma=3, total_steps=10)
+        with pytest.raises(ValueError, match="subnets_per_step"):
+            gyrodrop.apply_gyro_dropout(Net(), num_subnets=2, subnets_per_step=4, total_steps=10)
+
+
+def test_unwraps_distributed_data_parallel(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert gyrodrop.apply_gyro_dropout(ddp, total_steps=10) == 1
+        assert isinstance(model[1], gyrodrop.GyroDropout)
+    finally:
+        dist.destroy_process_group()
