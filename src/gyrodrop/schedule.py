@@ -131,10 +131,9 @@ class SteppedModule(nn.Module):
             raise ValueError(f"{owner}: auto_step must be a bool, got {auto_step!r}")
         self.auto_step = auto_step
 
-    @torch.no_grad()
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n`` (what :func:`gyrodrop.step` calls)."""
-        self.step += n
+        self.step.add_(n)  # a buffer: never requires grad
 
     def current_step(self) -> int:
         """The step counter as a Python int."""
