@@ -104,3 +104,23 @@ class TestStepFunction:
         drop.eval()
         drop(torch.ones(4, 4))
         assert int(drop.step) == 1
+
+
+class TestStateDict:
+    def test_checkpoint_from_before_surgery_loads_strictly(self):
+        plain = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+        gyro = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+        gyrodrop.apply_gyro_dropout(gyro, total_steps=10, seed=3)
+        seed = int(gyro[1].seed)
+        gyro.load_state_dict(plain.state_dict())  # strict: no missing step/seed error
+        assert torch.equal(gyro[0].weight, plain[0].weight)
+        assert int(gyro[1].seed) == seed and int(gyro[1].step) == 0
+
+    def test_step_and_seed_are_restored_from_a_checkpoint(self):
+        a = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, seed=5)
+        gyrodrop.step(a, 7)
+        b = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, seed=0)
+        b.load_state_dict(a.state_dict())
+        assert (int(b.step), int(b.seed)) == (7, 5)
+        x = torch.ones(4, 64)
+        assert torch.equal(a(x), b(x))

@@ -143,6 +143,21 @@ class SteppedModule(nn.Module):
         """The seed as a Python int."""
         return int(self.seed)
 
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed: keep the
+        # module's own values instead of failing a strict load.
+        absent = [n for n in ("step", "seed") if prefix + n not in state_dict]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            error_msgs,
+        )
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+
 
 class ScheduledModule(SteppedModule):
     """A :class:`SteppedModule` that trains ``num_subnets`` subnetworks on a schedule."""
