@@ -191,12 +191,11 @@ class GyroDropout(ScheduledModule):
 
     Example:
         >>> import torch, gyrodrop
-        >>> drop = gyrodrop.GyroDropout(p=0.5, num_subnets=64, subnets_per_step=4,
-        ...                             total_steps=1000)
+        >>> drop = gyrodrop.GyroDropout(p=0.5, num_subnets=64, subnets_per_step=4, total_steps=1000)
         >>> y = drop(torch.ones(8, 16))
         >>> sorted(set(y.flatten().tolist()))
         [0.0, 2.0]
-        >>> bool((y[0] == y[1]).all())   # rows 0-1 form one group: one subnetwork
+        >>> bool((y[0] == y[1]).all())  # rows 0-1 form one group: one subnetwork
         True
     """
 
@@ -231,7 +230,7 @@ class GyroDropout(ScheduledModule):
         self.p = p
         self.dims = _normalize_dims(owner, dims)
         self.scale = scale
-        self._cache_key: tuple | None = None
+        self._cache_key: tuple[object, ...] | None = None
         self._cache_masks: Tensor | None = None
         self._counts_key: tuple[int, int, int] | None = None
         self._counts: list[int] = []
@@ -251,8 +250,19 @@ class GyroDropout(ScheduledModule):
         seed = self.current_seed()
         mshape = mask_shape_for(type(self).__name__, x.shape, self.dims)
         set_index = self.subnet_schedule.set_index(step)
-        key = (set_index, seed, mshape, x.dtype, x.device, self.p, self.scale, self.schedule,
-               self.num_subnets, self.subnets_per_step, self.steps_per_set)
+        key = (
+            set_index,
+            seed,
+            mshape,
+            x.dtype,
+            x.device,
+            self.p,
+            self.scale,
+            self.schedule,
+            self.num_subnets,
+            self.subnets_per_step,
+            self.steps_per_set,
+        )
         if key != self._cache_key or self._cache_masks is None:
             active = self.subnet_schedule.subnets(seed, set_index)
             self._cache_masks = subnet_masks(
@@ -266,8 +276,15 @@ class GyroDropout(ScheduledModule):
         shape ``mask_shape`` (used by ensembles and diversity analysis)."""
         mshape = mask_shape_for(type(self).__name__, like.shape, self.dims)
         ids = torch.tensor([k], dtype=torch.int64)
-        return subnet_masks(self.current_seed(), ids, mshape, self.p, scale=self.scale,
-                            dtype=like.dtype, device=like.device)[0]
+        return subnet_masks(
+            self.current_seed(),
+            ids,
+            mshape,
+            self.p,
+            scale=self.scale,
+            dtype=like.dtype,
+            device=like.device,
+        )[0]
 
     def _group_counts(self, batch: int) -> list[int]:
         start, global_batch = distributed.row_window(batch)
@@ -298,4 +315,3 @@ class GyroDropout(ScheduledModule):
             return x
         group_masks, counts = self._prepare(x)
         return apply_group_masks(x, group_masks, counts)
-

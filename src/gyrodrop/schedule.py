@@ -144,14 +144,25 @@ class SteppedModule(nn.Module):
         return int(self.seed)
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
         error_msgs,
     ) -> None:
         # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed: keep the
         # module's own values instead of failing a strict load.
         absent = [n for n in ("step", "seed") if prefix + n not in state_dict]
         super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
             error_msgs,
         )
         for name in absent:

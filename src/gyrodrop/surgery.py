@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -43,8 +43,8 @@ def layer_seed(seed: int, index: int) -> int:
 def _device_of(module: nn.Module, fallback: torch.device | None) -> torch.device | None:
     for t in module.parameters():
         return t.device
-    for t in module.buffers():
-        return t.device
+    for b in module.buffers():
+        return b.device
     return fallback
 
 
@@ -60,9 +60,7 @@ def replace_modules(model: nn.Module, policy: Policy) -> int:
     """
     model = unwrap_model(model)
     device = _model_device(model)
-    matches = [
-        (name, module) for name, module in model.named_modules() if type(module) in policy
-    ]
+    matches = [(name, module) for name, module in model.named_modules() if type(module) in policy]
     replaced = 0
     for index, (name, module) in enumerate(matches):
         new = policy[type(module)](module, index)
@@ -107,8 +105,7 @@ def apply_gyro_dropout(
     Example:
         >>> import torch.nn as nn, gyrodrop
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2))
-        >>> gyrodrop.apply_gyro_dropout(model, total_steps=100, num_subnets=16,
-        ...                             subnets_per_step=4)
+        >>> gyrodrop.apply_gyro_dropout(model, total_steps=100, num_subnets=16, subnets_per_step=4)
         1
         >>> model[1].p
         0.3
@@ -129,7 +126,7 @@ def apply_gyro_dropout(
         if isinstance(module, _CHANNELWISE):
             options.setdefault("dims", (1,))
         return GyroDropout(
-            p=module.p if p is None else p,
+            p=cast(float, module.p) if p is None else p,
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
             total_steps=total_steps,
@@ -148,7 +145,7 @@ def apply_gyro_dropout(
                 stacklevel=3,
             )
             warnings.simplefilter("ignore", UserWarning)
-        policy = {t: make for t in (nn.Dropout, *_CHANNELWISE)}
+        policy: Policy = dict.fromkeys((nn.Dropout, *_CHANNELWISE), make)
         count = replace_modules(model, policy)
     if count == 0:
         warnings.warn(
