@@ -1,0 +1,671 @@
+"""Block-wise gyro dropout fused into a Linear layer, with pruned GEMMs.
+
+Block-wise gyro dropout (Lee et al., MLSys 2022, section 4) drops blocks of
+``block_size`` adjacent neurons instead of single neurons, and every subnetwork mask
+drops exactly ``round(p * n_blocks)`` blocks. The batch is split into
+``subnets_per_step`` contiguous row groups, one mask each (as in
+:class:`~gyrodrop.GyroDropout`), so every group keeps the same number of blocks and one
+batched GEMM computes all groups on their kept columns only: the dropped blocks are
+never multiplied, in the forward pass, in the input gradient or in the weight gradient.
+
+Two placements, as in the paper (section 4.3):
+
+* ``prune="input"`` (``Dropout -> Linear``): the mask is on the Linear's *input*
+  features. The forward computes ``x_g[:, K_g] @ W[:, K_g].T`` per group ``g`` (``K_g``
+  its kept input columns); the input gradient is ``dy_g @ W[:, K_g]`` scattered into
+  the kept columns (dropped columns get zero, as dropout would give); the weight
+  gradient ``dy_g.T @ x_g[:, K_g]`` only touches the kept columns of ``W``. The output
+  is dense. This is the variant to prefer: every GEMM of the layer shrinks to ``1 - p``.
+* ``prune="output"`` (``Linear -> Dropout``): the mask is on the Linear's *output*
+  features. Only the kept output columns are computed, the others are written as zeros
+  (the layer's output is what dropout after the Linear would give); the input gradient
+  and the weight gradient use only the kept rows of ``W``. Use it when the dropout is not
+  followed by a Linear (for example a dropout before a residual add or a normalization),
+  or for the paper's first layer. It pays a scatter of the output and a gather of the
+  output gradient that input pruning does not need.
+
+Memory layout: ``W`` is ``(out, in)`` row-major, so an input block of ``W`` is
+``block_size`` contiguous floats in each row and an output block is ``block_size``
+contiguous rows. All gathers and scatters are done at block granularity
+(``index_select`` / ``index_copy_`` / ``index_add_`` over contiguous slices of
+``block_size`` elements) on views ``(rows * n_blocks, block_size)``, so they are
+memcpy-like. The per-set indices are cached (derived state: rebuilt when the active set
+or the batch layout changes, never saved in ``state_dict``).
+
+Scaling: the mask scales kept features by ``1 / (1 - p_eff)`` with
+``p_eff = n_drop / n_blocks`` (:attr:`BlockGyroLinear.effective_p`), the realized
+fraction of dropped *blocks*. It is the same for every mask, and since every block is
+equally likely to be dropped, every feature is kept with probability exactly
+``1 - p_eff``: the scaling is unbiased per feature, including a shorter last block.
+
+Features not divisible by ``block_size``: the last block is shorter. To keep equal kept
+widths across groups (one batched GEMM) the layer works on a zero-padded feature space
+of ``n_blocks * block_size`` features: the padded columns are zeros, so they contribute
+nothing, and the gradients are cut back to the true width. This costs one copy of
+``W`` and of the activation per step, and only in that case.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gyrodrop import distributed, masks
+from gyrodrop.schedule import ScheduledModule, _check_int, check_p
+
+__all__ = ["BlockGyroLinear", "PRUNE_MODES", "n_dropped_blocks"]
+
+PRUNE_MODES = ("input", "output")
+
+
+def n_dropped_blocks(p: float, n_blocks: int) -> int:
+    """Blocks dropped by every mask: ``p * n_blocks`` to the nearest integer, halves up.
+
+    >>> n_dropped_blocks(0.5, 32), n_dropped_blocks(0.1, 32), n_dropped_blocks(0.5, 3)
+    (16, 3, 2)
+    """
+    return int(math.floor(p * n_blocks + 0.5))
+
+
+# --------------------------------------------------------------------------------------
+# The plan: indices of one active set for one batch layout (derived, cached state).
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the pruned GEMMs need for one active set and one batch layout.
+
+    ``G`` active row groups (groups with at least one local row), ``n`` rows per group
+    in the batched layout (the largest group; smaller groups are padded), ``kb`` kept
+    blocks per group. Index tensors address ``(rows * n_blocks, block_size)`` views.
+    """
+
+    groups: int
+    rows_per_group: int
+    kept_blocks: int
+    blocks: Tensor  # (G * kb,) kept block ids, group-major (gather of W's blocks)
+    gather: Tensor  # (G * n * kb,) block-rows of the masked activation, gather side
+    scatter: Tensor  # same, with padded rows sent to a dummy block-row (scatter side)
+    row_src: Tensor | None  # (G * n,) source row of each batched row (None: uniform)
+    real_pos: Tensor | None  # (R,) batched position of each real row (None: uniform)
+    row_valid: Tensor | None  # (G, n, 1) 1 for real rows, 0 for padding (None: uniform)
+    w_rows: Tensor | None  # input pruning: (G * out * kb,) block-rows of dW (out, nb, bs)
+
+
+def _build_plan(
+    kept: Tensor, counts: list[int], rows_per_sample: int, n_blocks: int, out_features: int | None
+) -> _Plan:
+    """Indices for the kept-block lists ``kept`` (``(tau, kb)``, sorted) and the local
+    row counts of the tau groups (in samples; each sample has ``rows_per_sample`` rows)."""
+    device = kept.device
+    active = [g for g, c in enumerate(counts) if c > 0]
+    rows = [counts[g] * rows_per_sample for g in active]
+    groups, n = len(active), max(rows)
+    kept = kept[torch.tensor(active, dtype=torch.int64, device=device)]  # (G, kb)
+    kb = kept.shape[1]
+    total = sum(rows)
+    starts = torch.tensor([sum(rows[:g]) for g in range(groups)], device=device)
+    sizes = torch.tensor(rows, device=device)
+    r = torch.arange(n, device=device)
+    valid = r[None, :] < sizes[:, None]  # (G, n)
+    src = starts[:, None] + torch.where(valid, r[None, :], 0)  # padding repeats row 0 of g
+    gather = (src[:, :, None] * n_blocks + kept[:, None, :]).reshape(-1)  # (G * n * kb,)
+    uniform = bool(valid.all())
+    if uniform:
+        scatter, row_src, real_pos, row_valid = gather, None, None, None
+    else:
+        dummy = torch.full_like(gather, total * n_blocks)
+        scatter = torch.where(valid[:, :, None].expand(-1, -1, kb).reshape(-1), gather, dummy)
+        row_src = src.reshape(-1)
+        real_pos = (torch.arange(groups, device=device)[:, None] * n + r[None, :])[valid]
+        row_valid = valid[:, :, None]
+    w_rows = None
+    if out_features is not None:
+        o = torch.arange(out_features, device=device)
+        w_rows = (o[None, :, None] * n_blocks + kept[:, None, :]).reshape(-1)
+    return _Plan(groups, n, kb, kept.reshape(-1), gather, scatter, row_src, real_pos,
+                 row_valid, w_rows)
+
+
+# --------------------------------------------------------------------------------------
+# Autocast: the GEMMs run in the autocast dtype when autocast is on, like F.linear.
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype for ``x``'s device, or ``None`` when autocast is off or does
+    not apply (autocast casts float32 and lower, never float64)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or not x.is_floating_point():
+        return None
+    if x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_off(x: Tensor) -> torch.autocast:
+    return torch.autocast(x.device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------------------
+# Input pruning: block dropout on the Linear's input, fused into the GEMMs.
+
+
+class _InputPrunedLinear(torch.autograd.Function):
+    """``y = (x * mask) @ W.T + b`` computed on the kept input blocks only.
+
+    ``x`` is ``(R, Fp)`` and ``weight`` ``(O, Fp)`` with ``Fp = n_blocks * block_size``;
+    ``mask`` (scaled) is implied by the plan's indices and ``scale``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        blocks: Tensor,
+        gather: Tensor,
+        scatter: Tensor,
+        real_pos: Tensor | None,
+        w_rows: Tensor,
+        groups: int,
+        rows_per_group: int,
+        block_size: int,
+        scale: float,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        rows, fp = x.shape
+        out = weight.shape[0]
+        nb, k = fp // block_size, blocks.numel() // groups * block_size
+        g, n = groups, rows_per_group
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        with _autocast_off(x):
+            # the kept input blocks of W, every group at once: (O, G*kb, bs) = (O, G, k)
+            wg = weight.reshape(out, nb, block_size).index_select(1, blocks).view(out, g, k)
+            # the kept blocks of every row of x, batched by group: (G, n, k)
+            xk = x.reshape(rows * nb, block_size).index_select(0, gather).view(g, n, k)
+            if dtype is not None:
+                wg, xk = wg.to(dtype), xk.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            xk.mul_(scale)  # the dropout scaling, applied once to the kept values
+            wt = wg.permute(1, 2, 0)  # (G, k, O): a transposed view, no copy
+            if bias is None:
+                yk = torch.bmm(xk, wt)
+            else:
+                yk = torch.baddbmm(bias.view(1, 1, out).expand(g, n, out), xk, wt)
+            y = yk.view(g * n, out)  # groups are consecutive rows: already in row order
+            if real_pos is not None:
+                y = y.index_select(0, real_pos)  # drop the padding rows
+        ctx.save_for_backward(xk, wg, scatter, real_pos, w_rows)
+        ctx.meta = (rows, fp, out, g, n, block_size, scale)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        xk, wg, scatter, real_pos, w_rows = ctx.saved_tensors
+        rows, fp, out, g, n, bs, scale = ctx.meta
+        nb = fp // bs
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        dx = dw = db = None
+        with _autocast_off(dy):
+            if need_b:
+                db = dy.sum(0).to(b_dtype)
+            dy = dy.to(xk.dtype)
+            if real_pos is None:
+                dyk = dy.reshape(g, n, out)
+            else:  # padding rows get a zero gradient, so they add nothing to dW
+                dyk = dy.new_zeros(g * n, out).index_copy_(0, real_pos, dy).view(g, n, out)
+            if need_x:
+                dxk = torch.bmm(dyk, wg.permute(1, 0, 2))  # (G, n, k)
+                dxk.mul_(scale)
+                # scatter into the kept blocks; the extra block-row takes the padding
+                dx = dy.new_zeros(rows * nb + 1, bs).index_copy_(0, scatter, dxk.view(-1, bs))
+                dx = dx[: rows * nb].view(rows, fp).to(x_dtype)
+            if need_w:
+                dwk = torch.bmm(dyk.transpose(1, 2), xk)  # (G, O, k), kept columns only
+                dw = dy.new_zeros(out * nb, bs).index_add_(0, w_rows, dwk.view(-1, bs))
+                dw = dw.view(out, fp).to(w_dtype)
+        return dx, dw, db, None, None, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------
+# Output pruning: block dropout on the Linear's output, fused into the GEMMs.
+
+
+class _OutputPrunedLinear(torch.autograd.Function):
+    """``y = (x @ W.T + b) * mask`` computed on the kept output blocks only.
+
+    ``x`` is ``(R, I)``, ``weight`` ``(Op, I)`` with ``Op = n_blocks * block_size``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        blocks: Tensor,
+        row_src: Tensor | None,
+        gather: Tensor,
+        scatter: Tensor,
+        real_pos: Tensor | None,
+        row_valid: Tensor | None,
+        groups: int,
+        rows_per_group: int,
+        block_size: int,
+        scale: float,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        rows, fin = x.shape
+        op = weight.shape[0]
+        nb, kb = op // block_size, blocks.numel() // groups
+        g, n, ko = groups, rows_per_group, kb * block_size
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        with _autocast_off(x):
+            # the kept output blocks of W are contiguous rows: (G*kb, bs, I) = (G, ko, I)
+            wg = weight.reshape(nb, block_size, fin).index_select(0, blocks).view(g, ko, fin)
+            xg = x.view(g, n, fin) if row_src is None else x.index_select(0, row_src)
+            xg = xg.view(g, n, fin)
+            if dtype is not None:
+                wg, xg = wg.to(dtype), xg.to(dtype)
+            wt = wg.transpose(1, 2)  # (G, I, ko): a transposed view, no copy
+            if bias is None:
+                yk = torch.bmm(xg, wt).mul_(scale)
+            else:
+                bg = bias.reshape(nb, block_size).index_select(0, blocks).view(g, 1, ko)
+                bg = bg if dtype is None else bg.to(dtype)
+                yk = torch.baddbmm(bg, xg, wt, beta=scale, alpha=scale)
+            # dropped output blocks are zeros; the extra block-row takes the padding
+            y = yk.new_zeros(rows * nb + 1, block_size).index_copy_(0, scatter, yk.view(-1, block_size))
+            y = y[: rows * nb].view(rows, op)
+        ctx.save_for_backward(xg, wg, blocks, gather, real_pos, row_valid)
+        ctx.meta = (rows, fin, op, g, n, block_size, scale)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        xg, wg, blocks, gather, real_pos, row_valid = ctx.saved_tensors
+        rows, fin, op, g, n, bs, scale = ctx.meta
+        nb, ko = op // bs, wg.shape[1]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        dx = dw = db = None
+        with _autocast_off(dy):
+            dy = dy.to(xg.dtype)
+            dyk = dy.reshape(rows * nb, bs).index_select(0, gather).view(g, n, ko)
+            if row_valid is not None:
+                dyk.mul_(row_valid.to(dyk.dtype))  # padding rows add nothing
+            dyk.mul_(scale)
+            if need_x:
+                dx = torch.bmm(dyk, wg).view(g * n, fin)  # (G*n, I), dense
+                if real_pos is not None:
+                    dx = dx.index_select(0, real_pos)
+                dx = dx.to(x_dtype)
+            if need_w:
+                dwk = torch.bmm(dyk.transpose(1, 2), xg)  # (G, ko, I), kept rows only
+                dw = dy.new_zeros(nb, bs * fin).index_add_(0, blocks, dwk.view(-1, bs * fin))
+                dw = dw.view(op, fin).to(w_dtype)
+            if need_b:
+                dbk = dyk.sum(1).view(-1, bs)  # (G*kb, bs)
+                db = dy.new_zeros(nb, bs).index_add_(0, blocks, dbk).view(op).to(b_dtype)
+        return (dx, dw, db) + (None,) * 11
+
+
+# --------------------------------------------------------------------------------------
+# The module.
+
+
+class BlockGyroLinear(ScheduledModule):
+    """A Linear layer with block-wise gyro dropout fused in, computing only kept blocks.
+
+    ``prune="input"`` is ``nn.Linear(nn.Dropout(p)(x))`` and ``prune="output"`` is
+    ``nn.Dropout(p)(nn.Linear(x))``, with gyro-scheduled block masks instead of fresh
+    element masks: the ``num_subnets`` (sigma) subnetworks each drop exactly
+    ``round(p * n_blocks)`` of the ``n_blocks = ceil(features / block_size)`` blocks of
+    adjacent features; ``subnets_per_step`` (tau) of them are active at a time, one per
+    contiguous row group of the batch, and a set stays active for ``steps_per_set``
+    steps (the same schedule, seeding, state and step rules as
+    :class:`~gyrodrop.GyroDropout`). See the module docstring for how the GEMMs are
+    pruned and for the memory layout.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias.
+        p: drop probability of each block, in ``[0, 1)``. The realized rate is
+            :attr:`effective_p` ``= round(p * n_blocks) / n_blocks``, and kept values are
+            scaled by ``1 / (1 - effective_p)``.
+        num_subnets: sigma, the number of pre-selected subnetworks.
+        subnets_per_step: tau, subnetworks trained at once (one per row group). The
+            pruned GEMMs pay when each group has many rows (the paper uses 128 rows per
+            group: batch 256, tau 2); with few rows per group the gathered weights
+            (``tau * (1 - p)`` copies of ``W``'s kept blocks) dominate.
+        block_size: adjacent features dropped together (32 in the paper: 128 bytes).
+        total_steps: the run's number of steps; sets
+            ``steps_per_set = max(1, total_steps * tau // sigma)``.
+        steps_per_set: steps each set stays active (instead of ``total_steps``).
+            With neither, 1 and a warning.
+        schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
+        seed: seeds the masks and the schedule (a buffer, so it is checkpointed).
+        auto_step: advance the schedule on each training forward; set ``False`` and call
+            :func:`gyrodrop.step` after each optimizer step instead when one step runs
+            several forwards.
+        prune: ``"input"`` (dropout before the Linear) or ``"output"`` (after it).
+        device, dtype: of the parameters, as for :class:`torch.nn.Linear`.
+
+    Shape: input ``(B, *, in_features)``, output ``(B, *, out_features)``. Row groups
+    are formed over dim 0 (samples); the middle dims of a sample share its mask (as
+    ``GyroDropout(dims=(-1,))`` on ``(B, T, F)`` sequences). Under
+    ``torch.distributed`` the groups span the global batch, as for ``GyroDropout``.
+    ``eval()``: a plain ``F.linear``.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> layer = gyrodrop.BlockGyroLinear(64, 8, p=0.5, num_subnets=16,
+        ...                                  block_size=16, steps_per_set=10)
+        >>> layer.n_blocks, layer.n_dropped, layer.effective_p
+        (4, 2, 0.5)
+        >>> mask = layer.dense_mask(6)             # the masks of the next forward
+        >>> x = torch.randn(6, 64)
+        >>> ref = torch.nn.functional.linear(x * mask, layer.weight, layer.bias)
+        >>> torch.allclose(layer(x), ref, atol=1e-5)
+        True
+        >>> sorted(set(mask.flatten().tolist()))  # kept values are scaled by 1/(1-p)
+        [0.0, 2.0]
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        p: float = 0.5,
+        num_subnets: int = 256,
+        subnets_per_step: int = 2,
+        block_size: int = 32,
+        total_steps: int | None = None,
+        steps_per_set: int | None = None,
+        schedule: str = "consecutive",
+        seed: int = 0,
+        auto_step: bool = True,
+        prune: str = "input",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        _check_int(owner, "in_features", in_features, 1)
+        _check_int(owner, "out_features", out_features, 1)
+        if not isinstance(bias, bool):
+            raise ValueError(f"{owner}: bias must be a bool, got {bias!r}")
+        p = check_p(owner, p)
+        _check_int(owner, "block_size", block_size, 1)
+        if prune not in PRUNE_MODES:
+            raise ValueError(f"{owner}: prune must be one of {PRUNE_MODES}, got {prune!r}")
+        super().__init__(
+            num_subnets=num_subnets,
+            subnets_per_step=subnets_per_step,
+            total_steps=total_steps,
+            steps_per_set=steps_per_set,
+            schedule=schedule,
+            seed=seed,
+            auto_step=auto_step,
+            owner=owner,
+        )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.p = p
+        self.block_size = block_size
+        self.prune = prune
+        features = in_features if prune == "input" else out_features
+        self.n_blocks = -(-features // block_size)
+        self.n_dropped = n_dropped_blocks(p, self.n_blocks)
+        if self.n_dropped >= self.n_blocks:
+            raise ValueError(
+                f"{owner}: p={p} would drop all {self.n_blocks} blocks of the {features} "
+                f"{prune} features (block_size={block_size}); lower p or block_size"
+            )
+        if p > 0 and self.n_dropped == 0:
+            warnings.warn(
+                f"{owner}: p={p} rounds to 0 of {self.n_blocks} blocks "
+                f"(block_size={block_size}): the layer is a plain Linear; "
+                "lower block_size or raise p",
+                UserWarning,
+                stacklevel=2,
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+            if device is not None:
+                self.step = self.step.to(self.weight.device)
+                self.seed = self.seed.to(self.weight.device)
+        # Derived state (never in state_dict): the kept blocks of the active set and
+        # the gather/scatter indices for the current batch layout.
+        self._kept_key: tuple | None = None
+        self._kept: Tensor | None = None
+        self._plan_key: tuple | None = None
+        self._plan: _Plan | None = None
+
+    # -- construction ------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """Initialize ``weight`` and ``bias`` as :class:`torch.nn.Linear` does."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> BlockGyroLinear:
+        """A ``BlockGyroLinear`` that keeps ``linear``'s weights: the same
+        :class:`~torch.nn.Parameter` objects (so an optimizer built before the swap
+        keeps training them), on their device and in their dtype. ``kwargs`` are the
+        keyword arguments of the constructor (``p``, ``num_subnets``, ``prune``, ...).
+
+        >>> import torch.nn as nn, gyrodrop
+        >>> lin = nn.Linear(64, 10)
+        >>> layer = gyrodrop.BlockGyroLinear.from_linear(lin, p=0.25, steps_per_set=5)
+        >>> layer.weight is lin.weight
+        True
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"{cls.__name__}.from_linear: expected an nn.Linear, got {type(linear).__name__}"
+            )
+        for name in ("bias", "device", "dtype"):
+            if name in kwargs:
+                raise ValueError(
+                    f"{cls.__name__}.from_linear: {name} comes from the Linear; do not pass it"
+                )
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",  # no initialization: the Linear's parameters are reused
+            dtype=linear.weight.dtype,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        module.weight = linear.weight
+        module.bias = linear.bias
+        device = linear.weight.device
+        module.step = module.step.to(device)
+        module.seed = module.seed.to(device)
+        module.train(linear.training)
+        return module
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, p={self.p}, prune={self.prune}, "
+            f"block_size={self.block_size}, n_blocks={self.n_blocks}, "
+            f"n_dropped={self.n_dropped}, num_subnets={self.num_subnets}, "
+            f"subnets_per_step={self.subnets_per_step}, "
+            f"steps_per_set={self.steps_per_set}, schedule={self.schedule}"
+        )
+
+    # -- masks -------------------------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        """The number of features the mask spans (input or output, per ``prune``)."""
+        return self.in_features if self.prune == "input" else self.out_features
+
+    @property
+    def effective_p(self) -> float:
+        """The realized drop rate, ``n_dropped / n_blocks`` (the scaling uses it)."""
+        return self.n_dropped / self.n_blocks
+
+    @property
+    def scale(self) -> float:
+        """The factor applied to kept values, ``1 / (1 - effective_p)``."""
+        return 1.0 / (1.0 - self.effective_p)
+
+    def block_masks(self, step: int | None = None, device: torch.device | None = None) -> Tensor:
+        """Keep masks over blocks of the set active at ``step`` (default: the current
+        step), bool, shape ``(subnets_per_step, n_blocks)``; each row drops exactly
+        :attr:`n_dropped` blocks."""
+        step = self.current_step() if step is None else step
+        active = self.subnet_schedule.at_step(self.current_seed(), step)
+        return masks.block_keep_mask(
+            self.current_seed(), active, self.n_blocks, self.n_dropped, device=device
+        )
+
+    def group_masks(
+        self,
+        step: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """Scaled feature masks of the active set, shape ``(subnets_per_step, features)``:
+        ``1 / (1 - effective_p)`` on kept features, 0 on dropped ones."""
+        keep = self.block_masks(step, device=device)
+        keep = keep.repeat_interleave(self.block_size, dim=1)[:, : self.features]
+        return keep.to(dtype) * self.scale
+
+    def dense_mask(
+        self,
+        batch: int,
+        step: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """The scaled mask of every row of a local batch of ``batch`` samples at ``step``
+        (default: the current one, i.e. the next training forward), shape
+        ``(batch, features)``. The training forward equals
+        ``F.linear(x * dense_mask(B)[:, None, ..., :], W, b)`` (``prune="input"``) or
+        ``F.linear(x, W, b) * dense_mask(B)[...]`` (``prune="output"``)."""
+        _check_int(type(self).__name__, "batch", batch, 0)
+        start, global_batch = distributed.row_window(batch)
+        counts = distributed.local_group_counts(start, batch, global_batch, self.subnets_per_step)
+        group = self.group_masks(step, dtype=dtype, device=device)
+        rows = torch.repeat_interleave(
+            torch.arange(len(counts), device=group.device), torch.tensor(counts, device=group.device)
+        )
+        return group[rows]
+
+    # -- the fused forward -------------------------------------------------------------
+
+    def _kept_blocks(self, device: torch.device) -> Tensor:
+        """Sorted kept block ids of the active set, ``(tau, n_blocks - n_dropped)``;
+        cached until the set changes."""
+        seed = self.current_seed()
+        set_index = self.subnet_schedule.set_index(self.current_step())
+        key = (set_index, seed, device, self.num_subnets, self.subnets_per_step,
+               self.steps_per_set, self.schedule, self.n_blocks, self.n_dropped)
+        if key != self._kept_key or self._kept is None:
+            active = self.subnet_schedule.subnets(seed, set_index)
+            keep = masks.block_keep_mask(seed, active, self.n_blocks, self.n_dropped, device=device)
+            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+            self._kept = order[:, : self.n_blocks - self.n_dropped].contiguous()
+            self._kept_key = key
+            self._plan_key = None
+        return self._kept
+
+    @torch.compiler.disable
+    def _prepare(self, x: Tensor) -> _Plan | None:
+        """The plan of this training forward (``None``: compute a plain Linear), then
+        advance the step when ``auto_step``."""
+        plan = None
+        batch = x.shape[0]
+        if self.n_dropped > 0 and x.numel() > 0:
+            kept = self._kept_blocks(x.device)
+            start, global_batch = distributed.row_window(batch)
+            counts = distributed.local_group_counts(
+                start, batch, global_batch, self.subnets_per_step
+            )
+            rows_per_sample = x.numel() // (batch * self.in_features)
+            key = (tuple(counts), rows_per_sample)
+            if key != self._plan_key or self._plan is None:
+                out = self.out_features if self.prune == "input" else None
+                self._plan = _build_plan(kept, counts, rows_per_sample, self.n_blocks, out)
+                self._plan_key = key
+            plan = self._plan
+        if self.auto_step:
+            self.advance()
+        return plan
+
+    def forward(self, x: Tensor) -> Tensor:
+        owner = type(self).__name__
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{owner}: expected input (B, *, {self.in_features}), got shape {tuple(x.shape)}"
+            )
+        if not self.training:
+            return F.linear(x, self.weight, self.bias)
+        if x.dim() < 2:
+            raise ValueError(
+                f"{owner}: training needs a batch dim, input (B, *, {self.in_features}), "
+                f"got shape {tuple(x.shape)}; hint: x.unsqueeze(0)"
+            )
+        plan = self._prepare(x)
+        if plan is None:
+            return F.linear(x, self.weight, self.bias)
+        return self._pruned(x, plan)
+
+    def _pruned(self, x: Tensor, plan: _Plan) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (R, I): samples' rows are consecutive
+        bs, width = self.block_size, self.n_blocks * self.block_size
+        dtype = _compute_dtype(x)
+        weight, bias = self.weight, self.bias
+        if self.prune == "input":
+            pad = width - self.in_features
+            if pad:  # a shorter last block: work on zero-padded features
+                x2, weight = F.pad(x2, (0, pad)), F.pad(weight, (0, pad))
+            y = _InputPrunedLinear.apply(
+                x2, weight, bias, plan.blocks, plan.gather, plan.scatter, plan.real_pos,
+                plan.w_rows, plan.groups, plan.rows_per_group, bs, self.scale, dtype,
+            )
+        else:
+            pad = width - self.out_features
+            if pad:
+                weight = F.pad(weight, (0, 0, 0, pad))
+                bias = None if bias is None else F.pad(bias, (0, pad))
+            y = _OutputPrunedLinear.apply(
+                x2, weight, bias, plan.blocks, plan.row_src, plan.gather, plan.scatter,
+                plan.real_pos, plan.row_valid, plan.groups, plan.rows_per_group, bs,
+                self.scale, dtype,
+            )
+            if pad:
+                y = y[:, : self.out_features]
+        return y.reshape(*lead, self.out_features)
