@@ -2,8 +2,20 @@
 
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.schedule import step
-from gyrodrop.surgery import apply_gyro_dropout
+from gyrodrop.stochastic_depth import StochasticDepth
+from gyrodrop.surgery import apply_gyro_dropout, apply_stochastic_depth
+from gyrodrop.uncertainty import Prediction, mc_predict, subnet_ensemble_predict
 
 __version__ = "0.1.0"
 
-__all__ = ["GyroDropout", "step", "apply_gyro_dropout", "__version__"]
+__all__ = [
+    "GyroDropout",
+    "step",
+    "apply_gyro_dropout",
+    "StochasticDepth",
+    "apply_stochastic_depth",
+    "Prediction",
+    "mc_predict",
+    "subnet_ensemble_predict",
+    "__version__",
+]

@@ -19,7 +19,13 @@ from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import mix_keys
 from gyrodrop.schedule import check_p, check_seed
 
-__all__ = ["apply_gyro_dropout", "unwrap_model", "replace_modules", "layer_seed"]
+__all__ = [
+    "apply_gyro_dropout",
+    "apply_stochastic_depth",
+    "unwrap_model",
+    "replace_modules",
+    "layer_seed",
+]
 
 Policy = Mapping[type, Callable[[nn.Module, int], nn.Module | None]]
 
@@ -151,6 +157,116 @@ def apply_gyro_dropout(
         warnings.warn(
             "apply_gyro_dropout: no nn.Dropout / Dropout1d/2d/3d layer found; "
             "the model is unchanged",
+            UserWarning,
+            stacklevel=2,
+        )
+    return count
+
+
+DROP_DISTRIBUTIONS = ("uniform", "linear")
+
+
+def apply_stochastic_depth(
+    model: nn.Module,
+    drop_rate: float = 0.2,
+    drop_distribution: str = "linear",
+    mode: str = "block",
+    drop_warmup: float = 0.0,
+    *,
+    total_steps: int | None = None,
+    target: type | tuple[type, ...] | Callable[[nn.Module], bool] | None = None,
+    seed: int = 0,
+    auto_step: bool = True,
+) -> int:
+    """Wrap the residual blocks of ``model`` in
+    :class:`~gyrodrop.stochastic_depth.StochasticDepthBlock`, in place.
+
+    Found without ``target``: torchvision-shaped ``BasicBlock``/``Bottleneck`` blocks
+    (children ``conv1, bn1, conv2, bn2[, conv3, bn3]``, optional ``downsample`` (or
+    ``shortcut``) and ``relu``; each checked once against its own forward on a probe
+    input), gyrodrop's ResNet blocks, and blocks whose class defines ``branch(x)`` and
+    ``shortcut(x)`` (:class:`~gyrodrop.stochastic_depth.ResidualBlock`). ``target`` (a
+    type, tuple of types or predicate) selects blocks instead.
+
+    Args:
+        model: the network (DDP / ``torch.compile`` wrappers are looked through).
+        drop_rate: drop probability of the last block, in ``[0, 1)``.
+        drop_distribution: ``"linear"``: block ``i`` of ``L`` (in ``named_modules``
+            order) gets ``drop_rate * (i + 1) / L``; ``"uniform"``: every block
+            ``drop_rate``.
+        mode: ``"block"`` (the whole batch skips a dropped branch; it is not computed)
+            or ``"sample"`` (per example).
+        drop_warmup: fraction of ``total_steps`` over which every rate ramps linearly
+            from 0; the full rate is reached at step ``round(drop_warmup * total_steps)``.
+        total_steps: optimizer steps of the run; required when ``drop_warmup > 0``.
+        target: which modules are residual blocks (see above).
+        seed: every block gets its own seed derived from this and its index.
+        auto_step: see :class:`~gyrodrop.StochasticDepth`.
+
+    Returns the number of blocks wrapped, and warns when it is zero. Blocks already
+    wrapped are left alone. ``eval()`` outputs are unchanged by the surgery.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> from gyrodrop.experiments.models import ResNet18
+        >>> net = ResNet18((3, 32, 32), (32,), 10, 0.0, base=8).eval()
+        >>> x = torch.randn(2, 3, 32, 32)
+        >>> before = net(x)
+        >>> gyrodrop.apply_stochastic_depth(net, drop_rate=0.5)
+        8
+        >>> bool(torch.equal(net(x), before))
+        True
+    """
+    from gyrodrop.stochastic_depth import (
+        StochasticDepthBlock,
+        _check_mode,
+        find_residual_blocks,
+        linear_rates,
+        warmup_steps_for,
+    )
+
+    owner = "apply_stochastic_depth"
+    drop_rate = check_p(owner, drop_rate)
+    if drop_distribution not in DROP_DISTRIBUTIONS:
+        raise ValueError(
+            f"{owner}: drop_distribution must be one of {DROP_DISTRIBUTIONS}, "
+            f"got {drop_distribution!r}"
+        )
+    _check_mode(owner, mode)
+    warmup = warmup_steps_for(owner, drop_warmup, total_steps)
+    check_seed(owner, seed)
+    if not isinstance(auto_step, bool):
+        raise ValueError(f"{owner}: auto_step must be a bool, got {auto_step!r}")
+
+    root = unwrap_model(model)
+    blocks = find_residual_blocks(root, target)
+    if drop_distribution == "linear":
+        rates = linear_rates(drop_rate, len(blocks))
+    else:
+        rates = [drop_rate] * len(blocks)
+    chosen = {id(block): (i, split) for i, (_, block, split) in enumerate(blocks)}
+
+    def make(module: nn.Module, _: int) -> nn.Module | None:
+        if id(module) not in chosen:
+            return None
+        i, split = chosen[id(module)]
+        return StochasticDepthBlock(
+            module,
+            rates[i],
+            mode,
+            seed=layer_seed(seed, i),
+            auto_step=auto_step,
+            warmup_steps=warmup,
+            split=split,
+        )
+
+    policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
+    count = replace_modules(root, policy) if blocks else 0
+    if count == 0:
+        warnings.warn(
+            f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck "
+            "or a class with branch/shortcut methods, not already wrapped); the model is "
+            "unchanged. Hint: pass target= (a block type or predicate) for other blocks",
             UserWarning,
             stacklevel=2,
         )

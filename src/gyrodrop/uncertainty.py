@@ -1,0 +1,548 @@
+"""Predictive uncertainty from the dropout family: Monte-Carlo dropout and the
+deterministic ensemble of gyro subnetworks.
+
+Both run the model several times on the same inputs (repeated along the batch dim, a
+chunk of samples per forward) and summarize the class probabilities ``p_s(c | x)`` of
+the ``S`` passes as a :class:`Prediction`:
+
+- ``mean``: ``(1/S) sum_s p_s``, the predictive distribution;
+- ``variance``: the variance over passes of ``p_s(c | x)``, averaged over classes;
+- ``entropy``: ``H[mean]``, total uncertainty;
+- ``mutual_info``: ``H[mean] - (1/S) sum_s H[p_s]`` (BALD), the part due to
+  disagreement between passes (epistemic); ``0 <= mutual_info <= entropy``.
+
+Only the dropout family is stochastic during the passes; everything else runs in
+``eval()`` mode (BatchNorm uses and keeps its running statistics). The model's modes,
+its step counters and the global random state are exactly as before afterwards, also
+when a forward raises.
+
+Gyro dropout trained ``num_subnets`` (sigma) fixed subnetworks, so its passes use
+*those* rather than fresh random masks: one subnetwork per pass for all rows.
+:func:`subnet_ensemble_predict` averages over all of them (or a seeded subset),
+deterministically; :func:`mc_predict` draws them without replacement, seeded (all
+sigma once each before any repeats).
+
+Which layer mask makes up "subnetwork j" of a model with several gyro layers
+(``pairing``): every layer follows its own seeded schedule, and row group ``g`` of step
+``t`` trains the combination of the layers' ``g``-th active masks. ``"trained"`` takes
+those combinations, position ``j`` of the schedule's stream in the last complete cycle
+(each trained together for ``steps_per_set`` steps); it needs every gyro layer to share
+``num_subnets``, ``subnets_per_step``, ``steps_per_set``, the consecutive schedule and
+the step. ``"index"`` gives every layer its mask ``j mod num_subnets`` (layers with
+different sigma cycle through theirs). ``"auto"`` (default): ``"trained"`` when
+possible, else ``"index"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gyrodrop import masks
+from gyrodrop.gyro import GyroDropout, apply_group_masks
+from gyrodrop.schedule import ScheduledModule, SteppedModule, _check_int, check_seed
+from gyrodrop.stochastic_depth import StochasticDepth, StochasticDepthBlock, mc_draws
+from gyrodrop.surgery import unwrap_model
+
+__all__ = ["Prediction", "mc_predict", "subnet_ensemble_predict", "PAIRINGS", "OUTPUTS"]
+
+PAIRINGS = ("auto", "trained", "index")
+OUTPUTS = ("logits", "probs")
+
+_DROPOUTS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_TAG_MC_MEMBERS = 0x66
+_TAG_SUBSET = 0x67
+_ROW_BUDGET = 2048  # rows per forward when batch_samples is not given
+
+
+class Prediction(NamedTuple):
+    """Summary of ``S`` stochastic passes over ``N`` examples with ``C`` classes.
+
+    Attributes:
+        mean: predictive class probabilities, ``(N, C)``, rows sum to 1.
+        variance: per example, the variance over passes of each class probability,
+            averaged over classes, ``(N,)`` (population variance, divided by ``S``).
+        entropy: total predictive entropy ``H[mean]`` in nats, ``(N,)``.
+        mutual_info: BALD, ``H[mean] - mean_s H[p_s]`` in nats, ``(N,)``; epistemic
+            uncertainty, in ``[0, entropy]`` (0 when all passes agree).
+
+    All float32, on the input's device.
+    """
+
+    mean: Tensor
+    variance: Tensor
+    entropy: Tensor
+    mutual_info: Tensor
+
+
+# --------------------------------------------------------------------------------------
+# Gyro layers: masks of one subnetwork, applied per pass by hooks.
+
+
+def _block_gyro_type() -> type | None:
+    try:
+        from gyrodrop.blockwise import BlockGyroLinear
+    except ImportError:  # pragma: no cover - blockwise is part of the package
+        return None
+    return BlockGyroLinear
+
+
+def _gyro_layers(net: nn.Module) -> list[nn.Module]:
+    """GyroDropout, BlockGyroLinear and any scheduled module with ``subnet_mask``."""
+    block_type = _block_gyro_type()
+    found = []
+    for m in net.modules():
+        if isinstance(m, GyroDropout) or (block_type is not None and isinstance(m, block_type)):
+            found.append(m)
+        elif isinstance(m, ScheduledModule) and callable(getattr(m, "subnet_mask", None)):
+            found.append(m)
+    return found
+
+
+def _mask_side(layer: nn.Module) -> str:
+    """Where a gyro layer's mask applies in eval mode: on its input or its output."""
+    return "output" if getattr(layer, "prune", "input") == "output" else "input"
+
+
+def _subnet_mask(layer: nn.Module, k: int, like: Tensor) -> Tensor:
+    """The scaled mask of subnetwork ``k`` of ``layer`` for a tensor shaped like ``like``
+    (broadcastable against one row)."""
+    if callable(getattr(layer, "subnet_mask", None)):
+        return layer.subnet_mask(k, like)  # type: ignore[operator]
+    # BlockGyroLinear: exactly n_dropped of n_blocks feature blocks dropped.
+    keep = masks.block_keep_mask(
+        layer.current_seed(),  # type: ignore[operator]
+        torch.tensor([k], dtype=torch.int64),
+        layer.n_blocks,  # type: ignore[arg-type]
+        layer.n_dropped,  # type: ignore[arg-type]
+        device=like.device,
+    )[0]
+    features = keep.repeat_interleave(layer.block_size)[: layer.features]  # type: ignore[arg-type]
+    return features.to(like.dtype) * layer.scale
+
+
+def _as_row_mask(mask: Tensor, rest: int) -> Tensor:
+    """Left-pad a mask with 1-dims so it has ``rest`` dims (one row of the input)."""
+    return mask.reshape((1,) * (rest - mask.dim()) + tuple(mask.shape)) if mask.dim() < rest else mask
+
+
+def _common_schedule(layers: Sequence[nn.Module]) -> str | None:
+    """``None`` when ``pairing="trained"`` is possible, else why not."""
+    keys = {
+        (m.num_subnets, m.subnets_per_step, m.steps_per_set, m.schedule, m.current_step())
+        for m in layers
+    }
+    if any(m.schedule != "consecutive" for m in layers):
+        return "a layer uses schedule='random' (no fixed combinations)"
+    if len(keys) > 1:
+        return (
+            "the gyro layers differ in (num_subnets, subnets_per_step, steps_per_set, "
+            f"schedule, step): {sorted(keys)[:3]}"
+        )
+    return None
+
+
+def _resolve_pairing(owner: str, layers: Sequence[nn.Module], pairing: str) -> str:
+    if pairing not in PAIRINGS:
+        raise ValueError(f"{owner}: pairing must be one of {PAIRINGS}, got {pairing!r}")
+    why = _common_schedule(layers)
+    if pairing == "trained" and why is not None:
+        raise ValueError(f"{owner}: pairing='trained' needs one shared schedule, but {why}; "
+                         "hint: pairing='index'")
+    if pairing == "auto":
+        return "index" if why is not None else "trained"
+    return pairing
+
+
+class _Members:
+    """Model-level subnetworks: member ``j`` -> each gyro layer's subnetwork id."""
+
+    def __init__(self, layers: Sequence[nn.Module], pairing: str) -> None:
+        self.layers = list(layers)
+        self.pairing = pairing
+        self.count = max(m.num_subnets for m in layers)
+        self._sets: dict[tuple[int, int], list[int]] = {}
+        if pairing == "trained":
+            ref = layers[0]
+            sigma, tau = ref.num_subnets, ref.subnets_per_step
+            step = ref.current_step()
+            cycle = 0
+            if step > 0:
+                end = (ref.subnet_schedule.set_index(step - 1) + 1) * tau
+                cycle = max(end // sigma - 1, 0)  # the last complete cycle (else the first)
+            self._first = cycle * sigma
+
+    def layer_id(self, index: int, j: int) -> int:
+        layer = self.layers[index]
+        if self.pairing == "index":
+            return j % layer.num_subnets
+        tau = layer.subnets_per_step
+        position = self._first + j
+        key = (index, position // tau)
+        if key not in self._sets:
+            ids = layer.subnet_schedule.subnets(layer.current_seed(), position // tau)
+            self._sets[key] = ids.tolist()
+        return self._sets[key][position % tau]
+
+
+@contextlib.contextmanager
+def _gyro_passes(members: _Members, chunk: Sequence[int], rows: int) -> Iterator[None]:
+    """While active, each gyro layer (in eval mode) multiplies pass ``i``'s ``rows``
+    rows by the mask of member ``chunk[i]``."""
+    handles = []
+    counts = [rows] * len(chunk)
+
+    def masked(index: int, layer: nn.Module) -> Callable[[Tensor], Tensor]:
+        cache: dict[tuple, Tensor] = {}
+
+        def apply(t: Tensor) -> Tensor:
+            key = (tuple(t.shape[1:]), t.dtype, t.device)
+            if key not in cache:
+                stacked = [
+                    _as_row_mask(_subnet_mask(layer, members.layer_id(index, j), t), t.dim() - 1)
+                    for j in chunk
+                ]
+                cache[key] = torch.stack(stacked)  # (passes, *row mask)
+            return apply_group_masks(t, cache[key], counts)
+
+        return apply
+
+    try:
+        for index, layer in enumerate(members.layers):
+            fn = masked(index, layer)
+            if _mask_side(layer) == "input":
+                handles.append(layer.register_forward_pre_hook(
+                    lambda _m, args, fn=fn: (fn(args[0]), *args[1:])
+                ))
+            else:
+                handles.append(layer.register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------
+# Modes, steps and random state, restored afterwards.
+
+
+@contextlib.contextmanager
+def _stochastic_eval(net: nn.Module, active: Sequence[nn.Module]) -> Iterator[None]:
+    """``net`` in eval mode except the modules in ``active`` (flags set one by one, not
+    recursively); every module's mode and every step counter restored on exit."""
+    modes = [(m, m.training) for m in net.modules()]
+    steps = [(m, m.step.detach().clone()) for m in net.modules() if isinstance(m, SteppedModule)]
+    try:
+        net.eval()
+        for m in active:
+            m.training = True
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for m, value in steps:
+                m.step.copy_(value)
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int, device: torch.device, needed: bool) -> Iterator[None]:
+    """Seed the generators of the CPU and of ``device`` inside a fork of the global
+    random state (restored on exit), for ``nn.Dropout``."""
+    if not needed:
+        yield
+        return
+    accel = device.type not in ("cpu", "meta")
+    devices = [device.index if device.index is not None else 0] if accel else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accel else "cuda"):
+        torch.default_generator.manual_seed(seed)
+        if accel:
+            module = getattr(torch, device.type)
+            with module.device(devices[0]):
+                module.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------
+# Running the passes and summarizing them.
+
+
+def _check_inputs(owner: str, model: Any, x: Any, output: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{owner}: x must be a tensor of shape (N, *) with N >= 1, got {shape}")
+    if output not in OUTPUTS:
+        raise ValueError(f"{owner}: output must be one of {OUTPUTS}, got {output!r}")
+
+
+def _chunk_size(owner: str, batch: Any, total: int, rows: int) -> int:
+    if batch is None:
+        return max(1, min(total, _ROW_BUDGET // rows))
+    _check_int(owner, "batch_samples", batch, 1)
+    return min(int(batch), total)
+
+
+class _Accumulator:
+    """Running sums over passes, in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum_p: Tensor | None = None
+        self.sum_p2: Tensor | None = None
+        self.sum_h: Tensor | None = None
+
+    def add(self, probs: Tensor) -> None:  # (passes, N, C)
+        h = -torch.special.xlogy(probs, probs).sum(-1)  # (passes, N)
+        sums = probs.sum(0), (probs * probs).sum(0), h.sum(0)
+        if self.sum_p is None:
+            self.sum_p, self.sum_p2, self.sum_h = sums
+        else:
+            self.sum_p += sums[0]
+            self.sum_p2 += sums[1]  # type: ignore[operator]
+            self.sum_h += sums[2]  # type: ignore[operator]
+        self.n += probs.shape[0]
+
+    def result(self) -> Prediction:
+        assert self.sum_p is not None and self.sum_p2 is not None and self.sum_h is not None
+        mean = self.sum_p / self.n
+        variance = (self.sum_p2 / self.n - mean * mean).clamp_min(0).mean(-1)
+        entropy = (-torch.special.xlogy(mean, mean).sum(-1)).clamp_min(0)
+        mutual = (entropy - self.sum_h / self.n).clamp(min=0)
+        mutual = torch.minimum(mutual, entropy)
+        f = torch.float32
+        return Prediction(mean.to(f), variance.to(f), entropy.to(f), mutual.to(f))
+
+
+def _probs(owner: str, out: Any, passes: int, rows: int, output: str) -> Tensor:
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != passes * rows:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"{owner}: the model must return a tensor of shape (rows, classes); got {shape} "
+            f"for {passes * rows} rows; hint: wrap the model to return class scores"
+        )
+    out = out.detach().to(torch.float64).reshape(passes, rows, -1)  # (passes, N, C)
+    if output == "logits":
+        return torch.softmax(out, dim=-1)
+    return out.clamp_min(0) / out.clamp_min(0).sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def _run(
+    owner: str,
+    net: nn.Module,
+    x: Tensor,
+    order: Sequence[int],
+    chunk: int,
+    output: str,
+    setup: Callable[[int, Sequence[int]], contextlib.AbstractContextManager[Any]],
+) -> Prediction:
+    acc = _Accumulator()
+    rows = x.shape[0]
+    with torch.no_grad():
+        for start in range(0, len(order), chunk):
+            ids = order[start : start + chunk]
+            batch = x.repeat(len(ids), *([1] * (x.dim() - 1)))  # (passes * N, *)
+            with setup(start, ids):
+                out = net(batch)
+            acc.add(_probs(owner, out, len(ids), rows, output))
+    return acc.result()
+
+
+# --------------------------------------------------------------------------------------
+# Public API.
+
+
+def mc_predict(
+    model: nn.Module,
+    x: Tensor,
+    samples: int = 30,
+    *,
+    seed: int = 0,
+    batch_samples: int | None = None,
+    output: str = "logits",
+    pairing: str = "auto",
+) -> Prediction:
+    """Monte-Carlo dropout: ``samples`` stochastic passes with only the dropout family
+    active, summarized as a :class:`Prediction`.
+
+    Active during the passes: ``nn.Dropout`` (and ``Dropout1d/2d/3d``,
+    ``AlphaDropout``), :class:`~gyrodrop.GyroDropout` and ``BlockGyroLinear`` (one
+    trained subnetwork per pass, drawn without replacement; see the module docstring),
+    :class:`~gyrodrop.StochasticDepth` (one decision per pass in block mode, per example
+    and pass in sample mode), and any other gyrodrop stepped module (in training mode).
+    All other modules are in eval mode; BatchNorm statistics are untouched.
+
+    Nothing leaks: module modes, step counters and the global random state are restored
+    (also on an exception). ``nn.Dropout`` draws from generators seeded with ``seed``
+    inside a fork of the global state.
+
+    Args:
+        model: a classifier returning class scores ``(rows, C)`` (DDP /
+            ``torch.compile`` wrappers are looked through).
+        x: inputs, ``(N, *)``.
+        samples: number of passes ``S`` (>= 1).
+        seed: the same seed gives the same result. Without ``nn.Dropout`` the result
+            does not depend on ``batch_samples`` either.
+        batch_samples: passes per forward (``x`` repeated along dim 0); default: as many
+            as fit in 2048 rows. Lower it when memory is short.
+        output: ``"logits"`` (softmax is applied; right for log-probabilities too) or
+            ``"probs"``.
+        pairing: how gyro layers combine into subnetworks (module docstring).
+
+    Returns:
+        A :class:`Prediction` of ``N`` examples. Warns when the model has no dropout
+        layer (every pass is then the same).
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+        >>> pred = gyrodrop.mc_predict(net, torch.randn(5, 4), samples=20, seed=1)
+        >>> pred.mean.shape, bool((pred.mutual_info <= pred.entropy + 1e-6).all())
+        (torch.Size([5, 3]), True)
+    """
+    owner = "mc_predict"
+    _check_inputs(owner, model, x, output)
+    _check_int(owner, "samples", samples, 1)
+    seed = check_seed(owner, seed)
+    net = unwrap_model(model)
+    chunk = _chunk_size(owner, batch_samples, samples, x.shape[0])
+
+    gyro = _gyro_layers(net)
+    gyro_ids = {id(m) for m in gyro}
+    dropouts = [m for m in net.modules() if isinstance(m, _DROPOUTS)]
+    depths = [m for m in net.modules() if isinstance(m, StochasticDepth)]
+    wrappers = [m for m in net.modules() if isinstance(m, StochasticDepthBlock)]
+    others = [
+        m
+        for m in net.modules()
+        if isinstance(m, SteppedModule) and id(m) not in gyro_ids and not isinstance(m, StochasticDepth)
+    ]
+    if not (gyro or dropouts or depths or others):
+        warnings.warn(
+            f"{owner}: the model has no dropout-family layer; every pass is the same "
+            "(mutual_info is 0)",
+            UserWarning,
+            stacklevel=2,
+        )
+    members = _Members(gyro, _resolve_pairing(owner, gyro, pairing)) if gyro else None
+    if members is not None:
+        # Pass s uses member perm_r[s mod M] of round r = s // M: every member once
+        # before any repeats.
+        m_count = members.count
+        mix = masks.mix_keys(seed, _TAG_MC_MEMBERS)
+        rounds = [
+            masks.seeded_permutation(mix, _TAG_MC_MEMBERS, r, m_count).tolist()
+            for r in range((samples + m_count - 1) // m_count)
+        ]
+        draws = [rounds[s // m_count][s % m_count] for s in range(samples)]
+    else:
+        draws = list(range(samples))
+    mc_key = masks.mix_keys(seed, masks.TAG_DEPTH)
+    rows = x.shape[0]
+
+    @contextlib.contextmanager
+    def setup(start: int, ids: Sequence[int]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if members is not None:
+                stack.enter_context(_gyro_passes(members, ids, rows))
+            if depths:
+                stack.enter_context(mc_draws(depths, rows, start, mc_key))
+            yield
+
+    active = [*dropouts, *depths, *wrappers, *others]
+    with _stochastic_eval(net, active), _seeded_rng(seed, x.device, bool(dropouts or others)):
+        return _run(owner, net, x, draws, chunk, output, setup)
+
+
+def subnet_ensemble_predict(
+    model: nn.Module,
+    x: Tensor,
+    subnets: int | Sequence[int] | None = None,
+    *,
+    seed: int = 0,
+    batch_subnets: int | None = None,
+    output: str = "logits",
+    pairing: str = "auto",
+) -> Prediction:
+    """The ensemble of the gyro subnetworks the model trained: one pass per subnetwork
+    (all rows through it), probabilities averaged. Deterministic.
+
+    Every other layer runs in eval mode (``nn.Dropout`` and stochastic depth off,
+    BatchNorm on its running statistics); modes and step counters are restored.
+    ``mutual_info`` is then the subnetworks' disagreement.
+
+    Args:
+        model: a classifier with at least one :class:`~gyrodrop.GyroDropout` or
+            ``BlockGyroLinear`` layer, returning class scores ``(rows, C)``.
+        x: inputs, ``(N, *)``.
+        subnets: ``None``: all members (``num_subnets``; with ``pairing="index"`` and
+            layers of different sigma, the largest); an int ``n``: a seeded subset of
+            ``n`` members; a sequence of member ids.
+        seed: chooses the subset when ``subnets`` is an int.
+        batch_subnets: subnetworks per forward; default: as many as fit in 2048 rows.
+        output: ``"logits"`` or ``"probs"``, as in :func:`mc_predict`.
+        pairing: ``"auto"``, ``"trained"`` or ``"index"`` (module docstring).
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(),
+        ...                     gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=5), nn.Linear(16, 3))
+        >>> a = gyrodrop.subnet_ensemble_predict(net, torch.ones(2, 4))
+        >>> b = gyrodrop.subnet_ensemble_predict(net, torch.ones(2, 4))
+        >>> bool(torch.equal(a.mean, b.mean))
+        True
+    """
+    owner = "subnet_ensemble_predict"
+    _check_inputs(owner, model, x, output)
+    seed = check_seed(owner, seed)
+    net = unwrap_model(model)
+    gyro = _gyro_layers(net)
+    if not gyro:
+        raise ValueError(
+            f"{owner}: the model has no GyroDropout or BlockGyroLinear layer, so it has no "
+            "trained subnetworks; hint: gyrodrop.apply_gyro_dropout(model, ...) before "
+            "training, or mc_predict for nn.Dropout models"
+        )
+    members = _Members(gyro, _resolve_pairing(owner, gyro, pairing))
+    m_count = members.count
+    if subnets is None:
+        chosen = list(range(m_count))
+    elif isinstance(subnets, int) and not isinstance(subnets, bool):
+        _check_int(owner, "subnets", subnets, 1, m_count)
+        perm = masks.seeded_permutation(seed, _TAG_SUBSET, 0, m_count)
+        chosen = sorted(perm[:subnets].tolist())
+    elif isinstance(subnets, Sequence) and not isinstance(subnets, str):
+        chosen = [int(j) for j in subnets]
+        bad = [j for j in subnets if isinstance(j, bool) or not isinstance(j, int)
+               or not 0 <= j < m_count]
+        if not chosen or bad or len(set(chosen)) != len(chosen):
+            raise ValueError(
+                f"{owner}: subnets must be distinct ints in [0, {m_count}), got {list(subnets)}"
+            )
+    else:
+        raise ValueError(
+            f"{owner}: subnets must be None, an int or a sequence of ints, got {subnets!r}"
+        )
+    chunk = _chunk_size(owner, batch_subnets, len(chosen), x.shape[0])
+    rows = x.shape[0]
+
+    def setup(start: int, ids: Sequence[int]) -> contextlib.AbstractContextManager[Any]:
+        return _gyro_passes(members, ids, rows)
+
+    with _stochastic_eval(net, []):
+        return _run(owner, net, x, chosen, chunk, output, setup)
