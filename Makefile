@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: demo test bench install install-dev clean
+.PHONY: demo test bench install install-dev clean lint format docs docs-serve examples dist
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,41 @@ test: install-dev
 bench: install-dev
 	$(PY) benchmarks/bench_gyro.py
 
+# Lint, format check and static types (what CI enforces). `make format` rewrites.
+LINT_PATHS := src tests benchmarks examples .ci
+lint: install-dev
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+format: install-dev
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+# Documentation site (mkdocs-material + mkdocstrings); warnings are errors.
+docs: install-dev
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: install-dev
+	$(VENV)/bin/mkdocs serve
+
+# Every example with --quick (seconds each).
+examples: install-dev
+	@set -e; for f in examples/*.py; do \
+		echo "== $$f --quick"; $(PY) $$f --quick; \
+	done
+
+# Release check: wheel + sdist, twine check, then install the wheel into a clean venv
+# that has only the pinned CPU torch, and import it there without any extra.
+DIST_VENV := build/dist-venv
+dist: install-dev
+	rm -rf dist $(DIST_VENV)
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	$(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(DIST_VENV)/bin/python -m pip install -q -c constraints.txt dist/*.whl
+	cd $(DIST_VENV) && bin/python $(CURDIR)/.ci/check_dist.py $(CURDIR)/dist
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
