@@ -1,0 +1,354 @@
+"""Results database: one SQLite file (stdlib), safe to share between processes.
+
+Tables:
+
+- ``meta(key, value)``: ``format = gyrodrop-results``, ``schema = 1``;
+- ``runs``: one row per *finished* run, keyed by the SHA-256 of the canonical JSON of its
+  full configuration (:meth:`RunConfig.key`), with the configuration, the final
+  metrics (JSON) and the common columns (dataset, model, method, seed, test_acc, ...);
+- ``epochs(run_key, epoch, metrics)``: the per-epoch rows of each run;
+- ``bench``: timing measurements (machine-dependent, replaced on re-measure).
+
+A run is written in one transaction after it finishes, so an interrupted command leaves
+every finished run saved and nothing half-written; running the command again skips
+them. The file is marked with SQLite's ``application_id`` and the ``meta`` table: a file
+that is not SQLite, is corrupt, or belongs to another application raises
+:class:`StoreError` and is never written to. WAL journaling and a busy timeout let
+several processes write at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gyrodrop.experiments.train import RunConfig
+
+__all__ = ["Store", "StoreError", "APPLICATION_ID", "SCHEMA_VERSION"]
+
+#: SQLite header application id: ASCII "GYRD".
+APPLICATION_ID = 0x47595244
+SCHEMA_VERSION = 1
+_FORMAT = "gyrodrop-results"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    experiment TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    test_acc REAL,
+    train_acc REAL,
+    epoch_time REAL,
+    metrics TEXT NOT NULL,
+    device TEXT,
+    version TEXT,
+    finished REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs (experiment, dataset, model);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_key TEXT NOT NULL REFERENCES runs (key) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (run_key, epoch)
+);
+CREATE TABLE IF NOT EXISTS bench (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    config TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    finished REAL NOT NULL
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The results file is not a usable gyrodrop database (message says why)."""
+
+
+def _check_header(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError as e:
+        raise StoreError(f"results database {path}: cannot read it: {e}") from e
+    if len(head) == 0:
+        return  # an empty file is a fresh database
+    if not head.startswith(_SQLITE_MAGIC):
+        raise StoreError(
+            f"results database {path}: not an SQLite file (foreign or corrupt); refusing to "
+            "use it. Pass another --db path"
+        )
+    app_id = int.from_bytes(head[68:72], "big")
+    if app_id not in (0, APPLICATION_ID):
+        raise StoreError(
+            f"results database {path}: belongs to another application "
+            f"(application_id {app_id:#x}); refusing to use it. Pass another --db path"
+        )
+
+
+class Store:
+    """The results database at ``path``.
+
+    Args:
+        path: the SQLite file; created with the schema when missing (unless
+            ``readonly``).
+        readonly: open for reading only (``report``); a missing file is an error.
+        timeout: seconds to wait for another writer's lock.
+
+    Raises:
+        StoreError: the file is not SQLite, is corrupt, or is another application's.
+
+    Example:
+        >>> import tempfile, os
+        >>> from gyrodrop.experiments.train import RunConfig
+        >>> db = Store(os.path.join(tempfile.mkdtemp(), "r.db"))
+        >>> cfg = RunConfig("compare", "digits", "mlp", "dropout", seed=0, epochs=1)
+        >>> db.has(cfg)
+        False
+        >>> db.save(cfg, {"test_acc": 0.9, "train_acc": 0.95}, [{"epoch": 1}])
+        True
+        >>> db.has(cfg), len(db.records())
+        (True, 1)
+        >>> db.close()
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        exists = self.path.exists()
+        if readonly and not exists:
+            raise StoreError(
+                f"results database {self.path}: no such file; run a command (e.g. "
+                f"gyrodrop compare --db {self.path}) first"
+            )
+        if exists:
+            if self.path.is_dir():
+                raise StoreError(f"results database {self.path}: is a directory; pass a file path")
+            _check_header(self.path)
+        elif not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"{self.path.resolve().as_uri()}?mode={'ro' if readonly else 'rwc'}"
+        try:
+            self._con = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"results database {self.path}: cannot open: {e}") from e
+        try:
+            self._con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._open(readonly)
+        except sqlite3.DatabaseError as e:
+            self._con.close()
+            raise StoreError(
+                f"results database {self.path}: corrupt or not a gyrodrop database ({e}); "
+                "refusing to use it. Pass another --db path"
+            ) from e
+        except StoreError:
+            self._con.close()
+            raise
+
+    # ---------------------------------------------------------------- setup
+
+    def _tables(self) -> set[str]:
+        rows = self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        return {r[0] for r in rows}
+
+    def _verify(self) -> bool:
+        """True when ours and initialised; False when empty; raises when foreign."""
+        app_id = self._con.execute("PRAGMA application_id").fetchone()[0]
+        tables = self._tables()
+        if app_id == 0 and not tables:
+            return False
+        if app_id != APPLICATION_ID or "meta" not in tables:
+            raise StoreError(
+                f"results database {self.path}: an SQLite file of another application "
+                f"(tables: {', '.join(sorted(tables)) or 'none'}); refusing to use it. "
+                "Pass another --db path"
+            )
+        meta = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("format") != _FORMAT:
+            raise StoreError(f"results database {self.path}: meta format is {meta.get('format')!r}")
+        schema = int(meta.get("schema", "0"))
+        if schema > SCHEMA_VERSION:
+            raise StoreError(
+                f"results database {self.path}: schema {schema} is newer than this gyrodrop "
+                f"understands ({SCHEMA_VERSION}); upgrade gyrodrop"
+            )
+        return True
+
+    def _open(self, readonly: bool) -> None:
+        if readonly:
+            if not self._verify():
+                raise StoreError(f"results database {self.path}: empty (no gyrodrop tables)")
+            return
+        if not self._verify():
+            with self._write():
+                if not self._verify():  # another process may have won the race
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._con.execute(statement)
+                    self._con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    self._con.executemany(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        [("format", _FORMAT), ("schema", str(SCHEMA_VERSION))],
+                    )
+        mode = self._con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":  # pragma: no cover - e.g. some network filesystems
+            self._con.execute("PRAGMA journal_mode = DELETE")
+        self._con.execute("PRAGMA foreign_keys = ON")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise StoreError(f"results database {self.path}: opened read-only")
+        self._con.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._con
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
+        else:
+            self._con.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- runs
+
+    def has(self, cfg: RunConfig) -> bool:
+        """Whether the run ``cfg`` has finished and is saved."""
+        row = self._con.execute("SELECT 1 FROM runs WHERE key = ?", (cfg.key(),)).fetchone()
+        return row is not None
+
+    def finished_keys(self) -> set[str]:
+        """Keys of every finished run."""
+        return {r[0] for r in self._con.execute("SELECT key FROM runs")}
+
+    def save(
+        self,
+        cfg: RunConfig,
+        metrics: dict[str, Any],
+        epochs: Sequence[dict[str, Any]] = (),
+        *,
+        device: str = "cpu",
+        version: str = "",
+    ) -> bool:
+        """Save a finished run (one transaction). Returns False when a run with the same
+        configuration was already saved (by another process, say): the first one wins."""
+        norm = cfg.normalized()
+        key = norm.key()
+        with self._write() as con:
+            cur = con.execute(
+                "INSERT OR IGNORE INTO runs (key, config, experiment, dataset, model, method, "
+                "seed, test_acc, train_acc, epoch_time, metrics, device, version, finished) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    norm.canonical_json(),
+                    norm.experiment,
+                    norm.dataset,
+                    norm.model,
+                    norm.method,
+                    norm.seed,
+                    metrics.get("test_acc"),
+                    metrics.get("train_acc"),
+                    metrics.get("epoch_time"),
+                    json.dumps(metrics, sort_keys=True),
+                    device,
+                    version,
+                    time.time(),
+                ),
+            )
+            if cur.rowcount == 0:
+                return False
+            con.executemany(
+                "INSERT INTO epochs (run_key, epoch, metrics) VALUES (?, ?, ?)",
+                [(key, int(e.get("epoch", i + 1)), json.dumps(e, sort_keys=True)) for i, e in enumerate(epochs)],
+            )
+        return True
+
+    def records(
+        self, *, experiment: str | None = None, keys: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Finished runs as flat dicts: the configuration's fields, then the metrics
+        (``test_acc``, ``train_acc``, ...), plus ``key``, ``device``, ``finished``;
+        ordered by experiment, dataset, model, method, seed."""
+        sql = "SELECT key, config, metrics, device, version, finished FROM runs"
+        args: list[Any] = []
+        where = []
+        if experiment is not None:
+            where.append("experiment = ?")
+            args.append(experiment)
+        if keys is not None:
+            keys = list(keys)
+            if not keys:
+                return []
+            where.append(f"key IN ({', '.join('?' * len(keys))})")
+            args += keys
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY experiment, dataset, model, method, seed, finished"
+        out = []
+        for key, config, metrics, device, version, finished in self._con.execute(sql, args):
+            rec: dict[str, Any] = {"key": key}
+            rec.update(json.loads(config))
+            rec.update(json.loads(metrics))
+            rec.update(device=device, version=version, finished=finished)
+            out.append(rec)
+        return out
+
+    def epochs(self, key: str) -> list[dict[str, Any]]:
+        """Per-epoch rows of run ``key``, in order."""
+        rows = self._con.execute(
+            "SELECT metrics FROM epochs WHERE run_key = ? ORDER BY epoch", (key,)
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def experiments(self) -> list[str]:
+        """Experiment names present (``compare``, ``sweep``, ...)."""
+        return [r[0] for r in self._con.execute("SELECT DISTINCT experiment FROM runs ORDER BY 1")]
+
+    # ---------------------------------------------------------------- bench
+
+    def save_bench(self, kind: str, config: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """Save (or replace) one timing measurement."""
+        text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+        import hashlib
+
+        key = hashlib.sha256(f"{kind}:{text}".encode()).hexdigest()[:16]
+        with self._write() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO bench (key, kind, config, metrics, finished) VALUES (?, ?, ?, ?, ?)",
+                (key, kind, text, json.dumps(metrics, sort_keys=True), time.time()),
+            )
+
+    def bench_records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Timing measurements as flat dicts (configuration, then metrics, plus kind)."""
+        sql = "SELECT kind, config, metrics FROM bench"
+        args: tuple[Any, ...] = ()
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            args = (kind,)
+        out = []
+        for k, config, metrics in self._con.execute(sql + " ORDER BY finished", args):
+            rec: dict[str, Any] = {"kind": k}
+            rec.update(json.loads(config))
+            rec.update(json.loads(metrics))
+            out.append(rec)
+        return out
