@@ -1,5 +1,6 @@
 """gyrodrop: gyro dropout and its family of structured-dropout regularizers for PyTorch."""
 
+from gyrodrop.blockwise import BlockGyroLinear
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.schedule import step
 from gyrodrop.stochastic_depth import StochasticDepth
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GyroDropout",
+    "BlockGyroLinear",
     "step",
     "apply_gyro_dropout",
     "StochasticDepth",
