@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ import gyrodrop
 from gyrodrop.experiments.data import Dataset
 from gyrodrop.experiments.train import RunConfig, make_model
 
-__all__ = ["subnetwork_features", "diversity", "time_train_step", "time_block_layer"]
+__all__ = ["subnetwork_features", "diversity", "time_train_steps", "time_block_layer"]
 
 
 def _inner_dropouts(model: nn.Module) -> list[nn.Module]:
@@ -114,53 +114,62 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_train_step(
-    cfg: RunConfig,
+def time_train_steps(
+    configs: Sequence[RunConfig],
     in_shape: tuple[int, ...],
     num_classes: int,
     *,
     steps: int = 30,
     warmup: int = 5,
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Median milliseconds per training step (forward, backward, RMSprop) of
-    ``cfg.model`` with ``cfg.method`` on random data of ``in_shape``."""
+) -> list[dict[str, float]]:
+    """Median milliseconds per training step (forward, backward, RMSprop) of each
+    config's model and method on random data of ``in_shape``.
+
+    The configs' steps are interleaved (one step of each in turn), so a machine that
+    gets busier or quieter during the measurement affects every method alike.
+    """
     dev = torch.device(device)
-    cfg = cfg.normalized()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn(cfg.batch_size, *in_shape, generator=gen).to(dev)
-    y = torch.randint(0, num_classes, (cfg.batch_size,), generator=gen).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    batch = max(c.batch_size for c in configs)
+    x = torch.randn(batch, *in_shape, generator=gen).to(dev)
+    y = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
     fake = Dataset("bench", x[:2].cpu(), y[:2].cpu(), x[:2].cpu(), y[:2].cpu(), num_classes, ())
-    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        model = make_model(cfg, fake, steps_per_epoch=max(1, steps + warmup)).to(dev).train()
+    loss_fn = nn.CrossEntropyLoss()
+    steppers = []
+    for cfg in configs:
+        cfg = cfg.normalized()
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            model = make_model(cfg, fake, steps_per_epoch=max(1, steps + warmup)).to(dev).train()
         opt = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
-        loss_fn = nn.CrossEntropyLoss()
-        times = []
-        for i in range(warmup + steps):
-            _sync(dev)
-            t0 = time.perf_counter()
+        xb, yb = x[: cfg.batch_size], y[: cfg.batch_size]
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt,
+                 xb: Tensor = xb, yb: Tensor = yb) -> None:  # fmt: skip
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            loss_fn(model(xb), yb).backward()
             opt.step()
-            _sync(dev)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    ms = 1000 * statistics.median(times)
-    return {"ms_per_step": ms, "samples_per_s": cfg.batch_size / (ms / 1000)}
+
+        steppers.append(step)
+    times = _time_many(steppers, steps, warmup, dev)
+    return [{"ms_per_step": ms, "samples_per_s": c.batch_size / (ms / 1000)} for c, ms in zip(configs, times)]
 
 
-def _time(fn: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+def _time_many(fns: Sequence[Callable[[], None]], steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Median milliseconds of each function, calls interleaved so drift hits all alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        for fn, out in zip(fns, times):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+    return [1000 * statistics.median(t) for t in times]
 
 
 def time_block_layer(
@@ -201,10 +210,12 @@ def time_block_layer(
 
     blocks = features // block_size
     kept = (blocks - round(drop * blocks)) / blocks if blocks else 1.0
+    dense_ms, block_ms = _time_many([fwd(dense), fwd(block)], steps, warmup, dev)
+    dense_train_ms, block_train_ms = _time_many([fwd_bwd(dense), fwd_bwd(block)], steps, warmup, dev)
     return {
-        "dense_ms": _time(fwd(dense), steps, warmup, dev),
-        "block_ms": _time(fwd(block), steps, warmup, dev),
-        "dense_train_ms": _time(fwd_bwd(dense), steps, warmup, dev),
-        "block_train_ms": _time(fwd_bwd(block), steps, warmup, dev),
+        "dense_ms": dense_ms,
+        "block_ms": block_ms,
+        "dense_train_ms": dense_train_ms,
+        "block_train_ms": block_train_ms,
         "kept_flops": kept if math.isfinite(kept) else 1.0,
     }

@@ -59,7 +59,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "sweep": dict(seeds=1, epochs=2, num_subnets=[8, 16], subnets_per_step=[2, 4]),
     "diversity": dict(seeds=1, epochs=2, subnetworks=4, eval_size=200),
     "bench": dict(dataset="digits", model="mlp", steps=3, warmup=1, layer_features=256, batch_size=64),
-    "cv": dict(folds=3, epochs=3, seeds=1),
+    "cv": dict(folds=3, epochs=10, seeds=1, batch_size=32),
 }  # fmt: skip
 
 EXAMPLES = {
@@ -294,9 +294,12 @@ class Progress:
 
     def run(self, cfg: RunConfig) -> Callable[[int, dict[str, float]], None]:
         self.run_index += 1
-        label = f"[{self.run_index}/{self.runs}] {cfg.method} seed {cfg.seed}" + (
-            f" fold {cfg.fold + 1}/{cfg.folds}" if cfg.fold is not None else ""
-        )
+        label = f"[{self.run_index}/{self.runs}] {cfg.method}"
+        if cfg.num_subnets is not None:
+            label += f" σ={cfg.num_subnets} τ={cfg.subnets_per_step}"
+        label += f" seed {cfg.seed}"
+        if cfg.fold is not None:
+            label += f" fold {cfg.fold + 1}/{cfg.folds}"
         if self.bar is not None:
             self.bar.update(self.task, description=f"{label} epoch 0/{cfg.epochs}")
 
@@ -544,7 +547,7 @@ _SHAPES = {"digits": ((64,), 10), "breast_cancer": ((30,), 2), "wine": ((13,), 3
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from gyrodrop.experiments import report
-    from gyrodrop.experiments.analysis import time_block_layer, time_train_step
+    from gyrodrop.experiments.analysis import time_block_layer, time_train_steps
 
     v = _resolve(args, "bench")
     methods = v["methods"] or ["none", "dropout", "gyro"] + (
@@ -561,9 +564,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     env = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads())
     with _open_store(v["db"]) as store:
         configs = _configs("bench", {**v, "seeds": 1}, methods)
-        for cfg in configs:
-            progress.note(f"timing {cfg.model} {cfg.method} ({v['steps']} steps)")
-            m = time_train_step(cfg, tuple(in_shape), num_classes, steps=v["steps"], warmup=v["warmup"], device=device)
+        progress.note(f"timing {v['model']}: {', '.join(c.method for c in configs)} "
+                      f"({v['steps']} interleaved steps each)")  # fmt: skip
+        timings = time_train_steps(configs, tuple(in_shape), num_classes, steps=v["steps"],
+                                   warmup=v["warmup"], device=device)  # fmt: skip
+        for cfg, m in zip(configs, timings):
             conf = dict(dataset=cfg.dataset, model=cfg.model, method=cfg.method, batch_size=cfg.batch_size,
                         num_subnets=cfg.num_subnets, subnets_per_step=cfg.subnets_per_step,
                         block_size=cfg.block_size, widths=list(cfg.widths) if cfg.widths else None, **env)  # fmt: skip

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -283,8 +284,8 @@ def train_run(
 
     Returns:
         :class:`RunResult`: ``metrics`` has ``test_acc, train_acc, gap`` (train minus
-        test accuracy), ``test_nll, test_ece, test_brier``, ``epoch_time`` (mean
-        training seconds per epoch), ``params`` and, with ``mc_samples``, ``mc_*`` and
+        test accuracy), ``test_nll, test_ece, test_brier``, ``epoch_time`` (median
+        training seconds per epoch, robust to a busy machine), ``params`` and, with ``mc_samples``, ``mc_*`` and
         ``ens_*``; ``epochs`` has one row per epoch (``train_loss, train_acc`` in
         training mode, ``test_loss, test_acc``, ``seconds``).
     """
@@ -351,7 +352,7 @@ def train_run(
             "test_ece": M.ece(test, yte),
             "test_brier": M.brier(test, yte),
             "train_nll": M.nll(train, ytr),
-            "epoch_time": sum(r["seconds"] for r in rows) / len(rows),
+            "epoch_time": statistics.median(r["seconds"] for r in rows),
             "steps": cfg.epochs * steps_per_epoch,
             "params": sum(p.numel() for p in model.parameters()),
             "n_train": n,
