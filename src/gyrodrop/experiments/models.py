@@ -98,12 +98,13 @@ def image_shape(owner: str, in_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 class _Classifier(nn.Module):
-    """``classifier(dropout(features(x)))``; subclasses build ``features``."""
+    """``classifier(dropout(features(x)))``; subclasses build ``features`` first, then
+    call :meth:`_head`, so module order is input to output (each dropout is followed by
+    the Linear it feeds in ``named_modules()``)."""
 
     features: nn.Module
 
-    def __init__(self, width: int, num_classes: int, p: float) -> None:
-        super().__init__()
+    def _head(self, width: int, num_classes: int, p: float) -> None:
         self.dropout = _dropout(p)
         self.classifier = nn.Linear(width, num_classes)
 
@@ -133,9 +134,10 @@ class MLP(_Classifier):
     ) -> None:
         if not widths:
             raise ValueError("MLP: widths must name at least one hidden layer, got ()")
-        super().__init__(widths[-1], num_classes, p)
+        super().__init__()
         in_features = math.prod(int(s) for s in in_shape)
         self.features = nn.Sequential(nn.Flatten(), *_fc_stack(in_features, widths, p))
+        self._head(widths[-1], num_classes, p)
 
 
 class _ConvNet(_Classifier):
@@ -151,7 +153,7 @@ class _ConvNet(_Classifier):
         num_classes: int,
         p: float,
     ) -> None:
-        super().__init__(widths[-1], num_classes, p)
+        super().__init__()
         chw = image_shape(type(self).__name__, in_shape)
         self.features = nn.Sequential(
             nn.Unflatten(1, chw) if len(tuple(in_shape)) != 3 else nn.Identity(),
@@ -160,6 +162,7 @@ class _ConvNet(_Classifier):
             nn.Flatten(),
             *_fc_stack(body_channels * pool * pool, widths, p),
         )
+        self._head(widths[-1], num_classes, p)
 
 
 class LeNet(_ConvNet):
@@ -258,7 +261,7 @@ class ResNet18(_Classifier):
         *,
         base: int = 64,
     ) -> None:
-        super().__init__(widths[-1], num_classes, p)
+        super().__init__()
         chw = image_shape("ResNet18", in_shape)
         self.unflatten = nn.Unflatten(1, chw) if len(tuple(in_shape)) != 3 else nn.Identity()
         self.conv1 = nn.Conv2d(chw[0], base, 3, padding=1, bias=False)
@@ -274,6 +277,7 @@ class ResNet18(_Classifier):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(nn.Flatten(), *_fc_stack(in_planes, widths, p))
+        self._head(widths[-1], num_classes, p)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

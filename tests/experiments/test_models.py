@@ -1,0 +1,110 @@
+"""Tests for gyrodrop.experiments.models: shapes, dropout placement, ResNet blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gyrodrop
+from gyrodrop.experiments.models import (
+    DEFAULT_WIDTHS,
+    MODELS,
+    BasicBlock,
+    build_model,
+    image_shape,
+)
+
+SHAPES = [(64,), (1, 28, 28), (3, 32, 32)]
+
+
+def _dropouts(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Dropout)]
+
+
+class TestBuildModel:
+    @pytest.mark.parametrize("name", [m for m in MODELS if m != "resnet18"])
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_logits_and_features_have_expected_shapes(self, name: str, shape: tuple[int, ...]) -> None:
+        model = build_model(name, shape, 7, 0.5)
+        x = torch.randn(3, *shape)
+        assert model(x).shape == (3, 7)
+        assert model.features(x).shape == (3, DEFAULT_WIDTHS[name][-1])
+
+    @pytest.mark.parametrize("shape", [(64,), (3, 32, 32)])
+    def test_resnet18_runs_on_small_and_cifar_images(self, shape: tuple[int, ...]) -> None:
+        model = build_model("resnet18", shape, 10, 0.5).eval()
+        assert model(torch.randn(2, *shape)).shape == (2, 10)
+
+    @pytest.mark.parametrize(("name", "count"), [("mlp", 2), ("mlp1", 2), ("mlp2", 3),
+                                                 ("lenet", 2), ("alexnet", 2), ("resnet18", 1)])
+    def test_dropout_before_every_fc_layer_but_the_first(self, name: str, count: int) -> None:
+        model = build_model(name, (3, 32, 32), 10, 0.3)
+        drops = _dropouts(model)
+        assert len(drops) == count and all(d.p == 0.3 for d in drops)
+        # in module order (input to output), the leaf after each dropout is a Linear
+        leaves = [m for m in model.modules() if not list(m.children())]
+        after = [leaves[i + 1] for i, m in enumerate(leaves) if isinstance(m, nn.Dropout)]
+        assert len(after) == count and all(isinstance(m, nn.Linear) for m in after)
+
+    def test_no_dropout_layers_when_p_is_zero(self) -> None:
+        assert _dropouts(build_model("mlp2", (20,), 3, 0.0)) == []
+
+    def test_gyro_surgery_replaces_every_dropout(self) -> None:
+        model = build_model("lenet", (1, 28, 28), 10, 0.5)
+        n = gyrodrop.apply_gyro_dropout(model, num_subnets=8, subnets_per_step=2, total_steps=10)
+        assert n == 2 and _dropouts(model) == []
+        model.train()
+        assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+    def test_widths_override_hidden_sizes(self) -> None:
+        model = build_model("mlp", (5,), 2, 0.5, widths=(12, 6))
+        assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == [12, 6, 2]
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            (dict(name="vgg"), "name must be one of"),
+            (dict(p=1.0), r"p must be in \[0, 1\)"),
+            (dict(num_classes=1), "num_classes must be >= 2"),
+            (dict(in_shape=()), "in_shape"),
+        ],
+    )
+    def test_invalid_arguments_raise_value_error(self, kwargs: dict, match: str) -> None:
+        args = dict(name="mlp", in_shape=(4,), num_classes=3, p=0.5) | kwargs
+        with pytest.raises(ValueError, match=match):
+            build_model(**args)
+
+    def test_conv_net_on_non_square_table_says_use_an_mlp(self) -> None:
+        with pytest.raises(ValueError, match="use --model mlp"):
+            build_model("lenet", (30,), 2, 0.5)
+
+    def test_init_is_reproducible_under_a_seeded_fork(self) -> None:
+        def make() -> torch.Tensor:
+            with torch.random.fork_rng():
+                torch.manual_seed(3)
+                return build_model("mlp", (8,), 2, 0.5).classifier.weight.detach().clone()
+
+        assert torch.equal(make(), make())
+
+
+class TestImageShape:
+    def test_flat_square_becomes_one_channel(self) -> None:
+        assert image_shape("x", (64,)) == (1, 8, 8)
+        assert image_shape("x", (28, 28)) == (1, 28, 28)
+
+
+class TestBasicBlock:
+    def test_torchvision_attribute_names(self) -> None:
+        block = BasicBlock(4, 8, stride=2)
+        for name in ("conv1", "bn1", "relu", "conv2", "bn2", "downsample"):
+            assert hasattr(block, name)
+        assert BasicBlock(4, 4).downsample is None
+
+    @pytest.mark.parametrize(("cin", "cout", "stride"), [(4, 4, 1), (4, 8, 2)])
+    def test_forward_is_residual_branch_plus_shortcut(self, cin: int, cout: int, stride: int) -> None:
+        block = BasicBlock(cin, cout, stride).eval()
+        x = torch.randn(2, cin, 6, 6)
+        branch = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+        shortcut = x if block.downsample is None else block.downsample(x)
+        torch.testing.assert_close(block(x), torch.relu(branch + shortcut))
