@@ -4,7 +4,7 @@ from gyrodrop.blockwise import BlockGyroLinear
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.schedule import step
 from gyrodrop.stochastic_depth import StochasticDepth
-from gyrodrop.surgery import apply_gyro_dropout, apply_stochastic_depth
+from gyrodrop.surgery import apply_block_gyro, apply_gyro_dropout, apply_stochastic_depth
 from gyrodrop.uncertainty import Prediction, mc_predict, subnet_ensemble_predict
 
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GyroDropout",
     "BlockGyroLinear",
+    "apply_block_gyro",
     "step",
     "apply_gyro_dropout",
     "StochasticDepth",

@@ -15,6 +15,12 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from gyrodrop.blockwise import (
+    SURGERY_PRUNE,
+    BlockGyroLinear,
+    find_block_sites,
+    n_dropped_blocks,
+)
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import mix_keys
 from gyrodrop.schedule import check_p, check_seed
@@ -22,6 +28,7 @@ from gyrodrop.schedule import check_p, check_seed
 __all__ = [
     "apply_gyro_dropout",
     "apply_stochastic_depth",
+    "apply_block_gyro",
     "unwrap_model",
     "replace_modules",
     "layer_seed",
@@ -269,5 +276,113 @@ def apply_stochastic_depth(
             "unchanged. Hint: pass target= (a block type or predicate) for other blocks",
             UserWarning,
             stacklevel=2,
+        )
+    return count
+
+
+def apply_block_gyro(
+    model: nn.Module,
+    *,
+    p: float | None = None,
+    num_subnets: int = 256,
+    subnets_per_step: int = 2,
+    block_size: int = 32,
+    total_steps: int | None = None,
+    steps_per_set: int | None = None,
+    seed: int = 0,
+    prune: str = "input",
+    **kw: Any,
+) -> int:
+    """Fuse ``nn.Dropout`` into the adjacent ``nn.Linear`` as block-wise gyro dropout
+    (:class:`~gyrodrop.BlockGyroLinear`), in place; returns the number of fused pairs.
+
+    ``prune="input"`` (default) fuses ``Dropout -> Linear``: the Linear becomes an
+    input-pruned ``BlockGyroLinear`` and the Dropout an ``nn.Identity``.
+    ``prune="output"`` fuses ``Linear [-> ReLU/LeakyReLU/PReLU] -> Dropout`` (dropout
+    after the Linear, the activation kept in place: it commutes with the mask).
+    ``prune="auto"`` fuses every dropout it can, input fusion first (see
+    :func:`gyrodrop.blockwise.find_block_sites`). The pairs are found in
+    ``nn.Sequential`` containers and, through ``torch.fx`` symbolic tracing, anywhere
+    in a traceable model; the model itself is changed in place (its own ``forward``
+    still runs: fx only reads the dataflow), and its Linear parameters are kept (an
+    optimizer built before keeps working).
+
+    ``p=None`` keeps each Dropout's own ``p``; every fused layer gets its own seed
+    derived from ``seed`` and its position. ``schedule`` and ``auto_step`` may be passed
+    as keywords. Dropouts that cannot be fused (followed by something else than a
+    Linear, a module used twice, a functional ``F.dropout``, too few blocks for ``p``)
+    are left as they are and listed in one warning.
+
+    Example:
+        >>> import torch.nn as nn, gyrodrop
+        >>> model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.5),
+        ...                       nn.Linear(256, 10))
+        >>> gyrodrop.apply_block_gyro(model, total_steps=1000)
+        1
+        >>> type(model[2]).__name__, type(model[3]).__name__, model[3].p
+        ('Identity', 'BlockGyroLinear', 0.5)
+    """
+    owner = "apply_block_gyro"
+    if p is not None:
+        p = check_p(owner, p)
+    check_seed(owner, seed)
+    if prune not in SURGERY_PRUNE:
+        raise ValueError(f"{owner}: prune must be one of {SURGERY_PRUNE}, got {prune!r}")
+    allowed = {"schedule", "auto_step"}
+    unknown = set(kw) - allowed
+    if unknown:
+        raise TypeError(
+            f"{owner}: unexpected keyword arguments {sorted(unknown)}; "
+            f"allowed: {sorted(allowed)} besides the named ones"
+        )
+    root = unwrap_model(model)
+    sites, problems = find_block_sites(root, prune)
+    count = 0
+    with warnings.catch_warnings():
+        if total_steps is None and steps_per_set is None:
+            warnings.warn(
+                f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1",
+                UserWarning,
+                stacklevel=3,
+            )
+            warnings.filterwarnings("ignore", message=".*neither total_steps nor steps_per_set")
+        for index, site in enumerate(sites):
+            dropout = root.get_submodule(site.dropout)
+            linear = cast(nn.Linear, root.get_submodule(site.linear))
+            rate = cast(float, dropout.p) if p is None else p
+            features = linear.in_features if site.prune == "input" else linear.out_features
+            n_blocks = -(-features // block_size)
+            if n_dropped_blocks(rate, n_blocks) >= n_blocks:
+                problems.append(
+                    f"{site.dropout}: p={rate} would drop all {n_blocks} blocks of "
+                    f"{site.linear}'s {features} {site.prune} features; lower block_size"
+                )
+                continue
+            fused = BlockGyroLinear.from_linear(
+                linear,
+                p=rate,
+                num_subnets=num_subnets,
+                subnets_per_step=subnets_per_step,
+                block_size=block_size,
+                total_steps=total_steps,
+                steps_per_set=steps_per_set,
+                seed=layer_seed(seed, index),
+                prune=site.prune,
+                **kw,
+            )
+            for name, new in ((site.linear, fused), (site.dropout, nn.Identity())):
+                parent_name, _, child = name.rpartition(".")
+                setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+            count += 1
+    if problems:
+        warnings.warn(
+            f"{owner}: fused {count} pair(s); left {len(problems)} dropout(s) as they were: "
+            + " | ".join(problems),
+            UserWarning,
+            stacklevel=2,
+        )
+    elif count == 0:
+        warnings.warn(
+            f"{owner}: no nn.Dropout found; the model is unchanged", UserWarning, stacklevel=2
         )
     return count
