@@ -20,7 +20,6 @@ from gyrodrop.stochastic_depth import (
     remove_stochastic_depth,
 )
 
-
 # -- a torchvision-shaped ResNet (same attribute names and forward as torchvision's) -----
 
 
@@ -86,13 +85,15 @@ class TVResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(2)
-        down = nn.Sequential(nn.Conv2d(width, 2 * width, 1, stride=2, bias=False),
-                             nn.BatchNorm2d(2 * width))
+        down = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 1, stride=2, bias=False), nn.BatchNorm2d(2 * width)
+        )
         self.layer1 = nn.Sequential(
             TVBasicBlock(width, width), TVBasicBlock(width, 2 * width, 2, down)
         )
-        down2 = nn.Sequential(nn.Conv2d(2 * width, 4 * width, 1, bias=False),
-                              nn.BatchNorm2d(4 * width))
+        down2 = nn.Sequential(
+            nn.Conv2d(2 * width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width)
+        )
         self.layer2 = nn.Sequential(
             TVBottleneck(2 * width, width, 1, down2), TVBottleneck(4 * width, width)
         )
@@ -164,8 +165,9 @@ class KuangliuBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -218,8 +220,11 @@ class TestApplyStochasticDepth:
         model = trained_bn(TVResNet())
         stats = copy.deepcopy(model.state_dict())
         gyrodrop.apply_stochastic_depth(model, drop_rate=0.5)
-        inner = {k.replace("block.", ""): v for k, v in model.state_dict().items()
-                 if "stochastic_depth" not in k}
+        inner = {
+            k.replace("block.", ""): v
+            for k, v in model.state_dict().items()
+            if "stochastic_depth" not in k
+        }
         assert inner.keys() == stats.keys()
         assert all(torch.equal(inner[k], stats[k]) for k in stats)
         assert all(m.training for m in model.modules())
@@ -370,7 +375,7 @@ class TestStochasticDepthBlock:
         seeds = [int(b.stochastic_depth.seed) for b in wrapped(model)]
         model.zero_grad(set_to_none=True)
         model(x16()).sum().backward()
-        for b, seed in zip(wrapped(model), seeds):
+        for b, seed in zip(wrapped(model), seeds, strict=True):
             kept = block_keep(seed, 0, 0.5)
             assert (b in calls) == kept
             assert (b.block.conv1.weight.grad is not None) == kept
@@ -425,10 +430,10 @@ class TestStochasticDepthBlock:
             monkeypatch.setattr(distributed, "row_window", lambda b, r=rank: (r * b, 3 * b))
             model = TVResNet()
             gyrodrop.apply_stochastic_depth(model, drop_rate=0.5, seed=4)
-            seen = []
+            seen: list = []
             for i, b in enumerate(wrapped(model)):
-                b.block.conv1.register_forward_hook(lambda *a, i=i: seen.append(i))
-            for step in range(5):
+                b.block.conv1.register_forward_hook(lambda *a, i=i, seen=seen: seen.append(i))
+            for _ in range(5):
                 model(x16(2, seed=rank))
                 seen.append("|")
             computed[rank] = seen

@@ -338,10 +338,13 @@ class ResidualBlock(Protocol):
         ...     def __init__(self, c):
         ...         super().__init__()
         ...         self.norm, self.fc = nn.LayerNorm(c), nn.Linear(c, c)
+        ...
         ...     def branch(self, x):
         ...         return self.fc(self.norm(x))
+        ...
         ...     def shortcut(self, x):
         ...         return x
+        ...
         ...     def forward(self, x):
         ...         return self.shortcut(x) + self.branch(x)
         >>> isinstance(PreActBlock(4), ResidualBlock)
@@ -417,7 +420,7 @@ def _structural_split(block: nn.Module) -> _ResNetSplit | None:
     match exactly (any extra child: the block may do more than we would replay)."""
     names = set(block._modules)  # includes children set to None
     children = {n for n, m in block._modules.items() if m is not None}
-    if not _BASIC <= children:
+    if not _BASIC.issubset(children):
         return None
     bottleneck = {"conv3", "bn3"} <= children
     core = _BOTTLENECK if bottleneck else _BASIC
@@ -441,7 +444,7 @@ def _structural_split(block: nn.Module) -> _ResNetSplit | None:
     return split if _probe_matches(block, split, conv1) else None
 
 
-def _probe_matches(block: nn.Module, split: _ResNetSplit, conv1: nn.Module) -> bool:
+def _probe_matches(block: nn.Module, split: _ResNetSplit, conv1: nn.modules.conv._ConvNd) -> bool:
     """Does ``post(shortcut(x) + branch(x))`` equal ``block(x)`` in eval mode on a
     small seeded input? Catches blocks whose forward differs from the torchvision one.
     The block's modes are restored; eval-mode BatchNorm updates no statistics."""
@@ -518,7 +521,7 @@ def find_residual_blocks(
             return isinstance(m, types)
 
     elif callable(target):
-        select = target  # type: ignore[assignment]
+        select = target
     else:
         raise ValueError(
             "apply_stochastic_depth: target must be None, a module type, a tuple of types "
@@ -623,7 +626,11 @@ def remove_stochastic_depth(model: nn.Module) -> int:
     place (e.g. to export a plain model after training). Returns the count."""
     from gyrodrop.surgery import replace_modules
 
-    return replace_modules(model, {StochasticDepthBlock: lambda m, _: m.block})
+    def unwrap(module: nn.Module, _: int) -> nn.Module:
+        assert isinstance(module, StochasticDepthBlock)  # the policy matches only these
+        return module.block
+
+    return replace_modules(model, {StochasticDepthBlock: unwrap})
 
 
 # --------------------------------------------------------------------------------------
@@ -643,7 +650,7 @@ def mc_draws(modules: Sequence[StochasticDepth], rows: int, first: int, key: int
             m._mc = state
         yield
     finally:
-        for m, prev in zip(modules, previous):
+        for m, prev in zip(modules, previous, strict=True):
             m._mc = prev
 
 

@@ -99,46 +99,50 @@ def _block_gyro_type() -> type | None:
     return BlockGyroLinear
 
 
-def _gyro_layers(net: nn.Module) -> list[nn.Module]:
+def _gyro_layers(net: nn.Module) -> list[ScheduledModule]:
     """GyroDropout, BlockGyroLinear and any scheduled module with ``subnet_mask``."""
     block_type = _block_gyro_type()
-    found = []
+    known = (GyroDropout,) if block_type is None else (GyroDropout, block_type)
+    found: list[ScheduledModule] = []
     for m in net.modules():
-        if isinstance(m, GyroDropout) or (block_type is not None and isinstance(m, block_type)):
-            found.append(m)
-        elif isinstance(m, ScheduledModule) and callable(getattr(m, "subnet_mask", None)):
+        if isinstance(m, ScheduledModule) and (
+            isinstance(m, known) or callable(getattr(m, "subnet_mask", None))
+        ):
             found.append(m)
     return found
 
 
-def _mask_side(layer: nn.Module) -> str:
+def _mask_side(layer: ScheduledModule) -> str:
     """Where a gyro layer's mask applies in eval mode: on its input or its output."""
     return "output" if getattr(layer, "prune", "input") == "output" else "input"
 
 
-def _subnet_mask(layer: nn.Module, k: int, like: Tensor) -> Tensor:
+def _subnet_mask(layer: Any, k: int, like: Tensor) -> Tensor:
     """The scaled mask of subnetwork ``k`` of ``layer`` for a tensor shaped like ``like``
     (broadcastable against one row)."""
     if callable(getattr(layer, "subnet_mask", None)):
-        return layer.subnet_mask(k, like)  # type: ignore[operator]
+        mask: Tensor = layer.subnet_mask(k, like)
+        return mask
     # BlockGyroLinear: exactly n_dropped of n_blocks feature blocks dropped.
     keep = masks.block_keep_mask(
-        layer.current_seed(),  # type: ignore[operator]
+        layer.current_seed(),
         torch.tensor([k], dtype=torch.int64),
-        layer.n_blocks,  # type: ignore[arg-type]
-        layer.n_dropped,  # type: ignore[arg-type]
+        layer.n_blocks,
+        layer.n_dropped,
         device=like.device,
     )[0]
-    features = keep.repeat_interleave(layer.block_size)[: layer.features]  # type: ignore[arg-type]
+    features = keep.repeat_interleave(layer.block_size)[: layer.features]
     return features.to(like.dtype) * layer.scale
 
 
 def _as_row_mask(mask: Tensor, rest: int) -> Tensor:
     """Left-pad a mask with 1-dims so it has ``rest`` dims (one row of the input)."""
-    return mask.reshape((1,) * (rest - mask.dim()) + tuple(mask.shape)) if mask.dim() < rest else mask
+    if mask.dim() >= rest:
+        return mask
+    return mask.reshape((1,) * (rest - mask.dim()) + tuple(mask.shape))
 
 
-def _common_schedule(layers: Sequence[nn.Module]) -> str | None:
+def _common_schedule(layers: Sequence[ScheduledModule]) -> str | None:
     """``None`` when ``pairing="trained"`` is possible, else why not."""
     keys = {
         (m.num_subnets, m.subnets_per_step, m.steps_per_set, m.schedule, m.current_step())
@@ -154,13 +158,13 @@ def _common_schedule(layers: Sequence[nn.Module]) -> str | None:
     return None
 
 
-def _resolve_pairing(owner: str, layers: Sequence[nn.Module], pairing: str) -> str:
-    if pairing not in PAIRINGS:
-        raise ValueError(f"{owner}: pairing must be one of {PAIRINGS}, got {pairing!r}")
+def _resolve_pairing(owner: str, layers: Sequence[ScheduledModule], pairing: str) -> str:
     why = _common_schedule(layers)
     if pairing == "trained" and why is not None:
-        raise ValueError(f"{owner}: pairing='trained' needs one shared schedule, but {why}; "
-                         "hint: pairing='index'")
+        raise ValueError(
+            f"{owner}: pairing='trained' needs one shared schedule, but {why}; "
+            "hint: pairing='index'"
+        )
     if pairing == "auto":
         return "index" if why is not None else "trained"
     return pairing
@@ -169,7 +173,7 @@ def _resolve_pairing(owner: str, layers: Sequence[nn.Module], pairing: str) -> s
 class _Members:
     """Model-level subnetworks: member ``j`` -> each gyro layer's subnetwork id."""
 
-    def __init__(self, layers: Sequence[nn.Module], pairing: str) -> None:
+    def __init__(self, layers: Sequence[ScheduledModule], pairing: str) -> None:
         self.layers = list(layers)
         self.pairing = pairing
         self.count = max(m.num_subnets for m in layers)
@@ -204,8 +208,8 @@ def _gyro_passes(members: _Members, chunk: Sequence[int], rows: int) -> Iterator
     handles = []
     counts = [rows] * len(chunk)
 
-    def masked(index: int, layer: nn.Module) -> Callable[[Tensor], Tensor]:
-        cache: dict[tuple, Tensor] = {}
+    def masked(index: int, layer: ScheduledModule) -> Callable[[Tensor], Tensor]:
+        cache: dict[tuple[Any, ...], Tensor] = {}
 
         def apply(t: Tensor) -> Tensor:
             key = (tuple(t.shape[1:]), t.dtype, t.device)
@@ -223,9 +227,11 @@ def _gyro_passes(members: _Members, chunk: Sequence[int], rows: int) -> Iterator
         for index, layer in enumerate(members.layers):
             fn = masked(index, layer)
             if _mask_side(layer) == "input":
-                handles.append(layer.register_forward_pre_hook(
-                    lambda _m, args, fn=fn: (fn(args[0]), *args[1:])
-                ))
+                handles.append(
+                    layer.register_forward_pre_hook(
+                        lambda _m, args, fn=fn: (fn(args[0]), *args[1:])
+                    )
+                )
             else:
                 handles.append(layer.register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
         yield
@@ -279,7 +285,7 @@ def _seeded_rng(seed: int, device: torch.device, needed: bool) -> Iterator[None]
 # Running the passes and summarizing them.
 
 
-def _check_inputs(owner: str, model: Any, x: Any, output: str) -> None:
+def _check_inputs(owner: str, model: Any, x: Any, output: str, pairing: str) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
@@ -287,6 +293,8 @@ def _check_inputs(owner: str, model: Any, x: Any, output: str) -> None:
         raise ValueError(f"{owner}: x must be a tensor of shape (N, *) with N >= 1, got {shape}")
     if output not in OUTPUTS:
         raise ValueError(f"{owner}: output must be one of {OUTPUTS}, got {output!r}")
+    if pairing not in PAIRINGS:
+        raise ValueError(f"{owner}: pairing must be one of {PAIRINGS}, got {pairing!r}")
 
 
 def _chunk_size(owner: str, batch: Any, total: int, rows: int) -> int:
@@ -297,32 +305,29 @@ def _chunk_size(owner: str, batch: Any, total: int, rows: int) -> int:
 
 
 class _Accumulator:
-    """Running sums over passes, in float64."""
+    """Running sums over passes, in float64: of ``p``, of ``p**2`` and of ``H[p]``."""
 
     def __init__(self) -> None:
         self.n = 0
-        self.sum_p: Tensor | None = None
-        self.sum_p2: Tensor | None = None
-        self.sum_h: Tensor | None = None
+        self.sums: tuple[Tensor, Tensor, Tensor] | None = None
 
     def add(self, probs: Tensor) -> None:  # (passes, N, C)
         h = -torch.special.xlogy(probs, probs).sum(-1)  # (passes, N)
-        sums = probs.sum(0), (probs * probs).sum(0), h.sum(0)
-        if self.sum_p is None:
-            self.sum_p, self.sum_p2, self.sum_h = sums
+        sums = (probs.sum(0), (probs * probs).sum(0), h.sum(0))
+        if self.sums is None:
+            self.sums = sums
         else:
-            self.sum_p += sums[0]
-            self.sum_p2 += sums[1]  # type: ignore[operator]
-            self.sum_h += sums[2]  # type: ignore[operator]
+            self.sums = (self.sums[0] + sums[0], self.sums[1] + sums[1], self.sums[2] + sums[2])
         self.n += probs.shape[0]
 
     def result(self) -> Prediction:
-        assert self.sum_p is not None and self.sum_p2 is not None and self.sum_h is not None
-        mean = self.sum_p / self.n
-        variance = (self.sum_p2 / self.n - mean * mean).clamp_min(0).mean(-1)
+        if self.sums is None:
+            raise RuntimeError("_Accumulator: no passes were added")
+        sum_p, sum_p2, sum_h = self.sums
+        mean = sum_p / self.n
+        variance = (sum_p2 / self.n - mean * mean).clamp_min(0).mean(-1)
         entropy = (-torch.special.xlogy(mean, mean).sum(-1)).clamp_min(0)
-        mutual = (entropy - self.sum_h / self.n).clamp(min=0)
-        mutual = torch.minimum(mutual, entropy)
+        mutual = torch.minimum((entropy - sum_h / self.n).clamp_min(0), entropy)
         f = torch.float32
         return Prediction(mean.to(f), variance.to(f), entropy.to(f), mutual.to(f))
 
@@ -415,7 +420,7 @@ def mc_predict(
         (torch.Size([5, 3]), True)
     """
     owner = "mc_predict"
-    _check_inputs(owner, model, x, output)
+    _check_inputs(owner, model, x, output, pairing)
     _check_int(owner, "samples", samples, 1)
     seed = check_seed(owner, seed)
     net = unwrap_model(model)
@@ -429,7 +434,9 @@ def mc_predict(
     others = [
         m
         for m in net.modules()
-        if isinstance(m, SteppedModule) and id(m) not in gyro_ids and not isinstance(m, StochasticDepth)
+        if isinstance(m, SteppedModule)
+        and id(m) not in gyro_ids
+        and not isinstance(m, StochasticDepth)
     ]
     if not (gyro or dropouts or depths or others):
         warnings.warn(
@@ -500,15 +507,19 @@ def subnet_ensemble_predict(
     Example:
         >>> import torch, gyrodrop
         >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(),
-        ...                     gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=5), nn.Linear(16, 3))
+        >>> net = nn.Sequential(
+        ...     nn.Linear(4, 16),
+        ...     nn.ReLU(),
+        ...     gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=5),
+        ...     nn.Linear(16, 3),
+        ... )
         >>> a = gyrodrop.subnet_ensemble_predict(net, torch.ones(2, 4))
         >>> b = gyrodrop.subnet_ensemble_predict(net, torch.ones(2, 4))
         >>> bool(torch.equal(a.mean, b.mean))
         True
     """
     owner = "subnet_ensemble_predict"
-    _check_inputs(owner, model, x, output)
+    _check_inputs(owner, model, x, output, pairing)
     seed = check_seed(owner, seed)
     net = unwrap_model(model)
     gyro = _gyro_layers(net)
@@ -526,10 +537,13 @@ def subnet_ensemble_predict(
         _check_int(owner, "subnets", subnets, 1, m_count)
         perm = masks.seeded_permutation(seed, _TAG_SUBSET, 0, m_count)
         chosen = sorted(perm[:subnets].tolist())
-    elif isinstance(subnets, Sequence) and not isinstance(subnets, str):
-        chosen = [int(j) for j in subnets]
-        bad = [j for j in subnets if isinstance(j, bool) or not isinstance(j, int)
-               or not 0 <= j < m_count]
+    elif isinstance(subnets, Sequence) and not isinstance(subnets, (str, bytes)):
+        bad = [
+            j
+            for j in subnets
+            if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < m_count
+        ]
+        chosen = [int(j) for j in subnets if not isinstance(j, bool) and isinstance(j, int)]
         if not chosen or bad or len(set(chosen)) != len(chosen):
             raise ValueError(
                 f"{owner}: subnets must be distinct ints in [0, {m_count}), got {list(subnets)}"

@@ -1,0 +1,370 @@
+"""mc_predict and subnet_ensemble_predict: identities, isolation, determinism, and which
+subnetworks the passes use."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gyrodrop
+from gyrodrop.stochastic_depth import StochasticDepthBlock
+
+
+def gyro(seed=1, sigma=8, tau=2, steps_per_set=5, p=0.5, **kw):
+    return gyrodrop.GyroDropout(p, sigma, tau, steps_per_set=steps_per_set, seed=seed, **kw)
+
+
+def mlp(drop, width=32, classes=4, bn=True):
+    """Linear -> [BN] -> ReLU -> drop -> Linear."""
+    layers = [nn.Linear(5, width)]
+    if bn:
+        layers.append(nn.BatchNorm1d(width))
+    layers += [nn.ReLU(), drop, nn.Linear(width, classes)]
+    return nn.Sequential(*layers)
+
+
+def inputs(n=6, features=5, seed=0):
+    return torch.randn(n, features, generator=torch.Generator().manual_seed(seed))
+
+
+def train_steps(model, steps, rows=8):
+    model.train()
+    with torch.no_grad():
+        for i in range(steps):
+            model(inputs(rows, seed=100 + i))
+    return model
+
+
+class Residual(nn.Module):
+    """A ResidualBlock-protocol block for stochastic depth."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def branch(self, x):
+        return self.fc(x)
+
+    def shortcut(self, x):
+        return x
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+def sd_net(mode="block"):
+    net = nn.Sequential(nn.Linear(5, 8), Residual(8), Residual(8), nn.Linear(8, 3))
+    gyrodrop.apply_stochastic_depth(net, drop_rate=0.5, mode=mode, drop_distribution="uniform")
+    return net
+
+
+class TestPrediction:
+    def test_is_a_named_tuple_of_the_four_summaries(self):
+        assert gyrodrop.Prediction._fields == ("mean", "variance", "entropy", "mutual_info")
+
+
+class TestMcPredict:
+    @pytest.mark.parametrize("seed", range(4))
+    def test_entropy_bounds_mutual_information_which_is_non_negative(self, seed):
+        torch.manual_seed(seed)
+        net = mlp(nn.Dropout(0.5))
+        pred = gyrodrop.mc_predict(net, inputs(9, seed=seed), samples=12, seed=seed)
+        assert pred.mean.shape == (9, 4)
+        assert all(t.shape == (9,) for t in pred[1:])
+        assert torch.allclose(pred.mean.sum(1), torch.ones(9), atol=1e-6)
+        assert bool((pred.mutual_info >= 0).all() and (pred.entropy >= pred.mutual_info).all())
+        assert bool((pred.variance >= 0).all()) and float(pred.mutual_info.max()) > 0
+        assert float(pred.entropy.max()) <= torch.log(torch.tensor(4.0)).item() + 1e-6
+
+    def test_without_dropout_all_passes_agree_and_it_warns(self):
+        net = mlp(nn.Identity())
+        with pytest.warns(UserWarning, match="no dropout-family layer"):
+            pred = gyrodrop.mc_predict(net, inputs(), samples=5)
+        assert float(pred.mutual_info.abs().max()) < 1e-6
+        assert float(pred.variance.max()) < 1e-12
+        expected = torch.softmax(net.eval()(inputs()), dim=1)
+        assert torch.allclose(pred.mean, expected, atol=1e-6)
+
+    def test_batchnorm_statistics_are_untouched(self):
+        net = train_steps(mlp(nn.Dropout(0.5)), 3)
+        bn = copy.deepcopy(net[1].state_dict())
+        gyrodrop.mc_predict(net, inputs(), samples=10)
+        assert all(torch.equal(v, net[1].state_dict()[k]) for k, v in bn.items())
+
+    def test_rows_do_not_interact_batchnorm_runs_on_its_statistics(self):
+        net = train_steps(mlp(gyro()), 3)
+        x = inputs(6)
+        alone = gyrodrop.mc_predict(net, x[:1], samples=5, seed=2)
+        together = gyrodrop.mc_predict(net, x, samples=5, seed=2)
+        assert torch.allclose(alone.mean[0], together.mean[0], atol=1e-6)
+
+    def test_modes_are_restored_exactly(self):
+        net = mlp(nn.Dropout(0.5))
+        net.train()
+        net[1].eval()  # a frozen BatchNorm inside a training model
+        before = [m.training for m in net.modules()]
+        gyrodrop.mc_predict(net, inputs(), samples=3)
+        assert [m.training for m in net.modules()] == before
+        net.eval()
+        gyrodrop.mc_predict(net, inputs(), samples=3)
+        assert not any(m.training for m in net.modules())
+
+    def test_state_is_restored_when_the_model_raises(self):
+        class Flaky(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = mlp(gyro())
+                self.calls = 0
+
+            def forward(self, x):
+                self.calls += 1
+                if self.calls == 2:
+                    raise RuntimeError("boom")
+                return self.net(x)
+
+        model = train_steps(Flaky(), 0)
+        model.train()
+        x = inputs()
+        layer = model.net[3]
+        gyrodrop.step(model, 3)
+        rng = torch.get_rng_state()
+        with pytest.raises(RuntimeError, match="boom"):
+            gyrodrop.mc_predict(model, x, samples=3, batch_samples=1)
+        assert all(m.training for m in model.modules())
+        assert int(layer.step) == 3
+        assert torch.equal(torch.get_rng_state(), rng)
+        model.eval()
+        assert torch.equal(model.net(x), model.net(x))  # no mask hook left behind
+        assert torch.equal(layer(x), x)
+
+    def test_steps_and_the_global_random_state_are_untouched(self):
+        net = train_steps(nn.Sequential(*mlp(gyro()), StochasticDepthBlock(Residual(4), 0.5)), 2)
+        steps = [int(m.step) for m in net.modules() if isinstance(m, gyrodrop.StochasticDepth)]
+        steps += [int(m.step) for m in net.modules() if isinstance(m, gyrodrop.GyroDropout)]
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        gyrodrop.mc_predict(net, inputs(), samples=6)
+        assert torch.equal(torch.rand(3), expected)
+        after = [int(m.step) for m in net.modules() if isinstance(m, gyrodrop.StochasticDepth)]
+        after += [int(m.step) for m in net.modules() if isinstance(m, gyrodrop.GyroDropout)]
+        assert after == steps
+
+    def test_same_seed_same_result_other_seed_other_result(self):
+        net = mlp(nn.Dropout(0.5))
+        x = inputs()
+        a = gyrodrop.mc_predict(net, x, samples=8, seed=1)
+        b = gyrodrop.mc_predict(net, x, samples=8, seed=1)
+        c = gyrodrop.mc_predict(net, x, samples=8, seed=2)
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+        assert not torch.equal(a.mean, c.mean)
+
+    @pytest.mark.parametrize(
+        "make", [lambda: mlp(gyro()), lambda: sd_net("block"), lambda: sd_net("sample")]
+    )
+    def test_gyro_and_stochastic_depth_do_not_depend_on_the_chunking(self, make):
+        net = make()
+        x = inputs()
+        whole = gyrodrop.mc_predict(net, x, samples=10, seed=3)
+        chunked = gyrodrop.mc_predict(net, x, samples=10, seed=3, batch_samples=3)
+        assert torch.allclose(whole.mean, chunked.mean, atol=1e-6)
+        assert torch.allclose(whole.mutual_info, chunked.mutual_info, atol=1e-6)
+
+    def test_stochastic_depth_is_sampled(self):
+        for mode in ("block", "sample"):
+            pred = gyrodrop.mc_predict(sd_net(mode), inputs(), samples=16, seed=0)
+            assert float(pred.mutual_info.max()) > 1e-4
+
+    @pytest.mark.parametrize("mode", ["block", "sample"])
+    def test_block_mode_decides_per_pass_sample_mode_per_row(self, mode):
+        net = nn.Sequential(StochasticDepthBlock(Residual(3), 0.5, mode, seed=4))
+        with torch.no_grad():
+            net[0].block.fc.weight.zero_()
+            net[0].block.fc.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        # each pass adds 0 or 2 to class 0's logit
+        pred = gyrodrop.mc_predict(net, torch.zeros(6, 3), samples=40)
+        rows_agree = bool((pred.mean == pred.mean[0]).all())
+        assert rows_agree == (mode == "block")
+        assert float(pred.mutual_info.min()) > 0
+
+    def test_gyro_passes_use_trained_subnetworks_one_per_pass(self):
+        layer = gyro(p=0.5, sigma=4, tau=2)
+        net = nn.Sequential(layer)
+        x = torch.ones(3, 6)
+        pred = gyrodrop.mc_predict(net, x, samples=4, output="logits")
+        expected = torch.stack([torch.softmax(layer.subnet_mask(k, x), 0) for k in range(4)])
+        assert torch.allclose(pred.mean, expected.mean(0).expand(3, 6), atol=1e-6)
+
+    def test_sigma_gyro_samples_equal_the_subnet_ensemble(self):
+        net = train_steps(mlp(gyro(sigma=6, tau=2)), 4)
+        x = inputs()
+        mc = gyrodrop.mc_predict(net, x, samples=6)
+        ens = gyrodrop.subnet_ensemble_predict(net, x)
+        assert torch.allclose(mc.mean, ens.mean, atol=1e-6)
+
+    def test_block_gyro_linear_is_sampled(self):
+        net = nn.Sequential(
+            nn.Linear(5, 64),
+            nn.ReLU(),
+            gyrodrop.BlockGyroLinear(64, 3, p=0.5, num_subnets=8, block_size=16, steps_per_set=2),
+        )
+        pred = gyrodrop.mc_predict(net, inputs(), samples=8)
+        assert float(pred.mutual_info.max()) > 0
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"samples": 0}, r"mc_predict: samples must be >= 1, got 0"),
+            ({"batch_samples": 0}, r"mc_predict: batch_samples must be >= 1"),
+            ({"output": "logprobs"}, r"mc_predict: output must be one of"),
+            ({"seed": -1}, r"mc_predict: seed must be in"),
+            ({"pairing": "random"}, r"mc_predict: pairing must be one of"),
+        ],
+    )
+    def test_invalid_arguments_are_rejected(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            gyrodrop.mc_predict(mlp(nn.Dropout(0.5)), inputs(), **kwargs)
+
+    def test_inputs_and_outputs_of_the_wrong_shape_are_rejected(self):
+        with pytest.raises(ValueError, match=r"x must be a tensor of shape \(N, \*\)"):
+            gyrodrop.mc_predict(mlp(nn.Dropout(0.5)), torch.tensor(1.0))
+        flat = nn.Sequential(nn.Linear(5, 1), nn.Dropout(0.5), nn.Flatten(0))
+        with pytest.raises(ValueError, match=r"must return a tensor of shape \(rows, classes\)"):
+            gyrodrop.mc_predict(flat, inputs())
+
+
+def parallel_gyro(sigma=8, tau=2, steps_per_set=3):
+    """Two gyro layers side by side on the input: the logits show both masks."""
+
+    class Parallel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = gyro(seed=11, sigma=sigma, tau=tau, steps_per_set=steps_per_set)
+            self.b = gyro(seed=22, sigma=sigma, tau=tau, steps_per_set=steps_per_set)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x)], dim=1)
+
+    return Parallel()
+
+
+class TestSubnetEnsemblePredict:
+    def test_is_deterministic_and_leaves_the_model_as_it_was(self):
+        net = train_steps(mlp(gyro()), 3)
+        net.train()
+        state = copy.deepcopy(net.state_dict())
+        x = inputs()
+        a = gyrodrop.subnet_ensemble_predict(net, x)
+        b = gyrodrop.subnet_ensemble_predict(net, x)
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+        assert all(m.training for m in net.modules())
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+
+    def test_averages_the_subnetworks_of_a_single_layer(self):
+        layer = gyro(sigma=5, tau=1)
+        head = nn.Linear(6, 3)
+        net = nn.Sequential(layer, head)
+        x = inputs(4, 6)
+        pred = gyrodrop.subnet_ensemble_predict(net, x)
+        per_subnet = torch.stack(
+            [torch.softmax(head(x * layer.subnet_mask(k, x)), 1) for k in range(5)]
+        )
+        assert torch.allclose(pred.mean, per_subnet.mean(0), atol=1e-6)
+        assert bool((pred.entropy >= pred.mutual_info).all() and (pred.mutual_info >= 0).all())
+
+    def test_trained_pairing_uses_the_combinations_trained_together(self):
+        net = parallel_gyro(sigma=8, tau=2, steps_per_set=3)
+        x = torch.ones(4, 6)
+        trained = set()
+        for step in range(12):  # one cycle: 8 / 2 sets of 3 steps
+            ma, mb = net.a.active_masks(x, step), net.b.active_masks(x, step)
+            trained |= {(tuple(ma[g].tolist()), tuple(mb[g].tolist())) for g in range(2)}
+        net.train()
+        with torch.no_grad():
+            for _ in range(12):
+                net(inputs(4, 6))
+        pred = gyrodrop.subnet_ensemble_predict(net, x[:1], pairing="trained", output="probs")
+        expected = torch.stack([torch.tensor(a + b) for a, b in trained])
+        expected = expected / expected.sum(1, keepdim=True)
+        assert len(trained) == 8
+        assert torch.allclose(pred.mean[0], expected.mean(0).float(), atol=1e-6)
+        index = gyrodrop.subnet_ensemble_predict(net, x[:1], pairing="index", output="probs")
+        assert not torch.allclose(index.mean, pred.mean, atol=1e-4)
+
+    def test_trained_pairing_needs_one_shared_schedule(self):
+        net = nn.Sequential(
+            nn.Linear(5, 8), gyro(sigma=8), nn.Linear(8, 8), gyro(sigma=4), nn.Linear(8, 3)
+        )
+        with pytest.raises(ValueError, match="pairing='trained' needs one shared schedule"):
+            gyrodrop.subnet_ensemble_predict(net, inputs(), pairing="trained")
+        pred = gyrodrop.subnet_ensemble_predict(net, inputs())  # auto: falls back to index
+        assert pred.mean.shape == (6, 3)
+
+    def test_other_stochastic_layers_are_off(self):
+        net = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), gyro(), nn.Linear(8, 3))
+        x = inputs()
+        a = gyrodrop.subnet_ensemble_predict(net, x)
+        b = gyrodrop.subnet_ensemble_predict(net, x)
+        assert torch.equal(a.mean, b.mean)
+
+    def test_block_gyro_linear_members_are_its_block_masks(self):
+        layer = gyrodrop.BlockGyroLinear(
+            8, 3, p=0.5, num_subnets=4, subnets_per_step=2, block_size=2, steps_per_set=1
+        )
+        net = nn.Sequential(layer)
+        x = inputs(2, 8)
+        masks = {}
+        for step in range(2):  # two sets of two: all four subnetworks
+            ids = layer.active_subnets(step).tolist()
+            for g, k in enumerate(ids):
+                masks[k] = layer.group_masks(step)[g]
+        expected = torch.stack(
+            [
+                torch.softmax(nn.functional.linear(x * masks[k], layer.weight, layer.bias), 1)
+                for k in range(4)
+            ]
+        ).mean(0)
+        pred = gyrodrop.subnet_ensemble_predict(net, x, pairing="index")
+        assert torch.allclose(pred.mean, expected, atol=1e-6)
+
+    def test_a_seeded_subset_is_reproducible(self):
+        net = mlp(gyro(sigma=8))
+        x = inputs()
+        a = gyrodrop.subnet_ensemble_predict(net, x, subnets=3, seed=5)
+        b = gyrodrop.subnet_ensemble_predict(net, x, subnets=3, seed=5)
+        assert torch.equal(a.mean, b.mean)
+        full = gyrodrop.subnet_ensemble_predict(net, x)
+        assert torch.allclose(gyrodrop.subnet_ensemble_predict(net, x, subnets=8).mean, full.mean)
+        explicit = gyrodrop.subnet_ensemble_predict(net, x, subnets=list(range(8)))
+        assert torch.allclose(explicit.mean, full.mean)
+
+    def test_one_subnetwork_has_no_disagreement(self):
+        pred = gyrodrop.subnet_ensemble_predict(mlp(gyro()), inputs(), subnets=[3])
+        assert float(pred.mutual_info.max()) == 0.0 and float(pred.variance.max()) == 0.0
+
+    def test_chunking_does_not_change_the_result(self):
+        net = mlp(gyro(sigma=7, tau=1))
+        x = inputs()
+        a = gyrodrop.subnet_ensemble_predict(net, x)
+        b = gyrodrop.subnet_ensemble_predict(net, x, batch_subnets=2)
+        assert torch.allclose(a.mean, b.mean, atol=1e-6)
+
+    def test_a_model_without_gyro_layers_is_an_error(self):
+        with pytest.raises(ValueError, match="no GyroDropout or BlockGyroLinear layer"):
+            gyrodrop.subnet_ensemble_predict(mlp(nn.Dropout(0.5)), inputs())
+
+    @pytest.mark.parametrize(
+        "subnets, message",
+        [
+            (0, r"subnets must be in \[1, 8\], got 0"),
+            (9, r"subnets must be in \[1, 8\], got 9"),
+            ([1, 1], r"subnets must be distinct ints in \[0, 8\)"),
+            ([8], r"subnets must be distinct ints in \[0, 8\)"),
+            ([], r"subnets must be distinct ints"),
+            ("all", r"subnets must be None, an int or a sequence of ints"),
+        ],
+    )
+    def test_invalid_subnets_are_rejected(self, subnets, message):
+        with pytest.raises(ValueError, match=message):
+            gyrodrop.subnet_ensemble_predict(mlp(gyro(sigma=8)), inputs(), subnets=subnets)
