@@ -30,6 +30,7 @@ test: install-dev
 bench: install-dev
 	$(PY) benchmarks/bench_gyro.py
 	$(PY) benchmarks/bench_blockwise.py
+	$(PY) benchmarks/bench_stochastic_depth.py
 
 # Lint, format check and static types (what CI enforces). `make format` rewrites.
 LINT_PATHS := src tests benchmarks examples .ci
