@@ -100,8 +100,12 @@ def bench_layer(cfg: BenchConfig) -> str:
     rows = []
     for p in lc.ps:
         block = gyrodrop.BlockGyroLinear.from_linear(
-            linear, p=p, num_subnets=lc.num_subnets, subnets_per_step=lc.groups,
-            block_size=lc.block_size, steps_per_set=lc.steps_per_set,
+            linear,
+            p=p,
+            num_subnets=lc.num_subnets,
+            subnets_per_step=lc.groups,
+            block_size=lc.block_size,
+            steps_per_set=lc.steps_per_set,
         )
         dropout_linear = nn.Sequential(nn.Dropout(p), linear)
         times = interleaved_medians(
@@ -118,21 +122,31 @@ def bench_layer(cfg: BenchConfig) -> str:
         flops_block = gemm_flops(fwd_bwd(block, x, dy))
         flops_dense = gemm_flops(fwd_bwd(linear, x, dy))
         ideal = times["drop+linear"] / ((1 - block.effective_p) * times["linear"])
-        rows.append([
-            f"{p:g}",
-            f"{block.effective_p:.3f}",
-            f"{times['drop+linear'] * 1e3:.2f}",
-            f"{times['linear'] * 1e3:.2f}",
-            f"{times['block'] * 1e3:.2f}",
-            f"**{times['drop+linear'] / times['block']:.2f}x**",
-            f"{times['linear'] / times['block']:.2f}x",
-            f"{times['linear fwd'] / times['block fwd']:.2f}x",
-            f"{flops_block / flops_dense:.1%}",
-            f"{ideal:.2f}x",
-        ])
+        rows.append(
+            [
+                f"{p:g}",
+                f"{block.effective_p:.3f}",
+                f"{times['drop+linear'] * 1e3:.2f}",
+                f"{times['linear'] * 1e3:.2f}",
+                f"{times['block'] * 1e3:.2f}",
+                f"**{times['drop+linear'] / times['block']:.2f}x**",
+                f"{times['linear'] / times['block']:.2f}x",
+                f"{times['linear fwd'] / times['block fwd']:.2f}x",
+                f"{flops_block / flops_dense:.1%}",
+                f"{ideal:.2f}x",
+            ]
+        )
     header = [
-        "p", "p_eff", "Dropout+Linear ms", "Linear ms", "BlockGyroLinear ms",
-        "vs Dropout+Linear", "vs Linear", "fwd only vs Linear", "GEMM FLOPs", "ideal",
+        "p",
+        "p_eff",
+        "Dropout+Linear ms",
+        "Linear ms",
+        "BlockGyroLinear ms",
+        "vs Dropout+Linear",
+        "vs Linear",
+        "fwd only vs Linear",
+        "GEMM FLOPs",
+        "ideal",
     ]
     title = (
         f"One layer, fwd+bwd: in=out={f}, batch {b}, {lc.groups} row groups, block "
@@ -151,8 +165,9 @@ def make_mlp(mc: MLPConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> Callable[[], None]:
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
     def run() -> None:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()

@@ -22,8 +22,14 @@ F64 = torch.float64
 def make(in_f=64, out_f=24, *, p=0.5, sigma=16, tau=2, bs=8, prune="input", **kw):
     kw.setdefault("steps_per_set", 3)
     return BlockGyroLinear(
-        in_f, out_f, p=p, num_subnets=sigma, subnets_per_step=tau, block_size=bs,
-        prune=prune, **kw,
+        in_f,
+        out_f,
+        p=p,
+        num_subnets=sigma,
+        subnets_per_step=tau,
+        block_size=bs,
+        prune=prune,
+        **kw,
     )
 
 
@@ -55,7 +61,8 @@ def run_both(layer, x):
 
 
 def assert_all_close(got, ref, atol=1e-12):
-    for name, a, b in zip(["output", "dx", "dW", "db"], got, ref):
+    assert len(got) == len(ref)
+    for name, a, b in zip(["output", "dx", "dW", "db"][: len(got)], got, ref, strict=True):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=f"{name} differs")
 
@@ -94,8 +101,9 @@ class TestMasks:
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            layer = BlockGyroLinear(features, 3, p=p, num_subnets=8, subnets_per_step=4,
-                                    block_size=bs, steps_per_set=2)
+            layer = BlockGyroLinear(
+                features, 3, p=p, num_subnets=8, subnets_per_step=4, block_size=bs, steps_per_set=2
+            )
         keep = layer.block_masks(step)
         assert keep.shape == (4, n_blocks)
         assert (keep.sum(1) == n_blocks - layer.n_dropped).all()
@@ -333,8 +341,15 @@ class TestState:
 
     def test_extra_repr_lists_hyperparameters(self):
         text = repr(make(prune="output"))
-        for part in ("p=0.5", "prune=output", "block_size=8", "num_subnets=16",
-                     "subnets_per_step=2", "steps_per_set=3", "n_dropped="):
+        for part in (
+            "p=0.5",
+            "prune=output",
+            "block_size=8",
+            "num_subnets=16",
+            "subnets_per_step=2",
+            "steps_per_set=3",
+            "n_dropped=",
+        ):
             assert part in text
 
 

@@ -18,8 +18,12 @@ KW = {"num_subnets": 8, "block_size": 8, "steps_per_set": 2}
 
 def mlp() -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.25),
+        nn.Linear(16, 32),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Dropout(0.25),
         nn.Linear(32, 4),
     )
 
@@ -78,7 +82,13 @@ class TestApplyBlockGyroOnSequential:
         weights = [model[i].weight for i in (3, 6)]
         assert apply(model) == 2
         assert [type(m).__name__ for m in model] == [
-            "Linear", "ReLU", "Identity", "BlockGyroLinear", "ReLU", "Identity", "BlockGyroLinear"
+            "Linear",
+            "ReLU",
+            "Identity",
+            "BlockGyroLinear",
+            "ReLU",
+            "Identity",
+            "BlockGyroLinear",
         ]
         assert (model[3].p, model[6].p) == (0.5, 0.25)
         assert model[3].prune == model[6].prune == "input"
@@ -128,8 +138,14 @@ class TestApplyBlockGyroOnSequential:
 
     def test_options_reach_every_layer(self):
         model = mlp()
-        apply(model, schedule="random", auto_step=False, subnets_per_step=4, total_steps=80,
-              steps_per_set=None)
+        apply(
+            model,
+            schedule="random",
+            auto_step=False,
+            subnets_per_step=4,
+            total_steps=80,
+            steps_per_set=None,
+        )
         layer = model[3]
         assert (layer.schedule, layer.auto_step, layer.subnets_per_step) == ("random", False, 4)
         assert layer.steps_per_set == 80 * 4 // 8
@@ -159,7 +175,10 @@ class TestOutputAndAutoPruning:
         # Linear0 -> Dropout1 -> Linear2 -> Dropout3 -> LayerNorm: input-first would give
         # Linear2 to Dropout1 and leave Dropout3 alone; auto fuses both as output.
         model = nn.Sequential(
-            nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 16), nn.Dropout(0.5),
+            nn.Linear(16, 16),
+            nn.Dropout(0.5),
+            nn.Linear(16, 16),
+            nn.Dropout(0.5),
             nn.LayerNorm(16),
         )
         sites, problems = find_block_sites(model, "auto")
@@ -206,8 +225,10 @@ class TestApplyBlockGyroThroughFx:
 
     def test_models_with_gyrodrop_layers_still_trace(self):
         model = nn.Sequential(
-            nn.Dropout(0.5), nn.Linear(16, 16),
-            gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1), nn.Linear(16, 4),
+            nn.Dropout(0.5),
+            nn.Linear(16, 16),
+            gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1),
+            nn.Linear(16, 4),
         )
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -223,7 +244,9 @@ class TestApplyBlockGyroThroughFx:
 class TestApplyBlockGyroReports:
     def test_too_few_blocks_for_p_is_reported_not_raised(self):
         model = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 4))  # one block of 8
-        with pytest.warns(UserWarning, match=r"p=0.5 would drop all 1 blocks of 1's 8 input features"):
+        with pytest.warns(
+            UserWarning, match=r"p=0.5 would drop all 1 blocks of 1's 8 input features"
+        ):
             assert apply(model) == 0
         assert isinstance(model[0], nn.Dropout)
 

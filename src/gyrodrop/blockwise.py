@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +129,9 @@ def _build_plan(
     if out_features is not None:
         o = torch.arange(out_features, device=device)
         w_rows = (o[None, :, None] * n_blocks + kept[:, None, :]).reshape(-1)
-    return _Plan(groups, n, kb, kept.reshape(-1), gather, scatter, row_src, real_pos,
-                 row_valid, w_rows)
+    return _Plan(
+        groups, n, kb, kept.reshape(-1), gather, scatter, row_src, real_pos, row_valid, w_rows
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -163,8 +165,8 @@ class _InputPrunedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -206,9 +208,7 @@ class _InputPrunedLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dy: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         xk, wg, scatter, real_pos, w_rows = ctx.saved_tensors
         rows, fp, out, g, n, bs, scale = ctx.meta
         nb = fp // bs
@@ -247,8 +247,8 @@ class _OutputPrunedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
@@ -284,16 +284,16 @@ class _OutputPrunedLinear(torch.autograd.Function):
                 bg = bg if dtype is None else bg.to(dtype)
                 yk = torch.baddbmm(bg, xg, wt, beta=scale, alpha=scale)
             # dropped output blocks are zeros; the extra block-row takes the padding
-            y = yk.new_zeros(rows * nb + 1, block_size).index_copy_(0, scatter, yk.view(-1, block_size))
+            y = yk.new_zeros(rows * nb + 1, block_size).index_copy_(
+                0, scatter, yk.view(-1, block_size)
+            )
             y = y[: rows * nb].view(rows, op)
         ctx.save_for_backward(xg, wg, blocks, gather, real_pos, row_valid)
         ctx.meta = (rows, fin, op, g, n, block_size, scale)
         return y
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dy: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         xg, wg, blocks, gather, real_pos, row_valid = ctx.saved_tensors
         rows, fin, op, g, n, bs, scale = ctx.meta
         nb, ko = op // bs, wg.shape[1]
@@ -371,11 +371,12 @@ class BlockGyroLinear(ScheduledModule):
 
     Example:
         >>> import torch, gyrodrop
-        >>> layer = gyrodrop.BlockGyroLinear(64, 8, p=0.5, num_subnets=16,
-        ...                                  block_size=16, steps_per_set=10)
+        >>> layer = gyrodrop.BlockGyroLinear(
+        ...     64, 8, p=0.5, num_subnets=16, block_size=16, steps_per_set=10
+        ... )
         >>> layer.n_blocks, layer.n_dropped, layer.effective_p
         (4, 2, 0.5)
-        >>> mask = layer.dense_mask(6)             # the masks of the next forward
+        >>> mask = layer.dense_mask(6)  # the masks of the next forward
         >>> x = torch.randn(6, 64)
         >>> ref = torch.nn.functional.linear(x * mask, layer.weight, layer.bias)
         >>> torch.allclose(layer(x), ref, atol=1e-5)
@@ -446,10 +447,11 @@ class BlockGyroLinear(ScheduledModule):
                 UserWarning,
                 stacklevel=2,
             )
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype)
+        )
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
         if self.weight.device.type != "meta":
@@ -459,9 +461,9 @@ class BlockGyroLinear(ScheduledModule):
                 self.seed = self.seed.to(self.weight.device)
         # Derived state (never in state_dict): the kept blocks of the active set and
         # the gather/scatter indices for the current batch layout.
-        self._kept_key: tuple | None = None
+        self._kept_key: tuple[Any, ...] | None = None
         self._kept: Tensor | None = None
-        self._plan_key: tuple | None = None
+        self._plan_key: tuple[Any, ...] | None = None
         self._plan: _Plan | None = None
 
     # -- construction ------------------------------------------------------------------
@@ -579,7 +581,8 @@ class BlockGyroLinear(ScheduledModule):
         counts = distributed.local_group_counts(start, batch, global_batch, self.subnets_per_step)
         group = self.group_masks(step, dtype=dtype, device=device)
         rows = torch.repeat_interleave(
-            torch.arange(len(counts), device=group.device), torch.tensor(counts, device=group.device)
+            torch.arange(len(counts), device=group.device),
+            torch.tensor(counts, device=group.device),
         )
         return group[rows]
 
@@ -590,8 +593,17 @@ class BlockGyroLinear(ScheduledModule):
         cached until the set changes."""
         seed = self.current_seed()
         set_index = self.subnet_schedule.set_index(self.current_step())
-        key = (set_index, seed, device, self.num_subnets, self.subnets_per_step,
-               self.steps_per_set, self.schedule, self.n_blocks, self.n_dropped)
+        key = (
+            set_index,
+            seed,
+            device,
+            self.num_subnets,
+            self.subnets_per_step,
+            self.steps_per_set,
+            self.schedule,
+            self.n_blocks,
+            self.n_dropped,
+        )
         if key != self._kept_key or self._kept is None:
             active = self.subnet_schedule.subnets(seed, set_index)
             keep = masks.block_keep_mask(seed, active, self.n_blocks, self.n_dropped, device=device)
@@ -653,8 +665,19 @@ class BlockGyroLinear(ScheduledModule):
             if pad:  # a shorter last block: work on zero-padded features
                 x2, weight = F.pad(x2, (0, pad)), F.pad(weight, (0, pad))
             y = _InputPrunedLinear.apply(
-                x2, weight, bias, plan.blocks, plan.gather, plan.scatter, plan.real_pos,
-                plan.w_rows, plan.groups, plan.rows_per_group, bs, self.scale, dtype,
+                x2,
+                weight,
+                bias,
+                plan.blocks,
+                plan.gather,
+                plan.scatter,
+                plan.real_pos,
+                plan.w_rows,
+                plan.groups,
+                plan.rows_per_group,
+                bs,
+                self.scale,
+                dtype,
             )
         else:
             pad = width - self.out_features
@@ -662,9 +685,20 @@ class BlockGyroLinear(ScheduledModule):
                 weight = F.pad(weight, (0, 0, 0, pad))
                 bias = None if bias is None else F.pad(bias, (0, pad))
             y = _OutputPrunedLinear.apply(
-                x2, weight, bias, plan.blocks, plan.row_src, plan.gather, plan.scatter,
-                plan.real_pos, plan.row_valid, plan.groups, plan.rows_per_group, bs,
-                self.scale, dtype,
+                x2,
+                weight,
+                bias,
+                plan.blocks,
+                plan.row_src,
+                plan.gather,
+                plan.scatter,
+                plan.real_pos,
+                plan.row_valid,
+                plan.groups,
+                plan.rows_per_group,
+                bs,
+                self.scale,
+                dtype,
             )
             if pad:
                 y = y[:, : self.out_features]
