@@ -315,8 +315,9 @@ def apply_block_gyro(
 
     Example:
         >>> import torch.nn as nn, gyrodrop
-        >>> model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.5),
-        ...                       nn.Linear(256, 10))
+        >>> model = nn.Sequential(
+        ...     nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 10)
+        ... )
         >>> gyrodrop.apply_block_gyro(model, total_steps=1000)
         1
         >>> type(model[2]).__name__, type(model[3]).__name__, model[3].p
