@@ -91,7 +91,7 @@ class _Plan:
     kept_blocks: int
     blocks: Tensor  # (G * kb,) kept block ids, group-major (gather of W's blocks)
     gather: Tensor  # (G * n * kb,) block-rows of the masked activation, gather side
-    scatter: Tensor  # same, with padded rows sent to a dummy block-row (scatter side)
+    scatter: Tensor | None  # same, padded rows sent to a dummy block-row (None: uniform)
     row_src: Tensor | None  # (G * n,) source row of each batched row (None: uniform)
     real_pos: Tensor | None  # (R,) batched position of each real row (None: uniform)
     row_valid: Tensor | None  # (G, n, 1) 1 for real rows, 0 for padding (None: uniform)
@@ -118,7 +118,7 @@ def _build_plan(
     gather = (src[:, :, None] * n_blocks + kept[:, None, :]).reshape(-1)  # (G * n * kb,)
     uniform = bool(valid.all())
     if uniform:
-        scatter, row_src, real_pos, row_valid = gather, None, None, None
+        scatter, row_src, real_pos, row_valid = None, None, None, None
     else:
         dummy = torch.full_like(gather, total * n_blocks)
         scatter = torch.where(valid[:, :, None].expand(-1, -1, kb).reshape(-1), gather, dummy)
@@ -172,7 +172,7 @@ class _InputPrunedLinear(torch.autograd.Function):
         bias: Tensor | None,
         blocks: Tensor,
         gather: Tensor,
-        scatter: Tensor,
+        scatter: Tensor | None,
         real_pos: Tensor | None,
         w_rows: Tensor,
         groups: int,
@@ -203,7 +203,7 @@ class _InputPrunedLinear(torch.autograd.Function):
             y = yk.view(g * n, out)  # groups are consecutive rows: already in row order
             if real_pos is not None:
                 y = y.index_select(0, real_pos)  # drop the padding rows
-        ctx.save_for_backward(xk, wg, scatter, real_pos, w_rows)
+        ctx.save_for_backward(xk, wg, gather if scatter is None else scatter, real_pos, w_rows)
         ctx.meta = (rows, fp, out, g, n, block_size, scale)
         return y
 
@@ -255,7 +255,7 @@ class _OutputPrunedLinear(torch.autograd.Function):
         blocks: Tensor,
         row_src: Tensor | None,
         gather: Tensor,
-        scatter: Tensor,
+        scatter: Tensor | None,
         real_pos: Tensor | None,
         row_valid: Tensor | None,
         groups: int,
@@ -285,7 +285,7 @@ class _OutputPrunedLinear(torch.autograd.Function):
                 yk = torch.baddbmm(bg, xg, wt, beta=scale, alpha=scale)
             # dropped output blocks are zeros; the extra block-row takes the padding
             y = yk.new_zeros(rows * nb + 1, block_size).index_copy_(
-                0, scatter, yk.view(-1, block_size)
+                0, gather if scatter is None else scatter, yk.view(-1, block_size)
             )
             y = y[: rows * nb].view(rows, op)
         ctx.save_for_backward(xg, wg, blocks, gather, real_pos, row_valid)
