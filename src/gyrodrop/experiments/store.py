@@ -204,6 +204,7 @@ class Store:
         mode = self._con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":  # pragma: no cover - e.g. some network filesystems
             self._con.execute("PRAGMA journal_mode = DELETE")
+        self._con.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
         self._con.execute("PRAGMA foreign_keys = ON")
 
     @contextmanager

@@ -1,0 +1,119 @@
+"""Tests for gyrodrop.experiments.train: configuration keys, seeding, methods."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import gyrodrop
+from gyrodrop.experiments.data import Dataset
+from gyrodrop.experiments.train import RunConfig, make_model, train_run
+
+
+def _data(n: int = 96, features: int = 10, classes: int = 3) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(classes, features, generator=g) * 2
+    y = torch.arange(n) % classes
+    x = centers[y] + torch.randn(n, features, generator=g)
+    return Dataset("toy", x[: n // 2 * 1], y[: n // 2], x[n // 2 :], y[n // 2 :], classes, ("a", "b", "c"))
+
+
+def _cfg(method: str = "gyro", **kw: object) -> RunConfig:
+    base = dict(experiment="compare", dataset="toy", model="mlp", method=method, seed=0, epochs=2,
+                batch_size=16, num_subnets=8, subnets_per_step=2, widths=(16, 16))
+    return RunConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+class TestRunConfig:
+    def test_fields_irrelevant_to_the_method_do_not_change_the_key(self) -> None:
+        assert _cfg("none", p=0.5, num_subnets=8).key() == _cfg("none", p=0.2, num_subnets=64).key()
+        assert _cfg("dropout", num_subnets=8).key() == _cfg("dropout", num_subnets=64).key()
+        assert _cfg("gyro", block_size=16).key() == _cfg("gyro", block_size=64).key()
+
+    def test_every_relevant_field_changes_the_key(self) -> None:
+        base = _cfg()
+        for change in (dict(seed=1), dict(epochs=3), dict(lr=0.1), dict(num_subnets=16),
+                       dict(subnets_per_step=4), dict(p=0.3), dict(method="gyro-random")):
+            assert dataclasses.replace(base, **change).key() != base.key()
+
+    def test_round_trips_through_a_dict(self) -> None:
+        cfg = _cfg().normalized()
+        assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+    @pytest.mark.parametrize(("kw", "match"), [
+        (dict(method="magic"), "method must be one of"),
+        (dict(subnets_per_step=16), "subnets_per_step must be in"),
+        (dict(p=1.2), r"p must be in \[0, 1\)"),
+        (dict(epochs=0), "epochs must be >= 1"),
+    ])
+    def test_invalid_configurations_raise(self, kw: dict, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            _cfg(**kw).normalized()
+
+
+class TestMakeModel:
+    def test_gyro_gets_total_steps_of_the_run(self) -> None:
+        model = make_model(_cfg(epochs=3), _data(), steps_per_epoch=5)
+        layers = [m for m in model.modules() if isinstance(m, gyrodrop.GyroDropout)]
+        assert len(layers) == 2 and all(m.total_steps == 15 for m in layers)
+        assert all(m.schedule == "consecutive" for m in layers)
+
+    def test_gyro_random_uses_the_random_schedule(self) -> None:
+        model = make_model(_cfg("gyro-random"), _data(), steps_per_epoch=5)
+        assert {m.schedule for m in model.modules() if isinstance(m, gyrodrop.GyroDropout)} == {"random"}
+
+    def test_none_has_no_dropout(self) -> None:
+        model = make_model(_cfg("none"), _data(), steps_per_epoch=5)
+        assert not any(isinstance(m, (nn.Dropout, gyrodrop.GyroDropout)) for m in model.modules())
+
+    def test_blockwise_without_apply_block_gyro_is_a_clear_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delattr(gyrodrop, "apply_block_gyro", raising=False)
+        with pytest.raises(RuntimeError, match="apply_block_gyro"):
+            make_model(_cfg("blockwise"), _data(), steps_per_epoch=5)
+
+    def test_input_dropout_goes_after_the_flatten(self) -> None:
+        model = make_model(_cfg("dropout", input_p=0.2), _data(), steps_per_epoch=5)
+        assert isinstance(model.features[1], nn.Dropout) and model.features[1].p == 0.2
+
+
+class TestTrainRun:
+    def test_same_config_gives_identical_results_and_leaves_global_rng_alone(self) -> None:
+        state = torch.random.get_rng_state()
+        a = train_run(_cfg("dropout"), _data())
+        assert torch.equal(torch.random.get_rng_state(), state)
+        b = train_run(_cfg("dropout"), _data())
+        assert a.metrics["test_acc"] == b.metrics["test_acc"]
+        assert [r["train_loss"] for r in a.epochs] == [r["train_loss"] for r in b.epochs]
+
+    def test_metrics_are_fractions_and_epochs_are_recorded(self) -> None:
+        res = train_run(_cfg(epochs=3), _data())
+        m = res.metrics
+        assert 0 <= m["test_acc"] <= 1 and 0 <= m["train_acc"] <= 1
+        assert m["gap"] == pytest.approx(m["train_acc"] - m["test_acc"])
+        assert {"test_nll", "test_ece", "test_brier", "epoch_time"} <= set(m)
+        assert [r["epoch"] for r in res.epochs] == [1, 2, 3]
+
+    def test_learns_a_separable_problem(self) -> None:
+        assert train_run(_cfg(epochs=15, lr=3e-3), _data()).metrics["test_acc"] > 0.8
+
+    def test_max_norm_bounds_every_unit(self) -> None:
+        res = train_run(_cfg("dropout", optimizer="sgd", lr=0.5, momentum=0.9, max_norm=0.5), _data(),
+                        keep_model=True)
+        for m in res.model.modules():
+            if isinstance(m, nn.Linear):
+                assert float(m.weight.detach().norm(dim=1).max()) <= 0.5 + 1e-5
+
+    def test_uncertainty_adds_mc_and_ensemble_metrics(self) -> None:
+        if not hasattr(gyrodrop, "mc_predict"):
+            pytest.skip("gyrodrop.mc_predict not available")
+        m = train_run(_cfg(mc_samples=4), _data()).metrics
+        assert {"mc_acc", "mc_nll", "mc_ece", "mc_brier", "reliability"} <= set(m)
+        if hasattr(gyrodrop, "subnet_ensemble_predict"):
+            assert 0 <= m["ens_acc"] <= 1
+
+    def test_extra_metrics_are_merged(self) -> None:
+        m = train_run(_cfg(), _data(), extra=lambda model, data: {"custom": 1.0}).metrics
+        assert m["custom"] == 1.0
