@@ -33,7 +33,7 @@ bench: install-dev
 	$(PY) benchmarks/bench_stochastic_depth.py
 
 # Lint, format check and static types (what CI enforces). `make format` rewrites.
-LINT_PATHS := src tests benchmarks examples .ci
+LINT_PATHS := src tests benchmarks examples .ci conftest.py
 lint: install-dev
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
@@ -50,11 +50,10 @@ docs: install-dev
 docs-serve: install-dev
 	$(VENV)/bin/mkdocs serve
 
-# Every example with --quick (seconds each).
+# Every example with --quick (seconds each); tests/test_examples.py knows how each is
+# launched (ddp_train.py under torchrun) and is also part of `make test`.
 examples: install-dev
-	@set -e; for f in examples/*.py; do \
-		echo "== $$f --quick"; $(PY) $$f --quick; \
-	done
+	$(PY) -m pytest tests/test_examples.py -v -p no:cacheprovider
 
 # Release check: wheel + sdist, twine check, then install the wheel into a clean venv
 # that has only the pinned CPU torch, and import it there without any extra.
