@@ -28,15 +28,29 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The issue's bar, first half: one compare --quick run."""
     tmp = tmp_path_factory.mktemp("compare")
     db, out = tmp / "D.db", tmp / "O"
-    args = ["compare", "--quick", "--dataset", "digits", "--methods", "none,dropout,gyro",
-            "--seeds", "2", "--db", str(db), "--out", str(out)]
+    args = [
+        "compare",
+        "--quick",
+        "--dataset",
+        "digits",
+        "--methods",
+        "none,dropout,gyro",
+        "--seeds",
+        "2",
+        "--db",
+        str(db),
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     return db, out
 
 
 class TestCompare:
     def test_issue_bar_rerun_trains_nothing_and_report_has_six_records(
-        self, compared: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+        self,
+        compared: tuple[Path, Path],
+        capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         db, out = compared
@@ -45,29 +59,60 @@ class TestCompare:
             raise AssertionError("a finished run was trained again")
 
         monkeypatch.setattr(cli, "train_run", no_training)
-        args = ["compare", "--quick", "--dataset", "digits", "--methods", "none,dropout,gyro",
-                "--seeds", "2", "--db", str(db), "--out", str(out)]
+        args = [
+            "compare",
+            "--quick",
+            "--dataset",
+            "digits",
+            "--methods",
+            "none,dropout,gyro",
+            "--seeds",
+            "2",
+            "--db",
+            str(db),
+            "--out",
+            str(out),
+        ]
         assert main(args) == 0
         assert "6 of 6 runs already in" in capsys.readouterr().err
         records = _json_report(db, capsys)
         assert len(records) == 6
         assert sorted((r["method"], r["seed"]) for r in records) == sorted(
-            (m, s) for m in ("none", "dropout", "gyro") for s in (0, 1))
+            (m, s) for m in ("none", "dropout", "gyro") for s in (0, 1)
+        )
         for r in records:
             assert r["dataset"] == "digits" and r["model"] == "mlp"
             assert 0.7 < r["test_acc"] <= 1 and 0.7 < r["train_acc"] <= 1
         assert list(out.glob("*.md")) and list(out.glob("*.png"))
 
-    def test_prints_the_markdown_table(self, compared: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    def test_prints_the_markdown_table(
+        self, compared: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+    ) -> None:
         db, out = compared
-        main(["compare", "--quick", "--methods", "none,dropout,gyro", "--seeds", "2", "--db", str(db),
-              "--out", str(out), "--quiet"])
+        main(
+            [
+                "compare",
+                "--quick",
+                "--methods",
+                "none,dropout,gyro",
+                "--seeds",
+                "2",
+                "--db",
+                str(db),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
         captured = capsys.readouterr()
         assert "| Method |" in captured.out and "| gyro | 0.5 | 16 | 4 | 2 |" in captured.out
         assert captured.err == ""
 
     def test_interrupt_keeps_finished_runs_and_rerun_resumes(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         real = cli.train_run
         calls: list[str] = []
@@ -79,8 +124,20 @@ class TestCompare:
             return real(cfg, *a, **k)
 
         monkeypatch.setattr(cli, "train_run", interrupted_second)
-        args = ["compare", "--quick", "--methods", "none,gyro", "--seeds", "1", "--epochs", "1",
-                "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "o")]
+        args = [
+            "compare",
+            "--quick",
+            "--methods",
+            "none,gyro",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--db",
+            str(tmp_path / "r.db"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
         assert main(args) == 130
         assert "1 of 2 runs are saved" in capsys.readouterr().err
         assert len(_json_report(tmp_path / "r.db", capsys)) == 1
@@ -92,44 +149,106 @@ class TestCompare:
     def test_uncertainty_writes_a_reliability_diagram(self, tmp_path: Path) -> None:
         if not hasattr(gyrodrop, "mc_predict"):
             pytest.skip("gyrodrop.mc_predict not available")
-        args = ["compare", "--quick", "--uncertainty", "--methods", "dropout,gyro", "--seeds", "1",
-                "--epochs", "1", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "o"), "--quiet"]
+        args = [
+            "compare",
+            "--quick",
+            "--uncertainty",
+            "--methods",
+            "dropout,gyro",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--db",
+            str(tmp_path / "r.db"),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
         assert main(args) == 0
         assert (tmp_path / "o" / "compare_digits_mlp_reliability.png").exists()
 
 
 class TestOtherCommands:
-    def test_sweep_grid_table_and_heat_map(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["sweep", "--quick", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "o")]) == 0
+    def test_sweep_grid_table_and_heat_map(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert (
+            main(["sweep", "--quick", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "o")])
+            == 0
+        )
         out = capsys.readouterr().out
         assert "| σ \\ τ | 2 | 4 |" in out and "Baselines: dropout" in out
         assert (tmp_path / "o" / "sweep_digits_mlp.png").exists()
 
-    def test_diversity_compares_dropout_and_gyro(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["diversity", "--quick", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "o")]) == 0
+    def test_diversity_compares_dropout_and_gyro(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert (
+            main(
+                [
+                    "diversity",
+                    "--quick",
+                    "--db",
+                    str(tmp_path / "r.db"),
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
+            == 0
+        )
         out = capsys.readouterr().out
         assert "| dropout | 1 |" in out and "| gyro | 1 |" in out and "1.000" in out
         assert (tmp_path / "o" / "diversity_digits_mlp.png").exists()
 
-    def test_cv_reports_mean_over_folds(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_cv_reports_mean_over_folds(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         csv_path = tmp_path / "sonar.csv"
-        csv_path.write_text("\n".join(f"{i % 7},{(i * 3) % 5},{'R' if i % 2 else 'M'}" for i in range(40)))
-        args = ["cv", "--quick", "--dataset", f"csv:{csv_path}", "--db", str(tmp_path / "r.db"),
-                "--out", str(tmp_path / "o")]
+        csv_path.write_text(
+            "\n".join(f"{i % 7},{(i * 3) % 5},{'R' if i % 2 else 'M'}" for i in range(40))
+        )
+        args = [
+            "cv",
+            "--quick",
+            "--dataset",
+            f"csv:{csv_path}",
+            "--db",
+            str(tmp_path / "r.db"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
         assert main(args) == 0
         out = capsys.readouterr().out
         assert "3-fold CV" in out and "| dropout | 0.2, input 0.2 |  |  | 3 |" in out
         assert len(_json_report(tmp_path / "r.db", capsys)) == 6
 
-    def test_bench_times_each_method(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["bench", "--quick", "--methods", "dropout,gyro", "--no-layer",
-                     "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "o")]) == 0
+    def test_bench_times_each_method(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert (
+            main(
+                [
+                    "bench",
+                    "--quick",
+                    "--methods",
+                    "dropout,gyro",
+                    "--no-layer",
+                    "--db",
+                    str(tmp_path / "r.db"),
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
+            == 0
+        )
         out = capsys.readouterr().out
         assert "| digits | mlp | dropout |" in out and "| digits | mlp | gyro |" in out
         assert (tmp_path / "o" / "bench.md").exists()
 
-    def test_report_renders_every_experiment_and_csv(self, compared: tuple[Path, Path], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    def test_report_renders_every_experiment_and_csv(
+        self, compared: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         db, _ = compared
         capsys.readouterr()
         assert main(["report", "--db", str(db), "--out", str(tmp_path / "o")]) == 0
@@ -141,49 +260,99 @@ class TestOtherCommands:
 
 
 class TestErrors:
-    def test_foreign_db_is_refused_and_untouched(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_foreign_db_is_refused_and_untouched(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         db = tmp_path / "thesis.db"
         db.write_text("chapter one")
         assert main(["compare", "--quick", "--db", str(db), "--out", str(tmp_path / "o")]) == 2
         assert "not an SQLite file" in capsys.readouterr().err
         assert db.read_text() == "chapter one"
 
-    def test_missing_dataset_files_exit_2_with_the_names(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["compare", "--quick", "--dataset", "cifar10", "--data-dir", str(tmp_path),
-                     "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "o")]) == 2
+    def test_missing_dataset_files_exit_2_with_the_names(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert (
+            main(
+                [
+                    "compare",
+                    "--quick",
+                    "--dataset",
+                    "cifar10",
+                    "--data-dir",
+                    str(tmp_path),
+                    "--db",
+                    str(tmp_path / "r.db"),
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
+            == 2
+        )
         assert "data_batch_1" in capsys.readouterr().err
 
     def test_report_on_missing_db(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["report", "--db", str(tmp_path / "none.db")]) == 2
         assert "no such file" in capsys.readouterr().err
 
-    def test_blockwise_without_support_is_a_clear_error(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    def test_blockwise_without_support_is_a_clear_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         monkeypatch.delattr(gyrodrop, "apply_block_gyro", raising=False)
-        assert main(["compare", "--quick", "--methods", "blockwise", "--db", str(tmp_path / "r.db")]) == 2
+        assert (
+            main(["compare", "--quick", "--methods", "blockwise", "--db", str(tmp_path / "r.db")])
+            == 2
+        )
         assert "apply_block_gyro" in capsys.readouterr().err
 
-    def test_tau_larger_than_batch(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["compare", "--quick", "--batch-size", "8", "--subnets-per-step", "16",
-                     "--num-subnets", "32", "--db", str(tmp_path / "r.db")]) == 2
+    def test_tau_larger_than_batch(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert (
+            main(
+                [
+                    "compare",
+                    "--quick",
+                    "--batch-size",
+                    "8",
+                    "--subnets-per-step",
+                    "16",
+                    "--num-subnets",
+                    "32",
+                    "--db",
+                    str(tmp_path / "r.db"),
+                ]
+            )
+            == 2
+        )
         assert "larger than --batch-size" in capsys.readouterr().err
 
 
 class TestHelp:
     @pytest.mark.parametrize("command", COMMANDS)
-    def test_every_command_help_shows_an_example(self, command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_every_command_help_shows_an_example(
+        self, command: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert f"gyrodrop {command}" in capsys.readouterr().out.split("examples:")[1]
 
     def test_python_dash_m_gyrodrop(self) -> None:
-        res = subprocess.run([sys.executable, "-m", "gyrodrop", "--help"], capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "gyrodrop", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0 and "compare" in res.stdout and "example" in res.stdout
 
     def test_importing_gyrodrop_does_not_import_plotting_or_rich(self) -> None:
-        code = ("import sys, gyrodrop, gyrodrop.experiments.cli; "
-                "print(any(m.split('.')[0] in ('matplotlib', 'rich', 'sklearn') for m in sys.modules))")
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        code = (
+            "import sys, gyrodrop, gyrodrop.experiments.cli; "
+            "print(any(m.split('.')[0] in ('matplotlib', 'rich', 'sklearn') for m in sys.modules))"
+        )
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
         assert res.stdout.strip() == "False", res.stderr

@@ -34,17 +34,29 @@ def _idx(path: Path, array: np.ndarray, *, compress: bool = True) -> None:
 def _fashion(tmp: Path, n_train: int = 30, n_test: int = 10, compress: bool = True) -> Path:
     rng = np.random.default_rng(0)
     suffix = ".gz" if compress else ""
-    _idx(tmp / f"train-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n_train, 6, 6)), compress=compress)
+    _idx(
+        tmp / f"train-images-idx3-ubyte{suffix}",
+        rng.integers(0, 256, (n_train, 6, 6)),
+        compress=compress,
+    )
     _idx(tmp / f"train-labels-idx1-ubyte{suffix}", np.arange(n_train) % 10, compress=compress)
-    _idx(tmp / f"t10k-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n_test, 6, 6)), compress=compress)
+    _idx(
+        tmp / f"t10k-images-idx3-ubyte{suffix}",
+        rng.integers(0, 256, (n_test, 6, 6)),
+        compress=compress,
+    )
     _idx(tmp / f"t10k-labels-idx1-ubyte{suffix}", np.arange(n_test) % 10, compress=compress)
     return tmp
 
 
 class TestBundled:
-    @pytest.mark.parametrize(("name", "shape", "classes"),
-                             [("digits", (64,), 10), ("breast_cancer", (30,), 2), ("wine", (13,), 3)])
-    def test_shapes_classes_and_train_statistics(self, name: str, shape: tuple, classes: int) -> None:
+    @pytest.mark.parametrize(
+        ("name", "shape", "classes"),
+        [("digits", (64,), 10), ("breast_cancer", (30,), 2), ("wine", (13,), 3)],
+    )
+    def test_shapes_classes_and_train_statistics(
+        self, name: str, shape: tuple, classes: int
+    ) -> None:
         ds = load_dataset(name)
         assert ds.in_shape == shape and ds.num_classes == classes
         assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
@@ -79,7 +91,9 @@ class TestFashionMnist:
         _fashion(tmp_path / "fashion-mnist")
         assert len(load_dataset("fashion-mnist", tmp_path).y_train) == 30
 
-    def test_missing_files_name_the_expected_files(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_missing_files_name_the_expected_files(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         monkeypatch.setattr("gyrodrop.experiments.data.FASHION_DIR", tmp_path / "nowhere")
         with pytest.raises(DatasetError, match="train-images-idx3-ubyte.gz.*nothing is downloaded"):
             load_dataset("fashion-mnist", tmp_path)
@@ -104,8 +118,10 @@ def _cifar(tmp: Path, per_batch: int = 4) -> Path:
     d.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": [i % 10 for i in range(per_batch)]}
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": [i % 10 for i in range(per_batch)],
+        }
         with open(d / name, "wb") as f:
             pickle.dump(batch, f)
     return tmp
@@ -141,7 +157,9 @@ class TestSvhn:
         rng = np.random.default_rng(0)
         for name, n in (("train_32x32.mat", 6), ("test_32x32.mat", 4)):
             y = np.array([[10], [1], [2], [10], [3], [4]][:n])
-            savemat(tmp_path / name, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": y})
+            savemat(
+                tmp_path / name, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": y}
+            )
         ds = load_dataset("svhn", tmp_path)
         assert ds.in_shape == (3, 32, 32) and ds.y_train.tolist() == [0, 1, 2, 0, 3, 4]
 

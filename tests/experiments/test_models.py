@@ -25,7 +25,9 @@ def _dropouts(model: nn.Module) -> list[nn.Module]:
 class TestBuildModel:
     @pytest.mark.parametrize("name", [m for m in MODELS if m != "resnet18"])
     @pytest.mark.parametrize("shape", SHAPES)
-    def test_logits_and_features_have_expected_shapes(self, name: str, shape: tuple[int, ...]) -> None:
+    def test_logits_and_features_have_expected_shapes(
+        self, name: str, shape: tuple[int, ...]
+    ) -> None:
         model = build_model(name, shape, 7, 0.5)
         x = torch.randn(3, *shape)
         assert model(x).shape == (3, 7)
@@ -36,8 +38,10 @@ class TestBuildModel:
         model = build_model("resnet18", shape, 10, 0.5).eval()
         assert model(torch.randn(2, *shape)).shape == (2, 10)
 
-    @pytest.mark.parametrize(("name", "count"), [("mlp", 2), ("mlp1", 2), ("mlp2", 3),
-                                                 ("lenet", 2), ("alexnet", 2), ("resnet18", 1)])
+    @pytest.mark.parametrize(
+        ("name", "count"),
+        [("mlp", 2), ("mlp1", 2), ("mlp2", 3), ("lenet", 2), ("alexnet", 2), ("resnet18", 1)],
+    )
     def test_dropout_before_every_fc_layer_but_the_first(self, name: str, count: int) -> None:
         model = build_model(name, (3, 32, 32), 10, 0.3)
         drops = _dropouts(model)
@@ -64,14 +68,14 @@ class TestBuildModel:
     @pytest.mark.parametrize(
         ("kwargs", "match"),
         [
-            (dict(name="vgg"), "name must be one of"),
-            (dict(p=1.0), r"p must be in \[0, 1\)"),
-            (dict(num_classes=1), "num_classes must be >= 2"),
-            (dict(in_shape=()), "in_shape"),
+            ({"name": "vgg"}, "name must be one of"),
+            ({"p": 1.0}, r"p must be in \[0, 1\)"),
+            ({"num_classes": 1}, "num_classes must be >= 2"),
+            ({"in_shape": ()}, "in_shape"),
         ],
     )
     def test_invalid_arguments_raise_value_error(self, kwargs: dict, match: str) -> None:
-        args = dict(name="mlp", in_shape=(4,), num_classes=3, p=0.5) | kwargs
+        args = {"name": "mlp", "in_shape": (4,), "num_classes": 3, "p": 0.5} | kwargs
         with pytest.raises(ValueError, match=match):
             build_model(**args)
 
@@ -102,7 +106,9 @@ class TestBasicBlock:
         assert BasicBlock(4, 4).downsample is None
 
     @pytest.mark.parametrize(("cin", "cout", "stride"), [(4, 4, 1), (4, 8, 2)])
-    def test_forward_is_residual_branch_plus_shortcut(self, cin: int, cout: int, stride: int) -> None:
+    def test_forward_is_residual_branch_plus_shortcut(
+        self, cin: int, cout: int, stride: int
+    ) -> None:
         block = BasicBlock(cin, cout, stride).eval()
         x = torch.randn(2, cin, 6, 6)
         branch = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))

@@ -14,12 +14,36 @@ from gyrodrop.experiments import report
 from gyrodrop.experiments.train import RunConfig
 
 
-def _rec(method: str, seed: int, acc: float, *, experiment: str = "compare", sigma: int | None = None,
-         tau: int | None = None, epochs: int = 5, **metrics: Any) -> dict[str, Any]:
-    cfg = RunConfig(experiment, "digits", "mlp", method, seed=seed, epochs=epochs,
-                    num_subnets=sigma or 16, subnets_per_step=tau or 4).normalized()
-    return {"key": cfg.key(), **cfg.to_dict(), "test_acc": acc, "train_acc": min(1.0, acc + 0.05),
-            "gap": 0.05, "epoch_time": 0.1, **metrics}
+def _rec(
+    method: str,
+    seed: int,
+    acc: float,
+    *,
+    experiment: str = "compare",
+    sigma: int | None = None,
+    tau: int | None = None,
+    epochs: int = 5,
+    **metrics: Any,
+) -> dict[str, Any]:
+    cfg = RunConfig(
+        experiment,
+        "digits",
+        "mlp",
+        method,
+        seed=seed,
+        epochs=epochs,
+        num_subnets=sigma or 16,
+        subnets_per_step=tau or 4,
+    ).normalized()
+    return {
+        "key": cfg.key(),
+        **cfg.to_dict(),
+        "test_acc": acc,
+        "train_acc": min(1.0, acc + 0.05),
+        "gap": 0.05,
+        "epoch_time": 0.1,
+        **metrics,
+    }
 
 
 def _curves(key: str) -> list[dict[str, float]]:
@@ -28,7 +52,9 @@ def _curves(key: str) -> list[dict[str, float]]:
 
 class TestSections:
     def test_seeds_average_and_settings_split(self) -> None:
-        recs = [_rec("dropout", s, 0.9) for s in range(3)] + [_rec("gyro", s, 0.92) for s in range(3)]
+        recs = [_rec("dropout", s, 0.9) for s in range(3)] + [
+            _rec("gyro", s, 0.92) for s in range(3)
+        ]
         recs.append(_rec("gyro", 0, 0.8, epochs=9))
         secs = report.sections(recs)
         assert len(secs) == 2
@@ -51,10 +77,12 @@ class TestCompareTable:
 
 class TestSweepTable:
     def test_grid_marks_best_and_missing_cells(self) -> None:
-        recs = [_rec("gyro", 0, 0.9, experiment="sweep", sigma=16, tau=2),
-                _rec("gyro", 0, 0.95, experiment="sweep", sigma=16, tau=4),
-                _rec("gyro", 0, 0.85, experiment="sweep", sigma=64, tau=2),
-                _rec("dropout", 0, 0.88, experiment="sweep")]
+        recs = [
+            _rec("gyro", 0, 0.9, experiment="sweep", sigma=16, tau=2),
+            _rec("gyro", 0, 0.95, experiment="sweep", sigma=16, tau=4),
+            _rec("gyro", 0, 0.85, experiment="sweep", sigma=64, tau=2),
+            _rec("dropout", 0, 0.88, experiment="sweep"),
+        ]
         text = report.sweep_table(report.sections(recs)[0])
         assert "| 16 | 90.00 | **95.00** |" in text
         assert "| 64 | 85.00 | N/A |" in text
@@ -69,7 +97,11 @@ class TestExports:
         assert {"dataset", "model", "method", "seed", "test_acc", "train_acc"} <= set(out[0])
 
     def test_csv_has_one_row_per_run(self) -> None:
-        rows = list(csv.DictReader(io.StringIO(report.records_csv([_rec("gyro", 0, 0.9), _rec("none", 1, 0.8)]))))
+        rows = list(
+            csv.DictReader(
+                io.StringIO(report.records_csv([_rec("gyro", 0, 0.9), _rec("none", 1, 0.8)]))
+            )
+        )
         assert [r["method"] for r in rows] == ["gyro", "none"] and rows[0]["test_acc"] == "0.9"
 
 
@@ -77,14 +109,32 @@ class TestPlots:
     def test_every_plot_writes_a_png(self, tmp_path: Path) -> None:
         pytest.importorskip("matplotlib")
         rel = [[0.5, 0.4, 2]] + [[0.0, 0.0, 0]] * 14
-        comp = report.sections([_rec("dropout", 0, 0.9, reliability=rel), _rec("gyro", 0, 0.9, reliability=rel)])[0]
+        comp = report.sections(
+            [_rec("dropout", 0, 0.9, reliability=rel), _rec("gyro", 0, 0.9, reliability=rel)]
+        )[0]
         assert report.plot_learning_curves(comp, _curves, tmp_path / "c.png")
         assert report.plot_reliability(comp, tmp_path / "r.png")
-        sweep = report.sections([_rec("gyro", 0, 0.9, experiment="sweep", sigma=s, tau=t)
-                                 for s in (8, 16) for t in (2, 4)])[0]
+        sweep = report.sections(
+            [
+                _rec("gyro", 0, 0.9, experiment="sweep", sigma=s, tau=t)
+                for s in (8, 16)
+                for t in (2, 4)
+            ]
+        )[0]
         assert report.plot_sweep(sweep, tmp_path / "s.png")
-        div = report.sections([_rec(m, 0, 0.9, experiment="diversity", diversity_mean=v,
-                                    diversity_matrix=[[0, v], [v, 0]]) for m, v in (("dropout", 0.5), ("gyro", 0.6))])[0]
+        div = report.sections(
+            [
+                _rec(
+                    m,
+                    0,
+                    0.9,
+                    experiment="diversity",
+                    diversity_mean=v,
+                    diversity_matrix=[[0, v], [v, 0]],
+                )
+                for m, v in (("dropout", 0.5), ("gyro", 0.6))
+            ]
+        )[0]
         assert report.plot_diversity(div, tmp_path / "d.png")
         assert "1.200" in report.diversity_table(div)
         for name in ("c", "r", "s", "d"):
@@ -95,6 +145,10 @@ class TestPlots:
         recs = [_rec("dropout", 0, 0.9), _rec("gyro", 0, 0.9), _rec("gyro", 0, 0.9, epochs=7)]
         text, files = report.render_experiment("compare", recs, _curves, tmp_path)
         names = sorted(f.name for f in files)
-        assert names == ["compare_digits_mlp_1.md", "compare_digits_mlp_1.png",
-                         "compare_digits_mlp_2.md", "compare_digits_mlp_2.png"]
+        assert names == [
+            "compare_digits_mlp_1.md",
+            "compare_digits_mlp_1.png",
+            "compare_digits_mlp_2.md",
+            "compare_digits_mlp_2.png",
+        ]
         assert text.count("### digits / mlp") == 2

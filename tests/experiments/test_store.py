@@ -20,10 +20,17 @@ def _cfg(seed: int = 0, method: str = "dropout") -> RunConfig:
 class TestStore:
     def test_saved_run_is_found_with_config_metrics_and_epochs(self, tmp_path: Path) -> None:
         with Store(tmp_path / "r.db") as db:
-            assert db.save(_cfg(), {"test_acc": 0.9, "train_acc": 1.0}, [{"epoch": 1, "test_acc": 0.9}])
+            assert db.save(
+                _cfg(), {"test_acc": 0.9, "train_acc": 1.0}, [{"epoch": 1, "test_acc": 0.9}]
+            )
             assert db.has(_cfg()) and not db.has(_cfg(seed=1))
             (rec,) = db.records()
-            assert (rec["method"], rec["seed"], rec["test_acc"], rec["train_acc"]) == ("dropout", 0, 0.9, 1.0)
+            assert (rec["method"], rec["seed"], rec["test_acc"], rec["train_acc"]) == (
+                "dropout",
+                0,
+                0.9,
+                1.0,
+            )
             assert db.epochs(rec["key"]) == [{"epoch": 1, "test_acc": 0.9}]
 
     def test_second_save_of_the_same_config_is_ignored(self, tmp_path: Path) -> None:
@@ -85,7 +92,9 @@ class TestStore:
         with Store(tmp_path / "r.db") as db:
             db.save(_cfg(0), {"test_acc": 0.1})
             db.save(_cfg(1), {"test_acc": 0.2})
-            db.save(RunConfig("sweep", "digits", "mlp", "gyro", seed=0, epochs=1), {"test_acc": 0.3})
+            db.save(
+                RunConfig("sweep", "digits", "mlp", "gyro", seed=0, epochs=1), {"test_acc": 0.3}
+            )
             assert len(db.records(experiment="compare")) == 2
             assert [r["seed"] for r in db.records(keys=[_cfg(1).key()])] == [1]
             assert db.experiments() == ["compare", "sweep"]

@@ -18,12 +18,24 @@ def _data(n: int = 96, features: int = 10, classes: int = 3) -> Dataset:
     centers = torch.randn(classes, features, generator=g) * 2
     y = torch.arange(n) % classes
     x = centers[y] + torch.randn(n, features, generator=g)
-    return Dataset("toy", x[: n // 2 * 1], y[: n // 2], x[n // 2 :], y[n // 2 :], classes, ("a", "b", "c"))
+    return Dataset(
+        "toy", x[: n // 2 * 1], y[: n // 2], x[n // 2 :], y[n // 2 :], classes, ("a", "b", "c")
+    )
 
 
 def _cfg(method: str = "gyro", **kw: object) -> RunConfig:
-    base = dict(experiment="compare", dataset="toy", model="mlp", method=method, seed=0, epochs=2,
-                batch_size=16, num_subnets=8, subnets_per_step=2, widths=(16, 16))
+    base = {
+        "experiment": "compare",
+        "dataset": "toy",
+        "model": "mlp",
+        "method": method,
+        "seed": 0,
+        "epochs": 2,
+        "batch_size": 16,
+        "num_subnets": 8,
+        "subnets_per_step": 2,
+        "widths": (16, 16),
+    }
     return RunConfig(**(base | kw))  # type: ignore[arg-type]
 
 
@@ -35,20 +47,30 @@ class TestRunConfig:
 
     def test_every_relevant_field_changes_the_key(self) -> None:
         base = _cfg()
-        for change in (dict(seed=1), dict(epochs=3), dict(lr=0.1), dict(num_subnets=16),
-                       dict(subnets_per_step=4), dict(p=0.3), dict(method="gyro-random")):
+        for change in (
+            {"seed": 1},
+            {"epochs": 3},
+            {"lr": 0.1},
+            {"num_subnets": 16},
+            {"subnets_per_step": 4},
+            {"p": 0.3},
+            {"method": "gyro-random"},
+        ):
             assert dataclasses.replace(base, **change).key() != base.key()
 
     def test_round_trips_through_a_dict(self) -> None:
         cfg = _cfg().normalized()
         assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
-    @pytest.mark.parametrize(("kw", "match"), [
-        (dict(method="magic"), "method must be one of"),
-        (dict(subnets_per_step=16), "subnets_per_step must be in"),
-        (dict(p=1.2), r"p must be in \[0, 1\)"),
-        (dict(epochs=0), "epochs must be >= 1"),
-    ])
+    @pytest.mark.parametrize(
+        ("kw", "match"),
+        [
+            ({"method": "magic"}, "method must be one of"),
+            ({"subnets_per_step": 16}, "subnets_per_step must be in"),
+            ({"p": 1.2}, r"p must be in \[0, 1\)"),
+            ({"epochs": 0}, "epochs must be >= 1"),
+        ],
+    )
     def test_invalid_configurations_raise(self, kw: dict, match: str) -> None:
         with pytest.raises(ValueError, match=match):
             _cfg(**kw).normalized()
@@ -63,13 +85,17 @@ class TestMakeModel:
 
     def test_gyro_random_uses_the_random_schedule(self) -> None:
         model = make_model(_cfg("gyro-random"), _data(), steps_per_epoch=5)
-        assert {m.schedule for m in model.modules() if isinstance(m, gyrodrop.GyroDropout)} == {"random"}
+        assert {m.schedule for m in model.modules() if isinstance(m, gyrodrop.GyroDropout)} == {
+            "random"
+        }
 
     def test_none_has_no_dropout(self) -> None:
         model = make_model(_cfg("none"), _data(), steps_per_epoch=5)
         assert not any(isinstance(m, (nn.Dropout, gyrodrop.GyroDropout)) for m in model.modules())
 
-    def test_blockwise_without_apply_block_gyro_is_a_clear_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_blockwise_without_apply_block_gyro_is_a_clear_error(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         monkeypatch.delattr(gyrodrop, "apply_block_gyro", raising=False)
         with pytest.raises(RuntimeError, match="apply_block_gyro"):
             make_model(_cfg("blockwise"), _data(), steps_per_epoch=5)
@@ -100,8 +126,11 @@ class TestTrainRun:
         assert train_run(_cfg(epochs=15, lr=3e-3), _data()).metrics["test_acc"] > 0.8
 
     def test_max_norm_bounds_every_unit(self) -> None:
-        res = train_run(_cfg("dropout", optimizer="sgd", lr=0.5, momentum=0.9, max_norm=0.5), _data(),
-                        keep_model=True)
+        res = train_run(
+            _cfg("dropout", optimizer="sgd", lr=0.5, momentum=0.9, max_norm=0.5),
+            _data(),
+            keep_model=True,
+        )
         for m in res.model.modules():
             if isinstance(m, nn.Linear):
                 assert float(m.weight.detach().norm(dim=1).max()) <= 0.5 + 1e-5

@@ -7,7 +7,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ def _inner_dropouts(model: nn.Module) -> list[nn.Module]:
     feats = model.features
     if not isinstance(feats, nn.Module):  # ResNet18: features is a method
         feats = model
-    out = []
+    out: list[nn.Module] = []
     for m in feats.modules():
         if m is getattr(model, "dropout", None):
             continue
@@ -33,14 +33,16 @@ def _inner_dropouts(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def _mask_fn(layer: nn.Module, j: int, count: int, seed: int, index: int) -> Callable[[Tensor], Tensor]:
+def _mask_fn(
+    layer: nn.Module, j: int, count: int, seed: int, index: int
+) -> Callable[[Tensor], Tensor]:
     """Scaled mask of network-subnetwork ``j`` for ``layer`` (the ``index``-th one)."""
     if isinstance(layer, gyrodrop.GyroDropout):
         total = int(layer.total_steps or layer.steps_per_set * layer.num_subnets)
         step = (j * max(total, 1)) // count
         sub = int(layer.active_subnets(step)[0])
         return lambda out: layer.subnet_mask(sub, out)
-    p = float(layer.p)
+    p = float(getattr(layer, "p", 0.0))
     gen = torch.Generator().manual_seed((seed * 1_000_003 + index * 7919 + j) & 0x7FFF_FFFF_FFFF)
 
     def dropout_mask(out: Tensor) -> Tensor:
@@ -65,8 +67,13 @@ def subnetwork_features(model: nn.Module, x: Tensor, j: int, count: int, seed: i
         fn = _mask_fn(layer, j, count, seed, index)
         cache: dict[tuple[int, ...], Tensor] = {}
 
-        def hook(_m: nn.Module, _inp: Any, out: Tensor, fn: Callable[[Tensor], Tensor] = fn,
-                 cache: dict[tuple[int, ...], Tensor] = cache) -> Tensor:  # fmt: skip
+        def hook(
+            _m: nn.Module,
+            _inp: Any,
+            out: Tensor,
+            fn: Callable[[Tensor], Tensor] = fn,
+            cache: dict[tuple[int, ...], Tensor] = cache,
+        ) -> Tensor:
             shape = tuple(out.shape[1:])
             if shape not in cache:
                 cache[shape] = fn(out)
@@ -74,14 +81,17 @@ def subnetwork_features(model: nn.Module, x: Tensor, j: int, count: int, seed: i
 
         handles.append(layer.register_forward_hook(hook))
     try:
-        feats = model.features(x)
+        features = cast(Callable[[Tensor], Tensor], model.features)  # module or method
+        feats = features(x)
     finally:
         for h in handles:
             h.remove()
     return feats.flatten(1).float()
 
 
-def diversity(model: nn.Module, data: Dataset, *, count: int = 10, eval_size: int = 1000, seed: int = 0) -> dict[str, Any]:
+def diversity(
+    model: nn.Module, data: Dataset, *, count: int = 10, eval_size: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Pairwise normalized L1 distance of the last hidden features among ``count``
     subnetworks on (up to ``eval_size``) test examples.
 
@@ -145,25 +155,34 @@ def time_train_steps(
         opt = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
         xb, yb = x[: cfg.batch_size], y[: cfg.batch_size]
 
-        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt,
-                 xb: Tensor = xb, yb: Tensor = yb) -> None:  # fmt: skip
+        def step(
+            model: nn.Module = model,
+            opt: torch.optim.Optimizer = opt,
+            xb: Tensor = xb,
+            yb: Tensor = yb,
+        ) -> None:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xb), yb).backward()
             opt.step()
 
         steppers.append(step)
     times = _time_many(steppers, steps, warmup, dev)
-    return [{"ms_per_step": ms, "samples_per_s": c.batch_size / (ms / 1000)} for c, ms in zip(configs, times)]
+    return [
+        {"ms_per_step": ms, "samples_per_s": c.batch_size / (ms / 1000)}
+        for c, ms in zip(configs, times, strict=False)
+    ]
 
 
-def _time_many(fns: Sequence[Callable[[], None]], steps: int, warmup: int, device: torch.device) -> list[float]:
+def _time_many(
+    fns: Sequence[Callable[[], None]], steps: int, warmup: int, device: torch.device
+) -> list[float]:
     """Median milliseconds of each function, calls interleaved so drift hits all alike."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(steps):
-        for fn, out in zip(fns, times):
+        for fn, out in zip(fns, times, strict=False):
             _sync(device)
             t0 = time.perf_counter()
             fn()
@@ -192,26 +211,41 @@ def time_block_layer(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, features, generator=gen).to(dev).requires_grad_(True)
     dense = nn.Linear(features, features).to(dev)
-    block = block_cls(features, features, p=drop, num_subnets=16, subnets_per_step=2,
-                      block_size=block_size, steps_per_set=1_000_000).to(dev).train()  # fmt: skip
+    block = (
+        block_cls(
+            features,
+            features,
+            p=drop,
+            num_subnets=16,
+            subnets_per_step=2,
+            block_size=block_size,
+            steps_per_set=1_000_000,
+        )
+        .to(dev)
+        .train()
+    )
     block.load_state_dict(dense.state_dict(), strict=False)
 
     def fwd(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
                 layer(x)
+
         return run
 
     def fwd_bwd(layer: nn.Module) -> Callable[[], None]:
         def run() -> None:
             layer.zero_grad(set_to_none=True)
             layer(x).sum().backward()
+
         return run
 
     blocks = features // block_size
     kept = (blocks - round(drop * blocks)) / blocks if blocks else 1.0
     dense_ms, block_ms = _time_many([fwd(dense), fwd(block)], steps, warmup, dev)
-    dense_train_ms, block_train_ms = _time_many([fwd_bwd(dense), fwd_bwd(block)], steps, warmup, dev)
+    dense_train_ms, block_train_ms = _time_many(
+        [fwd_bwd(dense), fwd_bwd(block)], steps, warmup, dev
+    )
     return {
         "dense_ms": dense_ms,
         "block_ms": block_ms,

@@ -63,6 +63,10 @@ CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 
 
+#: ``x_train, y_train, x_test, y_test`` as NumPy arrays.
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 class DatasetError(ValueError):
     """A dataset's files are missing or unreadable (the message says which and where)."""
 
@@ -105,7 +109,9 @@ class Dataset:
 # --------------------------------------------------------------------------- arrays
 
 
-def _search_dirs(data_dir: str | Path | None, subdirs: Sequence[str], defaults: Sequence[Path]) -> list[Path]:
+def _search_dirs(
+    data_dir: str | Path | None, subdirs: Sequence[str], defaults: Sequence[Path]
+) -> list[Path]:
     dirs: list[Path] = []
     if data_dir is not None:
         base = Path(data_dir).expanduser()
@@ -117,18 +123,23 @@ def _search_dirs(data_dir: str | Path | None, subdirs: Sequence[str], defaults: 
 def _missing(name: str, files: Sequence[str], dirs: Sequence[Path], hint: str = "") -> DatasetError:
     where = ", ".join(str(d) for d in dirs) or "(no directory given)"
     return DatasetError(
-        f"{name}: expected files {', '.join(files)} in one of: {where}; nothing is "
-        f"downloaded{hint}"
+        f"{name}: expected files {', '.join(files)} in one of: {where}; nothing is downloaded{hint}"
     )
 
 
-def _find_dir(name: str, files: Sequence[str], dirs: Sequence[Path], alt: Sequence[str] = ()) -> Path:
+def _find_dir(
+    name: str, files: Sequence[str], dirs: Sequence[Path], alt: Sequence[str] = ()
+) -> Path:
     """First dir holding every file (each file may also exist with a suffix in ``alt``)."""
     for d in dirs:
         if all(any((d / (f + s)).is_file() for s in ("", *alt)) for f in files):
             return d
-    raise _missing(name, [f + (alt[0] if alt else "") for f in files], dirs,
-                   "; pass --data-dir DIR holding them")
+    raise _missing(
+        name,
+        [f + (alt[0] if alt else "") for f in files],
+        dirs,
+        "; pass --data-dir DIR holding them",
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -155,7 +166,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _fashion(data_dir: str | Path | None) -> tuple[np.ndarray, ...]:
+def _fashion(data_dir: str | Path | None) -> Arrays:
     dirs = _search_dirs(data_dir, ["fashion-mnist", "fashion_mnist", "FashionMNIST"], [FASHION_DIR])
     d = _find_dir("fashion-mnist", FASHION_FILES, dirs, alt=(".gz",))
 
@@ -173,7 +184,7 @@ def _fashion(data_dir: str | Path | None) -> tuple[np.ndarray, ...]:
     return xtr[:, None], ytr, xte[:, None], yte
 
 
-def _cifar(data_dir: str | Path | None) -> tuple[np.ndarray, ...]:
+def _cifar(data_dir: str | Path | None) -> Arrays:
     dirs = _search_dirs(data_dir, ["cifar-10-batches-py", "cifar10/cifar-10-batches-py"], [])
     d = _find_dir("cifar10", CIFAR_FILES, dirs)
 
@@ -200,13 +211,15 @@ def _cifar(data_dir: str | Path | None) -> tuple[np.ndarray, ...]:
     return xtr, ytr, xte, yte
 
 
-def _svhn(data_dir: str | Path | None) -> tuple[np.ndarray, ...]:
+def _svhn(data_dir: str | Path | None) -> Arrays:
     dirs = _search_dirs(data_dir, ["svhn", "SVHN"], [])
     d = _find_dir("svhn", SVHN_FILES, dirs)
     try:
         from scipy.io import loadmat
     except ImportError as e:  # pragma: no cover - scipy comes with scikit-learn
-        raise DatasetError('svhn: reading .mat files needs scipy: pip install "gyrodrop[experiments]"') from e
+        raise DatasetError(
+            'svhn: reading .mat files needs scipy: pip install "gyrodrop[experiments]"'
+        ) from e
 
     def read(fname: str) -> tuple[np.ndarray, np.ndarray]:
         path = d / fname
@@ -305,7 +318,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return x, y, names
 
 
-def _split(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float = 0.3) -> tuple[np.ndarray, ...]:
+def _split(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float = 0.3) -> Arrays:
     """Stratified train/test split, seeded (a local generator)."""
     g = torch.Generator().manual_seed(seed)
     test_idx: list[np.ndarray] = []
@@ -364,12 +377,32 @@ def load_arrays(
         x, y, classes = _sklearn(name)
         return (*_split(x, y, split_seed), classes)
     if name == "fashion-mnist":
-        classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+        classes = (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        )
         return (*_fashion(data_dir), classes)
     if name == "cifar10":
-        classes = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")  # fmt: skip
+        classes = (
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        )
         return (*_cifar(data_dir), classes)
     if name == "svhn":
         return (*_svhn(data_dir), tuple(str(i) for i in range(10)))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -64,7 +63,7 @@ def _fc_stack(in_features: int, widths: Sequence[int], p: float) -> list[nn.Modu
     """Linear+ReLU layers through ``widths``, dropout before every Linear but the first."""
     layers: list[nn.Module] = []
     dims = [in_features, *widths]
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
         if i > 0:
             layers.append(_dropout(p))
         layers += [nn.Linear(a, b), nn.ReLU()]
@@ -84,7 +83,7 @@ def image_shape(owner: str, in_shape: Sequence[int]) -> tuple[int, int, int]:
     """
     shape = tuple(int(s) for s in in_shape)
     if len(shape) == 3:
-        return shape  # type: ignore[return-value]
+        return (shape[0], shape[1], shape[2])
     if len(shape) == 2:
         return (1, shape[0], shape[1])
     if len(shape) == 1:
@@ -178,9 +177,13 @@ class LeNet(_ConvNet):
     ) -> None:
         c = image_shape("LeNet", in_shape)[0]
         body = nn.Sequential(
-            nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+            nn.Conv2d(c, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         super().__init__(body, 16, 5, in_shape, widths, num_classes, p)
 
 
@@ -197,10 +200,16 @@ class AlexNet(_ConvNet):
     ) -> None:
         c = image_shape("AlexNet", in_shape)[0]
         body = nn.Sequential(
-            nn.Conv2d(c, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(64, 128, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-        )  # fmt: skip
+            nn.Conv2d(c, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(64, 128, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(128, 256, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+        )
         super().__init__(body, 256, 4, in_shape, widths, num_classes, p)
 
 
@@ -272,7 +281,9 @@ class ResNet18(_Classifier):
         in_planes = base
         for i, width in enumerate(planes):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(in_planes, width, stride), BasicBlock(width, width)))
+            stages.append(
+                nn.Sequential(BasicBlock(in_planes, width, stride), BasicBlock(width, width))
+            )
             in_planes = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)

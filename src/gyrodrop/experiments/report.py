@@ -46,10 +46,29 @@ VARIANT = ("method", "p", "input_p", "num_subnets", "subnets_per_step", "block_s
 #: Bookkeeping fields of a record that are not configuration.
 _NOT_CONFIG = {"key", "device", "version", "finished"}
 _CONFIG_FIELDS = (
-    "experiment", "dataset", "model", "method", "seed", "epochs", "batch_size", "lr",
-    "optimizer", "momentum", "max_norm", "p", "input_p", "num_subnets", "subnets_per_step",
-    "block_size", "widths", "limit", "split_seed", "folds", "fold", "mc_samples",
-)  # fmt: skip
+    "experiment",
+    "dataset",
+    "model",
+    "method",
+    "seed",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "max_norm",
+    "p",
+    "input_p",
+    "num_subnets",
+    "subnets_per_step",
+    "block_size",
+    "widths",
+    "limit",
+    "split_seed",
+    "folds",
+    "fold",
+    "mc_samples",
+)
 _METHOD_ORDER = {"none": 0, "dropout": 1, "gyro": 2, "gyro-random": 3, "blockwise": 4}
 
 
@@ -85,9 +104,7 @@ def sections(records: Iterable[dict[str, Any]]) -> list[Section]:
     """Group records into :class:`Section` s, in order of first appearance."""
     out: dict[tuple[Any, ...], Section] = {}
     for rec in records:
-        setting = {
-            k: rec.get(k) for k in _CONFIG_FIELDS if k not in VARIANT and k not in REPLICATE
-        }
+        setting = {k: rec.get(k) for k in _CONFIG_FIELDS if k not in VARIANT and k not in REPLICATE}
         skey = tuple(_freeze(setting[k]) for k in sorted(setting))
         sec = out.setdefault(skey, Section(setting))
         vkey = tuple(_freeze(rec.get(k)) for k in VARIANT)
@@ -98,7 +115,11 @@ def sections(records: Iterable[dict[str, Any]]) -> list[Section]:
 def section_label(sec: Section) -> str:
     """``digits / mlp: 20 epochs, batch 256, rmsprop lr 0.001`` and the non-defaults."""
     s = sec.setting
-    parts = [f"{s['epochs']} epochs", f"batch {s['batch_size']}", f"{s['optimizer']} lr {s['lr']:g}"]
+    parts = [
+        f"{s['epochs']} epochs",
+        f"batch {s['batch_size']}",
+        f"{s['optimizer']} lr {s['lr']:g}",
+    ]
     if s.get("momentum"):
         parts.append(f"momentum {s['momentum']:g}")
     if s.get("max_norm") is not None:
@@ -179,8 +200,20 @@ def compare_table(sec: Section) -> str:
     runs_all = sec.records
     has_mc = any("mc_acc" in r for r in runs_all)
     has_ens = any("ens_acc" in r for r in runs_all)
-    header = ["Method", "p", "σ (subnets)", "τ (per step)", "n", "Test acc (%)", "Train acc (%)",
-              "Gap (pts)", "Test NLL", "ECE", "Brier", "Epoch time (s)"]  # fmt: skip
+    header = [
+        "Method",
+        "p",
+        "σ (subnets)",
+        "τ (per step)",
+        "n",
+        "Test acc (%)",
+        "Train acc (%)",
+        "Gap (pts)",
+        "Test NLL",
+        "ECE",
+        "Brier",
+        "Epoch time (s)",
+    ]
     if has_mc:
         header += ["MC acc (%)", "MC NLL", "MC ECE"]
     if has_ens:
@@ -191,21 +224,38 @@ def compare_table(sec: Section) -> str:
         label = method + (f" (block {block})" if block else "")
         pcol = _opt(p) + (f", input {input_p:g}" if input_p else "")
         row = [
-            label, pcol, _opt(sigma), _opt(tau), len(runs),
-            _pct_sd(runs, "test_acc"), _pct(_mean(runs, "train_acc")),
-            _pct(_mean(runs, "gap")), _num(_mean(runs, "test_nll")),
-            _num(_mean(runs, "test_ece")), _num(_mean(runs, "test_brier")),
+            label,
+            pcol,
+            _opt(sigma),
+            _opt(tau),
+            len(runs),
+            _pct_sd(runs, "test_acc"),
+            _pct(_mean(runs, "train_acc")),
+            _pct(_mean(runs, "gap")),
+            _num(_mean(runs, "test_nll")),
+            _num(_mean(runs, "test_ece")),
+            _num(_mean(runs, "test_brier")),
             _num(_mean(runs, "epoch_time"), 2),
-        ]  # fmt: skip
+        ]
         if has_mc:
-            row += [_pct_sd(runs, "mc_acc"), _num(_mean(runs, "mc_nll")), _num(_mean(runs, "mc_ece"))]
+            row += [
+                _pct_sd(runs, "mc_acc"),
+                _num(_mean(runs, "mc_nll")),
+                _num(_mean(runs, "mc_ece")),
+            ]
         if has_ens:
-            row += [_pct_sd(runs, "ens_acc"), _num(_mean(runs, "ens_nll")), _num(_mean(runs, "ens_ece"))]
+            row += [
+                _pct_sd(runs, "ens_acc"),
+                _num(_mean(runs, "ens_nll")),
+                _num(_mean(runs, "ens_ece")),
+            ]
         rows.append(row)
     return markdown(header, rows)
 
 
-def sweep_grid(sec: Section, method: str) -> tuple[list[int], list[int], dict[tuple[int, int], list[dict[str, Any]]]]:
+def sweep_grid(
+    sec: Section, method: str
+) -> tuple[list[int], list[int], dict[tuple[int, int], list[dict[str, Any]]]]:
     """``(sigmas, taus, {(sigma, tau): runs})`` of ``method`` in ``sec``."""
     cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for vkey, runs in sec.variants.items():
@@ -220,7 +270,9 @@ def sweep_table(sec: Section) -> str:
     """Table 1-style: rows sigma (total subnetworks), columns tau (co-scheduled), cells
     mean test accuracy (%) over seeds, best in bold; baselines listed below."""
     parts = []
-    methods = sorted({v[0] for v in sec.variants if v[3] is not None}, key=lambda m: _METHOD_ORDER.get(m, 9))
+    methods = sorted(
+        {v[0] for v in sec.variants if v[3] is not None}, key=lambda m: _METHOD_ORDER.get(m, 9)
+    )
     for method in methods:
         sigmas, taus, cells = sweep_grid(sec, method)
         best = max((_mean(r, "test_acc") or 0.0) for r in cells.values()) if cells else None
@@ -234,11 +286,15 @@ def sweep_table(sec: Section) -> str:
                     text = f"**{text}**"
                 row.append(text)
             rows.append(row)
-        parts.append(f"{method}: test accuracy (%), rows σ, columns τ\n\n"
-                     + markdown(["σ \\ τ", *[str(t) for t in taus]], rows))  # fmt: skip
+        parts.append(
+            f"{method}: test accuracy (%), rows σ, columns τ\n\n"
+            + markdown(["σ \\ τ", *[str(t) for t in taus]], rows)
+        )
     base = [(v, r) for v, r in sec.ordered() if v[3] is None]
     if base:
-        parts.append("Baselines: " + "; ".join(f"{v[0]} {_pct_sd(r, 'test_acc')} %" for v, r in base))
+        parts.append(
+            "Baselines: " + "; ".join(f"{v[0]} {_pct_sd(r, 'test_acc')} %" for v, r in base)
+        )
     return "\n\n".join(parts)
 
 
@@ -253,9 +309,19 @@ def diversity_table(sec: Section) -> str:
     for vkey, runs in sec.ordered():
         m = _mean(runs, "diversity_mean")
         rel = "" if m is None or not ref else f"{m / ref:.3f}"
-        rows.append([vkey[0], len(runs), _num(m, 4), _num(_sd(runs, "diversity_mean"), 4), rel,
-                     _pct_sd(runs, "test_acc")])  # fmt: skip
-    return markdown(["Method", "n", "Mean L1 distance", "SD", "Relative to dropout", "Test acc (%)"], rows)
+        rows.append(
+            [
+                vkey[0],
+                len(runs),
+                _num(m, 4),
+                _num(_sd(runs, "diversity_mean"), 4),
+                rel,
+                _pct_sd(runs, "test_acc"),
+            ]
+        )
+    return markdown(
+        ["Method", "n", "Mean L1 distance", "SD", "Relative to dropout", "Test acc (%)"], rows
+    )
 
 
 def bench_tables(records: Sequence[dict[str, Any]]) -> str:
@@ -268,25 +334,76 @@ def bench_tables(records: Sequence[dict[str, Any]]) -> str:
             if r["method"] == "dropout":
                 base[(r["model"], r["dataset"], r["device"])] = r["ms_per_step"]
         rows = []
-        for r in sorted(steps, key=lambda r: (r["model"], r["dataset"], _METHOD_ORDER.get(r["method"], 9))):
+        for r in sorted(
+            steps, key=lambda r: (r["model"], r["dataset"], _METHOD_ORDER.get(r["method"], 9))
+        ):
             b = base.get((r["model"], r["dataset"], r["device"]))
             rel = f"{b / r['ms_per_step']:.2f}x" if b else ""
-            rows.append([r["dataset"], r["model"], r["method"], r["batch_size"], r["device"],
-                         f"{r['ms_per_step']:.2f}", f"{r['samples_per_s']:.0f}", rel])  # fmt: skip
-        parts.append("Training step time (Figure 7)\n\n" + markdown(
-            ["Dataset", "Model", "Method", "Batch", "Device", "ms / step", "samples / s",
-             "Speedup vs dropout"], rows))  # fmt: skip
+            rows.append(
+                [
+                    r["dataset"],
+                    r["model"],
+                    r["method"],
+                    r["batch_size"],
+                    r["device"],
+                    f"{r['ms_per_step']:.2f}",
+                    f"{r['samples_per_s']:.0f}",
+                    rel,
+                ]
+            )
+        parts.append(
+            "Training step time (Figure 7)\n\n"
+            + markdown(
+                [
+                    "Dataset",
+                    "Model",
+                    "Method",
+                    "Batch",
+                    "Device",
+                    "ms / step",
+                    "samples / s",
+                    "Speedup vs dropout",
+                ],
+                rows,
+            )
+        )
     layer = [r for r in records if r.get("kind") == "block_layer"]
     if layer:
-        rows = [[f"{100 * r['drop']:.0f}%", r["features"], r["batch_size"], r["device"],
-                 f"{r['dense_ms']:.3f}", f"{r['block_ms']:.3f}", f"{r['dense_ms'] / r['block_ms']:.2f}x",
-                 f"{r['dense_train_ms']:.3f}", f"{r['block_train_ms']:.3f}",
-                 f"{r['dense_train_ms'] / r['block_train_ms']:.2f}x", f"{100 * r['kept_flops']:.1f}%"]
-                for r in sorted(layer, key=lambda r: r["drop"])]  # fmt: skip
-        parts.append("Block-wise layer vs dense nn.Linear (Table 7): forward, and forward + backward\n\n"
-                     + markdown(["Drop ratio", "Features", "Batch", "Device", "Dense fwd ms",
-                                 "Block fwd ms", "Fwd speedup", "Dense fwd+bwd ms", "Block fwd+bwd ms",
-                                 "Fwd+bwd speedup", "FLOPs kept"], rows))  # fmt: skip
+        rows = [
+            [
+                f"{100 * r['drop']:.0f}%",
+                r["features"],
+                r["batch_size"],
+                r["device"],
+                f"{r['dense_ms']:.3f}",
+                f"{r['block_ms']:.3f}",
+                f"{r['dense_ms'] / r['block_ms']:.2f}x",
+                f"{r['dense_train_ms']:.3f}",
+                f"{r['block_train_ms']:.3f}",
+                f"{r['dense_train_ms'] / r['block_train_ms']:.2f}x",
+                f"{100 * r['kept_flops']:.1f}%",
+            ]
+            for r in sorted(layer, key=lambda r: r["drop"])
+        ]
+        parts.append(
+            "Block-wise layer vs dense nn.Linear (Table 7): forward, and forward + backward\n\n"
+            + markdown(
+                [
+                    "Drop ratio",
+                    "Features",
+                    "Batch",
+                    "Device",
+                    "Dense fwd ms",
+                    "Block fwd ms",
+                    "Fwd speedup",
+                    "Dense fwd+bwd ms",
+                    "Block fwd+bwd ms",
+                    "Fwd+bwd speedup",
+                    "FLOPs kept",
+                ],
+                rows,
+            )
+        )
     return "\n\n".join(parts)
 
 
@@ -326,8 +443,11 @@ def _pyplot() -> Any | None:
     try:
         import matplotlib
     except ImportError:
-        print('note: matplotlib is not installed; plots skipped (pip install "gyrodrop[experiments]")',
-              file=sys.stderr)  # fmt: skip
+        print(
+            "note: matplotlib is not installed; plots skipped "
+            '(pip install "gyrodrop[experiments]")',
+            file=sys.stderr,
+        )
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -366,9 +486,13 @@ def plot_learning_curves(
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in cols]
             scale = 100.0 if name == "test_acc" else 1.0
             (line,) = ax.plot(xs, [m * scale for m in mean], label=_variant_label(vkey))
-            ax.fill_between(xs, [(m - s) * scale for m, s in zip(mean, sd)],
-                            [(m + s) * scale for m, s in zip(mean, sd)],
-                            color=line.get_color(), alpha=0.2)  # fmt: skip
+            ax.fill_between(
+                xs,
+                [(m - s) * scale for m, s in zip(mean, sd, strict=False)],
+                [(m + s) * scale for m, s in zip(mean, sd, strict=False)],
+                color=line.get_color(),
+                alpha=0.2,
+            )
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_acc, ax_loss):
@@ -389,14 +513,23 @@ def plot_sweep(sec: Section, path: Path) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
-    methods = sorted({v[0] for v in sec.variants if v[3] is not None}, key=lambda m: _METHOD_ORDER.get(m, 9))
+    methods = sorted(
+        {v[0] for v in sec.variants if v[3] is not None}, key=lambda m: _METHOD_ORDER.get(m, 9)
+    )
     if not methods:
         return None
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes[0], methods, strict=False):
         sigmas, taus, cells = sweep_grid(sec, method)
-        grid = [[(_mean(cells[(s, t)], "test_acc") or math.nan) * 100 if (s, t) in cells else math.nan
-                 for t in taus] for s in sigmas]  # fmt: skip
+        grid = [
+            [
+                (_mean(cells[(s, t)], "test_acc") or math.nan) * 100
+                if (s, t) in cells
+                else math.nan
+                for t in taus
+            ]
+            for s in sigmas
+        ]
         im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(taus)), [str(t) for t in taus])
         ax.set_yticks(range(len(sigmas)), [str(s) for s in sigmas])
@@ -423,9 +556,11 @@ def plot_diversity(sec: Section, path: Path) -> Path | None:
     variants = [(v, r) for v, r in sec.ordered() if any("diversity_matrix" in x for x in r)]
     if not variants:
         return None
-    fig, axes = plt.subplots(1, len(variants) + 1, figsize=(4.2 * (len(variants) + 1), 3.8), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(variants) + 1, figsize=(4.2 * (len(variants) + 1), 3.8), squeeze=False
+    )
     vmax = max(max(max(row) for row in r[0]["diversity_matrix"]) for _, r in variants) or 1.0
-    for ax, (vkey, runs) in zip(axes[0], variants):
+    for ax, (vkey, runs) in zip(axes[0], variants, strict=False):
         im = ax.imshow(runs[0]["diversity_matrix"], cmap="magma", vmin=0, vmax=vmax)
         ax.set(title=f"{vkey[0]}: L1 distance", xlabel="subnetwork", ylabel="subnetwork")
         fig.colorbar(im, ax=ax, fraction=0.046)
@@ -435,7 +570,9 @@ def plot_diversity(sec: Section, path: Path) -> Path | None:
     means = [_mean(r, "diversity_mean") or 0.0 for _, r in variants]
     vals = [m / ref for m in means] if ref else means
     ax.bar(names, vals, color=["tab:blue" if n == "dropout" else "tab:green" for n in names])
-    ax.set(title="mean distance" + (" / dropout" if ref else ""), ylabel="relative" if ref else "L1")
+    ax.set(
+        title="mean distance" + (" / dropout" if ref else ""), ylabel="relative" if ref else "L1"
+    )
     fig.suptitle(section_label(sec), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -467,15 +604,26 @@ def plot_reliability(sec: Section, path: Path) -> Path | None:
     if not variants:
         return None
     fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.6), squeeze=False)
-    for ax, (vkey, runs) in zip(axes[0], variants):
+    for ax, (vkey, runs) in zip(axes[0], variants, strict=False):
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-        for name, label in (("reliability", "eval"), ("reliability_mc", "MC dropout"),
-                            ("reliability_ens", "subnet ensemble")):  # fmt: skip
+        for name, label in (
+            ("reliability", "eval"),
+            ("reliability_mc", "MC dropout"),
+            ("reliability_ens", "subnet ensemble"),
+        ):
             bins = _pool_bins(runs, name)
             if bins:
                 pts = [(c, a) for c, a, n in bins if n > 0]
-                ax.plot([c for c, _ in pts], [a for _, a in pts], marker="o", markersize=3, label=label)
-        ax.set(title=_variant_label(vkey), xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+                ax.plot(
+                    [c for c, _ in pts], [a for _, a in pts], marker="o", markersize=3, label=label
+                )
+        ax.set(
+            title=_variant_label(vkey),
+            xlabel="confidence",
+            ylabel="accuracy",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
         ax.legend(fontsize=7)
     fig.suptitle(section_label(sec), fontsize=9)
     fig.tight_layout()
@@ -522,7 +670,7 @@ def render_experiment(
     stems = _unique_stems(secs)
     files: list[Path] = []
     chunks = [f"## {title}"]
-    for sec, stem in zip(secs, stems):
+    for sec, stem in zip(secs, stems, strict=False):
         body = table(sec)
         pngs: list[Path | None] = []
         if out is not None and plots:

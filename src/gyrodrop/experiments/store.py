@@ -204,7 +204,9 @@ class Store:
         mode = self._con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":  # pragma: no cover - e.g. some network filesystems
             self._con.execute("PRAGMA journal_mode = DELETE")
-        self._con.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
+        self._con.execute(
+            "PRAGMA synchronous = NORMAL"
+        )  # WAL: durable at checkpoints, never corrupt
         self._con.execute("PRAGMA foreign_keys = ON")
 
     @contextmanager
@@ -280,7 +282,10 @@ class Store:
                 return False
             con.executemany(
                 "INSERT INTO epochs (run_key, epoch, metrics) VALUES (?, ?, ?)",
-                [(key, int(e.get("epoch", i + 1)), json.dumps(e, sort_keys=True)) for i, e in enumerate(epochs)],
+                [
+                    (key, int(e.get("epoch", i + 1)), json.dumps(e, sort_keys=True))
+                    for i, e in enumerate(epochs)
+                ],
             )
         return True
 
@@ -335,7 +340,8 @@ class Store:
         key = hashlib.sha256(f"{kind}:{text}".encode()).hexdigest()[:16]
         with self._write() as con:
             con.execute(
-                "INSERT OR REPLACE INTO bench (key, kind, config, metrics, finished) VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO bench (key, kind, config, metrics, finished) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (key, kind, text, json.dumps(metrics, sort_keys=True), time.time()),
             )
 

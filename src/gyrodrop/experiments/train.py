@@ -86,9 +86,13 @@ class RunConfig:
         """A copy with fields irrelevant to ``method`` set to ``None``; validates."""
         owner = "RunConfig"
         if self.method not in METHODS:
-            raise ValueError(f"{owner}: method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise ValueError(
+                f"{owner}: method must be one of {', '.join(METHODS)}, got {self.method!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{owner}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ValueError(
+                f"{owner}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{owner}: {name} must be >= 1, got {getattr(self, name)}")
@@ -100,7 +104,9 @@ class RunConfig:
                 raise ValueError(f"{owner}: {name} must be in [0, 1), got {v}")
         changes: dict[str, Any] = {}
         if self.method == "none":
-            changes.update(p=None, input_p=None, num_subnets=None, subnets_per_step=None, block_size=None)
+            changes.update(
+                p=None, input_p=None, num_subnets=None, subnets_per_step=None, block_size=None
+            )
         elif self.method == "dropout":
             changes.update(num_subnets=None, subnets_per_step=None, block_size=None)
         else:
@@ -177,6 +183,7 @@ def _insert_input_dropout(model: nn.Module, p: float) -> None:
     if not isinstance(model, MLP):
         raise ValueError("input_p: input dropout is supported for the mlp models only")
     feats = model.features
+    assert isinstance(feats, nn.Sequential)
     model.features = nn.Sequential(feats[0], nn.Dropout(p), *list(feats)[1:])
 
 
@@ -257,7 +264,9 @@ def _apply_max_norm(model: nn.Module, c: float) -> None:
     with torch.no_grad():
         for m in model.modules():
             w = getattr(m, "weight", None)
-            if isinstance(m, nn.Linear) or (isinstance(w, Tensor) and w.dim() == 2 and "Linear" in type(m).__name__):
+            if isinstance(m, nn.Linear) or (
+                isinstance(w, Tensor) and w.dim() == 2 and "Linear" in type(m).__name__
+            ):
                 assert isinstance(w, Tensor)
                 w.copy_(torch.renorm(w, 2, 0, c))
 
@@ -285,9 +294,10 @@ def train_run(
     Returns:
         :class:`RunResult`: ``metrics`` has ``test_acc, train_acc, gap`` (train minus
         test accuracy), ``test_nll, test_ece, test_brier``, ``epoch_time`` (median
-        training seconds per epoch, robust to a busy machine), ``params`` and, with ``mc_samples``, ``mc_*`` and
-        ``ens_*``; ``epochs`` has one row per epoch (``train_loss, train_acc`` in
-        training mode, ``test_loss, test_acc``, ``seconds``).
+        training seconds per epoch, robust to a busy machine), ``params`` and, with
+        ``mc_samples``, ``mc_*`` and ``ens_*``; ``epochs`` has one row per epoch
+        (``train_loss, train_acc`` in training mode, ``test_loss, test_acc``,
+        ``seconds``).
     """
     cfg = cfg.normalized()
     dev = torch.device(device) if not isinstance(device, torch.device) else device
@@ -302,7 +312,9 @@ def train_run(
         torch.manual_seed(cfg.seed)
         model = make_model(cfg, data, steps_per_epoch).to(dev)
         if cfg.optimizer == "rmsprop":
-            opt: torch.optim.Optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+            opt: torch.optim.Optimizer = torch.optim.RMSprop(
+                model.parameters(), lr=cfg.lr, momentum=cfg.momentum
+            )
         else:
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         loss_fn = nn.CrossEntropyLoss()
