@@ -123,6 +123,7 @@ class MLP(_Classifier):
         p: dropout rate (0 -> no dropout layers).
 
     Example:
+        >>> import torch
         >>> net = MLP((64,), (32, 32), 10, 0.5)
         >>> net(torch.zeros(5, 64)).shape
         torch.Size([5, 10])
@@ -168,6 +169,7 @@ class LeNet(_ConvNet):
     """LeNet-5 style: 2 conv (6 and 16 channels, 5x5) + 3 FC.
 
     Example:
+        >>> import torch
         >>> LeNet((1, 28, 28), (128, 96), 10, 0.5)(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
@@ -191,6 +193,7 @@ class AlexNet(_ConvNet):
     """AlexNet-style net for 32x32 inputs: 3 conv (64, 128, 256 channels) + 3 FC.
 
     Example:
+        >>> import torch
         >>> AlexNet((3, 32, 32), (64, 32), 10, 0.5)(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
@@ -220,6 +223,7 @@ class BasicBlock(nn.Module):
     shortcut is ``downsample(x)`` (1x1 conv + BN) when the shape changes, else ``x``.
 
     Example:
+        >>> import torch
         >>> BasicBlock(8, 16, stride=2)(torch.zeros(1, 8, 8, 8)).shape
         torch.Size([1, 16, 4, 4])
     """
@@ -256,6 +260,7 @@ class ResNet18(_Classifier):
     part is ``features``' tail, ``dropout`` and ``classifier``.
 
     Example:
+        >>> import torch
         >>> net = ResNet18((3, 32, 32), (32,), 10, 0.5, base=8)
         >>> net(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
@@ -323,6 +328,7 @@ def build_model(
     ``torch.random.fork_rng()`` with a seed for a reproducible init (the trainer does).
 
     Example:
+        >>> import torch
         >>> net = build_model("mlp2", (1, 28, 28), 10, 0.5)
         >>> sum(isinstance(m, nn.Dropout) for m in net.modules())
         3
