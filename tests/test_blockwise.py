@@ -371,7 +371,7 @@ class TestCompile:
         torch.testing.assert_close(twin.weight.grad, eager.weight.grad, atol=0, rtol=0)
         assert int(twin.step) == int(eager.step) == 4
 
-    def test_inductor_model_matches_eager(self):
+    def test_inductor_model_matches_eager_outputs_and_gradients(self):
         torch._dynamo.reset()
         torch.manual_seed(0)
 
@@ -383,7 +383,12 @@ class TestCompile:
         compiled = torch.compile(twin)
         for _ in range(2):
             x = torch.randn(8, 64)
-            torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+            y1, y2 = eager(x), compiled(x)
+            torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+            y1.square().sum().backward()
+            y2.square().sum().backward()
+        for a, b in zip(eager.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
 
 
 class TestAutocast:

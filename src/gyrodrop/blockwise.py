@@ -47,6 +47,7 @@ nothing, and the gradients are cut back to the true width. This costs one copy o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class _Plan:
     row_src: Tensor | None  # (G * n,) source row of each batched row (None: uniform)
     real_pos: Tensor | None  # (R,) batched position of each real row (None: uniform)
     row_valid: Tensor | None  # (G, n, 1) 1 for real rows, 0 for padding (None: uniform)
-    w_rows: Tensor | None  # input pruning: (G * out * kb,) block-rows of dW (out, nb, bs)
+    w_rows: Tensor | None  # input pruning: (out * G * kb,) block-rows of W's (out * nb, bs)
 
 
 def _build_plan(
@@ -128,7 +129,7 @@ def _build_plan(
     w_rows = None
     if out_features is not None:
         o = torch.arange(out_features, device=device)
-        w_rows = (o[None, :, None] * n_blocks + kept[:, None, :]).reshape(-1)
+        w_rows = (o[:, None] * n_blocks + kept.reshape(1, -1)).reshape(-1)
     return _Plan(
         groups, n, kb, kept.reshape(-1), gather, scatter, row_src, real_pos, row_valid, w_rows
     )
@@ -149,8 +150,12 @@ def _compute_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def _autocast_off(x: Tensor) -> torch.autocast:
-    return torch.autocast(x.device.type, enabled=False)
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for the GEMMs (their operands are already in the compute dtype);
+    a no-op context when autocast is off anyway (building one costs microseconds)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------
@@ -187,8 +192,9 @@ class _InputPrunedLinear(torch.autograd.Function):
         g, n = groups, rows_per_group
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with _autocast_off(x):
-            # the kept input blocks of W, every group at once: (O, G*kb, bs) = (O, G, k)
-            wg = weight.reshape(out, nb, block_size).index_select(1, blocks).view(out, g, k)
+            # the kept input blocks of W, every group at once: rows of 128-byte block
+            # slices, gathered along dim 0 (memcpy-like): (O*G*kb, bs) = (O, G, k)
+            wg = weight.reshape(out * nb, block_size).index_select(0, w_rows).view(out, g, k)
             # the kept blocks of every row of x, batched by group: (G, n, k)
             xk = x.reshape(rows * nb, block_size).index_select(0, gather).view(g, n, k)
             if dtype is not None:
@@ -203,15 +209,15 @@ class _InputPrunedLinear(torch.autograd.Function):
             y = yk.view(g * n, out)  # groups are consecutive rows: already in row order
             if real_pos is not None:
                 y = y.index_select(0, real_pos)  # drop the padding rows
-        ctx.save_for_backward(xk, wg, gather if scatter is None else scatter, real_pos, w_rows)
+        ctx.save_for_backward(xk, wg, gather if scatter is None else scatter, real_pos, blocks)
         ctx.meta = (rows, fp, out, g, n, block_size, scale)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        xk, wg, scatter, real_pos, w_rows = ctx.saved_tensors
+        xk, wg, scatter, real_pos, blocks = ctx.saved_tensors
         rows, fp, out, g, n, bs, scale = ctx.meta
-        nb = fp // bs
+        nb, k = fp // bs, xk.shape[2]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         dx = dw = db = None
@@ -230,8 +236,12 @@ class _InputPrunedLinear(torch.autograd.Function):
                 dx = dy.new_zeros(rows * nb + 1, bs).index_copy_(0, scatter, dxk.view(-1, bs))
                 dx = dx[: rows * nb].view(rows, fp).to(x_dtype)
             if need_w:
-                dwk = torch.bmm(dyk.transpose(1, 2), xk)  # (G, O, k), kept columns only
-                dw = dy.new_zeros(out * nb, bs).index_add_(0, w_rows, dwk.view(-1, bs))
+                # (G, O, k) on the kept columns only, written straight into an (O, G, k)
+                # buffer (a strided output: no copy), so that the sum over groups is one
+                # index_add of contiguous block slices into the columns of dW
+                dwk = dy.new_empty(out, g, k)
+                torch.bmm(dyk.transpose(1, 2), xk, out=dwk.permute(1, 0, 2))
+                dw = dy.new_zeros(out, nb, bs).index_add_(1, blocks, dwk.view(out, -1, bs))
                 dw = dw.view(out, fp).to(w_dtype)
         return dx, dw, db, None, None, None, None, None, None, None, None, None, None
 
