@@ -461,3 +461,14 @@ class TestStochasticDepthBlock:
             x = x16(2)
             assert torch.allclose(a(x), b(x))
         assert [int(m.stochastic_depth.step) for m in wrapped(b)] == [4] * 4
+
+    @pytest.mark.parametrize("mode", ["block", "sample"])
+    def test_compiled_model_matches_eager_step_by_step(self, mode):
+        eager = nn.Sequential(PreActBlock(4), PostBlock(4))
+        gyrodrop.apply_stochastic_depth(eager, drop_rate=0.5, mode=mode, seed=3)
+        model = copy.deepcopy(eager)
+        compiled = torch.compile(model, backend="aot_eager")
+        for step in range(4):
+            x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step))
+            assert torch.allclose(compiled(x), eager(x), atol=1e-6)
+        assert [int(b.stochastic_depth.step) for b in wrapped(model)] == [4, 4]

@@ -135,8 +135,14 @@ def stochastic_depth(
     _check_mode("stochastic_depth", mode)
     if not training or p == 0.0:
         return x
+    return x * _factors(x, p, mode, seed, step)
+
+
+def _factors(x: Tensor, p: float, mode: str, seed: int, step: int) -> Tensor | float:
+    """What the branch ``x`` is multiplied by: a float (block mode: 0 or ``1/(1-p)``)
+    or per-row factors shaped ``(B, 1, ..., 1)`` (sample mode)."""
     if mode == "block":
-        return x * (1.0 / (1.0 - p) if block_keep(seed, step, p) else 0.0)
+        return 1.0 / (1.0 - p) if block_keep(seed, step, p) else 0.0
     if x.dim() == 0:
         raise ValueError(
             "stochastic_depth: sample mode needs a batch dim, shape (B, *), got a 0-d tensor"
@@ -144,7 +150,7 @@ def stochastic_depth(
     start, _ = distributed.row_window(x.shape[0])
     key = masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_SAMPLE, step)
     keep = _keep_indices(key, start, x.shape[0], p, x.device)
-    return x * _row_factors(keep, x.dim(), p, x.dtype)
+    return _row_factors(keep, x.dim(), p, x.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -305,16 +311,25 @@ class StochasticDepth(SteppedModule):
             keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * mc.rows, x.shape[0], p, x.device)
         return x * _row_factors(keep, x.dim(), p, x.dtype)
 
+    @torch.compiler.disable
+    def _draw(self, x: Tensor) -> Tensor | float:
+        """This step's factors for ``x`` (see :func:`stochastic_depth`); advances the
+        step when ``auto_step``. Bookkeeping runs eagerly under ``torch.compile``."""
+        step = self.current_step()
+        p = self.rate(step)
+        if self.auto_step:
+            self.advance()
+        if p == 0.0:
+            return 1.0
+        return _factors(x, p, self.mode, self.current_seed(), step)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
         if self._mc is not None:
             return self._mc_forward(x, self._mc)
-        step = self.current_step()
-        p = self.rate(step)
-        if self.auto_step:
-            self.advance()
-        return stochastic_depth(x, p, self.mode, True, seed=self.current_seed(), step=step)
+        factor = self._draw(x)
+        return x if isinstance(factor, float) and factor == 1.0 else x * factor
 
 
 # --------------------------------------------------------------------------------------
