@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import gyrodrop
 from gyrodrop.experiments import cli
@@ -15,6 +17,15 @@ from gyrodrop.experiments.cli import main
 
 pytest.importorskip("sklearn")
 COMMANDS = ("compare", "sweep", "diversity", "bench", "cv", "report")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Small models train faster and steadier on one thread on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _json_report(db: Path, capsys: pytest.CaptureFixture[str]) -> list[dict]:
@@ -174,7 +185,16 @@ class TestOtherCommands:
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         assert (
-            main(["sweep", "--quick", "--db", str(tmp_path / "r.db"), "--out", str(tmp_path / "o")])
+            main(
+                [
+                    "sweep",
+                    "--quick",
+                    "--db",
+                    str(tmp_path / "r.db"),
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
             == 0
         )
         out = capsys.readouterr().out
@@ -260,12 +280,35 @@ class TestOtherCommands:
 
 
 class TestErrors:
+    def test_threads_option_is_applied_and_restored(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        seen: list[int] = []
+        monkeypatch.setitem(
+            cli.COMMANDS, "compare", lambda args: seen.append(torch.get_num_threads()) or 0
+        )
+        before = torch.get_num_threads()
+        assert main(["compare", "--threads", "2", "--db", str(tmp_path / "r.db")]) == 0
+        assert seen == [2] and torch.get_num_threads() == before
+
     def test_foreign_db_is_refused_and_untouched(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         db = tmp_path / "thesis.db"
         db.write_text("chapter one")
-        assert main(["compare", "--quick", "--db", str(db), "--out", str(tmp_path / "o")]) == 2
+        assert (
+            main(
+                [
+                    "compare",
+                    "--quick",
+                    "--db",
+                    str(db),
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
+            == 2
+        )
         assert "not an SQLite file" in capsys.readouterr().err
         assert db.read_text() == "chapter one"
 
