@@ -265,6 +265,20 @@ class TestOtherCommands:
         out = capsys.readouterr().out
         assert "| digits | mlp | dropout |" in out and "| digits | mlp | gyro |" in out
         assert (tmp_path / "o" / "bench.md").exists()
+        capsys.readouterr()
+        args = [
+            "report",
+            "--db",
+            str(tmp_path / "r.db"),
+            "--experiment",
+            "bench",
+            "--format",
+            "json",
+        ]
+        assert main(args) == 0
+        timings = json.loads(capsys.readouterr().out)
+        assert sorted(t["method"] for t in timings) == ["dropout", "gyro"]
+        assert all(t["ms_per_step"] > 0 for t in timings)
 
     def test_report_renders_every_experiment_and_csv(
         self, compared: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -599,6 +599,7 @@ def run_all(
                 on_epoch=on_epoch,
                 extra=extra(cfg) if extra else None,
             )
+            result.metrics["threads"] = torch.get_num_threads()  # float sums depend on it
             store.save(
                 cfg, result.metrics, result.epochs, device=str(device), version=gyrodrop.__version__
             )
@@ -732,7 +733,7 @@ def _train_and_render(
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     v = _resolve(args, "sweep")
-    _check({**v, "methods": v["methods"]})
+    _check(v)
     configs = _configs("sweep", v, v["baselines"]) + _configs("sweep", v, v["methods"])
     return _train_and_render("sweep", configs, v)
 
@@ -874,7 +875,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     progress = Progress(args.quiet or args.format != "markdown")
     with _open_store(args.db, readonly=True) as store:
-        records = store.records(experiment=args.experiment if args.experiment != "bench" else "\0")
+        if args.experiment == "bench":  # timings, not runs
+            records = store.bench_records()
+        else:
+            records = store.records(experiment=args.experiment)
         if args.format == "json":
             _emit(report.records_json(records))
             return 0
@@ -887,7 +891,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         names = [args.experiment] if args.experiment else store.experiments()
         for name in names:
             if name == "bench":
-                continue
+                break
             text, written = report.render_experiment(
                 name, records, store.epochs, out, plots=out is not None
             )

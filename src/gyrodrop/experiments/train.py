@@ -125,8 +125,6 @@ class RunConfig:
             raise ValueError(f"{owner}: method {self.method} needs p > 0 or input_p > 0")
         if self.input_p == 0.0:
             changes["input_p"] = None
-        if self.optimizer == "rmsprop" and self.momentum == 0.0:
-            pass
         if self.widths is not None:
             changes["widths"] = tuple(int(w) for w in self.widths)
         return dataclasses.replace(self, **changes)
