@@ -57,11 +57,21 @@ def pytest_ignore_collect(collection_path: Path) -> bool | None:
         return True  # importing it would run the command line
     try:
         importlib.import_module(_module_name(collection_path))
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] in _OPTIONAL:
+    except ImportError as error:
+        if _missing_optional(error):
             return True
         raise
     return None
+
+
+def _missing_optional(error: BaseException | None) -> bool:
+    """Is an optional package's absence the root of this import error? Follows the
+    chain, so a module that re-raises with a friendlier message counts too."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in _OPTIONAL:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
