@@ -16,12 +16,12 @@ install: $(PY)
 
 install-dev: $(PY)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,experiments]"
+	$(PIP) -e ".[dev,experiments,lightning,transformers]"
 
 # The experiment CLI on scikit-learn's digits: 3 methods x 3 seeds, a table and plots
 # (results/demo/), well under 2 minutes on 2 cores; a second run reuses results/demo.db.
 demo: install
-	$(PY) -m gyrodrop compare --dataset digits --methods none,dropout,gyro --seeds 3 --epochs 20 \
+	$(PY) -m gyrodrop compare --dataset digits --methods none,dropout,gyro --seeds 3 --epochs 20 --threads 1 \
 		--db results/demo.db --out results/demo
 
 test: install-dev
