@@ -171,6 +171,26 @@ class TestOutputAndAutoPruning:
         assert apply(model, prune="auto") == 1
         assert model[0].prune == "output"
 
+    def test_auto_prunes_the_two_large_linears_of_an_mlp(self):
+        model = nn.Sequential(
+            nn.Linear(784, 2048),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(2048, 2048),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(2048, 10),
+        )
+        sites, _ = find_block_sites(model, "auto")
+        assert sites == [BlockSite("2", "0", "output"), BlockSite("5", "3", "output")]
+        sites, _ = find_block_sites(model, "input")
+        assert sites == [BlockSite("2", "3", "input"), BlockSite("5", "6", "input")]
+
+    def test_auto_prefers_input_fusion_on_ties(self):
+        model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 16))
+        sites, _ = find_block_sites(model, "auto")
+        assert sites == [BlockSite("1", "2", "input")]
+
     def test_auto_gives_each_dropout_a_linear_where_input_first_would_not(self):
         # Linear0 -> Dropout1 -> Linear2 -> Dropout3 -> LayerNorm: input-first would give
         # Linear2 to Dropout1 and leave Dropout3 alone; auto fuses both as output.

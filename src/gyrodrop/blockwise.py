@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -159,6 +160,61 @@ def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[Any]:
 
 
 # --------------------------------------------------------------------------------------
+# Scratch buffers reused across steps.
+
+
+class _Workspace:
+    """Scratch buffers of one module, reused from step to step.
+
+    The gathered blocks of ``W`` and of the activation, and the per-group GEMM results
+    before they are scattered, are temporaries of a single forward or backward call:
+    nothing returned or saved for backward points into them. Allocating them afresh
+    every step costs page faults on first touch (on the 2-core test VM, about a
+    millisecond per fresh megabyte, comparable to the pruned GEMMs themselves), so each
+    module keeps them (per thread) and reuses them. They are not state: not in
+    ``state_dict``, rebuilt on another device or dtype. Under ``torch.compile`` they are
+    not used (the compiler plans memory itself).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, int], Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A buffer of ``shape`` with ``like``'s dtype and device (contents undefined)."""
+        key = (name, threading.get_ident())
+        numel = math.prod(shape)
+        buf = self._buffers.get(key)
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or (buf.device != like.device)
+        ):
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def _scratch(ws: _Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A workspace buffer, or a fresh tensor without a workspace."""
+    if ws is None:
+        return like.new_empty(shape)
+    return ws.take(name, shape, like)
+
+
+def _gather_rows(
+    src: Tensor, index: Tensor, shape: tuple[int, ...], ws: _Workspace | None, name: str
+) -> Tensor:
+    """``src.index_select(0, index)`` (rows of block slices) into a workspace buffer."""
+    out = _scratch(ws, name, (index.numel(), src.shape[1]), src)
+    torch.index_select(src, 0, index, out=out)
+    return out.view(shape)
+
+
+# --------------------------------------------------------------------------------------
 # Input pruning: block dropout on the Linear's input, fused into the GEMMs.
 
 
@@ -166,7 +222,9 @@ class _InputPrunedLinear(torch.autograd.Function):
     """``y = (x * mask) @ W.T + b`` computed on the kept input blocks only.
 
     ``x`` is ``(R, Fp)`` and ``weight`` ``(O, Fp)`` with ``Fp = n_blocks * block_size``;
-    ``mask`` (scaled) is implied by the plan's indices and ``scale``.
+    the scaled mask is implied by the plan's indices and ``scale``. Only ``x`` and
+    ``weight`` are saved: backward gathers their kept blocks again (cheaper than
+    keeping ``tau * (1 - p)`` copies of ``W`` alive between forward and backward).
     """
 
     @staticmethod
@@ -185,65 +243,87 @@ class _InputPrunedLinear(torch.autograd.Function):
         block_size: int,
         scale: float,
         dtype: torch.dtype | None,
+        ws: _Workspace | None,
     ) -> Tensor:
-        rows, fp = x.shape
         out = weight.shape[0]
-        nb, k = fp // block_size, blocks.numel() // groups * block_size
-        g, n = groups, rows_per_group
+        g, n, bs = groups, rows_per_group, block_size
+        k = blocks.numel() // g * bs
+        wg, xk = _InputPrunedLinear._gather(x, weight, gather, w_rows, g, n, k, bs, dtype, ws)
+        xk.mul_(scale)  # the dropout scaling, applied once to the kept values
+        wt = wg.permute(1, 2, 0)  # (G, k, O): a transposed view, no copy
+        if bias is None:
+            yk = torch.bmm(xk, wt)
+        else:
+            b = bias if dtype is None else bias.to(dtype)
+            yk = torch.baddbmm(b.view(1, 1, out).expand(g, n, out), xk, wt)
+        y = yk.view(g * n, out)  # groups are consecutive rows: already in row order
+        if real_pos is not None:
+            y = y.index_select(0, real_pos)  # drop the padding rows
+        ctx.save_for_backward(x, weight, blocks, gather, scatter, real_pos, w_rows)
+        ctx.meta = (g, n, bs, scale, dtype, ws)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        with _autocast_off(x):
-            # the kept input blocks of W, every group at once: rows of 128-byte block
-            # slices, gathered along dim 0 (memcpy-like): (O*G*kb, bs) = (O, G, k)
-            wg = weight.reshape(out * nb, block_size).index_select(0, w_rows).view(out, g, k)
-            # the kept blocks of every row of x, batched by group: (G, n, k)
-            xk = x.reshape(rows * nb, block_size).index_select(0, gather).view(g, n, k)
-            if dtype is not None:
-                wg, xk = wg.to(dtype), xk.to(dtype)
-                bias = None if bias is None else bias.to(dtype)
-            xk.mul_(scale)  # the dropout scaling, applied once to the kept values
-            wt = wg.permute(1, 2, 0)  # (G, k, O): a transposed view, no copy
-            if bias is None:
-                yk = torch.bmm(xk, wt)
-            else:
-                yk = torch.baddbmm(bias.view(1, 1, out).expand(g, n, out), xk, wt)
-            y = yk.view(g * n, out)  # groups are consecutive rows: already in row order
-            if real_pos is not None:
-                y = y.index_select(0, real_pos)  # drop the padding rows
-        ctx.save_for_backward(xk, wg, gather if scatter is None else scatter, real_pos, blocks)
-        ctx.meta = (rows, fp, out, g, n, block_size, scale)
         return y
 
     @staticmethod
+    def _gather(
+        x: Tensor,
+        weight: Tensor,
+        gather: Tensor,
+        w_rows: Tensor,
+        g: int,
+        n: int,
+        k: int,
+        bs: int,
+        dtype: torch.dtype | None,
+        ws: _Workspace | None,
+    ) -> tuple[Tensor, Tensor]:
+        out = weight.shape[0]
+        # the kept input blocks of W for every group: 128-byte block slices gathered
+        # as rows (memcpy-like): (O*G*kb, bs) = (O, G, k)
+        wg = _gather_rows(weight.reshape(-1, bs), w_rows, (out, g, k), ws, "w")
+        # the kept blocks of every row of x, batched by group: (G, n, k)
+        xk = _gather_rows(x.reshape(-1, bs), gather, (g, n, k), ws, "x")
+        if dtype is not None:
+            wg, xk = wg.to(dtype), xk.to(dtype)
+        return wg, xk
+
+    @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        xk, wg, scatter, real_pos, blocks = ctx.saved_tensors
-        rows, fp, out, g, n, bs, scale = ctx.meta
-        nb, k = fp // bs, xk.shape[2]
+        x, weight, blocks, gather, scatter, real_pos, w_rows = ctx.saved_tensors
+        g, n, bs, scale, dtype, ws = ctx.meta
+        rows, fp = x.shape
+        out = weight.shape[0]
+        nb, k = fp // bs, blocks.numel() // g * bs
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         dx = dw = db = None
         with _autocast_off(dy):
             if need_b:
                 db = dy.sum(0).to(b_dtype)
-            dy = dy.to(xk.dtype)
+            wg, xk = _InputPrunedLinear._gather(x, weight, gather, w_rows, g, n, k, bs, dtype, ws)
+            dy = dy.to(wg.dtype)
             if real_pos is None:
                 dyk = dy.reshape(g, n, out)
             else:  # padding rows get a zero gradient, so they add nothing to dW
                 dyk = dy.new_zeros(g * n, out).index_copy_(0, real_pos, dy).view(g, n, out)
             if need_x:
-                dxk = torch.bmm(dyk, wg.permute(1, 0, 2))  # (G, n, k)
+                dxk = _scratch(ws, "dx", (g, n, k), dy)
+                torch.bmm(dyk, wg.permute(1, 0, 2), out=dxk)  # (G, n, k)
                 dxk.mul_(scale)
                 # scatter into the kept blocks; the extra block-row takes the padding
-                dx = dy.new_zeros(rows * nb + 1, bs).index_copy_(0, scatter, dxk.view(-1, bs))
+                dx = dy.new_zeros(rows * nb + 1, bs)
+                dx.index_copy_(0, gather if scatter is None else scatter, dxk.view(-1, bs))
                 dx = dx[: rows * nb].view(rows, fp).to(x_dtype)
             if need_w:
                 # (G, O, k) on the kept columns only, written straight into an (O, G, k)
-                # buffer (a strided output: no copy), so that the sum over groups is one
-                # index_add of contiguous block slices into the columns of dW
-                dwk = dy.new_empty(out, g, k)
-                torch.bmm(dyk.transpose(1, 2), xk, out=dwk.permute(1, 0, 2))
+                # buffer (a strided output, no copy; it reuses W's gathered blocks, no
+                # longer needed), so the sum over groups is one index_add of contiguous
+                # block slices into the columns of dW
+                dwk = wg
+                torch.bmm(dyk.transpose(1, 2), xk.mul_(scale), out=dwk.permute(1, 0, 2))
                 dw = dy.new_zeros(out, nb, bs).index_add_(1, blocks, dwk.view(out, -1, bs))
                 dw = dw.view(out, fp).to(w_dtype)
-        return dx, dw, db, None, None, None, None, None, None, None, None, None, None
+        return (dx, dw, db) + (None,) * 11
 
 
 # --------------------------------------------------------------------------------------
@@ -273,62 +353,88 @@ class _OutputPrunedLinear(torch.autograd.Function):
         block_size: int,
         scale: float,
         dtype: torch.dtype | None,
+        ws: _Workspace | None,
     ) -> Tensor:
         rows, fin = x.shape
         op = weight.shape[0]
-        nb, kb = op // block_size, blocks.numel() // groups
-        g, n, ko = groups, rows_per_group, kb * block_size
+        g, n, bs = groups, rows_per_group, block_size
+        nb, ko = op // bs, blocks.numel() // g * bs
+        wg, xg = _OutputPrunedLinear._gather(x, weight, blocks, row_src, g, n, ko, bs, dtype, ws)
+        wt = wg.transpose(1, 2)  # (G, I, ko): a transposed view, no copy
+        yk = _scratch(ws, "y", (g, n, ko), wg)
+        if bias is None:
+            torch.bmm(xg, wt, out=yk).mul_(scale)
+        else:
+            bg = bias.reshape(nb, bs).index_select(0, blocks).view(g, 1, ko)
+            bg = bg if dtype is None else bg.to(dtype)
+            torch.baddbmm(bg, xg, wt, beta=scale, alpha=scale, out=yk)
+        # dropped output blocks are zeros; the extra block-row takes the padding
+        y = yk.new_zeros(rows * nb + 1, bs)
+        y.index_copy_(0, gather if scatter is None else scatter, yk.view(-1, bs))
+        y = y[: rows * nb].view(rows, op)
+        ctx.save_for_backward(x, weight, blocks, row_src, gather, real_pos, row_valid)
+        ctx.meta = (g, n, bs, scale, dtype, ws)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        with _autocast_off(x):
-            # the kept output blocks of W are contiguous rows: (G*kb, bs, I) = (G, ko, I)
-            wg = weight.reshape(nb, block_size, fin).index_select(0, blocks).view(g, ko, fin)
-            xg = x.view(g, n, fin) if row_src is None else x.index_select(0, row_src)
-            xg = xg.view(g, n, fin)
-            if dtype is not None:
-                wg, xg = wg.to(dtype), xg.to(dtype)
-            wt = wg.transpose(1, 2)  # (G, I, ko): a transposed view, no copy
-            if bias is None:
-                yk = torch.bmm(xg, wt).mul_(scale)
-            else:
-                bg = bias.reshape(nb, block_size).index_select(0, blocks).view(g, 1, ko)
-                bg = bg if dtype is None else bg.to(dtype)
-                yk = torch.baddbmm(bg, xg, wt, beta=scale, alpha=scale)
-            # dropped output blocks are zeros; the extra block-row takes the padding
-            y = yk.new_zeros(rows * nb + 1, block_size).index_copy_(
-                0, gather if scatter is None else scatter, yk.view(-1, block_size)
-            )
-            y = y[: rows * nb].view(rows, op)
-        ctx.save_for_backward(xg, wg, blocks, gather, real_pos, row_valid)
-        ctx.meta = (rows, fin, op, g, n, block_size, scale)
         return y
 
     @staticmethod
+    def _gather(
+        x: Tensor,
+        weight: Tensor,
+        blocks: Tensor,
+        row_src: Tensor | None,
+        g: int,
+        n: int,
+        ko: int,
+        bs: int,
+        dtype: torch.dtype | None,
+        ws: _Workspace | None,
+    ) -> tuple[Tensor, Tensor]:
+        fin = x.shape[1]
+        # the kept output blocks of W are contiguous rows: (G*kb, bs*I) = (G, ko, I)
+        wg = _gather_rows(weight.reshape(-1, bs * fin), blocks, (g, ko, fin), ws, "w")
+        if row_src is None:
+            xg = x.view(g, n, fin)
+        else:
+            xg = _gather_rows(x, row_src, (g, n, fin), ws, "x")
+        if dtype is not None:
+            wg, xg = wg.to(dtype), xg.to(dtype)
+        return wg, xg
+
+    @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        xg, wg, blocks, gather, real_pos, row_valid = ctx.saved_tensors
-        rows, fin, op, g, n, bs, scale = ctx.meta
-        nb, ko = op // bs, wg.shape[1]
+        x, weight, blocks, row_src, gather, real_pos, row_valid = ctx.saved_tensors
+        g, n, bs, scale, dtype, ws = ctx.meta
+        rows, fin = x.shape
+        op = weight.shape[0]
+        nb, ko = op // bs, blocks.numel() // g * bs
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         dx = dw = db = None
         with _autocast_off(dy):
-            dy = dy.to(xg.dtype)
-            dyk = dy.reshape(rows * nb, bs).index_select(0, gather).view(g, n, ko)
+            wg, xg = _OutputPrunedLinear._gather(
+                x, weight, blocks, row_src, g, n, ko, bs, dtype, ws
+            )
+            dy = dy.to(wg.dtype)
+            dyk = _gather_rows(dy.reshape(rows * nb, bs), gather, (g, n, ko), ws, "y")
             if row_valid is not None:
                 dyk.mul_(row_valid.to(dyk.dtype))  # padding rows add nothing
             dyk.mul_(scale)
+            if need_b:
+                dbk = dyk.sum(1).view(-1, bs)  # (G*kb, bs)
+                db = dy.new_zeros(nb, bs).index_add_(0, blocks, dbk).view(op).to(b_dtype)
             if need_x:
                 dx = torch.bmm(dyk, wg).view(g * n, fin)  # (G*n, I), dense
                 if real_pos is not None:
                     dx = dx.index_select(0, real_pos)
                 dx = dx.to(x_dtype)
             if need_w:
-                dwk = torch.bmm(dyk.transpose(1, 2), xg)  # (G, ko, I), kept rows only
+                # kept rows only, into W's gathered blocks (no longer needed)
+                dwk = wg
+                torch.bmm(dyk.transpose(1, 2), xg, out=dwk)  # (G, ko, I)
                 dw = dy.new_zeros(nb, bs * fin).index_add_(0, blocks, dwk.view(-1, bs * fin))
                 dw = dw.view(op, fin).to(w_dtype)
-            if need_b:
-                dbk = dyk.sum(1).view(-1, bs)  # (G*kb, bs)
-                db = dy.new_zeros(nb, bs).index_add_(0, blocks, dbk).view(op).to(b_dtype)
-        return (dx, dw, db) + (None,) * 11
+        return (dx, dw, db) + (None,) * 12
 
 
 # --------------------------------------------------------------------------------------
@@ -475,6 +581,7 @@ class BlockGyroLinear(ScheduledModule):
         self._kept: Tensor | None = None
         self._plan_key: tuple[Any, ...] | None = None
         self._plan: _Plan | None = None
+        self._workspace = _Workspace()
 
     # -- construction ------------------------------------------------------------------
 
@@ -669,6 +776,7 @@ class BlockGyroLinear(ScheduledModule):
         x2 = x.reshape(-1, self.in_features)  # (R, I): samples' rows are consecutive
         bs, width = self.block_size, self.n_blocks * self.block_size
         dtype = _compute_dtype(x)
+        ws = None if torch.compiler.is_compiling() else self._workspace
         weight, bias = self.weight, self.bias
         if self.prune == "input":
             pad = width - self.in_features
@@ -688,6 +796,7 @@ class BlockGyroLinear(ScheduledModule):
                 bs,
                 self.scale,
                 dtype,
+                ws,
             )
         else:
             pad = width - self.out_features
@@ -709,6 +818,7 @@ class BlockGyroLinear(ScheduledModule):
                 bs,
                 self.scale,
                 dtype,
+                ws,
             )
             if pad:
                 y = y[:, : self.out_features]
@@ -780,9 +890,11 @@ def find_block_sites(model: nn.Module, prune: str = "input") -> tuple[list[Block
 
     ``prune``: ``"input"`` fuses ``Dropout -> Linear``; ``"output"`` fuses
     ``Linear [-> ReLU/LeakyReLU/PReLU] -> Dropout`` (these activations commute with a
-    non-negative mask); ``"auto"`` fuses every dropout it can, preferring input fusion:
-    dropouts that feed no Linear take the Linear before them first, then the others take
-    the Linear after them, or the one before them where that one is taken.
+    non-negative mask); ``"auto"`` picks a side for every dropout so that the pruned
+    GEMM work (``in * out`` of the fused Linears) is largest, ties going to input
+    fusion. For an MLP ``Linear(784, 2048) -> ReLU -> Dropout -> Linear(2048, 2048) ->
+    ReLU -> Dropout -> Linear(2048, 10)`` that is output fusion twice (the two large
+    Linears) where input fusion would prune the large and the small one.
 
     A pair is fused only when both modules are registered and called once, and the
     dropout's output goes only to that Linear (input fusion) or the Linear's output
@@ -802,30 +914,49 @@ def find_block_sites(model: nn.Module, prune: str = "input") -> tuple[list[Block
         )
     else:
         candidates, problems = _graph_candidates(model, graph)
-    sites, unresolved = _resolve(candidates, prune)
+    weights = {
+        name: m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+    sites, unresolved = _resolve(candidates, prune, weights)
     return sites, problems + unresolved
 
 
-def _resolve(candidates: list[_Candidate], prune: str) -> tuple[list[BlockSite], list[str]]:
-    """Assign Linears to dropouts (each Linear at most once), in the passes of ``prune``."""
-    claimed: set[str] = set()
+def _resolve(
+    candidates: list[_Candidate], prune: str, weights: dict[str, int]
+) -> tuple[list[BlockSite], list[str]]:
+    """Assign Linears to dropouts, each Linear at most once.
+
+    ``"input"`` / ``"output"``: every dropout takes the Linear on that side.
+    ``"auto"``: the assignment that prunes the most GEMM work, ``weights[linear]``
+    (``in * out``) summed over the fused Linears, ties going to input fusion. A Linear
+    can be wanted by two dropouts only (the one feeding it, the one it feeds), so the
+    conflicts form chains ``D1 -> L -> D2 -> L' -> D3 ...``, solved exactly by dynamic
+    programming along each chain.
+    """
     chosen: dict[str, BlockSite] = {}
-
-    def take(c: _Candidate, side: str) -> None:
-        linear = c.after if side == "input" else c.before
-        if c.dropout in chosen or c.blocked or linear is None or linear in claimed:
-            return
-        chosen[c.dropout] = BlockSite(c.dropout, linear, side)
-        claimed.add(linear)
-
-    if prune == "auto":
-        for c in candidates:
-            if c.after is None:
-                take(c, "output")
-    passes = {"input": ("input",), "output": ("output",), "auto": ("input", "output")}[prune]
-    for side in passes:
-        for c in candidates:
-            take(c, side)
+    live = [c for c in candidates if not c.blocked]
+    if prune in ("input", "output"):
+        for c in live:
+            linear = c.after if prune == "input" else c.before
+            if linear is not None:
+                chosen[c.dropout] = BlockSite(c.dropout, linear, prune)
+    else:
+        fed_by = {c.before: c for c in live if c.before is not None}  # Linear -> dropout
+        follower = {c.dropout: fed_by.get(c.after) for c in live if c.after is not None}
+        has_prev = {d.dropout for d in follower.values() if d is not None}
+        for start in live:
+            if start.dropout in has_prev:
+                continue
+            chain = [start]
+            while (nxt := follower.get(chain[-1].dropout)) is not None:
+                chain.append(nxt)
+            for c, side in zip(chain, _best_chain(chain, weights), strict=True):
+                if side is not None:
+                    linear = c.after if side == "input" else c.before
+                    assert linear is not None
+                    chosen[c.dropout] = BlockSite(c.dropout, linear, side)
     sites = [chosen[c.dropout] for c in candidates if c.dropout in chosen]
     problems = []
     for c in candidates:
@@ -836,14 +967,38 @@ def _resolve(candidates: list[_Candidate], prune: str) -> tuple[list[BlockSite],
             continue
         reasons = []
         if prune in ("input", "auto"):
-            reasons.append(c.why_not_after if c.after is None else f"{c.after} is already fused")
+            reasons.append(c.why_not_after if c.after is None else f"{c.after} is fused already")
         if prune in ("output", "auto"):
-            reasons.append(c.why_not_before if c.before is None else f"{c.before} is already fused")
+            reasons.append(c.why_not_before if c.before is None else f"{c.before} is fused already")
         hint = ""
         if prune == "input" and c.before is not None:
             hint = "; prune='auto' or 'output' would fuse it into the Linear before it"
         problems.append(f"{c.dropout}: " + "; ".join(reasons) + hint)
     return sites, problems
+
+
+def _best_chain(chain: list[_Candidate], weights: dict[str, int]) -> list[str | None]:
+    """The side (``"input"``, ``"output"`` or ``None``) of each dropout of a chain in
+    which dropout ``i``'s Linear after it is dropout ``i + 1``'s Linear before it, that
+    maximizes (pruned work, number of input fusions)."""
+    Score = tuple[int, int]
+    # best[t]: (score, sides) over the dropouts so far, t = the last one took its 'after'
+    best: dict[bool, tuple[Score, list[str | None]]] = {False: ((0, 0), [])}
+    for c in chain:
+        nxt: dict[bool, tuple[Score, list[str | None]]] = {}
+        for took_after, (score, sides) in best.items():
+            options: list[tuple[str | None, Score]] = [(None, (0, 0))]
+            if c.after is not None:
+                options.append(("input", (weights.get(c.after, 0), 1)))
+            if c.before is not None and not took_after:  # shared with the previous 'after'
+                options.append(("output", (weights.get(c.before, 0), 0)))
+            for side, (w, n_in) in options:
+                total = (score[0] + w, score[1] + n_in)
+                key = side == "input"
+                if key not in nxt or total > nxt[key][0]:
+                    nxt[key] = (total, [*sides, side])
+        best = nxt
+    return max(best.values(), key=lambda v: v[0])[1]
 
 
 def _graph_candidates(

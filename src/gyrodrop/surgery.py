@@ -300,8 +300,8 @@ def apply_block_gyro(
     input-pruned ``BlockGyroLinear`` and the Dropout an ``nn.Identity``.
     ``prune="output"`` fuses ``Linear [-> ReLU/LeakyReLU/PReLU] -> Dropout`` (dropout
     after the Linear, the activation kept in place: it commutes with the mask).
-    ``prune="auto"`` fuses every dropout it can, input fusion first (see
-    :func:`gyrodrop.blockwise.find_block_sites`). The pairs are found in
+    ``prune="auto"`` fuses every dropout it can, on the side that prunes the most GEMM
+    work (see :func:`gyrodrop.blockwise.find_block_sites`). The pairs are found in
     ``nn.Sequential`` containers and, through ``torch.fx`` symbolic tracing, anywhere
     in a traceable model; the model itself is changed in place (its own ``forward``
     still runs: fx only reads the dataflow), and its Linear parameters are kept (an
