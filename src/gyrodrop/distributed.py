@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gyrodrop.schedule import SteppedModule
+
 __all__ = [
     "row_window",
     "window_for",
@@ -272,13 +274,15 @@ def batch_layout(
     if (local_batch is None) == (sizes is None):
         raise ValueError("batch_layout: pass exactly one of local_batch and sizes")
     place = _rank_and_world(group)
+    layout_sizes: tuple[int, ...] | None
     if sizes is not None:
-        layout_sizes: tuple[int, ...] | None = _check_sizes("batch_layout", sizes)
-        if place is not None and len(layout_sizes) != place[1]:
+        declared = _check_sizes("batch_layout", sizes)
+        if place is not None and len(declared) != place[1]:
             raise ValueError(
                 f"batch_layout: sizes must list the local batch of each of the {place[1]} "
-                f"ranks, got {len(layout_sizes)} sizes {list(layout_sizes)}"
+                f"ranks, got {len(declared)} sizes {list(declared)}"
             )
+        layout_sizes = declared
     else:
         gathered = gather_local_sizes(local_batch, group)  # type: ignore[arg-type]
         layout_sizes = tuple(gathered) if place is not None else None
@@ -289,9 +293,8 @@ def batch_layout(
         _scoped_layout.reset(token)
 
 
-def _stepped_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from gyrodrop.schedule import SteppedModule
-    from gyrodrop.surgery import unwrap_model
+def _stepped_modules(model: nn.Module) -> list[tuple[str, SteppedModule]]:
+    from gyrodrop.surgery import unwrap_model  # surgery imports gyro, which imports us
 
     return [
         (name, module)

@@ -132,10 +132,11 @@ class GyroDropoutCallback(TrainerCallback, ExportableState):
                 )
             _common.load_gyro_steps(model, saved.get("gyro_steps", {}), owner)
         self.global_step = state.global_step
-        if isinstance(state.stateful_callbacks, dict):
+        entries: Any = state.stateful_callbacks  # a dict once the Trainer set it up
+        if isinstance(entries, dict):
             # A checkpoint saved without this callback has no entry for it, and the
             # Trainer's save would then fail on the missing key.
-            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+            entries.setdefault(type(self).__name__, self.state())
 
     def on_step_end(
         self,
@@ -153,7 +154,10 @@ class GyroDropoutCallback(TrainerCallback, ExportableState):
     def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
         """This callback's attributes as saved in the checkpoint's ``trainer_state.json``
         (present whether or not ``restore_callback_states_from_checkpoint`` is set)."""
-        entry = (state.stateful_callbacks or {}).get(type(self).__name__)
+        entries: Any = state.stateful_callbacks
+        if not isinstance(entries, dict):
+            return None
+        entry = entries.get(type(self).__name__)
         if isinstance(entry, list):
             entry = entry[0] if entry else None
         if not isinstance(entry, dict):
