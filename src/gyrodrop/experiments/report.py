@@ -563,6 +563,9 @@ def plot_diversity(sec: Section, path: Path) -> Path | None:
     for ax, (vkey, runs) in zip(axes[0], variants, strict=False):
         im = ax.imshow(runs[0]["diversity_matrix"], cmap="magma", vmin=0, vmax=vmax)
         ax.set(title=f"{vkey[0]}: L1 distance", xlabel="subnetwork", ylabel="subnetwork")
+        ticks = range(len(runs[0]["diversity_matrix"]))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_yticks(ticks, [str(t) for t in ticks])
         fig.colorbar(im, ax=ax, fraction=0.046)
     ref = next((_mean(r, "diversity_mean") for v, r in variants if v[0] == "dropout"), None)
     ax = axes[0][-1]
