@@ -64,6 +64,9 @@ class GyroDropoutCallback(pl.Callback):
     unless the weights were loaded without the buffers), so ``fit(ckpt_path=...)``
     continues the identical mask sequence. Lightning runs checkpoint callbacks after
     the others, so a checkpoint taken on a batch end already has the advanced step.
+    Outside the Trainer, a plain module loads such a checkpoint with
+    ``Module.load_from_checkpoint(path, strict=False)`` (the gyro buffers are then
+    ignored; gyro layers are the identity in eval) or after ``apply_gyro_dropout``.
 
     Example:
         >>> from gyrodrop.integrations.lightning import GyroDropoutCallback
