@@ -11,9 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gyrodrop
-from gyrodrop.integrations.lightning import GyroDropoutCallback
 
 pl = pytest.importorskip("lightning.pytorch")  # CI installs the [lightning] extra
+
+from gyrodrop.integrations.lightning import GyroDropoutCallback  # noqa: E402
 
 ROWS, BATCH, ACCUMULATE = 16, 4, 2  # 4 batches, 2 optimizer steps per epoch
 SIGMA, TAU = 4, 2

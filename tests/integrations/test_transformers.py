@@ -13,9 +13,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import gyrodrop
-from gyrodrop.integrations.transformers import GyroDropoutCallback
 
 transformers = pytest.importorskip("transformers")  # CI installs the [transformers] extra
+
+from gyrodrop.integrations.transformers import GyroDropoutCallback  # noqa: E402
 
 ROWS, SEQ, BATCH, ACCUMULATE = 16, 8, 4, 2  # 4 micro-batches, 2 optimizer steps per epoch
 SIGMA, TAU = 8, 2
