@@ -198,6 +198,33 @@ class TestExactness:
         assert_all_close(got, ref)
 
     @pytest.mark.parametrize("prune", ["input", "output"])
+    def test_a_second_forward_before_backward_leaves_both_gradients_exact(self, prune):
+        # the layer reuses scratch buffers between its forward and backward; another
+        # forward in between must not corrupt the first graph's gradients
+        layer = make(prune=prune, dtype=F64)
+        xs = [torch.randn(8, 64, dtype=F64, requires_grad=True) for _ in range(2)]
+        masks = [layer.dense_mask(8, s, dtype=F64) for s in (0, 1)]
+        ys = [layer(x) for x in xs]
+        for x, y, mask in reversed(list(zip(xs, ys, masks, strict=True))):
+            layer.weight.grad = None
+            y.square().sum().backward()
+            x2 = x.detach().clone().requires_grad_()
+            w2 = layer.weight.detach().clone().requires_grad_()
+            dense_reference(layer, x2, mask, w2, layer.bias.detach()).square().sum().backward()
+            torch.testing.assert_close(x.grad, x2.grad, atol=1e-12, rtol=0)
+            torch.testing.assert_close(layer.weight.grad, w2.grad, atol=1e-12, rtol=0)
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    def test_backward_twice_through_a_retained_graph_gives_the_same_gradients(self, prune):
+        layer = make(prune=prune, dtype=F64)
+        y = layer(torch.randn(8, 64, dtype=F64)).square().sum()
+        y.backward(retain_graph=True)
+        first = layer.weight.grad.clone()
+        layer.weight.grad = None
+        y.backward()
+        torch.testing.assert_close(layer.weight.grad, first, atol=1e-12, rtol=0)
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
     def test_only_the_weight_needs_a_gradient(self, prune):
         layer = make(prune=prune, dtype=F64)
         mask = layer.dense_mask(6, dtype=F64)

@@ -167,17 +167,23 @@ class _Workspace:
     """Scratch buffers of one module, reused from step to step.
 
     The gathered blocks of ``W`` and of the activation, and the per-group GEMM results
-    before they are scattered, are temporaries of a single forward or backward call:
-    nothing returned or saved for backward points into them. Allocating them afresh
-    every step costs page faults on first touch (on the 2-core test VM, about a
-    millisecond per fresh megabyte, comparable to the pruned GEMMs themselves), so each
-    module keeps them (per thread) and reuses them. They are not state: not in
-    ``state_dict``, rebuilt on another device or dtype. Under ``torch.compile`` they are
-    not used (the compiler plans memory itself).
+    before they are scattered, never escape the layer: nothing returned points into
+    them. Allocating them afresh every step costs page faults on first touch (on the
+    2-core test VM, about a millisecond per fresh megabyte, comparable to the pruned
+    GEMMs themselves), so each module keeps them (per thread) and reuses them. They are
+    not state: not in ``state_dict``, rebuilt on another device or dtype. Under
+    ``torch.compile`` they are not used (the compiler plans memory itself).
+
+    Every :meth:`take` stamps the buffer, so a backward pass can tell whether the
+    buffers its forward filled are still untouched (the usual forward, backward,
+    forward, ... order) and reuse their contents, or must gather again (another forward
+    came first, a second backward through a retained graph, another thread).
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, int], Tensor] = {}
+        self._stamps: dict[tuple[str, int], int] = {}
+        self._counter = 0
 
     def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A buffer of ``shape`` with ``like``'s dtype and device (contents undefined)."""
@@ -192,10 +198,24 @@ class _Workspace:
         ):
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._buffers[key] = buf
+        self._counter += 1
+        self._stamps[key] = self._counter
         return buf[:numel].view(shape)
 
+    def stamp(self, name: str) -> tuple[tuple[str, int], int]:
+        """The current stamp of this thread's buffer ``name``."""
+        key = (name, threading.get_ident())
+        return key, self._stamps.get(key, 0)
+
+    def unchanged(self, stamp: tuple[tuple[str, int], int]) -> bool:
+        """Whether the buffer was not taken again since ``stamp`` (same thread only)."""
+        key, value = stamp
+        return key[1] == threading.get_ident() and self._stamps.get(key, 0) == value
+
     def clear(self) -> None:
+        """Free the buffers (they are rebuilt on the next training step)."""
         self._buffers.clear()
+        self._stamps.clear()
 
 
 def _scratch(ws: _Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -262,6 +282,10 @@ class _InputPrunedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, blocks, gather, scatter, real_pos, w_rows)
         ctx.meta = (g, n, bs, scale, dtype, ws)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # backward reuses the gathered blocks if nothing took the buffers in between
+        ctx.reuse = None
+        if ws is not None and dtype is None:
+            ctx.reuse = (wg, xk, ws.stamp("w"), ws.stamp("x"))
         return y
 
     @staticmethod
@@ -300,7 +324,14 @@ class _InputPrunedLinear(torch.autograd.Function):
         with _autocast_off(dy):
             if need_b:
                 db = dy.sum(0).to(b_dtype)
-            wg, xk = _InputPrunedLinear._gather(x, weight, gather, w_rows, g, n, k, bs, dtype, ws)
+            reuse, ctx.reuse = ctx.reuse, None
+            if reuse is not None and ws.unchanged(reuse[2]) and ws.unchanged(reuse[3]):
+                wg, xk = reuse[0], reuse[1]  # xk is scaled already
+            else:
+                wg, xk = _InputPrunedLinear._gather(
+                    x, weight, gather, w_rows, g, n, k, bs, dtype, ws
+                )
+                xk.mul_(scale)
             dy = dy.to(wg.dtype)
             if real_pos is None:
                 dyk = dy.reshape(g, n, out)
@@ -320,7 +351,9 @@ class _InputPrunedLinear(torch.autograd.Function):
                 # longer needed), so the sum over groups is one index_add of contiguous
                 # block slices into the columns of dW
                 dwk = wg
-                torch.bmm(dyk.transpose(1, 2), xk.mul_(scale), out=dwk.permute(1, 0, 2))
+                if ws is not None:
+                    ws.take("w", (out, g, k), wg)  # it is overwritten: restamp it
+                torch.bmm(dyk.transpose(1, 2), xk, out=dwk.permute(1, 0, 2))
                 dw = dy.new_zeros(out, nb, bs).index_add_(1, blocks, dwk.view(out, -1, bs))
                 dw = dw.view(out, fp).to(w_dtype)
         return (dx, dw, db) + (None,) * 11
@@ -375,6 +408,10 @@ class _OutputPrunedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, blocks, row_src, gather, real_pos, row_valid)
         ctx.meta = (g, n, bs, scale, dtype, ws)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # backward reuses the gathered blocks if nothing took the buffers in between
+        ctx.reuse = None
+        if ws is not None and dtype is None:
+            ctx.reuse = (wg, xg, ws.stamp("w"), ws.stamp("x"))
         return y
 
     @staticmethod
@@ -412,9 +449,13 @@ class _OutputPrunedLinear(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         dx = dw = db = None
         with _autocast_off(dy):
-            wg, xg = _OutputPrunedLinear._gather(
-                x, weight, blocks, row_src, g, n, ko, bs, dtype, ws
-            )
+            reuse, ctx.reuse = ctx.reuse, None
+            if reuse is not None and ws.unchanged(reuse[2]) and ws.unchanged(reuse[3]):
+                wg, xg = reuse[0], reuse[1]
+            else:
+                wg, xg = _OutputPrunedLinear._gather(
+                    x, weight, blocks, row_src, g, n, ko, bs, dtype, ws
+                )
             dy = dy.to(wg.dtype)
             dyk = _gather_rows(dy.reshape(rows * nb, bs), gather, (g, n, ko), ws, "y")
             if row_valid is not None:
@@ -431,6 +472,8 @@ class _OutputPrunedLinear(torch.autograd.Function):
             if need_w:
                 # kept rows only, into W's gathered blocks (no longer needed)
                 dwk = wg
+                if ws is not None:
+                    ws.take("w", (g, ko, fin), wg)  # it is overwritten: restamp it
                 torch.bmm(dyk.transpose(1, 2), xg, out=dwk)  # (G, ko, I)
                 dw = dy.new_zeros(nb, bs * fin).index_add_(0, blocks, dwk.view(-1, bs * fin))
                 dw = dw.view(op, fin).to(w_dtype)
