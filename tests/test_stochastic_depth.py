@@ -1,5 +1,8 @@
 """StochasticDepth and its functional form: rates, scaling, seeding, steps, DDP rows."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -163,6 +166,15 @@ class TestStochasticDepthModule:
         assert torch.equal(sd(x), stochastic_depth(x, 0.5, "sample", seed=0, step=40))
         sd.step = torch.tensor(7)  # a new tensor, not an in-place write
         assert torch.equal(sd(x), stochastic_depth(x, 0.5, "sample", seed=0, step=7))
+
+    def test_copies_read_the_step_they_were_copied_with(self):
+        sd = gyrodrop.StochasticDepth(0.5, "sample")
+        x = torch.ones(32, 1)
+        sd.current_step()  # a cached read at step 0
+        with torch.no_grad():
+            sd.step.fill_(9)
+        for copy_ in (copy.deepcopy(sd), pickle.loads(pickle.dumps(sd))):
+            assert torch.equal(copy_(x), stochastic_depth(x, 0.5, "sample", seed=0, step=9))
 
     def test_warmup_ramps_linearly_and_reaches_the_full_rate(self):
         sd = gyrodrop.StochasticDepth(0.4, warmup_steps=10)

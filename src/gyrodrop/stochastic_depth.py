@@ -244,6 +244,13 @@ class StochasticDepth(SteppedModule):
         self._mirrors[name] = (t, version, value)
         return value
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) gets fresh tensors whose version restarts at 0:
+        # cached host values must not travel with it.
+        state = dict(self.__dict__)
+        state["_mirrors"] = {}
+        return state
+
     def current_step(self) -> int:
         """The step counter as a Python int (cached on the host while unchanged)."""
         return self._host("step")
