@@ -308,10 +308,12 @@ class TestSubnetEnsemblePredict:
         b = gyrodrop.subnet_ensemble_predict(net, x)
         assert torch.equal(a.mean, b.mean)
 
-    def test_block_gyro_linear_members_are_its_block_masks(self):
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    def test_block_gyro_linear_members_are_its_block_masks(self, prune):
         layer = gyrodrop.BlockGyroLinear(
-            8, 3, p=0.5, num_subnets=4, subnets_per_step=2, block_size=2, steps_per_set=1
-        )
+            8, 6, p=0.5, num_subnets=4, subnets_per_step=2, block_size=2, steps_per_set=1,
+            prune=prune,
+        )  # fmt: skip
         net = nn.Sequential(layer)
         x = inputs(2, 8)
         masks = {}
@@ -319,12 +321,13 @@ class TestSubnetEnsemblePredict:
             ids = layer.active_subnets(step).tolist()
             for g, k in enumerate(ids):
                 masks[k] = layer.group_masks(step)[g]
-        expected = torch.stack(
-            [
-                torch.softmax(nn.functional.linear(x * masks[k], layer.weight, layer.bias), 1)
-                for k in range(4)
-            ]
-        ).mean(0)
+
+        def member(k):
+            if prune == "input":
+                return nn.functional.linear(x * masks[k], layer.weight, layer.bias)
+            return nn.functional.linear(x, layer.weight, layer.bias) * masks[k]
+
+        expected = torch.stack([torch.softmax(member(k), 1) for k in range(4)]).mean(0)
         pred = gyrodrop.subnet_ensemble_predict(net, x, pairing="index")
         assert torch.allclose(pred.mean, expected, atol=1e-6)
 
