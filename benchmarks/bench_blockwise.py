@@ -97,22 +97,25 @@ def bench_layer(cfg: BenchConfig) -> str:
     x = torch.randn(b, f, requires_grad=True)
     dy = torch.randn(b, f)
     linear = nn.Linear(f, f)
-    rows = []
+    rows, out_rows = [], []
     for p in lc.ps:
-        block = gyrodrop.BlockGyroLinear.from_linear(
-            linear,
-            p=p,
-            num_subnets=lc.num_subnets,
-            subnets_per_step=lc.groups,
-            block_size=lc.block_size,
-            steps_per_set=lc.steps_per_set,
-        )
+        options = {
+            "num_subnets": lc.num_subnets,
+            "subnets_per_step": lc.groups,
+            "block_size": lc.block_size,
+            "steps_per_set": lc.steps_per_set,
+        }
+        block = gyrodrop.BlockGyroLinear.from_linear(linear, p=p, **options)
+        block_out = gyrodrop.BlockGyroLinear.from_linear(linear, p=p, prune="output", **options)
         dropout_linear = nn.Sequential(nn.Dropout(p), linear)
+        linear_dropout = nn.Sequential(linear, nn.Dropout(p))
         times = interleaved_medians(
             {
                 "drop+linear": fwd_bwd(dropout_linear, x, dy),
                 "linear": fwd_bwd(linear, x, dy),
                 "block": fwd_bwd(block, x, dy),
+                "linear+drop": fwd_bwd(linear_dropout, x, dy),
+                "block out": fwd_bwd(block_out, x, dy),
                 "linear fwd": fwd(linear, x),
                 "block fwd": fwd(block, x),
             },
@@ -136,6 +139,15 @@ def bench_layer(cfg: BenchConfig) -> str:
                 f"{ideal:.2f}x",
             ]
         )
+        out_rows.append(
+            [
+                f"{p:g}",
+                f"{times['linear+drop'] * 1e3:.2f}",
+                f"{times['block out'] * 1e3:.2f}",
+                f"**{times['linear+drop'] / times['block out']:.2f}x**",
+                f"{times['block'] / times['block out']:.2f}x",
+            ]
+        )
     header = [
         "p",
         "p_eff",
@@ -152,7 +164,18 @@ def bench_layer(cfg: BenchConfig) -> str:
         f"One layer, fwd+bwd: in=out={f}, batch {b}, {lc.groups} row groups, block "
         f"{lc.block_size}, input pruning ({cfg.threads} threads, torch {torch.__version__})"
     )
-    return title + "\n\n" + markdown_table(header, rows)
+    out_header = [
+        "p",
+        "Linear+Dropout ms",
+        "BlockGyroLinear(prune='output') ms",
+        "vs Linear+Dropout",
+        "output vs input pruning",
+    ]
+    out_title = "Same layer, output pruning (dropout after the Linear), same run"
+    return (
+        f"{title}\n\n{markdown_table(header, rows)}\n\n"
+        f"{out_title}\n\n{markdown_table(out_header, out_rows)}"
+    )
 
 
 def make_mlp(mc: MLPConfig) -> nn.Sequential:
@@ -220,9 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=("layer", "mlp", "all"), default="all")
     args = parser.parse_args(argv)
     cfg = BenchConfig(threads=args.threads)
-    if args.quick:
+    if args.quick:  # small sizes, one round: checks that everything runs
         cfg.repeats, cfg.inner = 1, 1
-        cfg.layer.ps = (0.5,)
+        cfg.layer = LayerConfig(batch=64, features=256, ps=(0.5,))
+        cfg.mlp = MLPConfig(sizes=(64, 256, 256, 10), batch=64)
     if args.repeats is not None:
         cfg.repeats = args.repeats
     torch.set_num_threads(cfg.threads)

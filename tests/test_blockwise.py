@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -472,3 +475,22 @@ class TestValidation:
     def test_missing_total_steps_warns(self):
         with pytest.warns(UserWarning, match="neither total_steps nor steps_per_set"):
             BlockGyroLinear(8, 8, block_size=4)
+
+
+class TestBenchmarkScript:
+    def test_quick_run_prints_the_layer_and_mlp_tables(self, capsys):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_blockwise.py"
+        spec = importlib.util.spec_from_file_location("bench_blockwise", path)
+        assert spec is not None and spec.loader is not None
+        bench = importlib.util.module_from_spec(spec)
+        threads = torch.get_num_threads()
+        sys.modules[spec.name] = bench  # dataclasses resolve annotations through it
+        try:
+            spec.loader.exec_module(bench)
+            bench.main(["--quick", "--threads", "1"])
+        finally:
+            sys.modules.pop(spec.name, None)
+            torch.set_num_threads(threads)
+        out = capsys.readouterr().out
+        assert "| 0.5 | 0.500 |" in out and "50.0%" in out  # the GEMM FLOPs halve
+        assert "block-wise (input)" in out and "block-wise (auto)" in out
