@@ -139,6 +139,17 @@ class TestMasks:
                 row += 1
         assert row == batch == dense.shape[0]
 
+    def test_subnet_mask_is_the_mask_its_group_uses(self):
+        layer = make(tau=4, sigma=16)
+        active = layer.active_subnets().tolist()
+        group = layer.group_masks()
+        like = torch.zeros(3, 64, dtype=F64)
+        for g, k in enumerate(active):
+            mask = layer.subnet_mask(k, like)
+            assert mask.dtype == F64 and torch.equal(mask.float(), group[g])
+        with pytest.raises(ValueError, match=r"k must be in \[0, 15\], got 16"):
+            layer.subnet_mask(16)
+
     def test_masks_hold_for_a_set_and_change_with_the_next(self):
         layer = make(steps_per_set=3, sigma=64)
         first = [layer.group_masks(s) for s in range(3)]

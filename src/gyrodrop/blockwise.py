@@ -723,6 +723,19 @@ class BlockGyroLinear(ScheduledModule):
         keep = keep.repeat_interleave(self.block_size, dim=1)[:, : self.features]
         return keep.to(dtype) * self.scale
 
+    def subnet_mask(self, k: int, like: Tensor | None = None) -> Tensor:
+        """The scaled feature mask of subnetwork ``k``, shape ``(features,)``, in
+        ``like``'s dtype and device (float32 on the CPU without ``like``); used by
+        subnetwork ensembles (:func:`gyrodrop.subnet_ensemble_predict`)."""
+        _check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
+        device = None if like is None else like.device
+        ids = torch.tensor([k], dtype=torch.int64)
+        keep = masks.block_keep_mask(
+            self.current_seed(), ids, self.n_blocks, self.n_dropped, device=device
+        )[0]
+        keep = keep.repeat_interleave(self.block_size)[: self.features]
+        return keep.to(torch.float32 if like is None else like.dtype) * self.scale
+
     def dense_mask(
         self,
         batch: int,
