@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from gyrodrop import masks
-from gyrodrop.gyro import GyroDropout, apply_group_masks
+from gyrodrop.gyro import apply_group_masks
 from gyrodrop.schedule import ScheduledModule, SteppedModule, _check_int, check_seed
 from gyrodrop.stochastic_depth import StochasticDepth, StochasticDepthBlock, mc_draws
 from gyrodrop.surgery import unwrap_model
@@ -91,48 +91,27 @@ class Prediction(NamedTuple):
 # Gyro layers: masks of one subnetwork, applied per pass by hooks.
 
 
-def _block_gyro_type() -> type | None:
-    try:
-        from gyrodrop.blockwise import BlockGyroLinear
-    except ImportError:  # pragma: no cover - blockwise is part of the package
-        return None
-    return BlockGyroLinear
-
-
 def _gyro_layers(net: nn.Module) -> list[ScheduledModule]:
-    """GyroDropout, BlockGyroLinear and any scheduled module with ``subnet_mask``."""
-    block_type = _block_gyro_type()
-    known = (GyroDropout,) if block_type is None else (GyroDropout, block_type)
-    found: list[ScheduledModule] = []
-    for m in net.modules():
-        if isinstance(m, ScheduledModule) and (
-            isinstance(m, known) or callable(getattr(m, "subnet_mask", None))
-        ):
-            found.append(m)
-    return found
+    """The gyro family: scheduled modules that can give the mask of one subnetwork,
+    ``subnet_mask(k, like)`` (GyroDropout, BlockGyroLinear)."""
+    return [
+        m
+        for m in net.modules()
+        if isinstance(m, ScheduledModule) and callable(getattr(m, "subnet_mask", None))
+    ]
 
 
 def _mask_side(layer: ScheduledModule) -> str:
-    """Where a gyro layer's mask applies in eval mode: on its input or its output."""
+    """Where a gyro layer's mask applies in eval mode: on its input or its output
+    (``BlockGyroLinear(prune="output")``)."""
     return "output" if getattr(layer, "prune", "input") == "output" else "input"
 
 
-def _subnet_mask(layer: Any, k: int, like: Tensor) -> Tensor:
+def _subnet_mask(layer: ScheduledModule, k: int, like: Tensor) -> Tensor:
     """The scaled mask of subnetwork ``k`` of ``layer`` for a tensor shaped like ``like``
     (broadcastable against one row)."""
-    if callable(getattr(layer, "subnet_mask", None)):
-        mask: Tensor = layer.subnet_mask(k, like)
-        return mask
-    # BlockGyroLinear: exactly n_dropped of n_blocks feature blocks dropped.
-    keep = masks.block_keep_mask(
-        layer.current_seed(),
-        torch.tensor([k], dtype=torch.int64),
-        layer.n_blocks,
-        layer.n_dropped,
-        device=like.device,
-    )[0]
-    features = keep.repeat_interleave(layer.block_size)[: layer.features]
-    return features.to(like.dtype) * layer.scale
+    mask: Tensor = layer.subnet_mask(k, like)  # type: ignore[operator]
+    return mask
 
 
 def _as_row_mask(mask: Tensor, rest: int) -> Tensor:
