@@ -174,6 +174,22 @@ class TestModes:
                                     subnets_per_step=3, steps_per_set=2)
             assert torch.equal(drop(x), expected)
 
+    def test_schedule_seed_decouples_masks_from_schedule(self):
+        a = make(0.5, 64, 4, seed=1, schedule_seed=9)
+        b = make(0.5, 64, 4, seed=2, schedule_seed=9)
+        assert torch.equal(a.active_subnets(), b.active_subnets())
+        x = torch.ones(4, 256)
+        assert not torch.equal(a(x), b(x))
+
+    def test_writes_to_the_step_buffer_are_seen(self):
+        drop = make(0.5, 64, 4, steps_per_set=1)
+        x = torch.ones(4, 256)
+        first = drop(x)
+        drop.step.zero_()
+        assert torch.equal(drop(x), first)
+        drop.load_state_dict({**drop.state_dict(), "step": torch.tensor(0)})
+        assert int(drop.step) == 0 and torch.equal(drop(x), first)
+
     def test_random_schedule_changes_masks_every_step(self):
         drop = make(0.5, 256, 4, steps_per_set=100, schedule="random")
         x = torch.ones(4, 128)
@@ -192,7 +208,8 @@ class TestModes:
         drop(x)
         assert drop.active_masks(x).shape == (16, 1024)
         state = drop.state_dict()
-        assert sum(t.numel() for t in state.values()) == 2  # step and seed only
+        assert sorted(state) == ["schedule_seed", "seed", "step"]
+        assert all(t.numel() == 1 for t in state.values())
 
     def test_extra_repr_lists_hyperparameters(self):
         text = repr(make(0.25, 32, 8, schedule="random"))

@@ -57,6 +57,20 @@ class TestApplyGyroDropout:
         assert seeds == [int(m.seed) for m in gyro_layers(b)]
         assert seeds != [int(m.seed) for m in gyro_layers(c)]
 
+    def test_layers_share_the_schedule_so_subnetwork_k_is_one_network(self):
+        model = Net()
+        gyrodrop.apply_gyro_dropout(model, total_steps=100, num_subnets=16,
+                                    subnets_per_step=4, seed=5)
+        layers = gyro_layers(model)
+        for step in (0, 7, 30):
+            ids = [m.active_subnets(step) for m in layers]
+            assert all(torch.equal(ids[0], other) for other in ids[1:])
+
+    def test_replacements_keep_the_replaced_layers_mode(self):
+        model = Net().eval()
+        gyrodrop.apply_gyro_dropout(model, total_steps=100)
+        assert not any(m.training for m in gyro_layers(model))
+
     def test_passes_schedule_options_and_steps(self):
         model = Net()
         gyrodrop.apply_gyro_dropout(model, num_subnets=64, subnets_per_step=8,

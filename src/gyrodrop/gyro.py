@@ -148,6 +148,7 @@ def gyro_dropout(
     schedule: str = "consecutive",
     scale: str = "inverted",
     training: bool = True,
+    schedule_seed: int | None = None,
 ) -> Tensor:
     """Functional gyro dropout: stateless, the step is passed in. See :class:`GyroDropout`.
 
@@ -158,7 +159,7 @@ def gyro_dropout(
     dims_t = _normalize_dims("gyro_dropout", dims)
     mshape = mask_shape_for("gyro_dropout", x.shape, dims_t)
     sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
-    active = sched.at_step(seed, step)
+    active = sched.at_step(seed if schedule_seed is None else schedule_seed, step)
     m = subnet_masks(seed, active, mshape, p, scale=scale, dtype=x.dtype, device=x.device)
     start, global_batch = distributed.row_window(x.shape[0])
     counts = distributed.local_group_counts(start, x.shape[0], global_batch, subnets_per_step)
@@ -182,10 +183,14 @@ class GyroDropout(ScheduledModule):
             on ``(B, C, H, W)``.
         schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
         scale: ``"inverted"`` (``1/(1-p)``) or ``"realized"`` (``numel / kept`` per mask).
-        seed: seeds the masks and the schedule; buffers, so it is checkpointed.
+        seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
+            buffer, so it is checkpointed.
         auto_step: advance the schedule on each training forward; set ``False`` and call
             :func:`gyrodrop.step` after each optimizer step instead when one step runs
             several forwards.
+        schedule_seed: seeds the order in which subnetworks become active (default:
+            ``seed``). Layers that share it train the same network-level subnetworks
+            together; :func:`gyrodrop.apply_gyro_dropout` shares it across layers.
 
     Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
 
@@ -212,6 +217,7 @@ class GyroDropout(ScheduledModule):
         scale: str = "inverted",
         seed: int = 0,
         auto_step: bool = True,
+        schedule_seed: int | None = None,
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
@@ -226,6 +232,7 @@ class GyroDropout(ScheduledModule):
             seed=seed,
             auto_step=auto_step,
             owner=owner,
+            schedule_seed=schedule_seed,
         )
         self.p = p
         self.dims = _normalize_dims(owner, dims)
@@ -247,12 +254,13 @@ class GyroDropout(ScheduledModule):
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, *mask_shape)``; cached until the set changes."""
         step = self.current_step() if step is None else step
-        seed = self.current_seed()
+        seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
         mshape = mask_shape_for(type(self).__name__, x.shape, self.dims)
         set_index = self.subnet_schedule.set_index(step)
         key = (
             set_index,
             seed,
+            schedule_seed,
             mshape,
             x.dtype,
             x.device,
@@ -264,7 +272,7 @@ class GyroDropout(ScheduledModule):
             self.steps_per_set,
         )
         if key != self._cache_key or self._cache_masks is None:
-            active = self.subnet_schedule.subnets(seed, set_index)
+            active = self.subnet_schedule.subnets(schedule_seed, set_index)
             self._cache_masks = subnet_masks(
                 seed, active, mshape, self.p, scale=self.scale, dtype=x.dtype, device=x.device
             )

@@ -75,9 +75,9 @@ def check_p(owner: str, p: Any) -> float:
     return float(p)
 
 
-def check_seed(owner: str, seed: Any) -> int:
+def check_seed(owner: str, seed: Any, name: str = "seed") -> int:
     """Validate a seed: an int in [0, 2**63)."""
-    _check_int(owner, "seed", seed, 0, 2**63 - 1)
+    _check_int(owner, name, seed, 0, 2**63 - 1)
     return int(seed)
 
 
@@ -118,6 +118,12 @@ class SteppedModule(nn.Module):
     Holds the ``step`` and ``seed`` buffers (so ``state_dict`` resumes exactly) and the
     ``auto_step`` rule: with ``auto_step=True`` each training-mode forward advances the
     step by one; otherwise call :func:`gyrodrop.step` after each optimizer step.
+
+    The buffers move with the module (to an accelerator too); host-side copies of their
+    values avoid one device synchronization per layer per step. A copy is trusted only
+    while the buffer is the same tensor at the same version: any in-place write
+    (``load_state_dict``, :func:`gyrodrop.step`, a DDP buffer broadcast) bumps the
+    version and the value is read again.
     """
 
     step: Tensor
@@ -130,18 +136,45 @@ class SteppedModule(nn.Module):
         if not isinstance(auto_step, bool):
             raise ValueError(f"{owner}: auto_step must be a bool, got {auto_step!r}")
         self.auto_step = auto_step
+        self._mirrors: dict[str, tuple[Tensor, int, int]] = {}
+
+    def _host(self, name: str) -> int:
+        """The value of the scalar buffer ``name`` as a Python int, cached on the host."""
+        t: Tensor = getattr(self, name)
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors track no version
+            return int(t)
+        cached = self._mirrors.get(name)
+        if cached is not None and cached[0] is t and cached[1] == version:
+            return cached[2]
+        value = int(t)
+        self._mirrors[name] = (t, version, value)
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) gets fresh tensors whose version restarts at 0:
+        # cached host values must not travel with it.
+        state = dict(self.__dict__)
+        state["_mirrors"] = {}
+        return state
 
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n`` (what :func:`gyrodrop.step` calls)."""
+        value = self.current_step()
         self.step.add_(n)  # a buffer: never requires grad
+        try:
+            self._mirrors["step"] = (self.step, self.step._version, value + n)
+        except RuntimeError:
+            self._mirrors.pop("step", None)
 
     def current_step(self) -> int:
         """The step counter as a Python int."""
-        return int(self.step)
+        return self._host("step")
 
     def current_seed(self) -> int:
         """The seed as a Python int."""
-        return int(self.seed)
+        return self._host("seed")
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self,
@@ -153,9 +186,10 @@ class SteppedModule(nn.Module):
         unexpected_keys,
         error_msgs,
     ) -> None:
-        # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed: keep the
-        # module's own values instead of failing a strict load.
-        absent = [n for n in ("step", "seed") if prefix + n not in state_dict]
+        # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed (or one
+        # older than a scalar buffer): keep the module's own values, do not fail.
+        names = [n for n, b in self._buffers.items() if b is not None and b.dim() == 0]
+        absent = [n for n in names if prefix + n not in state_dict]
         super()._load_from_state_dict(
             state_dict,
             prefix,
@@ -171,7 +205,17 @@ class SteppedModule(nn.Module):
 
 
 class ScheduledModule(SteppedModule):
-    """A :class:`SteppedModule` that trains ``num_subnets`` subnetworks on a schedule."""
+    """A :class:`SteppedModule` that trains ``num_subnets`` subnetworks on a schedule.
+
+    ``seed`` draws this layer's masks; ``schedule_seed`` (default: ``seed``) draws the
+    order in which subnetwork ids become active. Layers sharing the schedule seed (and
+    sigma, tau, ``steps_per_set``) activate the same ids at the same steps, so the
+    model's subnetwork ``k`` is the tuple of every layer's mask ``k``: the paper's sigma
+    network-level subnetworks. The surgery functions give every layer its own ``seed``
+    and one shared ``schedule_seed``.
+    """
+
+    schedule_seed: Tensor
 
     def __init__(
         self,
@@ -184,8 +228,14 @@ class ScheduledModule(SteppedModule):
         seed: int,
         auto_step: bool,
         owner: str,
+        schedule_seed: int | None = None,
     ) -> None:
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
+        schedule_seed = seed if schedule_seed is None else schedule_seed
+        self.register_buffer(
+            "schedule_seed",
+            torch.tensor(check_seed(owner, schedule_seed, "schedule_seed"), dtype=torch.int64),
+        )
         _check_int(owner, "num_subnets", num_subnets, 1)
         _check_int(owner, "subnets_per_step", subnets_per_step, 1, num_subnets)
         if schedule not in SCHEDULES:
@@ -208,7 +258,11 @@ class ScheduledModule(SteppedModule):
     def active_subnets(self, step: int | None = None) -> Tensor:
         """Ids of the subnetworks active at ``step`` (default: the current step)."""
         step = self.current_step() if step is None else step
-        return self.subnet_schedule.at_step(self.current_seed(), step)
+        return self.subnet_schedule.at_step(self.current_schedule_seed(), step)
+
+    def current_schedule_seed(self) -> int:
+        """The schedule seed as a Python int."""
+        return self._host("schedule_seed")
 
 
 def step(model: nn.Module, n: int = 1) -> None:

@@ -221,53 +221,10 @@ class StochasticDepth(SteppedModule):
         self.mode = mode
         self.warmup_steps = int(warmup_steps)
         self._mc: _MCDraws | None = None
-        self._mirrors: dict[str, tuple[Tensor, int, int]] = {}
 
     def extra_repr(self) -> str:
         warm = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
         return f"p={self.p}, mode={self.mode}{warm}"
-
-    # The step and seed live in buffers (checkpointed, moved with the module); host-side
-    # copies avoid a device synchronization per block per step. A copy is trusted only
-    # while the buffer is the same tensor at the same version: any in-place write
-    # (load_state_dict, gyrodrop.step, a DDP buffer broadcast) bumps the version.
-    def _host(self, name: str) -> int:
-        t: Tensor = getattr(self, name)
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors track no version
-            return int(t)
-        cached = self._mirrors.get(name)
-        if cached is not None and cached[0] is t and cached[1] == version:
-            return cached[2]
-        value = int(t)
-        self._mirrors[name] = (t, version, value)
-        return value
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy (deepcopy, pickle) gets fresh tensors whose version restarts at 0:
-        # cached host values must not travel with it.
-        state = dict(self.__dict__)
-        state["_mirrors"] = {}
-        return state
-
-    def current_step(self) -> int:
-        """The step counter as a Python int (cached on the host while unchanged)."""
-        return self._host("step")
-
-    def current_seed(self) -> int:
-        """The seed as a Python int (cached on the host while unchanged)."""
-        return self._host("seed")
-
-    @torch.no_grad()
-    def advance(self, n: int = 1) -> None:
-        """Advance the step counter by ``n`` (what :func:`gyrodrop.step` calls)."""
-        value = self.current_step()
-        self.step += n
-        try:
-            self._mirrors["step"] = (self.step, self.step._version, value + n)
-        except RuntimeError:
-            self._mirrors.pop("step", None)
 
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly

@@ -84,6 +84,7 @@ def replace_modules(model: nn.Module, policy: Policy) -> int:
         target = _device_of(module, device)
         if target is not None:
             new = new.to(target)
+        new.train(module.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
@@ -109,9 +110,11 @@ def apply_gyro_dropout(
     :class:`~gyrodrop.GyroDropout`, in place.
 
     ``Dropout1d/2d/3d`` become channel-wise masks (``dims=(1,)``). ``p=None`` keeps each
-    layer's own ``p``. Every layer gets its own seed derived from ``seed`` and its
-    position. Layers already replaced are left alone. Other keyword arguments
-    (``schedule``, ``scale``, ``dims``, ``auto_step``) go to every ``GyroDropout``.
+    layer's own ``p``. Every layer gets its own mask seed derived from ``seed`` and its
+    position, and all share the schedule seed ``seed``, so subnetwork ``k`` of the
+    model (mask ``k`` in every layer) is trained as one network, as in the paper.
+    Layers already replaced are left alone. Other keyword arguments (``schedule``,
+    ``scale``, ``dims``, ``auto_step``) go to every ``GyroDropout``.
 
     Returns the number of layers replaced, and warns when it is zero.
 
@@ -145,6 +148,7 @@ def apply_gyro_dropout(
             total_steps=total_steps,
             steps_per_set=steps_per_set,
             seed=layer_seed(seed, index),
+            schedule_seed=seed,
             **options,
         )
 
