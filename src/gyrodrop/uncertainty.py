@@ -175,7 +175,7 @@ class _Members:
         position = self._first + j
         key = (index, position // tau)
         if key not in self._sets:
-            ids = layer.subnet_schedule.subnets(layer.current_seed(), position // tau)
+            ids = layer.subnet_schedule.subnets(layer.current_schedule_seed(), position // tau)
             self._sets[key] = ids.tolist()
         return self._sets[key][position % tau]
 
