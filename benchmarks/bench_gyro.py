@@ -65,16 +65,19 @@ def main() -> None:
     grad = torch.randn(b, f)
     layers = {
         "nn.Dropout": nn.Dropout(args.p),
-        "materialized gyro": MaterializedGyroDropout(f, args.p, args.sigma, args.tau,
-                                                     steps_per_set),
-        "gyrodrop.GyroDropout": gyrodrop.GyroDropout(args.p, args.sigma, args.tau,
-                                                     steps_per_set=steps_per_set),
+        "materialized gyro": MaterializedGyroDropout(
+            f, args.p, args.sigma, args.tau, steps_per_set
+        ),
+        "gyrodrop.GyroDropout": gyrodrop.GyroDropout(
+            args.p, args.sigma, args.tau, steps_per_set=steps_per_set
+        ),
     }
 
     def fwd_bwd(layer: nn.Module):
         def run() -> None:
             x.grad = None
             layer(x).backward(grad)
+
         return run
 
     repeats, inner = (3, 5) if args.quick else (21, 50)
@@ -89,10 +92,11 @@ def main() -> None:
         [name, f"{t * 1e6:.0f}", f"{t / gyro:.2f}x", f"{mask_bytes[name] / 2**20:.2f}"]
         for name, t in times.items()
     ]
-    print(f"fwd+bwd, input {b} x {f}, p={args.p}, sigma={args.sigma}, tau={args.tau}, "
-          f"{args.threads} threads, torch {torch.__version__}")
-    print(markdown_table(
-        ["layer", "median us", "gyrodrop speed-up", "mask memory MiB"], rows))
+    print(
+        f"fwd+bwd, input {b} x {f}, p={args.p}, sigma={args.sigma}, tau={args.tau}, "
+        f"{args.threads} threads, torch {torch.__version__}"
+    )
+    print(markdown_table(["layer", "median us", "gyrodrop speed-up", "mask memory MiB"], rows))
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ class TestDims:
         assert not torch.equal(y[:, :, :1, :1].expand_as(y), y)
 
     def test_out_of_range_dims_name_the_shape_and_hint(self):
-        with pytest.raises(ValueError, match=r"dims=\(3,\) is out of range.*\(4, 5\).*dims=\(-1,\)"):
+        with pytest.raises(
+            ValueError, match=r"dims=\(3,\) is out of range.*\(4, 5\).*dims=\(-1,\)"
+        ):
             make(dims=(3,))(torch.ones(4, 5))
 
     def test_one_dimensional_input_masks_whole_rows(self):
@@ -170,8 +172,9 @@ class TestModes:
         drop = make(0.4, 12, 3, steps_per_set=2)
         x = torch.randn(7, 5)
         for step in range(8):
-            expected = gyro_dropout(x, 0.4, step=step, seed=0, num_subnets=12,
-                                    subnets_per_step=3, steps_per_set=2)
+            expected = gyro_dropout(
+                x, 0.4, step=step, seed=0, num_subnets=12, subnets_per_step=3, steps_per_set=2
+            )
             assert torch.equal(drop(x), expected)
 
     def test_schedule_seed_decouples_masks_from_schedule(self):
@@ -241,8 +244,11 @@ def _model():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return nn.Sequential(
-            nn.Linear(6, 32), nn.ReLU(), gyrodrop.GyroDropout(0.5, 16, 4, steps_per_set=3, seed=1),
-            nn.Linear(32, 32), nn.ReLU(),
+            nn.Linear(6, 32),
+            nn.ReLU(),
+            gyrodrop.GyroDropout(0.5, 16, 4, steps_per_set=3, seed=1),
+            nn.Linear(32, 32),
+            nn.ReLU(),
             gyrodrop.GyroDropout(0.3, 32, 2, steps_per_set=2, seed=2, schedule="random"),
             nn.Linear(32, 3),
         )
@@ -269,7 +275,7 @@ class TestResume:
         resumed.load_state_dict(checkpoint["model"])
         opt2.load_state_dict(checkpoint["opt"])
         _train(resumed, opt2, n, 1)
-        for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
             assert torch.equal(a, b)
 
 
@@ -301,9 +307,15 @@ class TestValidation:
             ({"p": -0.1}, r"p must be in \[0, 1\), got -0.1"),
             ({"p": "a"}, r"p must be a float in \[0, 1\)"),
             ({"num_subnets": 0}, r"num_subnets must be >= 1, got 0"),
-            ({"num_subnets": 4, "subnets_per_step": 5}, r"subnets_per_step must be in \[1, 4\], got 5"),
+            (
+                {"num_subnets": 4, "subnets_per_step": 5},
+                r"subnets_per_step must be in \[1, 4\], got 5",
+            ),
             ({"subnets_per_step": 0}, r"subnets_per_step must be in \[1, 256\], got 0"),
-            ({"total_steps": 10, "steps_per_set": 2}, "at most one of total_steps and steps_per_set"),
+            (
+                {"total_steps": 10, "steps_per_set": 2},
+                "at most one of total_steps and steps_per_set",
+            ),
             ({"steps_per_set": 0}, r"steps_per_set must be >= 1, got 0"),
             ({"schedule": "roundrobin"}, r"schedule must be one of \('consecutive', 'random'\)"),
             ({"scale": "none"}, r"scale must be one of \('inverted', 'realized'\)"),

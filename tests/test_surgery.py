@@ -29,8 +29,10 @@ class TestApplyGyroDropout:
     def test_replaces_every_dropout_kind_in_nested_containers(self):
         model = Net()
         assert gyrodrop.apply_gyro_dropout(model, total_steps=100) == 5
-        assert not any(type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-                       for m in model.modules())
+        assert not any(
+            type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+            for m in model.modules()
+        )
         assert isinstance(model.alpha, nn.AlphaDropout)  # not a plain dropout: left alone
 
     def test_keeps_each_layers_p_unless_p_given(self):
@@ -59,8 +61,9 @@ class TestApplyGyroDropout:
 
     def test_layers_share_the_schedule_so_subnetwork_k_is_one_network(self):
         model = Net()
-        gyrodrop.apply_gyro_dropout(model, total_steps=100, num_subnets=16,
-                                    subnets_per_step=4, seed=5)
+        gyrodrop.apply_gyro_dropout(
+            model, total_steps=100, num_subnets=16, subnets_per_step=4, seed=5
+        )
         layers = gyro_layers(model)
         for step in (0, 7, 30):
             ids = [m.active_subnets(step) for m in layers]
@@ -73,8 +76,14 @@ class TestApplyGyroDropout:
 
     def test_passes_schedule_options_and_steps(self):
         model = Net()
-        gyrodrop.apply_gyro_dropout(model, num_subnets=64, subnets_per_step=8,
-                                    total_steps=800, schedule="random", auto_step=False)
+        gyrodrop.apply_gyro_dropout(
+            model,
+            num_subnets=64,
+            subnets_per_step=8,
+            total_steps=800,
+            schedule="random",
+            auto_step=False,
+        )
         layer = model.drop
         assert (layer.num_subnets, layer.subnets_per_step, layer.steps_per_set) == (64, 8, 100)
         assert layer.schedule == "random" and layer.auto_step is False
@@ -124,8 +133,9 @@ class TestApplyGyroDropout:
 def test_unwraps_distributed_data_parallel(tmp_path):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     try:
         model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
         ddp = nn.parallel.DistributedDataParallel(model)
