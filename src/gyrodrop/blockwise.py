@@ -520,7 +520,8 @@ class BlockGyroLinear(ScheduledModule):
             :func:`gyrodrop.step` after each optimizer step instead when one step runs
             several forwards.
         prune: ``"input"`` (dropout before the Linear) or ``"output"`` (after it).
-        device, dtype: of the parameters, as for :class:`torch.nn.Linear`.
+        device: of the parameters, as for :class:`torch.nn.Linear`.
+        dtype: of the parameters, as for :class:`torch.nn.Linear`.
 
     Shape: input ``(B, *, in_features)``, output ``(B, *, out_features)``. Row groups
     are formed over dim 0 (samples); the middle dims of a sample share its mask (as
