@@ -60,8 +60,8 @@ class MLPConfig:
 @dataclass
 class BenchConfig:
     threads: int = 2
-    repeats: int = 15
-    inner: int = 10
+    repeats: int = 41  # interleaved rounds (A, B, C, A, B, C, ...), medians over them
+    inner: int = 3  # calls per timed sample: short samples interleave finely
     layer: LayerConfig = field(default_factory=LayerConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
 
@@ -220,7 +220,7 @@ def bench_mlp(cfg: BenchConfig) -> str:
         name: train_step(m, torch.optim.RMSprop(m.parameters(), lr=mc.lr), x, y)
         for name, m in models.items()
     }
-    times = interleaved_medians(steps, cfg.repeats, max(1, cfg.inner // 2))
+    times = interleaved_medians(steps, cfg.repeats, 1)
     flops = {name: gemm_flops(step) for name, step in steps.items()}
     base = times["nn.Dropout"]
     rows = [

@@ -15,22 +15,30 @@ Two placements, as in the paper (section 4.3):
   its kept input columns); the input gradient is ``dy_g @ W[:, K_g]`` scattered into
   the kept columns (dropped columns get zero, as dropout would give); the weight
   gradient ``dy_g.T @ x_g[:, K_g]`` only touches the kept columns of ``W``. The output
-  is dense. This is the variant to prefer: every GEMM of the layer shrinks to ``1 - p``.
+  is dense.
 * ``prune="output"`` (``Linear -> Dropout``): the mask is on the Linear's *output*
   features. Only the kept output columns are computed, the others are written as zeros
   (the layer's output is what dropout after the Linear would give); the input gradient
-  and the weight gradient use only the kept rows of ``W``. Use it when the dropout is not
-  followed by a Linear (for example a dropout before a residual add or a normalization),
-  or for the paper's first layer. It pays a scatter of the output and a gather of the
-  output gradient that input pruning does not need.
+  and the weight gradient use only the kept rows of ``W``. It pays a scatter of the
+  output and a gather of the output gradient that input pruning does not need, but its
+  gathers of ``W`` move whole rows; on the CPU both placements cost about the same.
+
+Either placement shrinks the three GEMMs of *its* Linear to about ``1 - p``, so the
+choice is which Linear next to a dropout is bigger: input pruning for the one after it,
+output pruning for the one before it (through a ReLU, which commutes with a non-negative
+mask), and output pruning where the dropout feeds no Linear (a residual add, a norm).
+:func:`find_block_sites` with ``prune="auto"`` makes that choice for a whole model.
 
 Memory layout: ``W`` is ``(out, in)`` row-major, so an input block of ``W`` is
 ``block_size`` contiguous floats in each row and an output block is ``block_size``
 contiguous rows. All gathers and scatters are done at block granularity
 (``index_select`` / ``index_copy_`` / ``index_add_`` over contiguous slices of
 ``block_size`` elements) on views ``(rows * n_blocks, block_size)``, so they are
-memcpy-like. The per-set indices are cached (derived state: rebuilt when the active set
-or the batch layout changes, never saved in ``state_dict``).
+memcpy-like; per-group GEMM results are written straight into the layout the next op
+reads (a strided ``bmm`` output), and temporaries live in per-layer scratch buffers
+reused across steps (:class:`_Workspace`). The per-set indices are cached (derived
+state: rebuilt when the active set or the batch layout changes, never in
+``state_dict``).
 
 Scaling: the mask scales kept features by ``1 / (1 - p_eff)`` with
 ``p_eff = n_drop / n_blocks`` (:attr:`BlockGyroLinear.effective_p`), the realized
