@@ -270,6 +270,21 @@ def step(model: nn.Module, n: int = 1) -> None:
 
     Call after each optimizer step when the modules were built with
     ``auto_step=False`` (gradient accumulation, several forwards per step).
+
+    Args:
+        model: any module; every gyrodrop module inside it (``GyroDropout``,
+            ``BlockGyroLinear``, ``StochasticDepth``, ...) advances, nothing else changes.
+        n: steps to advance, default 1.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> drop = gyrodrop.GyroDropout(0.5, 16, 4, steps_per_set=10, auto_step=False)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), drop)
+        >>> _ = model(torch.ones(8, 4))  # two forwards of one accumulated step ...
+        >>> _ = model(torch.ones(8, 4))
+        >>> gyrodrop.step(model)  # ... then one optimizer step
+        >>> int(drop.step)
+        1
     """
     for module in model.modules():
         if isinstance(module, SteppedModule):

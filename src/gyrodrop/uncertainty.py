@@ -79,6 +79,15 @@ class Prediction(NamedTuple):
             uncertainty, in ``[0, entropy]`` (0 when all passes agree).
 
     All float32, on the input's device.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+        >>> pred = gyrodrop.mc_predict(net, torch.randn(5, 4), samples=8)
+        >>> pred.mean.shape, pred.entropy.shape
+        (torch.Size([5, 3]), torch.Size([5]))
+        >>> bool((pred.mutual_info <= pred.entropy + 1e-6).all())
+        True
     """
 
     mean: Tensor
