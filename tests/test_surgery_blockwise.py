@@ -109,10 +109,12 @@ class TestApplyBlockGyroOnSequential:
         apply(model)
         assert torch.equal(model(x), before)
 
-    def test_each_layer_gets_its_own_seed(self):
+    def test_each_layer_gets_its_own_mask_seed_and_all_share_the_schedule(self):
         model = mlp()
         apply(model, seed=3)
         assert int(model[3].seed) != int(model[6].seed)
+        assert int(model[3].schedule_seed) == int(model[6].schedule_seed) == 3
+        assert torch.equal(model[3].active_subnets(), model[6].active_subnets())
 
     def test_optimizer_built_before_surgery_still_trains_the_weights(self):
         model = mlp()

@@ -523,11 +523,15 @@ class BlockGyroLinear(ScheduledModule):
         steps_per_set: steps each set stays active (instead of ``total_steps``).
             With neither, 1 and a warning.
         schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
-        seed: seeds the masks and the schedule (a buffer, so it is checkpointed).
+        seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
+            buffer, so it is checkpointed.
         auto_step: advance the schedule on each training forward; set ``False`` and call
             :func:`gyrodrop.step` after each optimizer step instead when one step runs
             several forwards.
         prune: ``"input"`` (dropout before the Linear) or ``"output"`` (after it).
+        schedule_seed: seeds the order in which subnetworks become active (default:
+            ``seed``); layers sharing it train the same network-level subnetworks
+            together (:func:`gyrodrop.apply_block_gyro` shares it across layers).
         device: of the parameters, as for :class:`torch.nn.Linear`.
         dtype: of the parameters, as for :class:`torch.nn.Linear`.
 
@@ -572,6 +576,7 @@ class BlockGyroLinear(ScheduledModule):
         seed: int = 0,
         auto_step: bool = True,
         prune: str = "input",
+        schedule_seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -593,6 +598,7 @@ class BlockGyroLinear(ScheduledModule):
             seed=seed,
             auto_step=auto_step,
             owner=owner,
+            schedule_seed=schedule_seed,
         )
         self.in_features = in_features
         self.out_features = out_features
@@ -625,8 +631,7 @@ class BlockGyroLinear(ScheduledModule):
         if self.weight.device.type != "meta":
             self.reset_parameters()
             if device is not None:
-                self.step = self.step.to(self.weight.device)
-                self.seed = self.seed.to(self.weight.device)
+                self._buffers_to(self.weight.device)
         # Derived state (never in state_dict): the kept blocks of the active set and
         # the gather/scatter indices for the current batch layout.
         self._kept_key: tuple[Any, ...] | None = None
@@ -676,11 +681,15 @@ class BlockGyroLinear(ScheduledModule):
         )
         module.weight = linear.weight
         module.bias = linear.bias
-        device = linear.weight.device
-        module.step = module.step.to(device)
-        module.seed = module.seed.to(device)
+        module._buffers_to(linear.weight.device)
         module.train(linear.training)
         return module
+
+    def _buffers_to(self, device: torch.device) -> None:
+        """Move this module's own buffers (step, seeds) to ``device``."""
+        for name, buf in list(self._buffers.items()):
+            if buf is not None:
+                self._buffers[name] = buf.to(device)
 
     def extra_repr(self) -> str:
         return (
@@ -714,7 +723,7 @@ class BlockGyroLinear(ScheduledModule):
         step), bool, shape ``(subnets_per_step, n_blocks)``; each row drops exactly
         :attr:`n_dropped` blocks."""
         step = self.current_step() if step is None else step
-        active = self.subnet_schedule.at_step(self.current_seed(), step)
+        active = self.subnet_schedule.at_step(self.current_schedule_seed(), step)
         return masks.block_keep_mask(
             self.current_seed(), active, self.n_blocks, self.n_dropped, device=device
         )
@@ -773,11 +782,12 @@ class BlockGyroLinear(ScheduledModule):
     def _kept_blocks(self, device: torch.device) -> Tensor:
         """Sorted kept block ids of the active set, ``(tau, n_blocks - n_dropped)``;
         cached until the set changes."""
-        seed = self.current_seed()
+        seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
         set_index = self.subnet_schedule.set_index(self.current_step())
         key = (
             set_index,
             seed,
+            schedule_seed,
             device,
             self.num_subnets,
             self.subnets_per_step,
@@ -787,7 +797,7 @@ class BlockGyroLinear(ScheduledModule):
             self.n_dropped,
         )
         if key != self._kept_key or self._kept is None:
-            active = self.subnet_schedule.subnets(seed, set_index)
+            active = self.subnet_schedule.subnets(schedule_seed, set_index)
             keep = masks.block_keep_mask(seed, active, self.n_blocks, self.n_dropped, device=device)
             order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
             self._kept = order[:, : self.n_blocks - self.n_dropped].contiguous()

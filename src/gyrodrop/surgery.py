@@ -311,8 +311,10 @@ def apply_block_gyro(
     still runs: fx only reads the dataflow), and its Linear parameters are kept (an
     optimizer built before keeps working).
 
-    ``p=None`` keeps each Dropout's own ``p``; every fused layer gets its own seed
-    derived from ``seed`` and its position. ``schedule`` and ``auto_step`` may be passed
+    ``p=None`` keeps each Dropout's own ``p``; every fused layer gets its own mask seed
+    derived from ``seed`` and its position, and all share the schedule seed ``seed``
+    (network-level subnetworks, as in :func:`apply_gyro_dropout`). ``schedule`` and
+    ``auto_step`` may be passed
     as keywords. Dropouts that cannot be fused (followed by something else than a
     Linear, a module used twice, a functional ``F.dropout``, too few blocks for ``p``)
     are left as they are and listed in one warning.
@@ -372,6 +374,7 @@ def apply_block_gyro(
                 total_steps=total_steps,
                 steps_per_set=steps_per_set,
                 seed=layer_seed(seed, index),
+                schedule_seed=seed,
                 prune=site.prune,
                 **kw,
             )
