@@ -53,7 +53,7 @@ docs-serve: install-dev
 # Every example with --quick (seconds each); tests/test_examples.py knows how each is
 # launched (ddp_train.py under torchrun) and is also part of `make test`.
 examples: install-dev
-	$(PY) -m pytest tests/test_examples.py -v -p no:cacheprovider
+	$(PY) -m pytest tests/test_examples.py -vv -p no:cacheprovider
 
 # Release check: wheel + sdist, twine check, then install the wheel into a clean venv
 # that has only the pinned CPU torch, and import it there without any extra.
