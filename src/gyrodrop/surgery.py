@@ -314,10 +314,9 @@ def apply_block_gyro(
     ``p=None`` keeps each Dropout's own ``p``; every fused layer gets its own mask seed
     derived from ``seed`` and its position, and all share the schedule seed ``seed``
     (network-level subnetworks, as in :func:`apply_gyro_dropout`). ``schedule`` and
-    ``auto_step`` may be passed
-    as keywords. Dropouts that cannot be fused (followed by something else than a
-    Linear, a module used twice, a functional ``F.dropout``, too few blocks for ``p``)
-    are left as they are and listed in one warning.
+    ``auto_step`` may be passed as keywords. Dropouts that cannot be fused (followed by
+    something else than a Linear, a module used twice, a functional ``F.dropout``, too
+    few blocks for ``p``) are left as they are and listed in one warning.
 
     Example:
         >>> import torch.nn as nn, gyrodrop
