@@ -148,21 +148,35 @@ def _build_plan(
 # Autocast: the GEMMs run in the autocast dtype when autocast is on, like F.linear.
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype | None:
     """The autocast dtype for ``x``'s device, or ``None`` when autocast is off or does
     not apply (autocast casts float32 and lower, never float64)."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type) or not x.is_floating_point():
+    if not _autocast_enabled(device_type) or not x.is_floating_point():
         return None
     if x.dtype == torch.float64:
         return None
-    return torch.get_autocast_dtype(device_type)
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype()
+        return torch.get_autocast_gpu_dtype()
 
 
 def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager[Any]:
     """Autocast off for the GEMMs (their operands are already in the compute dtype);
     a no-op context when autocast is off anyway (building one costs microseconds)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -540,6 +554,10 @@ class BlockGyroLinear(ScheduledModule):
     ``GyroDropout(dims=(-1,))`` on ``(B, T, F)`` sequences). Under
     ``torch.distributed`` the groups span the global batch, as for ``GyroDropout``.
     ``eval()``: a plain ``F.linear``.
+
+    Memory: besides the parameters, each layer keeps scratch buffers between training
+    steps (the kept blocks of ``W`` for all groups, about ``tau * (1 - p)`` times the
+    weight, and of one batch of activations), so that no step pays page faults for them.
 
     Example:
         >>> import torch, gyrodrop
