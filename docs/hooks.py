@@ -53,4 +53,7 @@ def _check_api_page(markdown: str) -> None:
 def on_page_markdown(markdown: str, *, page: Any, **kwargs: Any) -> str:
     if page.file.src_uri == "api.md":
         _check_api_page(markdown)
+    # README sections link files as docs/...: make those links relative to this page.
+    up = "../" * page.file.src_uri.count("/")
+    markdown = markdown.replace("](docs/", f"]({up}")
     return _MARKER.sub(lambda m: _help(m.group(1)), markdown)
