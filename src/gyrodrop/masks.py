@@ -22,6 +22,8 @@ __all__ = [
     "element_keep_mask",
     "block_keep_mask",
     "block_bounds",
+    "hash_grid",
+    "drop_threshold",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -63,8 +65,14 @@ def mix_keys(*keys: int) -> int:
     return h
 
 
-def _hash_grid(base: Tensor, index: Tensor) -> Tensor:
-    """Two hash rounds of ``base`` (shape (K, 1)) with element indices (shape (N,))."""
+def drop_threshold(p: float) -> int:
+    """32-bit hash values below this are drops: P(drop) = p (to 2**-32)."""
+    return min(int(round(p * 2**32)), 2**32)
+
+
+def hash_grid(base: Tensor | int, index: Tensor) -> Tensor:
+    """Two hash rounds of ``base`` (an int, or a tensor of shape (K, 1)) with element
+    indices (shape (N,)): well spread 32-bit values, shape (K, N) or (N,)."""
     h = hash_u32((base ^ index) & _M32)
     return hash_u32((h + _GOLDEN) & _M32 ^ base)
 
@@ -97,8 +105,7 @@ def element_keep_mask(
     subnets = subnets.to(device=device, dtype=torch.int64)
     base = _subnet_bases(seed, TAG_ELEMENT, subnets)
     index = torch.arange(numel, dtype=torch.int64, device=subnets.device)
-    threshold = min(int(round(p * 2**32)), 2**32)
-    return _hash_grid(base, index) >= threshold
+    return hash_grid(base, index) >= drop_threshold(p)
 
 
 def block_keep_mask(
@@ -111,7 +118,7 @@ def block_keep_mask(
     subnets = subnets.to(device=device, dtype=torch.int64)
     base = _subnet_bases(seed, TAG_BLOCK, subnets)
     index = torch.arange(n_blocks, dtype=torch.int64, device=subnets.device)
-    order = torch.argsort((_hash_grid(base, index) << 31) | index, dim=1)
+    order = torch.argsort((hash_grid(base, index) << 31) | index, dim=1)
     keep = torch.ones(len(subnets), n_blocks, dtype=torch.bool, device=subnets.device)
     keep.scatter_(1, order[:, :n_drop], False)
     return keep

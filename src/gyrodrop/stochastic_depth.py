@@ -58,8 +58,6 @@ __all__ = [
 
 MODES = ("block", "sample")
 
-_M32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
 # Sub-streams of masks.TAG_DEPTH.
 _STREAM_BLOCK = 1
 _STREAM_SAMPLE = 2
@@ -70,23 +68,16 @@ _STREAM_MC = 3
 # Decisions: pure functions of integers.
 
 
-def _threshold(p: float) -> int:
-    """32-bit hash values below this are drops: P(drop) = p (to 2**-32)."""
-    return min(int(round(p * 2**32)), 2**32)
-
-
 def block_keep(seed: int, step: int, p: float) -> bool:
     """Block-mode decision: is the branch kept at ``step``? A pure function of
     ``(seed, step, p)``, identical on every process and device."""
-    return masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_BLOCK, step) >= _threshold(p)
+    return masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_BLOCK, step) >= masks.drop_threshold(p)
 
 
 def _keep_indices(key: int, first: int, n: int, p: float, device: torch.device) -> Tensor:
     """Keep decisions of indices ``[first, first + n)`` under ``key``, bool, shape (n,)."""
     index = torch.arange(first, first + n, dtype=torch.int64, device=device)
-    h = masks.hash_u32((index ^ key) & _M32)
-    h = masks.hash_u32(((h + _GOLDEN) & _M32) ^ key)
-    return h >= _threshold(p)
+    return masks.hash_grid(key, index) >= masks.drop_threshold(p)
 
 
 def _row_factors(keep: Tensor, ndim: int, p: float, dtype: torch.dtype) -> Tensor:
