@@ -112,6 +112,9 @@ class SubnetSchedule:
         return self.subnets(seed, self.set_index(step))
 
 
+_COUNTER_BUFFERS = ("step", "seed", "schedule_seed")
+
+
 class SteppedModule(nn.Module):
     """Base of every gyrodrop module whose randomness follows a step counter.
 
@@ -186,10 +189,9 @@ class SteppedModule(nn.Module):
         unexpected_keys,
         error_msgs,
     ) -> None:
-        # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed (or one
-        # older than a scalar buffer): keep the module's own values, do not fail.
-        names = [n for n, b in self._buffers.items() if b is not None and b.dim() == 0]
-        absent = [n for n in names if prefix + n not in state_dict]
+        # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed, one from
+        # before schedule seeds no schedule_seed: keep the module's own values.
+        absent = [n for n in _COUNTER_BUFFERS if prefix + n not in state_dict]
         super()._load_from_state_dict(
             state_dict,
             prefix,
