@@ -5,6 +5,8 @@
   from the parser itself, so the CLI guide never drifts from the code.
 - The API reference page must render every public name (``gyrodrop.__all__``): the
   build fails, naming the missing ones, otherwise.
+- README sections that link files under ``docs/`` (the results plots) are included here
+  rather than by the snippets extension, with those links made relative to the page.
 """
 
 from __future__ import annotations
@@ -18,6 +20,22 @@ from typing import Any
 from mkdocs.exceptions import PluginError
 
 _MARKER = re.compile(r"^<!-- gyrodrop-help:\s*([\w-]*)\s*-->$", re.MULTILINE)
+_README_SECTION = re.compile(r'^--8<-- "README.md:([\w-]+)"$', re.MULTILINE)
+_README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _readme_section(name: str, up: str) -> str | None:
+    """README section ``name`` with its ``docs/`` links rewritten, or ``None`` when it
+    links nothing under ``docs/`` (the snippets extension includes it then)."""
+    with open(_README, encoding="utf-8") as f:
+        text = f.read()
+    start, end = f"<!-- --8<-- [start:{name}] -->", f"<!-- --8<-- [end:{name}] -->"
+    if start not in text or end not in text:
+        return None
+    section = text.split(start, 1)[1].split(end, 1)[0]
+    if "](docs/" not in section:
+        return None
+    return section.replace("](docs/", f"]({up}")
 
 
 def _help(command: str) -> str:
@@ -53,7 +71,11 @@ def _check_api_page(markdown: str) -> None:
 def on_page_markdown(markdown: str, *, page: Any, **kwargs: Any) -> str:
     if page.file.src_uri == "api.md":
         _check_api_page(markdown)
-    # README sections link files as docs/...: make those links relative to this page.
     up = "../" * page.file.src_uri.count("/")
-    markdown = markdown.replace("](docs/", f"]({up}")
+
+    def include(m: re.Match[str]) -> str:
+        section = _readme_section(m.group(1), up)
+        return m.group(0) if section is None else section
+
+    markdown = _README_SECTION.sub(include, markdown)
     return _MARKER.sub(lambda m: _help(m.group(1)), markdown)
