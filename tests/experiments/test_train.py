@@ -143,6 +143,11 @@ class TestTrainRun:
         if hasattr(gyrodrop, "subnet_ensemble_predict"):
             assert 0 <= m["ens_acc"] <= 1
 
+    def test_blockwise_uncertainty_includes_the_subnetwork_ensemble(self) -> None:
+        cfg = _cfg("blockwise", mc_samples=4, widths=(64, 64))
+        m = train_run(cfg, _data()).metrics
+        assert 0 <= m["ens_acc"] <= 1 and 0 <= m["mc_acc"] <= 1
+
     def test_extra_metrics_are_merged(self) -> None:
         m = train_run(_cfg(), _data(), extra=lambda model, data: {"custom": 1.0}).metrics
         assert m["custom"] == 1.0

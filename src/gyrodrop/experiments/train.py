@@ -44,6 +44,7 @@ __all__ = [
 METHODS: tuple[str, ...] = ("none", "dropout", "gyro", "gyro-random", "blockwise")
 OPTIMIZERS: tuple[str, ...] = ("rmsprop", "sgd")
 _GYRO = ("gyro", "gyro-random")
+_SUBNET_METHODS = (*_GYRO, "blockwise")  # trained a fixed set of subnetworks
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ def _uncertainty(model: nn.Module, cfg: RunConfig, data: Dataset) -> dict[str, A
         out.update(M.summary(probs, y, "mc_"))
         out["reliability_mc"] = M.reliability_bins(probs, y)
     ens = getattr(gyrodrop, "subnet_ensemble_predict", None)
-    if ens is not None and cfg.method in _GYRO:
+    if ens is not None and cfg.method in _SUBNET_METHODS:
         probs = _chunked_prediction(lambda xb: ens(model, xb), x)
         out.update(M.summary(probs, y, "ens_"))
         out["reliability_ens"] = M.reliability_bins(probs, y)
