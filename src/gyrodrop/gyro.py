@@ -239,7 +239,7 @@ class GyroDropout(ScheduledModule):
         self.scale = scale
         self._cache_key: tuple[object, ...] | None = None
         self._cache_masks: Tensor | None = None
-        self._counts_key: tuple[int, int, int] | None = None
+        self._counts_key: tuple[int, int, int, int] | None = None
         self._counts: list[int] = []
 
     def extra_repr(self) -> str:
@@ -296,7 +296,7 @@ class GyroDropout(ScheduledModule):
 
     def _group_counts(self, batch: int) -> list[int]:
         start, global_batch = distributed.row_window(batch)
-        key = (start, batch, global_batch)
+        key = (start, batch, global_batch, self.subnets_per_step)
         if key != self._counts_key:
             self._counts = distributed.local_group_counts(
                 start, batch, global_batch, self.subnets_per_step
