@@ -18,15 +18,15 @@ stochastic depth.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gyrodrop
+from gyrodrop.experiments.analysis import time_interleaved
 from gyrodrop.experiments.data import load_dataset
 from gyrodrop.experiments.models import ResNet18
 
@@ -64,15 +64,8 @@ def step_times_ms(models: list[nn.Module], x: Tensor, y: Tensor, steps: int) -> 
     """Median wall time of a training step of each model, the models' steps interleaved
     so that they share the machine's conditions (a throw-away optimizer with lr 0)."""
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in models]
-    times: list[list[float]] = [[] for _ in models]
-    for rep in range(steps + 3):  # the first 3 rounds warm up
-        for model, opt, record in zip(models, opts, times, strict=True):
-            model.train()
-            start = time.perf_counter()
-            train_step(model, opt, x, y)
-            if rep >= 3:
-                record.append(time.perf_counter() - start)
-    return [1e3 * statistics.median(record) for record in times]
+    fns = [partial(train_step, m.train(), opt, x, y) for m, opt in zip(models, opts, strict=True)]
+    return time_interleaved(fns, steps, warmup=3, device=x.device)
 
 
 def main() -> None:

@@ -16,7 +16,13 @@ import gyrodrop
 from gyrodrop.experiments.data import Dataset
 from gyrodrop.experiments.train import RunConfig, make_model
 
-__all__ = ["subnetwork_features", "diversity", "time_train_steps", "time_block_layer"]
+__all__ = [
+    "subnetwork_features",
+    "diversity",
+    "time_train_steps",
+    "time_block_layer",
+    "time_interleaved",
+]
 
 
 def _inner_dropouts(model: nn.Module) -> list[nn.Module]:
@@ -166,17 +172,22 @@ def time_train_steps(
             opt.step()
 
         steppers.append(step)
-    times = _time_many(steppers, steps, warmup, dev)
+    times = time_interleaved(steppers, steps, warmup, dev)
     return [
         {"ms_per_step": ms, "samples_per_s": c.batch_size / (ms / 1000)}
         for c, ms in zip(configs, times, strict=False)
     ]
 
 
-def _time_many(
-    fns: Sequence[Callable[[], None]], steps: int, warmup: int, device: torch.device
+def time_interleaved(
+    fns: Sequence[Callable[[], object]],
+    steps: int,
+    warmup: int = 3,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Median milliseconds of each function, calls interleaved so drift hits all alike."""
+    """Median milliseconds of each function, calls interleaved so drift hits all alike
+    (``warmup`` untimed rounds first; the device is synchronized around each call)."""
+    device = torch.device(device)
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -242,8 +253,8 @@ def time_block_layer(
 
     blocks = features // block_size
     kept = (blocks - round(drop * blocks)) / blocks if blocks else 1.0
-    dense_ms, block_ms = _time_many([fwd(dense), fwd(block)], steps, warmup, dev)
-    dense_train_ms, block_train_ms = _time_many(
+    dense_ms, block_ms = time_interleaved([fwd(dense), fwd(block)], steps, warmup, dev)
+    dense_train_ms, block_train_ms = time_interleaved(
         [fwd_bwd(dense), fwd_bwd(block)], steps, warmup, dev
     )
     return {
