@@ -8,10 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
+from torch import nn
 
 import gyrodrop
 from gyrodrop import distributed
-from gyrodrop.stochastic_depth import block_keep, stochastic_depth
+from gyrodrop.stochastic_depth import StochasticDepthBlock, block_keep, stochastic_depth
+from statcheck import assert_poisson_binomial, assert_rate
 
 ALPHA = 1e-4  # binomial tests: a correct implementation fails one in 10**4 runs
 
@@ -220,3 +222,113 @@ class TestStochasticDepthModule:
     def test_invalid_arguments_fail_at_construction(self, args, kwargs, message):
         with pytest.raises(ValueError, match=message):
             gyrodrop.StochasticDepth(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Rates and scales with power (issue 17): every p, not only 0.5; samples large enough that
+# a rate 10% off fails by many standard deviations; bounds at statcheck.ALPHA.
+
+
+class OnesBranch(nn.Module):
+    """A ResidualBlock whose branch is ones and shortcut zeros: the wrapper's output is
+    the branch factor itself."""
+
+    def branch(self, x):
+        return torch.ones_like(x)
+
+    def shortcut(self, x):
+        return torch.zeros_like(x)
+
+    def forward(self, x):
+        return self.shortcut(x) + self.branch(x)
+
+
+RATES = [0.1, 0.3, 0.5, 0.8]
+
+
+class TestRatesWithPower:
+    @pytest.mark.parametrize("p", [0.1, 0.3, 0.75, 0.9])
+    def test_block_mode_kept_branch_is_scaled_by_one_over_keep_rate_on_every_path(self, p):
+        # Catches 1/p instead of 1/(1-p) (equal at p = 0.5 only) in any one of the four
+        # block-mode paths: functional, module forward, draw_scale, the block wrapper.
+        want = 1.0 / (1.0 - p)
+        sd = gyrodrop.StochasticDepth(p, "block", seed=3)
+        drawer = gyrodrop.StochasticDepth(p, "block", seed=3)
+        wrapper = StochasticDepthBlock(OnesBranch(), p, "block", seed=3)
+        seen = {"functional": set(), "forward": set(), "draw_scale": set(), "wrapper": set()}
+        for step in range(300):
+            y = stochastic_depth(torch.ones(2, 1), p, "block", seed=3, step=step)
+            seen["functional"] |= set(y.flatten().tolist())
+            seen["forward"] |= set(sd(torch.ones(2, 1)).flatten().tolist())
+            seen["draw_scale"].add(drawer.draw_scale())
+            seen["wrapper"] |= set(wrapper(torch.ones(2, 1)).flatten().tolist())
+        for path, values in seen.items():
+            assert sorted(values) == [0.0, pytest.approx(want, rel=1e-6)], path
+
+    @pytest.mark.parametrize("p", [0.2, 0.7])
+    def test_block_decisions_of_every_path_are_the_pure_function_of_seed_and_step(self, p):
+        # The rate test below runs on block_keep; this ties every path to it (catches a
+        # path that thresholds at another rate or keys on another step).
+        sd = gyrodrop.StochasticDepth(p, "block", seed=5)
+        drawer = gyrodrop.StochasticDepth(p, "block", seed=5)
+        want = [block_keep(5, s, p) for s in range(2000)]
+        assert [bool(sd(torch.ones(1)) != 0) for _ in range(2000)] == want
+        assert [drawer.draw_scale() != 0.0 for _ in range(2000)] == want
+
+    @pytest.mark.parametrize("p", RATES)
+    def test_block_mode_drop_rate_is_p_over_fifty_thousand_steps(self, p):
+        # n = 5e4: a rate of 0.45 instead of 0.5 is 22 sd off, 0.09 instead of 0.1 4.7 sd,
+        # 0.27 instead of 0.3 14 sd (the bound is 4.9 sd).
+        n = 50_000
+        dropped = sum(not block_keep(11, s, p) for s in range(n))
+        assert_rate(dropped, n, p, f"block-mode drop rate at p={p}")
+
+    @pytest.mark.parametrize("p", RATES)
+    def test_sample_mode_drop_rate_is_p_over_a_hundred_thousand_rows(self, p):
+        # n = 1e5 rows, two steps: 0.45 vs 0.5 is 32 sd; also every dropped row is 0 and
+        # every kept row exactly 1/(1-p).
+        sd = gyrodrop.StochasticDepth(p, "sample", seed=2)
+        for _ in range(2):
+            y = sd(torch.ones(100_000, 1))[:, 0]
+            kept = y != 0
+            assert torch.allclose(y[kept], torch.full_like(y[kept], 1.0 / (1.0 - p)))
+            assert_rate(int((~kept).sum()), y.numel(), p, f"sample-mode drop rate at p={p}")
+
+    @pytest.mark.parametrize("p, warmup", [(0.6, 3000), (0.3, 2000)])
+    def test_block_mode_warmup_decides_and_scales_at_the_ramped_rate(self, p, warmup):
+        # During the ramp, step s drops at rate r_s = p * s / warmup and scales a kept
+        # branch by 1/(1-r_s). Catches deciding at p (twice the expected drops over the
+        # ramp), scaling by 1/(1-p), or a ramp that ends at another step.
+        sd = gyrodrop.StochasticDepth(p, "block", seed=7, warmup_steps=warmup)
+        fwd = gyrodrop.StochasticDepth(p, "block", seed=7, warmup_steps=warmup)
+        steps = warmup + 1000
+        rates = [p * min(s, warmup) / warmup for s in range(steps)]
+        scales = [sd.draw_scale() for _ in range(steps)]
+        assert [float(fwd(torch.ones(1))) for _ in range(steps)] == pytest.approx(scales)
+        for s, (r, scale) in enumerate(zip(rates, scales, strict=True)):
+            assert scale in (0.0, pytest.approx(1.0 / (1.0 - r))), f"step {s}, rate {r}"
+        ramp = [scale == 0.0 for scale in scales[:warmup]]
+        assert_poisson_binomial(sum(ramp), rates[:warmup], "drops during the warm-up")
+        after = [scale == 0.0 for scale in scales[warmup:]]
+        assert_rate(sum(after), len(after), p, "drops after the warm-up")
+
+    @pytest.mark.parametrize("p, warmup, at", [(0.5, 4, 2), (0.8, 10, 3)])
+    def test_sample_mode_warmup_drops_rows_at_the_ramped_rate(self, p, warmup, at):
+        # At step `at` rows drop at p * at / warmup (1e5 rows); catches a ramp on the
+        # scale only, or the decision taken at the full p.
+        rate = p * at / warmup
+        sd = gyrodrop.StochasticDepth(p, "sample", seed=1, warmup_steps=warmup)
+        gyrodrop.step(sd, at)
+        y = sd(torch.ones(100_000, 1))[:, 0]
+        kept = y != 0
+        assert torch.allclose(y[kept], torch.full_like(y[kept], 1.0 / (1.0 - rate)))
+        assert_rate(int((~kept).sum()), y.numel(), rate, "sample-mode drops during the ramp")
+
+    def test_state_dict_with_another_seed_changes_the_decisions_after_a_forward(self):
+        # The host copy of the seed must be refreshed by load_state_dict.
+        a = gyrodrop.StochasticDepth(0.5, "sample", seed=1)
+        a(torch.ones(64, 1))
+        b = gyrodrop.StochasticDepth(0.5, "sample", seed=2)
+        gyrodrop.step(b)
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(torch.ones(64, 1)), b(torch.ones(64, 1)))
