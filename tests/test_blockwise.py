@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -18,6 +18,7 @@ import gyrodrop
 from gyrodrop import distributed
 from gyrodrop.blockwise import BlockGyroLinear, n_dropped_blocks
 from gyrodrop.distributed import group_sizes
+from statcheck import assert_uniform_inclusion
 
 F64 = torch.float64
 
@@ -100,8 +101,7 @@ class TestMasks:
     @settings(max_examples=60, deadline=None)
     def test_every_mask_drops_exactly_round_p_blocks(self, features, bs, p, step):
         n_blocks = -(-features // bs)
-        if n_dropped_blocks(p, n_blocks) >= n_blocks:
-            return
+        assume(n_dropped_blocks(p, n_blocks) < n_blocks)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layer = BlockGyroLinear(
@@ -189,8 +189,7 @@ class TestExactness:
     ):
         features = in_f if prune == "input" else out_f
         n_blocks = -(-features // bs)
-        if not 0 < n_dropped_blocks(p, n_blocks) < n_blocks:
-            return
+        assume(0 < n_dropped_blocks(p, n_blocks) < n_blocks)
         layer = make(in_f, out_f, p=p, sigma=8, tau=tau, bs=bs, prune=prune, dtype=F64)
         gyrodrop.step(layer, step)
         x = torch.randn(batch, in_f, dtype=F64, generator=torch.Generator().manual_seed(step))
@@ -505,3 +504,80 @@ class TestBenchmarkScript:
         out = capsys.readouterr().out
         assert "| 0.5 | 0.500 |" in out and "50.0%" in out  # the GEMM FLOPs halve
         assert "block-wise (input)" in out and "block-wise (auto)" in out
+
+
+# --------------------------------------------------------------------------------------
+# Block masks with power (issue 17): per-block frequency, uniform subsets, distinctness.
+
+
+def all_masks(in_f, out_f, *, p, bs, sigma, prune="input", seed=0):
+    """A layer whose single set holds all ``sigma`` subnetworks (tau = sigma): its
+    ``block_masks(0)`` are every subnetwork's block mask, one per row."""
+    layer = make(in_f, out_f, p=p, sigma=sigma, tau=sigma, bs=bs, prune=prune, seed=seed)
+    return layer, layer.block_masks(0)
+
+
+class TestBlockMaskStatistics:
+    @pytest.mark.parametrize(
+        "features, bs, p, prune",
+        [(256, 8, 0.5, "input"), (100, 10, 0.3, "input"), (64, 4, 0.25, "output")],
+    )
+    def test_every_block_is_dropped_equally_often(self, features, bs, p, prune):
+        # 20000 subnetworks, chi-square on per-block drop counts (exactly n_dropped per
+        # mask, so the without-replacement statistic of statcheck). Catches a choice that
+        # favours some blocks (block 0 dropped 62% and block 31 36% of the time is
+        # hundreds of sd off) or ignores the last blocks.
+        in_f, out_f = (features, 8) if prune == "input" else (8, features)
+        layer, keep = all_masks(in_f, out_f, p=p, bs=bs, sigma=20_000, prune=prune, seed=4)
+        dropped = (~keep).sum(0).tolist()
+        assert_uniform_inclusion(dropped, 20_000, layer.n_dropped, "per-block drops")
+
+    def test_kept_subsets_are_uniform_over_all_combinations(self):
+        # 8 blocks, 4 dropped: 70 subsets, 20000 masks; Pearson over the 70. Catches a
+        # choice with uniform per-block rates but favoured combinations (e.g. blocks
+        # dropped in adjacent pairs).
+        layer, keep = all_masks(64, 4, p=0.5, bs=8, sigma=20_000, seed=1)
+        assert (layer.n_blocks, layer.n_dropped) == (8, 4)
+        codes = (keep.long() << torch.arange(8)).sum(1)
+        subsets = [c for c in range(256) if bin(c).count("1") == 4]
+        counts = torch.bincount(codes, minlength=256)
+        assert int(counts.sum()) == int(counts[subsets].sum())  # only 4-of-8 subsets
+        assert_uniform_inclusion(counts[subsets].tolist(), 20_000, 1, "kept subsets")
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    def test_sigma_subnetworks_are_sigma_distinct_masks(self, prune):
+        # 32 blocks, 16 dropped: 6e8 subsets, so 512 random masks collide with
+        # probability 2e-4 (birthday bound); catches masks that collapse (k and k + 1
+        # sharing a mask: half as many distinct subnetworks).
+        layer, keep = all_masks(256, 256, p=0.5, bs=8, sigma=512, prune=prune, seed=3)
+        assert torch.unique(keep, dim=0).shape[0] == 512
+        # the public per-subnetwork mask is the block mask of that id
+        ids = layer.active_subnets(0)
+        for row in (0, 1, 100, 511):
+            want = keep[row].repeat_interleave(8).float() * layer.scale
+            assert torch.equal(layer.subnet_mask(int(ids[row])), want)
+        assert (
+            torch.unique(torch.stack([layer.subnet_mask(k) for k in range(512)]), dim=0).shape[0]
+            == 512
+        )
+
+    def test_few_combinations_are_all_reached(self):
+        # 5 blocks, 2 dropped: only 10 masks exist; 200 subnetworks reach all 10 (a
+        # uniform choice misses one with probability 10 * 0.9**200 = 7e-9).
+        _, keep = all_masks(40, 4, p=0.4, bs=8, sigma=200, seed=2)
+        assert torch.unique(keep, dim=0).shape[0] == 10
+
+    def test_state_dict_with_another_seed_rebuilds_the_cached_masks(self):
+        # The kept-block cache is keyed on the seed: a checkpoint with another seed,
+        # loaded after a forward at the same step, must not reuse the stale masks.
+        torch.manual_seed(0)
+        a = make(64, 8, seed=1, steps_per_set=5)
+        b = make(64, 8, seed=2, steps_per_set=5, schedule_seed=9)
+        b.load_state_dict(a.state_dict() | {"seed": b.seed, "schedule_seed": b.schedule_seed})
+        x = torch.randn(4, 64)
+        a(x)
+        state = b.state_dict()
+        a.load_state_dict(state)
+        b.load_state_dict(state)
+        assert torch.equal(a(x), b(x))
+        assert torch.equal(a.dense_mask(4), b.dense_mask(4))
