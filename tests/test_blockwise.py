@@ -556,10 +556,8 @@ class TestBlockMaskStatistics:
         for row in (0, 1, 100, 511):
             want = keep[row].repeat_interleave(8).float() * layer.scale
             assert torch.equal(layer.subnet_mask(int(ids[row])), want)
-        assert (
-            torch.unique(torch.stack([layer.subnet_mask(k) for k in range(512)]), dim=0).shape[0]
-            == 512
-        )
+        masks = torch.stack([layer.subnet_mask(k) for k in range(512)])
+        assert torch.unique(masks, dim=0).shape[0] == 512
 
     def test_few_combinations_are_all_reached(self):
         # 5 blocks, 2 dropped: only 10 masks exist; 200 subnetworks reach all 10 (a

@@ -12,6 +12,7 @@ from torch import nn
 import gyrodrop
 from gyrodrop.distributed import group_sizes
 from gyrodrop.gyro import gyro_dropout
+from statcheck import assert_independent_rates, assert_rate
 
 
 def make(p=0.5, sigma=16, tau=4, **kw):
@@ -341,3 +342,47 @@ class TestValidation:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             gyrodrop.GyroDropout(0.5, 256, 16, total_steps=1000)
+
+
+# --------------------------------------------------------------------------------------
+# Subnetworks with power (issue 17).
+
+
+class TestSubnetworkStatistics:
+    def test_a_cycle_of_sets_trains_sigma_distinct_masks(self):
+        # sigma = 256 masks over 64 features (a collision has probability 2**-49 at
+        # p = 0.5): one cycle of sets trains 256 distinct masks and subnet_mask(k) gives
+        # 256 distinct masks. Catches ids or mask keys that collapse (k // 2: half).
+        drop = make(0.5, 256, 16, steps_per_set=1, seed=5)
+        groups = torch.cat([drop(torch.ones(16, 64)) for _ in range(16)])  # 16 sets x 16
+        assert torch.unique(groups, dim=0).shape[0] == 256
+        like = torch.ones(1, 64)
+        masks = torch.stack([drop.subnet_mask(k, like) for k in range(256)])
+        assert torch.unique(masks, dim=0).shape[0] == 256
+
+    @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+    def test_every_feature_is_dropped_at_rate_p(self, p):
+        # 8192 subnetworks x 48 features through the module (tau = sigma: one forward
+        # shows every mask); chi-square on the 48 per-feature drop counts and the exact
+        # binomial on the total (393216 draws: 0.45 instead of 0.5 is 63 sd off).
+        # Catches a rate off p and features that drop more often than others.
+        drop = make(p, 8192, 8192, steps_per_set=1, seed=7)
+        y = drop(torch.ones(8192, 48))
+        dropped = (y == 0).sum(0)
+        assert_rate(int(dropped.sum()), y.numel(), p, "element drop rate")
+        assert_independent_rates(dropped.tolist(), 8192, p, "per-feature drops")
+        kept = y[y != 0]
+        assert torch.allclose(kept, torch.full_like(kept, 1.0 / (1.0 - p)))
+
+    @pytest.mark.parametrize("field", ["seed", "schedule_seed"])
+    def test_state_dict_with_another_seed_rebuilds_the_cached_masks(self, field):
+        # The active-mask cache must be keyed on both seeds: a checkpoint with another
+        # seed, loaded after a forward at the same step, must not reuse stale masks.
+        a = make(0.5, 16, 4, steps_per_set=5, seed=1)
+        b = make(0.5, 16, 4, steps_per_set=5, seed=1)
+        with torch.no_grad():
+            getattr(b, field).fill_(2)
+        a(torch.ones(8, 32))
+        state = b.state_dict()
+        a.load_state_dict(state)
+        assert torch.equal(a(torch.ones(8, 32)), b(torch.ones(8, 32)))
