@@ -2,13 +2,17 @@
 subnetworks the passes use."""
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import gyrodrop
+from gyrodrop import Prediction
 from gyrodrop.stochastic_depth import StochasticDepthBlock
+from statcheck import assert_independent_rates, assert_rate
 
 
 def gyro(seed=1, sigma=8, tau=2, steps_per_set=5, p=0.5, **kw):
@@ -371,3 +375,102 @@ class TestSubnetEnsemblePredict:
     def test_invalid_subnets_are_rejected(self, subnets, message):
         with pytest.raises(ValueError, match=message):
             gyrodrop.subnet_ensemble_predict(mlp(gyro(sigma=8)), inputs(), subnets=subnets)
+
+
+# --------------------------------------------------------------------------------------
+# The summaries pinned to hand-computed values (issue 17).
+
+
+class Table(nn.Module):
+    """Returns a fixed table of class scores whatever the input: with ``batch_samples``
+    equal to the number of passes, row ``s * N + n`` is pass ``s`` of example ``n``. An
+    ``nn.Dropout`` (its output unused) makes it a dropout model for ``mc_predict``."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.register_buffer("table", table)
+
+    def forward(self, x):
+        self.drop(x)
+        return self.table
+
+
+def by_hand(probs):
+    """mean, variance, entropy, mutual_info of passes ``probs`` (S, N, C), in numpy."""
+    mean = probs.mean(0)
+    variance = ((probs - mean) ** 2).mean(0).mean(-1)  # population variance, class mean
+    entropy = -(mean * np.log(mean)).sum(-1)
+    expected_entropy = -(probs * np.log(probs)).sum(-1).mean(0)
+    return mean, variance, entropy, entropy - expected_entropy
+
+
+def predict_table(probs, output="probs"):
+    passes, n, c = probs.shape
+    scores = probs if output == "probs" else np.log(probs) + 0.7  # logits up to a shift
+    net = Table(torch.tensor(scores.reshape(passes * n, c), dtype=torch.float64))
+    return gyrodrop.mc_predict(
+        net, torch.zeros(n, 1), samples=passes, batch_samples=passes, output=output
+    )
+
+
+class TestSummariesByHand:
+    @pytest.mark.parametrize("output", ["probs", "logits"])
+    def test_each_summary_equals_the_numpy_formula(self, output):
+        # 3 passes, 2 examples, 3 classes. Catches a summary summed instead of averaged
+        # over passes, std instead of variance, variance summed over classes, sample
+        # (S - 1) instead of population variance, a halved or swapped mutual_info.
+        probs = np.array(
+            [
+                [[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]],
+                [[0.1, 0.8, 0.1], [0.25, 0.35, 0.4]],
+                [[0.5, 0.25, 0.25], [0.2, 0.5, 0.3]],
+            ]
+        )
+        pred = predict_table(probs, output)
+        for name, got, want in zip(Prediction._fields, pred, by_hand(probs), strict=True):
+            assert got.dtype == torch.float32, name
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+    def test_two_confident_disagreeing_passes_have_known_values(self):
+        # Passes (1, 0) and (0, 1): mean (1/2, 1/2), variance 1/4, entropy = mutual
+        # information = ln 2; one agreeing example: variance and mutual_info 0.
+        probs = np.array([[[1.0, 0.0], [0.6, 0.4]], [[0.0, 1.0], [0.6, 0.4]]])
+        pred = predict_table(probs)
+        torch.testing.assert_close(pred.mean, torch.tensor([[0.5, 0.5], [0.6, 0.4]]))
+        torch.testing.assert_close(pred.variance, torch.tensor([0.25, 0.0]))
+        h = -(0.6 * math.log(0.6) + 0.4 * math.log(0.4))
+        torch.testing.assert_close(pred.entropy, torch.tensor([math.log(2), h]))
+        torch.testing.assert_close(pred.mutual_info, torch.tensor([math.log(2), 0.0]))
+
+
+class KeptReadout(nn.Module):
+    """Class scores (1, 0) where the stochastic-depth branch was kept, (0, 1) where it
+    was dropped: ``mc_predict(..., output="probs").mean[:, 0]`` is the kept fraction."""
+
+    def forward(self, y):
+        kept = (y[:, :1] != 0).to(y.dtype)
+        return torch.cat([kept, 1 - kept], dim=1)
+
+
+class TestMonteCarloStochasticDepthRate:
+    @pytest.mark.parametrize("p", [0.2, 0.5, 0.7])
+    def test_block_mode_drops_a_pass_at_rate_p(self, p):
+        # 1e5 passes of one example: 0.45 instead of 0.5 is 32 sd off. Catches MC draws
+        # thresholded at another rate, or one decision reused for every pass.
+        net = nn.Sequential(gyrodrop.StochasticDepth(p, "block", seed=3), KeptReadout())
+        n = 100_000
+        pred = gyrodrop.mc_predict(net, torch.ones(1, 1), samples=n, seed=5, output="probs")
+        dropped = round((1 - float(pred.mean[0, 0])) * n)
+        assert_rate(dropped, n, p, "Monte-Carlo block-mode drops")
+
+    @pytest.mark.parametrize("p", [0.2, 0.5, 0.7])
+    def test_sample_mode_drops_a_row_of_a_pass_at_rate_p(self, p):
+        # 1000 examples x 100 passes = 1e5 decisions; also every example's rate alone
+        # (chi-square over the 1000 examples: no example is favoured).
+        net = nn.Sequential(gyrodrop.StochasticDepth(p, "sample", seed=3), KeptReadout())
+        rows, passes = 1000, 100
+        pred = gyrodrop.mc_predict(net, torch.ones(rows, 1), samples=passes, output="probs")
+        per_row = [round((1 - float(k)) * passes) for k in pred.mean[:, 0]]
+        assert_rate(sum(per_row), rows * passes, p, "Monte-Carlo sample-mode drops")
+        assert_independent_rates(per_row, passes, p, "Monte-Carlo drops per example")
