@@ -8,6 +8,7 @@ from torch import nn
 
 import gyrodrop
 from gyrodrop.schedule import SubnetSchedule, resolve_steps_per_set
+from statcheck import assert_uniform_inclusion
 
 sigma_tau = st.integers(1, 64).flatmap(lambda s: st.tuples(st.just(s), st.integers(1, s)))
 
@@ -52,6 +53,14 @@ class TestConsecutiveSchedule:
         sched = SubnetSchedule(32, 32, 1)
         assert not torch.equal(sched.subnets(0, 0), sched.subnets(0, 1))
 
+    def test_first_ids_of_consecutive_sets_are_uniform(self):
+        # The first row group's subnetwork over 1000 cycles (sigma = 16): each id once
+        # per cycle overall, and every id equally likely to come first.
+        sched = SubnetSchedule(16, 4, 1)
+        firsts = torch.stack([sched.at_step(2, 4 * c)[0] for c in range(1000)])
+        counts = torch.bincount(firsts, minlength=16).tolist()
+        assert_uniform_inclusion(counts, 1000, 1, "first id of a cycle")
+
 
 class TestRandomSchedule:
     @given(sigma_tau, st.integers(0, 1000))
@@ -65,6 +74,15 @@ class TestRandomSchedule:
         sched = SubnetSchedule(256, 4, 100, "random")
         assert sched.set_index(1) == 1
         assert not torch.equal(sched.at_step(0, 0), sched.at_step(0, 1))
+
+    @pytest.mark.parametrize("sigma, tau, steps", [(64, 8, 2000), (10, 3, 1000)])
+    def test_every_subnetwork_is_drawn_equally_often(self, sigma, tau, steps):
+        # Chi-square on how often each id is in the set. Catches a set drawn from a
+        # biased shuffle, or ids that are never drawn.
+        sched = SubnetSchedule(sigma, tau, 1, "random")
+        ids = torch.cat([sched.at_step(9, s) for s in range(steps)])
+        counts = torch.bincount(ids, minlength=sigma).tolist()
+        assert_uniform_inclusion(counts, steps, tau, "random-set inclusion")
 
 
 class TestStepsPerSet:
