@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: demo test bench install install-dev clean lint format docs docs-serve examples dist
+.PHONY: demo test bench install install-dev clean lint format docs docs-serve examples dist mutants
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ bench: install-dev
 	$(PY) benchmarks/bench_gyro.py
 	$(PY) benchmarks/bench_blockwise.py
 	$(PY) benchmarks/bench_stochastic_depth.py
+
+# Mutation testing of the core modules with their fast unit tests ([tool.mutmut] in
+# pyproject.toml; report and surviving mutants: docs/testing.md). Not part of CI: run it
+# before a release and after changing a core module. Resumable (results in mutants/).
+# Select modules by mutant-name glob: make mutants MUTANTS="gyrodrop.masks.* gyrodrop.schedule.*"
+MUTANTS ?=
+JOBS    ?= 2
+mutants: install-dev
+	$(VENV)/bin/mutmut run --max-children $(JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats
+	$(VENV)/bin/mutmut results
 
 # Lint, format check and static types (what CI enforces). `make format` rewrites.
 LINT_PATHS := src tests benchmarks examples docs .ci conftest.py
