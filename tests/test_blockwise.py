@@ -352,7 +352,14 @@ class TestState:
     def test_state_dict_holds_parameters_step_and_seed_only(self):
         layer = make()
         layer(torch.randn(4, 64))
-        assert sorted(layer.state_dict()) == ["bias", "schedule_seed", "seed", "step", "weight"]
+        assert sorted(layer.state_dict()) == [
+            "_extra_state",
+            "bias",
+            "schedule_seed",
+            "seed",
+            "step",
+            "weight",
+        ]
 
     @pytest.mark.parametrize("prune", ["input", "output"])
     def test_resume_into_a_fresh_module_continues_the_same_masks(self, prune):

@@ -212,8 +212,9 @@ class TestModes:
         drop(x)
         assert drop.active_masks(x).shape == (16, 1024)
         state = drop.state_dict()
-        assert sorted(state) == ["schedule_seed", "seed", "step"]
-        assert all(t.numel() == 1 for t in state.values())
+        assert sorted(state) == ["_extra_state", "schedule_seed", "seed", "step"]
+        assert all(t.numel() == 1 for name, t in state.items() if name != "_extra_state")
+        assert state["_extra_state"].numel() < 256  # the hyperparameters, no masks
 
     def test_extra_repr_lists_hyperparameters(self):
         text = repr(make(0.25, 32, 8, schedule="random"))

@@ -2,7 +2,7 @@
 
 from gyrodrop.blockwise import BlockGyroLinear
 from gyrodrop.gyro import GyroDropout
-from gyrodrop.schedule import step
+from gyrodrop.schedule import bind_to_optimizer, set_stepping, step
 from gyrodrop.stochastic_depth import StochasticDepth
 from gyrodrop.surgery import apply_block_gyro, apply_gyro_dropout, apply_stochastic_depth
 from gyrodrop.uncertainty import Prediction, mc_predict, subnet_ensemble_predict
@@ -14,6 +14,8 @@ __all__ = [
     "BlockGyroLinear",
     "apply_block_gyro",
     "step",
+    "bind_to_optimizer",
+    "set_stepping",
     "apply_gyro_dropout",
     "StochasticDepth",
     "apply_stochastic_depth",

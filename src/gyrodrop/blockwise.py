@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gyrodrop import distributed, masks
-from gyrodrop.schedule import ScheduledModule, _check_int, check_p
+from gyrodrop.schedule import ScheduledModule, _check_int, check_input, check_p
 
 __all__ = ["BlockGyroLinear", "BlockSite", "PRUNE_MODES", "find_block_sites", "n_dropped_blocks"]
 
@@ -539,9 +539,10 @@ class BlockGyroLinear(ScheduledModule):
         schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
         seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
             buffer, so it is checkpointed.
-        auto_step: advance the schedule on each training forward; set ``False`` and call
-            :func:`gyrodrop.step` after each optimizer step instead when one step runs
-            several forwards.
+        auto_step: ``True``: the step advances by itself, once per training step (per
+            training forward of the model after :func:`gyrodrop.apply_block_gyro`, per
+            call for a layer on its own; see :class:`~gyrodrop.GyroDropout`).
+            ``False``: call :func:`gyrodrop.step` after each optimizer step.
         prune: ``"input"`` (dropout before the Linear) or ``"output"`` (after it).
         schedule_seed: seeds the order in which subnetworks become active (default:
             ``seed``); layers sharing it train the same network-level subnetworks
@@ -736,6 +737,15 @@ class BlockGyroLinear(ScheduledModule):
         """The factor applied to kept values, ``1 / (1 - effective_p)``."""
         return 1.0 / (1.0 - self.effective_p)
 
+    def hparams(self) -> dict[str, Any]:
+        """Sigma, tau, ``steps_per_set``, schedule, ``p``, ``block_size`` and ``prune``."""
+        return {
+            **super().hparams(),
+            "p": self.p,
+            "block_size": self.block_size,
+            "prune": self.prune,
+        }
+
     def block_masks(self, step: int | None = None, device: torch.device | None = None) -> Tensor:
         """Keep masks over blocks of the set active at ``step`` (default: the current
         step), bool, shape ``(subnets_per_step, n_blocks)``; each row drops exactly
@@ -797,11 +807,11 @@ class BlockGyroLinear(ScheduledModule):
 
     # -- the fused forward -------------------------------------------------------------
 
-    def _kept_blocks(self, device: torch.device) -> Tensor:
-        """Sorted kept block ids of the active set, ``(tau, n_blocks - n_dropped)``;
-        cached until the set changes."""
+    def _kept_blocks(self, device: torch.device, step: int) -> Tensor:
+        """Sorted kept block ids of the set active at ``step``,
+        ``(tau, n_blocks - n_dropped)``; cached until the set changes."""
         seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
-        set_index = self.subnet_schedule.set_index(self.current_step())
+        set_index = self.subnet_schedule.set_index(step)
         key = (
             set_index,
             seed,
@@ -825,12 +835,13 @@ class BlockGyroLinear(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> _Plan | None:
-        """The plan of this training forward (``None``: compute a plain Linear), then
-        advance the step when ``auto_step``."""
+        """The plan of this training forward (``None``: compute a plain Linear), at the
+        step :meth:`forward_step` gives (which may advance it)."""
         plan = None
         batch = x.shape[0]
+        step = self.forward_step()
         if self.n_dropped > 0 and x.numel() > 0:
-            kept = self._kept_blocks(x.device)
+            kept = self._kept_blocks(x.device, step)
             start, global_batch = distributed.row_window(batch)
             counts = distributed.local_group_counts(
                 start, batch, global_batch, self.subnets_per_step
@@ -842,12 +853,11 @@ class BlockGyroLinear(ScheduledModule):
                 self._plan = _build_plan(kept, counts, rows_per_sample, self.n_blocks, out)
                 self._plan_key = key
             plan = self._plan
-        if self.auto_step:
-            self.advance()
         return plan
 
     def forward(self, x: Tensor) -> Tensor:
         owner = type(self).__name__
+        check_input(owner, x, rows=self.training)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{owner}: expected input (B, *, {self.in_features}), got shape {tuple(x.shape)}"
@@ -859,6 +869,9 @@ class BlockGyroLinear(ScheduledModule):
                 f"{owner}: training needs a batch dim, input (B, *, {self.in_features}), "
                 f"got shape {tuple(x.shape)}; hint: x.unsqueeze(0)"
             )
+        if x.is_meta or self.weight.is_meta:
+            # Shapes only (as nn.Linear on the meta device): no masks, no step.
+            return F.linear(x, self.weight, self.bias)
         plan = self._prepare(x)
         if plan is None:
             return F.linear(x, self.weight, self.bias)

@@ -13,12 +13,21 @@ rebuilt when the set changes, so there is no per-element random number generatio
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks
-from gyrodrop.schedule import ScheduledModule, SubnetSchedule, check_p
+from gyrodrop.schedule import (
+    ScheduledModule,
+    SubnetSchedule,
+    _check_int,
+    check_input,
+    check_p,
+    check_schedule,
+    check_seed,
+)
 
 __all__ = ["GyroDropout", "gyro_dropout", "subnet_masks", "apply_group_masks"]
 
@@ -43,6 +52,30 @@ def _normalize_dims(owner: str, dims: int | Sequence[int] | None) -> tuple[int, 
     if len(set(dims)) != len(dims):
         raise ValueError(f"{owner}: dims must not repeat a dim, got {dims}")
     return dims
+
+
+def check_gyro_args(
+    owner: str,
+    p: Any,
+    num_subnets: Any,
+    subnets_per_step: Any,
+    schedule: Any,
+    scale: Any,
+    dims: Any,
+    seed: Any,
+    schedule_seed: Any,
+) -> tuple[float, tuple[int, ...] | None]:
+    """The one validation of gyro dropout's arguments, shared by :class:`GyroDropout`
+    and :func:`gyro_dropout`; returns ``(p, dims)`` normalized. ``ValueError`` names
+    the argument and what is allowed."""
+    p = check_p(owner, p)
+    check_schedule(owner, num_subnets, subnets_per_step, schedule)
+    if scale not in SCALES:
+        raise ValueError(f"{owner}: scale must be one of {SCALES}, got {scale!r}")
+    check_seed(owner, seed)
+    if schedule_seed is not None:
+        check_seed(owner, schedule_seed, "schedule_seed")
+    return p, _normalize_dims(owner, dims)
 
 
 def mask_shape_for(owner: str, shape: torch.Size, dims: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -152,12 +185,30 @@ def gyro_dropout(
 ) -> Tensor:
     """Functional gyro dropout: stateless, the step is passed in. See :class:`GyroDropout`.
 
-    Rebuilds the active masks on every call; the module caches them.
+    Every argument is validated as :class:`GyroDropout` validates it (the same checks,
+    :func:`check_gyro_args`), whether or not ``training``; ``step`` is an int ``>= 0``
+    and ``steps_per_set`` an int ``>= 1``. Rebuilds the active masks on every call; the
+    module caches them.
+
+    Raises:
+        ValueError: an argument out of range (named in the message).
+        TypeError: ``x`` is not a floating-point tensor.
+        RuntimeError: in training, ``x`` is batched by ``torch.func.vmap``.
     """
-    if not training or p == 0.0:
+    owner = "gyro_dropout"
+    p, dims_t = check_gyro_args(
+        owner, p, num_subnets, subnets_per_step, schedule, scale, dims, seed, schedule_seed
+    )
+    _check_int(owner, "steps_per_set", steps_per_set, 1)
+    _check_int(owner, "step", step, 0)
+    if not isinstance(training, bool):
+        raise ValueError(f"{owner}: training must be a bool, got {training!r}")
+    if not training:
         return x
-    dims_t = _normalize_dims("gyro_dropout", dims)
-    mshape = mask_shape_for("gyro_dropout", x.shape, dims_t)
+    check_input(owner, x)
+    mshape = mask_shape_for(owner, x.shape, dims_t)
+    if p == 0.0:
+        return x
     sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
     active = sched.at_step(seed if schedule_seed is None else schedule_seed, step)
     m = subnet_masks(seed, active, mshape, p, scale=scale, dtype=x.dtype, device=x.device)
@@ -185,14 +236,26 @@ class GyroDropout(ScheduledModule):
         scale: ``"inverted"`` (``1/(1-p)``) or ``"realized"`` (``numel / kept`` per mask).
         seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
             buffer, so it is checkpointed.
-        auto_step: advance the schedule on each training forward; set ``False`` and call
-            :func:`gyrodrop.step` after each optimizer step instead when one step runs
-            several forwards.
+        auto_step: ``True``: the step advances by itself, once per training step. In a
+            model rewritten by :func:`gyrodrop.apply_gyro_dropout` (or any ``apply_*``)
+            the model steps all its gyrodrop layers once per training forward of the
+            model, however often each layer is called (see
+            :func:`gyrodrop.bind_to_optimizer` for one step per optimizer step); a layer
+            on its own steps on each of its training calls. ``False``: call
+            :func:`gyrodrop.step` after each optimizer step.
         schedule_seed: seeds the order in which subnetworks become active (default:
             ``seed``). Layers that share it train the same network-level subnetworks
             together; :func:`gyrodrop.apply_gyro_dropout` shares it across layers.
 
     Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
+
+    Steps: ``step`` (a buffer) counts completed training steps; a training forward uses
+    the masks of ``step``. A recompute by activation checkpointing (run during the
+    backward) replays the masks of the layer's last training forward. ``num_subnets``
+    may be as large as 2**62: a set change costs O(tau).
+
+    Raises (forward): ``TypeError`` for an integer or bool input, ``RuntimeError`` in
+    training under ``torch.func.vmap`` (see :func:`gyrodrop.schedule.check_input`).
 
     Example:
         >>> import torch, gyrodrop
@@ -220,9 +283,9 @@ class GyroDropout(ScheduledModule):
         schedule_seed: int | None = None,
     ) -> None:
         owner = type(self).__name__
-        p = check_p(owner, p)
-        if scale not in SCALES:
-            raise ValueError(f"{owner}: scale must be one of {SCALES}, got {scale!r}")
+        p, dims_t = check_gyro_args(
+            owner, p, num_subnets, subnets_per_step, schedule, scale, dims, seed, schedule_seed
+        )
         super().__init__(
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
@@ -235,7 +298,7 @@ class GyroDropout(ScheduledModule):
             schedule_seed=schedule_seed,
         )
         self.p = p
-        self.dims = _normalize_dims(owner, dims)
+        self.dims = dims_t
         self.scale = scale
         self._cache_key: tuple[object, ...] | None = None
         self._cache_masks: Tensor | None = None
@@ -249,6 +312,11 @@ class GyroDropout(ScheduledModule):
             f"subnets_per_step={self.subnets_per_step}, steps_per_set={self.steps_per_set}, "
             f"schedule={self.schedule}, scale={self.scale}{dims}"
         )
+
+    def hparams(self) -> dict[str, Any]:
+        """Sigma, tau, ``steps_per_set``, schedule, ``p``, scale and dims."""
+        dims = None if self.dims is None else list(self.dims)
+        return {**super().hparams(), "p": self.p, "scale": self.scale, "dims": dims}
 
     def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
@@ -281,7 +349,10 @@ class GyroDropout(ScheduledModule):
 
     def subnet_mask(self, k: int, like: Tensor) -> Tensor:
         """The scaled mask of subnetwork ``k`` for inputs shaped like ``like``,
-        shape ``mask_shape`` (used by ensembles and diversity analysis)."""
+        shape ``mask_shape`` (used by ensembles and diversity analysis).
+
+        Raises ``ValueError`` unless ``k`` is an int in ``[0, num_subnets)``."""
+        _check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
         mshape = mask_shape_for(type(self).__name__, like.shape, self.dims)
         ids = torch.tensor([k], dtype=torch.int64)
         return subnet_masks(
@@ -306,20 +377,19 @@ class GyroDropout(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        group_masks = self.active_masks(x)
-        counts = self._group_counts(x.shape[0])
-        if self.auto_step:
-            self.advance()
-        return group_masks, counts
+        step = self.forward_step()
+        return self.active_masks(x, step), self._group_counts(x.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
+        owner = type(self).__name__
+        check_input(owner, x)
+        mask_shape_for(owner, x.shape, self.dims)
+        if x.is_meta:
+            return x.clone()  # shapes only: no masks, no step
         if self.p == 0.0:
-            if x.dim() == 0:
-                mask_shape_for(type(self).__name__, x.shape, self.dims)
-            if self.auto_step:
-                self.advance()
+            self.forward_step()
             return x
         group_masks, counts = self._prepare(x)
         return apply_group_masks(x, group_masks, counts)

@@ -19,6 +19,8 @@ __all__ = [
     "hash_u32",
     "mix_keys",
     "seeded_permutation",
+    "feistel_permutation",
+    "SORTED_PERMUTATION_MAX",
     "element_keep_mask",
     "block_keep_mask",
     "block_bounds",
@@ -80,7 +82,13 @@ def hash_grid(base: Tensor | int, index: Tensor) -> Tensor:
 def _subnet_bases(seed: int, tag: int, subnets: Tensor) -> Tensor:
     """Per-subnetwork 32-bit hash bases, shape (K, 1), from (seed, tag, k)."""
     key = mix_keys(seed, tag)
-    return hash_u32((subnets.to(torch.int64) * 0x2545F491 + key) & _M32).unsqueeze(1)
+    subnets = subnets.to(torch.int64)
+    base = hash_u32((subnets * 0x2545F491 + key) & _M32)
+    # Ids of 2**32 and more (sigma up to 2**62) also mix their high bits; ids below
+    # 2**32 keep the bases of 0.1.0.
+    high = subnets >> 32
+    mixed = base ^ hash_u32((high * 0x27D4EB2F + (key ^ _GOLDEN)) & _M32)
+    return torch.where(high > 0, mixed, base).unsqueeze(1)
 
 
 def seeded_permutation(seed: int, tag: int, counter: int, n: int) -> Tensor:
@@ -92,6 +100,44 @@ def seeded_permutation(seed: int, tag: int, counter: int, n: int) -> Tensor:
     idx = torch.arange(n, dtype=torch.int64)
     h = hash_u32((idx * 0x27D4EB2F + mix_keys(seed, tag, counter)) & _M32)
     return torch.argsort((h << 31) | idx)
+
+
+#: Up to this many subnetworks the schedule uses :func:`seeded_permutation` (the
+#: permutations of 0.1.0, unchanged); above it :func:`feistel_permutation`.
+SORTED_PERMUTATION_MAX = 2**20
+
+_FEISTEL_ROUNDS = 6
+
+
+def feistel_permutation(seed: int, tag: int, counter: int, n: int, index: Tensor) -> Tensor:
+    """Entries ``index`` of a seeded permutation of ``range(n)``, without building it.
+
+    A balanced Feistel network over ``2h`` bits (``4**h >= n``, round keys from
+    ``(seed, tag, counter, round)``, round function :func:`hash_grid`) is a bijection
+    of ``range(4**h)``; cycle walking (apply it again while the value is ``>= n``)
+    restricts it to a bijection of ``range(n)``. Cost O(len(index)) (about 4 walks per
+    entry at most on average), memory O(len(index)), for any ``n`` up to 2**62.
+    Returned on ``index``'s device as int64.
+    """
+    if not 1 <= n <= 2**62:
+        raise ValueError(f"feistel_permutation: n must be in [1, 2**62], got {n}")
+    bits = max(2, (n - 1).bit_length())
+    half = (bits + 1) // 2
+    low = (1 << half) - 1
+    keys = [mix_keys(seed, tag, counter, r) for r in range(_FEISTEL_ROUNDS)]
+
+    def rounds(v: Tensor) -> Tensor:
+        left, right = v >> half, v & low
+        for key in keys:
+            left, right = right, left ^ (hash_grid(key, right) & low)
+        return (left << half) | right
+
+    out = rounds(index.to(torch.int64))
+    outside = out >= n
+    while bool(outside.any()):
+        out = torch.where(outside, rounds(out), out)
+        outside = out >= n
+    return out
 
 
 def element_keep_mask(

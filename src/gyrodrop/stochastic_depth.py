@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from gyrodrop import distributed, masks
-from gyrodrop.schedule import SteppedModule, _check_int, check_p
+from gyrodrop.schedule import SteppedModule, _check_int, check_input, check_p
 
 __all__ = [
     "MODES",
@@ -169,9 +169,10 @@ class StochasticDepth(SteppedModule):
             step; identical on every DDP rank). ``"sample"``: each example decides
             alone (keyed by its row in the global batch, so DDP matches one process).
         seed: seeds the decisions; a buffer, so it is checkpointed.
-        auto_step: advance the step on each training forward; set ``False`` and call
-            :func:`gyrodrop.step` after each optimizer step when one step runs several
-            forwards (gradient accumulation).
+        auto_step: ``True``: the step advances by itself, once per training step (per
+            training forward of the model after :func:`gyrodrop.apply_stochastic_depth`,
+            per call for a module on its own; see :class:`~gyrodrop.GyroDropout`).
+            ``False``: call :func:`gyrodrop.step` after each optimizer step.
         warmup_steps: the drop rate ramps linearly from 0 at step 0 to ``p`` at step
             ``warmup_steps`` and stays there (0: no warm-up). Kept branches are scaled
             by the current rate, so the expectation is exact at every step.
@@ -217,6 +218,10 @@ class StochasticDepth(SteppedModule):
         warm = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
         return f"p={self.p}, mode={self.mode}{warm}"
 
+    def hparams(self) -> dict[str, Any]:
+        """``p``, mode and ``warmup_steps``."""
+        return {"p": self.p, "mode": self.mode, "warmup_steps": self.warmup_steps}
+
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
         from 0 over the first ``warmup_steps`` steps."""
@@ -229,7 +234,9 @@ class StochasticDepth(SteppedModule):
     def draw_scale(self) -> float:
         """Block mode: this step's factor for the branch, ``0.0`` (dropped: do not
         compute the branch) or ``1/(1-rate)`` (kept); advances the step when
-        ``auto_step``. Call once per training forward, before computing the branch::
+        ``auto_step`` (see :meth:`forward_step`: an activation-checkpoint recompute
+        gets the same decision). Call once per training forward, before computing the
+        branch::
 
             scale = self.drop_path.draw_scale()
             out = shortcut if scale == 0.0 else shortcut + scale * self.branch(x)
@@ -239,10 +246,10 @@ class StochasticDepth(SteppedModule):
                 f"{type(self).__name__}: draw_scale() is for mode='block', got "
                 f"mode={self.mode!r}; call the module on the branch output instead"
             )
-        step = self.current_step()
+        if self.step.is_meta:
+            return 1.0  # shapes only
+        step = self.forward_step()
         p = self.rate(step)
-        if self.auto_step:
-            self.advance()
         if p == 0.0:
             return 1.0
         return 1.0 / (1.0 - p) if block_keep(self.current_seed(), step, p) else 0.0
@@ -270,10 +277,8 @@ class StochasticDepth(SteppedModule):
     def _draw(self, x: Tensor) -> Tensor | float:
         """This step's factors for ``x`` (see :func:`stochastic_depth`); advances the
         step when ``auto_step``. Bookkeeping runs eagerly under ``torch.compile``."""
-        step = self.current_step()
+        step = self.forward_step()
         p = self.rate(step)
-        if self.auto_step:
-            self.advance()
         if p == 0.0:
             return 1.0
         return _factors(x, p, self.mode, self.current_seed(), step)
@@ -281,8 +286,11 @@ class StochasticDepth(SteppedModule):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
+        check_input(type(self).__name__, x, rows=self.mode == "sample" or self._mc is not None)
         if self._mc is not None:
             return self._mc_forward(x, self._mc)
+        if x.is_meta:
+            return x.clone()  # shapes only: no decision, no step
         factor = self._draw(x)
         return x if isinstance(factor, float) and factor == 1.0 else x * factor
 
@@ -577,7 +585,7 @@ class StochasticDepthBlock(nn.Module):
             return self.block(x)
         block, split, sd = self.block, self._split, self.stochastic_depth
         if sd.training and sd.mode == "block" and sd._mc is None:
-            scale = sd.draw_scale()
+            scale = 1.0 if isinstance(x, Tensor) and x.is_meta else sd.draw_scale()
             shortcut = split.shortcut(block, x)
             if scale == 0.0:
                 if shortcut is x and split.has_post(block):

@@ -23,7 +23,7 @@ from gyrodrop.blockwise import (
 )
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import mix_keys
-from gyrodrop.schedule import check_p, check_seed
+from gyrodrop.schedule import attach_stepper, check_p, check_seed
 
 __all__ = [
     "apply_gyro_dropout",
@@ -116,6 +116,15 @@ def apply_gyro_dropout(
     Layers already replaced are left alone. Other keyword arguments (``schedule``,
     ``scale``, ``dims``, ``auto_step``) go to every ``GyroDropout``.
 
+    Stepping: with ``auto_step=True`` (default) ``model`` gets one model-level stepper
+    (:func:`gyrodrop.schedule.attach_stepper`, shared by every ``apply_*``): after each
+    training-mode forward of ``model`` every gyrodrop layer in it advances exactly one
+    step, whether it was called 0, 1 or many times, and a recompute by activation
+    checkpointing replays the same masks. Call the model you passed here (not a
+    sub-module) to train; for gradient accumulation use
+    :func:`gyrodrop.bind_to_optimizer`. ``auto_step=False``: call
+    :func:`gyrodrop.step` yourself.
+
     Returns the number of layers replaced, and warns when it is zero.
 
     Example:
@@ -164,6 +173,8 @@ def apply_gyro_dropout(
             warnings.simplefilter("ignore", UserWarning)
         policy: Policy = dict.fromkeys((nn.Dropout, *_CHANNELWISE), make)
         count = replace_modules(model, policy)
+    if count and kw.get("auto_step", True):
+        attach_stepper(model)
     if count == 0:
         warnings.warn(
             "apply_gyro_dropout: no nn.Dropout / Dropout1d/2d/3d layer found; "
@@ -212,7 +223,10 @@ def apply_stochastic_depth(
         total_steps: optimizer steps of the run; required when ``drop_warmup > 0``.
         target: which modules are residual blocks (see above).
         seed: every block gets its own seed derived from this and its index.
-        auto_step: see :class:`~gyrodrop.StochasticDepth`.
+        auto_step: ``True`` (default): the model steps every block once per training
+            forward of ``model`` (the model-level stepper of
+            :func:`apply_gyro_dropout`; :func:`gyrodrop.bind_to_optimizer` for one step
+            per optimizer step); ``False``: call :func:`gyrodrop.step` yourself.
 
     Returns the number of blocks wrapped, and warns when it is zero. Blocks already
     wrapped are left alone. ``eval()`` outputs are unchanged by the surgery.
@@ -273,6 +287,8 @@ def apply_stochastic_depth(
 
     policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
     count = replace_modules(root, policy) if blocks else 0
+    if count and auto_step:
+        attach_stepper(root)
     if count == 0:
         warnings.warn(
             f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck "
@@ -314,9 +330,11 @@ def apply_block_gyro(
     ``p=None`` keeps each Dropout's own ``p``; every fused layer gets its own mask seed
     derived from ``seed`` and its position, and all share the schedule seed ``seed``
     (network-level subnetworks, as in :func:`apply_gyro_dropout`). ``schedule`` and
-    ``auto_step`` may be passed as keywords. Dropouts that cannot be fused (followed by
-    something else than a Linear, a module used twice, a functional ``F.dropout``, too
-    few blocks for ``p``) are left as they are and listed in one warning.
+    ``auto_step`` may be passed as keywords; stepping is as in
+    :func:`apply_gyro_dropout` (one step per training forward of ``model``). Dropouts
+    that cannot be fused (followed by something else than a Linear, a module used twice,
+    a functional ``F.dropout``, too few blocks for ``p``) are left as they are and
+    listed in one warning.
 
     Example:
         >>> import torch.nn as nn, gyrodrop
@@ -381,6 +399,8 @@ def apply_block_gyro(
                 parent_name, _, child = name.rpartition(".")
                 setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
             count += 1
+    if count and kw.get("auto_step", True):
+        attach_stepper(root)
     if problems:
         warnings.warn(
             f"{owner}: fused {count} pair(s); left {len(problems)} dropout(s) as they were: "

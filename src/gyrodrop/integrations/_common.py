@@ -18,7 +18,15 @@ from typing import Any
 
 from torch import nn
 
-from gyrodrop.schedule import ScheduledModule, SteppedModule, check_p, check_seed
+from gyrodrop.schedule import (
+    TRAINER_SCHEDULED,
+    ScheduledModule,
+    SteppedModule,
+    check_p,
+    check_seed,
+    set_stepping,
+    step,
+)
 from gyrodrop.schedule import resolve_steps_per_set as _resolve
 from gyrodrop.surgery import apply_gyro_dropout, unwrap_model
 
@@ -33,8 +41,8 @@ __all__ = [
     "load_gyro_steps",
 ]
 
-#: Attribute set (to ``True``) on the modules whose ``total_steps`` the trainer sets.
-TRAINER_SCHEDULED = "_gyrodrop_trainer_scheduled"
+#: Attribute set (to ``True``) on the modules whose ``total_steps`` the trainer sets
+#: (:data:`gyrodrop.schedule.TRAINER_SCHEDULED`).
 
 _PASS_THROUGH = {"dims", "schedule", "scale", "total_steps", "steps_per_set"}
 
@@ -131,15 +139,14 @@ def apply(model: nn.Module, options: GyroOptions) -> int:
             **schedule_kw,
             **other_kw,
         )
+    set_stepping(model, "manual")  # the callback steps once per optimizer step
     for module in model.modules():
-        if isinstance(module, SteppedModule):
-            module.auto_step = False
-            if (
-                options.trainer_scheduled
-                and id(module) not in before
-                and isinstance(module, ScheduledModule)
-            ):
-                setattr(module, TRAINER_SCHEDULED, True)
+        if (
+            options.trainer_scheduled
+            and id(module) not in before
+            and isinstance(module, ScheduledModule)
+        ):
+            setattr(module, TRAINER_SCHEDULED, True)
     return count
 
 
@@ -177,8 +184,7 @@ def set_total_steps(model: nn.Module, total_steps: float, owner: str) -> int:
 
 def advance(model: nn.Module, n: int = 1) -> None:
     """Advance every gyrodrop module of ``model`` by ``n`` steps."""
-    for module in stepped_modules(model).values():
-        module.advance(n)
+    step(unwrap_model(model), n)
 
 
 def gyro_steps(model: nn.Module | None) -> dict[str, int]:
