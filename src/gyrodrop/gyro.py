@@ -107,10 +107,31 @@ def apply_group_masks(x: Tensor, group_masks: Tensor, counts: Sequence[int]) -> 
     """Multiply consecutive row groups of ``x`` by their masks.
 
     ``group_masks`` has shape ``(G, *mask_shape)`` (broadcastable against one row),
-    ``counts[g]`` is the number of rows of ``x`` in group ``g`` (summing to ``B``).
+    ``counts[g]`` is the number of rows of ``x`` in group ``g``: ``G`` non-negative ints
+    summing to ``B = x.shape[0]`` (every row belongs to exactly one group).
     Groups of equal size are handled by one batched multiply each, so a batch divisible
     by the number of groups costs exactly one broadcast multiply.
+
+    Raises:
+        ValueError: ``x`` has no batch dim, ``counts`` does not have one entry per mask,
+            has a negative entry, or does not sum to ``B`` (rows would be dropped from
+            the result or left without a mask).
     """
+    if x.dim() == 0:
+        raise ValueError("apply_group_masks: x must have a batch dim (B, *), got a 0-d tensor")
+    counts = list(counts)
+    if len(counts) != group_masks.shape[0] or any(
+        isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts
+    ):
+        raise ValueError(
+            f"apply_group_masks: counts must be {group_masks.shape[0]} non-negative ints "
+            f"(one per group mask), got {counts}"
+        )
+    if sum(counts) != x.shape[0]:
+        raise ValueError(
+            f"apply_group_masks: counts {counts} sum to {sum(counts)} rows but x has "
+            f"{x.shape[0]} rows (dim 0); every row must be in exactly one group"
+        )
     rest = x.shape[1:]
     pieces = []
     row, g = 0, 0
