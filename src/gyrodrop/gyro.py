@@ -212,8 +212,14 @@ class GyroDropout(ScheduledModule):
         schedule_seed: seeds the order in which subnetworks become active (default:
             ``seed``). Layers that share it train the same network-level subnetworks
             together; :func:`gyrodrop.apply_gyro_dropout` shares it across layers.
+        unbatched_ndim: an input with exactly this many dims has no batch dim and is
+            masked as a batch of one (one subnetwork mask for all of it), as torch's
+            ``Dropout1d`` reads ``(C, L)`` (2) and ``Dropout3d`` ``(C, D, H, W)`` (4);
+            :func:`gyrodrop.apply_gyro_dropout` sets it for those. ``None``: dim 0 is
+            always the batch.
 
-    Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
+    Shape: input ``(B, *)`` (or unbatched, see ``unbatched_ndim``), output the same.
+    ``eval()``: the identity.
 
     Example:
         >>> import torch, gyrodrop
@@ -239,11 +245,20 @@ class GyroDropout(ScheduledModule):
         seed: int = 0,
         auto_step: bool = True,
         schedule_seed: int | None = None,
+        unbatched_ndim: int | None = None,
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
         if scale not in SCALES:
             raise ValueError(f"{owner}: scale must be one of {SCALES}, got {scale!r}")
+        if unbatched_ndim is not None and (
+            isinstance(unbatched_ndim, bool)
+            or not isinstance(unbatched_ndim, int)
+            or unbatched_ndim < 1
+        ):
+            raise ValueError(
+                f"{owner}: unbatched_ndim must be None or an int >= 1, got {unbatched_ndim!r}"
+            )
         super().__init__(
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
@@ -258,6 +273,7 @@ class GyroDropout(ScheduledModule):
         self.p = p
         self.dims = _normalize_dims(owner, dims)
         self.scale = scale
+        self.unbatched_ndim = unbatched_ndim
         self._cache_key: tuple[object, ...] | None = None
         self._cache_masks: Tensor | None = None
         self._counts_key: tuple[int, int, int, int] | None = None
@@ -265,6 +281,8 @@ class GyroDropout(ScheduledModule):
 
     def extra_repr(self) -> str:
         dims = "" if self.dims is None else f", dims={self.dims}"
+        if self.unbatched_ndim is not None:
+            dims += f", unbatched_ndim={self.unbatched_ndim}"
         return (
             f"p={self.p}, num_subnets={self.num_subnets}, "
             f"subnets_per_step={self.subnets_per_step}, steps_per_set={self.steps_per_set}, "
@@ -336,6 +354,8 @@ class GyroDropout(ScheduledModule):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
+        if self.unbatched_ndim is not None and x.dim() == self.unbatched_ndim:
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # a batch of one
         if self.p == 0.0:
             if x.dim() == 0:
                 mask_shape_for(type(self).__name__, x.shape, self.dims)
