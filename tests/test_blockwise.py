@@ -586,3 +586,148 @@ class TestBlockMaskStatistics:
         b.load_state_dict(state)
         assert torch.equal(a(x), b(x))
         assert torch.equal(a.dense_mask(4), b.dense_mask(4))
+
+
+def penalty_grads(forward, params, x):
+    """WGAN-GP style: ``d/d(params, x) mean((||d sum(f(x)^2)/dx||_2 - 1)^2)`` (a gradient
+    penalty, which needs the double backward of ``forward``)."""
+    x = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(forward(x).pow(2).sum(), x, create_graph=True)
+    flat = g.reshape(g.shape[0], -1)
+    penalty = ((flat.norm(dim=1) - 1) ** 2).mean() + (g * g.detach().sign()).sum() * 0.1
+    return torch.autograd.grad(penalty, [*params, x])
+
+
+class TestDoubleBackward:
+    """BlockGyroLinear is twice differentiable: gradient penalties equal the dense
+    reference with the layer's own mask; the first-order path stays the pruned one."""
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    def test_case_gradient_penalty_matches_dense_reference(self, prune):
+        # shared/cases/case_double_backward_block.py: error or the penalty part of dW missing
+        torch.manual_seed(0)
+        x = torch.randn(6, 64)
+        layer = make(64, 64, sigma=8, tau=2, bs=16, prune=prune, steps_per_set=10, auto_step=False)
+        mask = layer.dense_mask(6)
+
+        def ref(t):
+            return dense_reference(layer, t, mask, layer.weight, layer.bias)
+
+        params = [layer.weight, layer.bias]
+        want = penalty_grads(ref, params, x)
+        got = penalty_grads(layer, params, x)
+        for name, a, b in zip(("dW", "db", "dx"), got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{name} differs")
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    @pytest.mark.parametrize(("in_f", "out_f", "batch", "mid", "tau", "bs"), SHAPES)
+    @pytest.mark.parametrize("bias", [True, False])
+    def test_penalty_equals_dense_in_float64(self, prune, in_f, out_f, batch, mid, tau, bs, bias):
+        layer = make(
+            in_f, out_f, tau=tau, bs=bs, prune=prune, auto_step=False, dtype=F64, bias=bias
+        )
+        layer.advance(4)  # another active set than the first
+        x = torch.randn(batch, *mid, in_f, dtype=F64, generator=torch.Generator().manual_seed(1))
+        mask = layer.dense_mask(batch, dtype=F64)
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+
+        def ref(t):
+            return dense_reference(layer, t, mask, layer.weight, layer.bias)
+
+        got = penalty_grads(layer, params, x)
+        want = penalty_grads(ref, params, x)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    @pytest.mark.parametrize(
+        ("in_f", "out_f", "batch", "mid", "tau"),
+        [(12, 10, 5, (), 2), (9, 7, 2, (), 3), (8, 6, 3, (2,), 2)],
+    )
+    def test_gradgradcheck_in_float64(self, prune, in_f, out_f, batch, mid, tau):
+        layer = make(in_f, out_f, tau=tau, bs=4, prune=prune, auto_step=False, dtype=F64)
+        x = torch.randn(batch, *mid, in_f, dtype=F64, requires_grad=True)
+        w = layer.weight.detach().clone().requires_grad_()
+        b = layer.bias.detach().clone().requires_grad_()
+
+        def fn(x, w, b):
+            return torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,))
+
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    def test_parameter_gradient_norm_penalty(self, prune):
+        # a penalty on ||dL/dW|| (create_graph w.r.t. the weights, x constant)
+        layer = make(prune=prune, auto_step=False, dtype=F64)
+        x = torch.randn(7, 64, dtype=F64)
+        mask = layer.dense_mask(7, dtype=F64)
+
+        def grads(forward):
+            (gw,) = torch.autograd.grad(forward(x).sin().sum(), layer.weight, create_graph=True)
+            return torch.autograd.grad(gw.pow(2).sum(), [layer.weight, layer.bias])
+
+        got = grads(layer)
+        want = grads(lambda t: dense_reference(layer, t, mask, layer.weight, layer.bias))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    def test_first_order_backward_keeps_the_pruned_fast_path(self, prune, monkeypatch):
+        from gyrodrop import blockwise
+
+        cls = blockwise._InputPrunedLinear if prune == "input" else blockwise._OutputPrunedLinear
+
+        def refuse(ctx, dy):
+            raise AssertionError("first-order backward took the differentiable path")
+
+        monkeypatch.setattr(cls, "_differentiable_backward", staticmethod(refuse))
+        layer = make(prune=prune)
+        got, ref = run_both(layer, torch.randn(8, 64))
+        assert_all_close(got, ref, atol=1e-5)
+
+    def test_model_gradient_penalty_through_fused_mlp_equals_dense(self):
+        # a critic with an output-pruned and an input-pruned layer, nonlinear between
+        torch.manual_seed(3)
+        model = nn.Sequential(
+            make(16, 32, bs=8, prune="output", auto_step=False, dtype=F64),
+            nn.Tanh(),
+            make(32, 32, bs=8, prune="input", auto_step=False, dtype=F64, seed=5),
+            nn.Softplus(),
+            nn.Linear(32, 1).double(),
+        )
+        fused = [m for m in model if isinstance(m, BlockGyroLinear)]
+        x = torch.randn(6, 16, dtype=F64)
+        masks = [m.dense_mask(6, dtype=F64) for m in fused]
+
+        def dense(t):
+            i = 0
+            for m in model:
+                if isinstance(m, BlockGyroLinear):
+                    mask = masks[i]
+                    i += 1
+                    t = dense_reference(m, t, mask, m.weight, m.bias)
+                elif not isinstance(m, nn.Identity):
+                    t = m(t)
+            return t
+
+        params = list(model.parameters())
+        got = penalty_grads(model, params, x)
+        want = penalty_grads(dense, params, x)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+    @pytest.mark.parametrize("prune", ["input", "output"])
+    def test_gradient_penalty_under_bf16_autocast_is_close_to_dense(self, prune):
+        layer = make(prune=prune, auto_step=False)
+        x = torch.randn(8, 64)
+        mask = layer.dense_mask(8)
+        params = [layer.weight, layer.bias]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = penalty_grads(layer, params, x)
+            want = penalty_grads(
+                lambda t: dense_reference(layer, t, mask, layer.weight, layer.bias), params, x
+            )
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype  # bf16 rounding: compare norm-wise
+            assert float((a.float() - b.float()).norm() / b.float().norm()) < 0.05

@@ -143,3 +143,154 @@ def test_unwraps_distributed_data_parallel(tmp_path):
         assert isinstance(model[1], gyrodrop.GyroDropout)
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------
+# All-or-nothing, unbatched channel dropout, module checks (issue 11, section 4)
+
+import copy  # noqa: E402
+import warnings  # noqa: E402
+
+
+def snapshot(model):
+    """Every module's type and identity, by name (what surgery would change)."""
+    return [(name, type(m), id(m)) for name, m in model.named_modules()]
+
+
+class TestAllOrNothing:
+    def test_refused_layer_leaves_the_model_exactly_as_it_was(self):
+        # a p=1.0 layer after valid ones: nothing may be swapped
+        model = nn.Sequential(
+            nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 8), nn.Dropout(1.0), nn.Linear(8, 2)
+        )
+        before = snapshot(model)
+        state = copy.deepcopy(model.state_dict())
+        with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+            gyrodrop.apply_gyro_dropout(model, total_steps=10)
+        assert snapshot(model) == before
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+    @pytest.mark.parametrize("bad", [{"num_subnets": 0}, {"subnets_per_step": 0}])
+    def test_every_apply_refuses_whole(self, bad):
+        for fn, make in (
+            (gyrodrop.apply_gyro_dropout, lambda: Net()),
+            (
+                gyrodrop.apply_block_gyro,
+                lambda: nn.Sequential(
+                    nn.Dropout(0.5), nn.Linear(64, 8), nn.Dropout(0.5), nn.Linear(8, 4)
+                ),
+            ),
+        ):
+            model = make()
+            before = snapshot(model)
+            with pytest.raises(ValueError):
+                fn(model, total_steps=10, **bad)
+            assert snapshot(model) == before, fn.__name__
+
+    def test_block_gyro_refused_second_pair_leaves_the_first_unfused(self, monkeypatch):
+        from gyrodrop import surgery
+
+        model = nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 64), nn.Dropout(0.5), nn.Linear(64, 8))
+        before = snapshot(model)
+        real = surgery.BlockGyroLinear.from_linear
+        calls = []
+
+        def flaky(linear, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise ValueError("refused")
+            return real(linear, **kw)
+
+        monkeypatch.setattr(surgery.BlockGyroLinear, "from_linear", staticmethod(flaky))
+        with pytest.raises(ValueError, match="refused"):
+            gyrodrop.apply_block_gyro(model, total_steps=10, block_size=8)
+        assert snapshot(model) == before
+
+    def test_replace_modules_policy_error_changes_nothing(self):
+        model = Net()
+        before = snapshot(model)
+
+        def policy(module, index):
+            if index == 2:
+                raise RuntimeError("no")
+            return nn.Identity()
+
+        with pytest.raises(RuntimeError, match="no"):
+            gyrodrop.surgery.replace_modules(
+                model, {nn.Dropout: policy, nn.Dropout1d: policy, nn.Dropout2d: policy}
+            )
+        assert snapshot(model) == before
+
+
+def whole_channels(y):
+    """Every channel (dim 0 of an unbatched input) all-kept or all-zero."""
+    flat = y.reshape(y.shape[0], -1)
+    return bool(((flat == 0).all(1) | (flat != 0).all(1)).all())
+
+
+class TestUnbatchedChannelDropout:
+    @pytest.mark.parametrize(
+        ("drop", "shape"),
+        [(nn.Dropout1d, (6, 10)), (nn.Dropout3d, (6, 3, 4, 4)), (nn.Dropout1d, (16, 3))],
+    )
+    def test_case_unbatched_input_drops_whole_channels(self, drop, shape):
+        # shared/cases/case_channel_dropout_unbatched.py
+        model = nn.Sequential(drop(0.5))
+        gyrodrop.apply_gyro_dropout(model, total_steps=100, num_subnets=8, subnets_per_step=2)
+        layer = model[0]
+        for _ in range(6):  # several sets
+            y = model(torch.ones(shape))
+            assert y.shape == shape and whole_channels(y)
+            assert 0 < int((y.reshape(shape[0], -1)[:, 0] == 0).sum()) < shape[0]
+        assert int(layer.step) == 6  # one step per call
+
+    @pytest.mark.parametrize(
+        ("drop", "shape"),
+        [(nn.Dropout1d, (4, 6, 10)), (nn.Dropout2d, (4, 6, 5, 5)), (nn.Dropout3d, (4, 6, 3, 4, 4))],
+    )
+    def test_batched_input_is_unchanged_channel_wise(self, drop, shape):
+        model = nn.Sequential(drop(0.5))
+        gyrodrop.apply_gyro_dropout(model, total_steps=100, num_subnets=8, subnets_per_step=2)
+        y = model(torch.ones(shape))
+        assert all(whole_channels(row) for row in y)
+        assert torch.equal(y[0], y[1])  # rows 0-1: one group, one mask
+
+    def test_unbatched_input_equals_a_batch_of_one(self):
+        a = nn.Sequential(nn.Dropout3d(0.5))
+        b = nn.Sequential(nn.Dropout3d(0.5))
+        for m in (a, b):
+            gyrodrop.apply_gyro_dropout(m, total_steps=100, num_subnets=8, subnets_per_step=2)
+        x = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(a(x), b(x[None])[0])
+
+    def test_dropout2d_3d_input_keeps_torchs_n_c_l_reading(self):
+        # torch reads a 3-D input to Dropout2d as (N, C, L) (with a warning); so does gyro
+        model = nn.Sequential(nn.Dropout2d(0.5))
+        gyrodrop.apply_gyro_dropout(model, total_steps=100, num_subnets=8, subnets_per_step=2)
+        assert model[0].unbatched_ndim is None
+        y = model(torch.ones(4, 6, 10))
+        assert all(whole_channels(row) for row in y)
+
+    def test_unbatched_ndim_is_validated(self):
+        with pytest.raises(ValueError, match="unbatched_ndim must be None or an int >= 1"):
+            gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, unbatched_ndim=0)
+
+
+class TestModuleChecks:
+    @pytest.mark.parametrize(
+        "fn",
+        [
+            gyrodrop.apply_gyro_dropout,
+            gyrodrop.apply_block_gyro,
+            gyrodrop.apply_stochastic_depth,
+            lambda m, **kw: gyrodrop.surgery.replace_modules(m, {}),
+        ],
+    )
+    @pytest.mark.parametrize("model", [None, "model", [nn.Linear(2, 2)]])
+    def test_every_apply_checks_it_got_a_module(self, fn, model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError, match="model must be a torch.nn.Module, got"):
+                fn(model, total_steps=10) if fn is not gyrodrop.apply_stochastic_depth else fn(
+                    model
+                )

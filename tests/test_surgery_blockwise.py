@@ -290,3 +290,121 @@ class TestApplyBlockGyroReports:
             apply(mlp(), total_steps=10)  # KW has steps_per_set too: a user error, raised
         with pytest.raises(TypeError, match="unexpected keyword arguments \\['dims'\\]"):
             apply(mlp(), dims=(1,))
+
+
+# --------------------------------------------------------------------------------------
+# Every dropout left alone is named and counted; block_size first (issue 11, section 4)
+
+
+def warned(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(i.message) for i in w]
+
+
+class TestApplyBlockGyroNamesWhatItLeaves:
+    def test_case_torch_transformer_layer_dropouts_are_named(self):
+        # shared/cases/case_block_gyro_warning.py: "no nn.Dropout found"
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.1, batch_first=True)
+                self.head = nn.Linear(32, 2)
+
+            def forward(self, x):
+                return self.head(self.layer(x).mean(1))
+
+        n, msgs = warned(lambda: gyrodrop.apply_block_gyro(M(), total_steps=10, block_size=4))
+        assert n == 0 and len(msgs) == 1
+        assert "left 3 dropout(s)" in msgs[0]
+        for name in ("layer.dropout:", "layer.dropout1:", "layer.dropout2:"):
+            assert name in msgs[0]
+        assert "TransformerEncoderLayer" in msgs[0] and "no nn.Dropout found" not in msgs[0]
+
+    def test_case_hf_bert_counts_dropouts_not_problems(self):
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=8,
+            num_labels=2,
+        )
+        model = transformers.BertForSequenceClassification(cfg)
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout)]
+        n, msgs = warned(lambda: gyrodrop.apply_block_gyro(model, total_steps=10, block_size=4))
+        assert n == 0 and len(msgs) == 1 and len(names) == 8
+        assert "left 8 dropout(s)" in msgs[0]
+        assert all(f"{name}:" in msgs[0] for name in names)
+
+    def test_hf_vit_every_dropout_is_fused_or_named(self):
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_dropout_prob=0.2,
+            num_labels=3,
+        )
+        model = transformers.ViTForImageClassification(cfg)
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout)]
+        n, msgs = warned(lambda: gyrodrop.apply_block_gyro(model, total_steps=10, block_size=4))
+        text = " ".join(msgs)
+        assert f"left {len(names) - n} dropout(s)" in text
+        left = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout)]
+        assert all(f"{name}:" in text for name in left)
+
+    def test_decoder_layer_and_mixed_model(self):
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.dec = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True)
+                self.mlp = nn.Sequential(nn.Dropout(0.5), nn.Linear(16, 16))
+                self.chan = nn.Dropout2d(0.5)
+                self.head = nn.Linear(16, 2)
+
+            def forward(self, x):
+                h = self.dec(x, x)
+                h = self.chan(h.unsqueeze(-1)).squeeze(-1)
+                return self.head(F.dropout(self.mlp(h), 0.1).mean(1))
+
+        model = M()
+        n, msgs = warned(lambda: gyrodrop.apply_block_gyro(model, total_steps=10, block_size=4))
+        assert n == 1 and isinstance(model.mlp[1], BlockGyroLinear)
+        (msg,) = msgs
+        # 4 in the decoder layer, the Dropout2d, the functional call
+        assert "left 6 dropout(s)" in msg
+        assert "dec.dropout1:" in msg and "TransformerDecoderLayer" in msg
+        assert "chan: a Dropout2d is not an element-wise nn.Dropout" in msg
+        assert "functional dropout" in msg
+
+    def test_unused_dropout_is_named(self):
+        class Spare(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body, self.spare = mlp(), nn.Dropout(0.5)  # spare: never called
+
+            def forward(self, x):
+                return self.body(x)
+
+        model = Spare()
+        n, msgs = warned(lambda: apply(model))
+        assert n == 2 and "left 1 dropout(s)" in msgs[0]
+        assert "spare: not called by the model's traced forward" in msgs[0]
+
+    @pytest.mark.parametrize("block_size", [0, -1, 2.5, "8", True])
+    def test_case_block_size_is_validated_first(self, block_size):
+        # shared/cases/case_apply_block_size.py: -1 warned "drop all -64 blocks", 0 raised
+        # ZeroDivisionError
+        model = mlp()
+        with pytest.raises(ValueError, match="apply_block_gyro: block_size must be"):
+            gyrodrop.apply_block_gyro(model, block_size=block_size, total_steps=100)
+        with pytest.raises(ValueError, match="apply_block_gyro: block_size must be"):
+            gyrodrop.apply_block_gyro(model, block_size=block_size, p=5.0, prune="bad")

@@ -302,8 +302,9 @@ class TestSubnetEnsemblePredict:
         )
         with pytest.raises(ValueError, match="pairing='trained' needs one shared schedule"):
             gyrodrop.subnet_ensemble_predict(net, inputs(), pairing="trained")
-        pred = gyrodrop.subnet_ensemble_predict(net, inputs())  # auto: falls back to index
-        assert pred.mean.shape == (6, 3)
+        with pytest.warns(UserWarning, match="pairing='auto' used 'index'"):
+            pred = gyrodrop.subnet_ensemble_predict(net, inputs())  # auto: falls back
+        assert pred.mean.shape == (6, 3) and pred.pairing == "index"
 
     def test_other_stochastic_layers_are_off(self):
         net = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), gyro(), nn.Linear(8, 3))
@@ -474,3 +475,376 @@ class TestMonteCarloStochasticDepthRate:
         per_row = [round((1 - float(k)) * passes) for k in pred.mean[:, 0]]
         assert_rate(sum(per_row), rows * passes, p, "Monte-Carlo sample-mode drops")
         assert_independent_rates(per_row, passes, p, "Monte-Carlo drops per example")
+
+
+# Fused inference paths, reshaped rows, pairing (issue 11, section 3)
+
+import pickle  # noqa: E402
+import warnings  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gyrodrop.gyro import apply_group_masks  # noqa: E402
+
+
+class Encoder(nn.Module):
+    """A torch.nn transformer classifier over (B, T, d) inputs."""
+
+    def __init__(self, nhead=2, d=16, batch_first=True, norm_first=False, layers=1):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(
+            d, nhead, 32, dropout=0.3, batch_first=batch_first, norm_first=norm_first
+        )
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.batch_first = batch_first
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.enc(x if self.batch_first else x.transpose(0, 1))
+        return self.head((h if self.batch_first else h.transpose(0, 1)).mean(1))
+
+
+class Decoder(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.dec = nn.TransformerDecoderLayer(d, 2, 32, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.dec(x, x).mean(1))
+
+
+def seq(n=5, t=7, d=16, seed=0):
+    return torch.randn(n, t, d, generator=torch.Generator().manual_seed(seed))
+
+
+def recorded(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(i.message) for i in w]
+
+
+class TestFusedInferencePaths:
+    @pytest.mark.parametrize("nhead", [1, 2])
+    def test_case_transformer_encoder_layer_dropout_children_are_sampled(self, nhead):
+        # shared/cases/case_mc_transformer_fastpath.py: nhead=2 took the fused fast path,
+        # mutual information exactly 0
+        torch.manual_seed(0)
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.enc = nn.TransformerEncoderLayer(16, nhead, 32, dropout=0.3, batch_first=True)
+                self.head = nn.Linear(16, 3)
+
+            def forward(self, x):
+                return self.head(self.enc(x).mean(1))
+
+        net = Net().eval()
+        pred, msgs = recorded(lambda: gyrodrop.mc_predict(net, seq(), samples=10, seed=0))
+        assert float(pred.mutual_info.max()) > 0 and float(pred.variance.max()) > 1e-8
+        assert not any("identical" in m for m in msgs)
+        assert not net.training and not net.enc.training  # modes restored
+
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda: Encoder(layers=2),
+            lambda: Encoder(norm_first=True),
+            lambda: Encoder(batch_first=False),
+            Decoder,
+        ],
+        ids=["encoder-stack", "norm-first", "seq-first", "decoder-layer"],
+    )
+    def test_torch_transformer_models_are_sampled(self, make):
+        torch.manual_seed(1)
+        net = make().eval()
+        pred, msgs = recorded(lambda: gyrodrop.mc_predict(net, seq(), samples=6, seed=0))
+        assert float(pred.mutual_info.max()) > 0
+        assert not any("identical" in m or "never called" in m for m in msgs)
+
+    def test_multihead_attention_dropout_is_part_of_the_family(self):
+        class Attn(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.attn = nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True)
+                self.head = nn.Linear(16, 3)
+
+            def forward(self, x):
+                return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+        torch.manual_seed(2)
+        net = Attn().eval()
+        pred, msgs = recorded(lambda: gyrodrop.mc_predict(net, seq(), samples=6))
+        assert float(pred.mutual_info.max()) > 0 and not msgs
+        assert not net.attn.training
+        again = gyrodrop.mc_predict(net, seq(), samples=6)
+        assert torch.equal(pred.mean, again.mean)  # seeded
+
+    @pytest.mark.parametrize("batch_first", [True, False])
+    def test_gyro_transformer_subnet_ensemble_uses_the_subnetworks(self, batch_first):
+        torch.manual_seed(3)
+        net = Encoder(batch_first=batch_first)
+        gyrodrop.apply_gyro_dropout(net, num_subnets=4, subnets_per_step=2, total_steps=10)
+        net.eval()
+        for fn in (
+            lambda: gyrodrop.subnet_ensemble_predict(net, seq()),
+            lambda: gyrodrop.mc_predict(net, seq(), samples=4),
+        ):
+            pred, msgs = recorded(fn)
+            assert float(pred.mutual_info.max()) > 0, msgs
+            assert not any("identical" in m or "never called" in m for m in msgs)
+        # one pass per forward gives the same ensemble: rows are grouped by pass
+        one = gyrodrop.subnet_ensemble_predict(net, seq(), batch_subnets=1)
+        many = gyrodrop.subnet_ensemble_predict(net, seq())
+        torch.testing.assert_close(one.mean, many.mean, atol=1e-6, rtol=0)
+
+    def test_all_identical_passes_warn(self):
+        class Dead(nn.Module):  # the dropout's output never reaches the result
+            def __init__(self):
+                super().__init__()
+                self.fc, self.drop = nn.Linear(5, 3), nn.Dropout(0.5)
+
+            def forward(self, x):
+                self.drop(x)
+                return self.fc(x)
+
+        with pytest.warns(UserWarning, match="all 4 passes gave identical outputs"):
+            gyrodrop.mc_predict(Dead(), inputs(), samples=4)
+
+    def test_dropout_never_called_is_named(self):
+        class Unused(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc, self.drop, self.spare = nn.Linear(5, 3), nn.Dropout(0.5), nn.Dropout()
+
+            def forward(self, x):
+                return self.fc(self.drop(x))
+
+        with pytest.warns(UserWarning, match=r"1 dropout layer\(s\) were never called.*spare"):
+            gyrodrop.mc_predict(Unused(), inputs(), samples=3)
+
+    def test_hf_bert_is_sampled_and_functional_attention_dropout_is_named(self):
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=8,
+            num_labels=3,
+        )
+        torch.manual_seed(4)
+        model = transformers.BertForSequenceClassification(cfg).eval()
+
+        class Logits(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, ids):
+                return self.model(input_ids=ids).logits
+
+        ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+        pred, msgs = recorded(lambda: gyrodrop.mc_predict(Logits(), ids, samples=4))
+        assert float(pred.mutual_info.max()) > 0
+        assert any("never called" in m and "attention.self.dropout" in m for m in msgs)
+
+    def test_hf_vit_gyro_ensemble(self):
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_dropout_prob=0.2,
+            num_labels=3,
+        )
+        torch.manual_seed(5)
+        model = transformers.ViTForImageClassification(cfg)
+        gyrodrop.apply_gyro_dropout(model, num_subnets=4, subnets_per_step=2, total_steps=10)
+
+        class Logits(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                return self.model(pixel_values=x).logits
+
+        x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        pred = gyrodrop.subnet_ensemble_predict(Logits(), x)
+        assert pred.mean.shape == (3, 3) and float(pred.mutual_info.max()) > 0
+        one = gyrodrop.subnet_ensemble_predict(Logits(), x, batch_subnets=1)
+        torch.testing.assert_close(one.mean, pred.mean, atol=1e-6, rtol=0)
+
+
+class Flat(nn.Module):
+    """The dropout sees (B*T, H) rows (shared/cases/case_uncertainty_reshaped_rows.py)."""
+
+    def __init__(self, drop=None):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(4, 16), drop or nn.Dropout(0.5), nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.drop(torch.relu(self.fc1(x.reshape(b * t, 4))))
+        return self.fc2(h).reshape(b, t, 3).mean(1)
+
+
+class Windows(nn.Module):
+    """Swin-like: (B, 4, 4, C) cut into 2x2 windows, (B*4, 4, C) rows at the dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop, self.head = nn.Linear(2, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+
+    def forward(self, x):
+        b = x.shape[0]
+        w = x.reshape(b, 2, 2, 2, 2, 2).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, 4, 2)
+        h = self.drop(torch.relu(self.fc(w)))
+        return self.head(h.reshape(b, 16, 8).mean(1))
+
+
+def reference_ensemble(net, x, layer, members):
+    """Each member's mask on all rows of the layer, one forward per member."""
+    outs = []
+    for j in members:
+
+        def hook(_m, args, j=j):
+            t = args[0]
+            return (t * layer.subnet_mask(j, t),)
+
+        handle = layer.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                outs.append(torch.softmax(net.eval()(x).double(), -1))
+        finally:
+            handle.remove()
+    return torch.stack(outs).mean(0).float()
+
+
+class TestReshapedRows:
+    def test_case_flattened_rows(self):
+        torch.manual_seed(0)
+        net = Flat()
+        x = torch.randn(5, 6, 4)
+        assert gyrodrop.mc_predict(net, x, samples=4).mean.shape == (5, 3)
+        gyrodrop.apply_gyro_dropout(net, num_subnets=8, subnets_per_step=2, total_steps=100)
+        net.train()
+        assert net(x).shape == (5, 3)
+        assert gyrodrop.mc_predict(net, x, samples=4).mean.shape == (5, 3)
+        pred = gyrodrop.subnet_ensemble_predict(net, x)
+        assert pred.mean.shape == (5, 3)
+        want = reference_ensemble(net, x, net.drop, range(8))
+        torch.testing.assert_close(pred.mean, want, atol=1e-6, rtol=0)
+
+    @pytest.mark.parametrize("make", [Flat, Windows], ids=["flat", "windows"])
+    def test_gyro_passes_match_one_pass_per_forward(self, make):
+        torch.manual_seed(1)
+        net = make()
+        gyrodrop.apply_gyro_dropout(net, num_subnets=4, subnets_per_step=2, total_steps=10)
+        x = torch.randn(3, 6, 4) if make is Flat else torch.randn(3, 4, 4, 2)
+        a = gyrodrop.mc_predict(net, x, samples=6, seed=3)
+        b = gyrodrop.mc_predict(net, x, samples=6, seed=3, batch_samples=1)
+        torch.testing.assert_close(a.mean, b.mean, atol=1e-6, rtol=0)
+        ens = gyrodrop.subnet_ensemble_predict(net, x)
+        torch.testing.assert_close(
+            ens.mean, reference_ensemble(net, x, net.drop, range(4)), atol=1e-6, rtol=0
+        )
+
+    def test_sequence_first_rows_equal_to_passes_times_batch_are_not_mistaken(self):
+        # (T, passes * B, d) inside the model with T == passes * B: dim 0 is time, not
+        # the passes; one pass per forward must give the same ensemble
+        torch.manual_seed(6)
+        net = Encoder(batch_first=False)
+        gyrodrop.apply_gyro_dropout(net, num_subnets=4, subnets_per_step=2, total_steps=10)
+        x = seq(n=1, t=4)
+        many = gyrodrop.subnet_ensemble_predict(net, x, batch_subnets=4)
+        one = gyrodrop.subnet_ensemble_predict(net, x, batch_subnets=1)
+        torch.testing.assert_close(many.mean, one.mean, atol=1e-6, rtol=0)
+        net.enc.layers[0].self_attn.dropout = 0.0  # no nn.Dropout-like randomness left
+        a = gyrodrop.mc_predict(net, x, samples=8, batch_samples=4)
+        b = gyrodrop.mc_predict(net, x, samples=8, batch_samples=1)
+        torch.testing.assert_close(a.mean, b.mean, atol=1e-6, rtol=0)
+
+    @pytest.mark.parametrize("mode", ["block", "sample"])
+    def test_stochastic_depth_on_flattened_rows(self, mode):
+        torch.manual_seed(2)
+        net = Flat(gyrodrop.StochasticDepth(0.5, mode, seed=1))
+        x = torch.randn(4, 3, 4)
+        a = gyrodrop.mc_predict(net, x, samples=8, seed=1)
+        b = gyrodrop.mc_predict(net, x, samples=8, seed=1, batch_samples=1)
+        torch.testing.assert_close(a.mean, b.mean, atol=1e-6, rtol=0)
+        assert float(a.mutual_info.max()) > 0
+
+
+class TestApplyGroupMasks:
+    def test_case_counts_that_do_not_cover_the_batch_raise(self):
+        with pytest.raises(ValueError, match=r"counts \[3, 3\] sum to 6 rows but x has 12"):
+            apply_group_masks(torch.ones(12, 2), torch.ones(2, 2), [3, 3])
+
+    @pytest.mark.parametrize("counts", [[3, 4], [-1, 7], [6], [2, 2, 2], [3.0, 3]], ids=str)
+    def test_bad_counts_raise(self, counts):
+        with pytest.raises(ValueError, match="apply_group_masks: counts"):
+            apply_group_masks(torch.ones(6, 2), torch.ones(2, 2), counts)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.integers(0, 4), min_size=1, max_size=5), st.integers(0, 3))
+    def test_every_row_gets_its_group_mask_or_it_raises(self, counts, extra):
+        rows = sum(counts) + extra
+        masks = torch.arange(1, len(counts) + 1, dtype=torch.float64)[:, None]
+        x = torch.ones(rows, 2, dtype=torch.float64)
+        if extra:
+            with pytest.raises(ValueError, match="sum to"):
+                apply_group_masks(x, masks, counts)
+            return
+        y = apply_group_masks(x, masks, counts)
+        want = torch.repeat_interleave(masks[:, 0], torch.tensor(counts))
+        assert y.shape == x.shape and torch.equal(y[:, 0], want)
+
+    def test_local_group_counts_refuse_a_window_outside_the_batch(self):
+        from gyrodrop.distributed import local_group_counts
+
+        assert sum(local_group_counts(4, 4, 8, 3)) == 4
+        with pytest.raises(ValueError, match="local_group_counts"):
+            local_group_counts(6, 4, 8, 3)
+
+
+class TestPairingIsReported:
+    def test_one_schedule_reports_trained(self):
+        net = mlp(gyro())
+        pred, msgs = recorded(lambda: gyrodrop.subnet_ensemble_predict(net, inputs()))
+        assert pred.pairing == "trained" and "share one schedule" in pred.pairing_reason
+        assert not msgs
+
+    def test_auto_falling_back_to_index_warns_and_says_why(self):
+        net = nn.Sequential(
+            nn.Linear(5, 8), gyro(sigma=4), nn.Linear(8, 8), gyro(sigma=8), nn.Linear(8, 3)
+        )
+        for fn in (gyrodrop.subnet_ensemble_predict, gyrodrop.mc_predict):
+            with pytest.warns(UserWarning, match="pairing='auto' used 'index' because"):
+                pred = fn(net, inputs())
+            assert pred.pairing == "index" and "differ" in pred.pairing_reason
+
+    def test_explicit_pairing_is_reported_without_warning(self):
+        net = mlp(gyro())
+        pred, msgs = recorded(
+            lambda: gyrodrop.subnet_ensemble_predict(net, inputs(), pairing="index")
+        )
+        assert (pred.pairing, pred.pairing_reason, msgs) == ("index", "", [])
+
+    def test_prediction_stays_a_four_tuple_and_keeps_the_pairing_on_copy(self):
+        pred = gyrodrop.subnet_ensemble_predict(mlp(gyro()), inputs())
+        mean, variance, entropy, mutual_info = pred
+        assert len(pred) == 4 and mean is pred.mean
+        for other in (pickle.loads(pickle.dumps(pred)), copy.deepcopy(pred)):
+            assert other.pairing == "trained" and torch.equal(other.mean, pred.mean)
+        plain = gyrodrop.mc_predict(mlp(nn.Dropout(0.5)), inputs(), samples=2)
+        assert plain.pairing is None

@@ -335,6 +335,9 @@ class _InputPrunedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            ctx.reuse = None
+            return _InputPrunedLinear._differentiable_backward(ctx, dy) + (None,) * 11
         x, weight, blocks, gather, scatter, real_pos, w_rows = ctx.saved_tensors
         g, n, bs, scale, dtype, ws = ctx.meta
         rows, fp = x.shape
@@ -379,6 +382,46 @@ class _InputPrunedLinear(torch.autograd.Function):
                 dw = dy.new_zeros(out, nb, bs).index_add_(1, blocks, dwk.view(out, -1, bs))
                 dw = dw.view(out, fp).to(w_dtype)
         return (dx, dw, db) + (None,) * 11
+
+    @staticmethod
+    def _differentiable_backward(
+        ctx: Any, dy: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dW, db)`` with differentiable out-of-place ops only (no workspace,
+        no ``out=``, no in-place writes), still on the kept blocks only, so that autograd
+        records them when the backward itself is differentiated (``create_graph=True``:
+        gradient penalties, double backward). Same formulas as :meth:`backward`."""
+        x, weight, blocks, gather, scatter, real_pos, w_rows = ctx.saved_tensors
+        g, n, bs, scale, dtype, _ = ctx.meta
+        rows, fp = x.shape
+        out = weight.shape[0]
+        nb, k = fp // bs, blocks.numel() // g * bs
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        dx = dw = db = None
+        with _autocast_off(dy):
+            if need_b:
+                db = dy.sum(0).to(b_dtype)
+            wg = weight.reshape(-1, bs).index_select(0, w_rows).view(out, g, k)
+            if dtype is not None:
+                wg = wg.to(dtype)
+            dy = dy.to(wg.dtype)
+            if real_pos is None:
+                dyk = dy.reshape(g, n, out)
+            else:  # padding rows get a zero gradient
+                dyk = dy.new_zeros(g * n, out).index_copy(0, real_pos, dy).view(g, n, out)
+            if need_x:
+                dxk = torch.bmm(dyk, wg.permute(1, 0, 2)) * scale  # (G, n, k)
+                index = gather if scatter is None else scatter
+                dx = dy.new_zeros(rows * nb + 1, bs).index_copy(0, index, dxk.reshape(-1, bs))
+                dx = dx[: rows * nb].view(rows, fp).to(x_dtype)
+            if need_w:
+                xk = x.reshape(-1, bs).index_select(0, gather).view(g, n, k)
+                xk = (xk if dtype is None else xk.to(dtype)) * scale
+                dwk = torch.bmm(dyk.transpose(1, 2), xk).permute(1, 0, 2)  # (O, G, k)
+                dw = dy.new_zeros(out, nb, bs).index_add(1, blocks, dwk.reshape(out, -1, bs))
+                dw = dw.view(out, fp).to(w_dtype)
+        return dx, dw, db
 
 
 # --------------------------------------------------------------------------------------
@@ -462,6 +505,9 @@ class _OutputPrunedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            ctx.reuse = None
+            return _OutputPrunedLinear._differentiable_backward(ctx, dy) + (None,) * 12
         x, weight, blocks, row_src, gather, real_pos, row_valid = ctx.saved_tensors
         g, n, bs, scale, dtype, ws = ctx.meta
         rows, fin = x.shape
@@ -500,6 +546,46 @@ class _OutputPrunedLinear(torch.autograd.Function):
                 dw = dy.new_zeros(nb, bs * fin).index_add_(0, blocks, dwk.view(-1, bs * fin))
                 dw = dw.view(op, fin).to(w_dtype)
         return (dx, dw, db) + (None,) * 12
+
+    @staticmethod
+    def _differentiable_backward(
+        ctx: Any, dy: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dW, db)`` with differentiable out-of-place ops only, on the kept
+        blocks only (see :meth:`_InputPrunedLinear._differentiable_backward`)."""
+        x, weight, blocks, row_src, gather, real_pos, row_valid = ctx.saved_tensors
+        g, n, bs, scale, dtype, _ = ctx.meta
+        rows, fin = x.shape
+        op = weight.shape[0]
+        nb, ko = op // bs, blocks.numel() // g * bs
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        dx = dw = db = None
+        with _autocast_off(dy):
+            wg = weight.reshape(-1, bs * fin).index_select(0, blocks).view(g, ko, fin)
+            if dtype is not None:
+                wg = wg.to(dtype)
+            dy = dy.to(wg.dtype)
+            dyk = dy.reshape(rows * nb, bs).index_select(0, gather).view(g, n, ko)
+            if row_valid is not None:
+                dyk = dyk * row_valid.to(dyk.dtype)  # padding rows add nothing
+            dyk = dyk * scale
+            if need_b:
+                dbk = dyk.sum(1).reshape(-1, bs)  # (G*kb, bs)
+                db = dy.new_zeros(nb, bs).index_add(0, blocks, dbk).view(op).to(b_dtype)
+            if need_x:
+                dx = torch.bmm(dyk, wg).view(g * n, fin)  # (G*n, I), dense
+                if real_pos is not None:
+                    dx = dx.index_select(0, real_pos)
+                dx = dx.to(x_dtype)
+            if need_w:
+                xg = x.view(g, n, fin) if row_src is None else x.index_select(0, row_src)
+                xg = xg.view(g, n, fin)
+                xg = xg if dtype is None else xg.to(dtype)
+                dwk = torch.bmm(dyk.transpose(1, 2), xg)  # (G, ko, I)
+                dw = dy.new_zeros(nb, bs * fin).index_add(0, blocks, dwk.reshape(-1, bs * fin))
+                dw = dw.view(op, fin).to(w_dtype)
+        return dx, dw, db
 
 
 # --------------------------------------------------------------------------------------

@@ -191,6 +191,12 @@ def local_group_counts(start: int, local_batch: int, global_batch: int, groups: 
         >>> local_group_counts(4, 4, 8, 3)  # rank 1 of 2, groups [3, 3, 2] over 8 rows
         [0, 2, 2]
     """
+    if start < 0 or local_batch < 0 or start + local_batch > global_batch or groups < 1:
+        raise ValueError(
+            f"local_group_counts: the rows [{start}, {start + local_batch}) must lie in the "
+            f"global batch [0, {global_batch}) and groups must be >= 1, got groups={groups}; "
+            "the groups would not cover the local batch"
+        )
     counts, lo = [], 0
     stop = start + local_batch
     for size in group_sizes(global_batch, groups):

@@ -140,10 +140,31 @@ def apply_group_masks(x: Tensor, group_masks: Tensor, counts: Sequence[int]) -> 
     """Multiply consecutive row groups of ``x`` by their masks.
 
     ``group_masks`` has shape ``(G, *mask_shape)`` (broadcastable against one row),
-    ``counts[g]`` is the number of rows of ``x`` in group ``g`` (summing to ``B``).
+    ``counts[g]`` is the number of rows of ``x`` in group ``g``: ``G`` non-negative ints
+    summing to ``B = x.shape[0]`` (every row belongs to exactly one group).
     Groups of equal size are handled by one batched multiply each, so a batch divisible
     by the number of groups costs exactly one broadcast multiply.
+
+    Raises:
+        ValueError: ``x`` has no batch dim, ``counts`` does not have one entry per mask,
+            has a negative entry, or does not sum to ``B`` (rows would be dropped from
+            the result or left without a mask).
     """
+    if x.dim() == 0:
+        raise ValueError("apply_group_masks: x must have a batch dim (B, *), got a 0-d tensor")
+    counts = list(counts)
+    if len(counts) != group_masks.shape[0] or any(
+        isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts
+    ):
+        raise ValueError(
+            f"apply_group_masks: counts must be {group_masks.shape[0]} non-negative ints "
+            f"(one per group mask), got {counts}"
+        )
+    if sum(counts) != x.shape[0]:
+        raise ValueError(
+            f"apply_group_masks: counts {counts} sum to {sum(counts)} rows but x has "
+            f"{x.shape[0]} rows (dim 0); every row must be in exactly one group"
+        )
     rest = x.shape[1:]
     pieces = []
     row, g = 0, 0
@@ -246,8 +267,14 @@ class GyroDropout(ScheduledModule):
         schedule_seed: seeds the order in which subnetworks become active (default:
             ``seed``). Layers that share it train the same network-level subnetworks
             together; :func:`gyrodrop.apply_gyro_dropout` shares it across layers.
+        unbatched_ndim: an input with exactly this many dims has no batch dim and is
+            masked as a batch of one (one subnetwork mask for all of it), as torch's
+            ``Dropout1d`` reads ``(C, L)`` (2) and ``Dropout3d`` ``(C, D, H, W)`` (4);
+            :func:`gyrodrop.apply_gyro_dropout` sets it for those. ``None``: dim 0 is
+            always the batch.
 
-    Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
+    Shape: input ``(B, *)`` (or unbatched, see ``unbatched_ndim``), output the same.
+    ``eval()``: the identity.
 
     Steps: ``step`` (a buffer) counts completed training steps; a training forward uses
     the masks of ``step``. A recompute by activation checkpointing (run during the
@@ -281,11 +308,20 @@ class GyroDropout(ScheduledModule):
         seed: int = 0,
         auto_step: bool = True,
         schedule_seed: int | None = None,
+        unbatched_ndim: int | None = None,
     ) -> None:
         owner = type(self).__name__
         p, dims_t = check_gyro_args(
             owner, p, num_subnets, subnets_per_step, schedule, scale, dims, seed, schedule_seed
         )
+        if unbatched_ndim is not None and (
+            isinstance(unbatched_ndim, bool)
+            or not isinstance(unbatched_ndim, int)
+            or unbatched_ndim < 1
+        ):
+            raise ValueError(
+                f"{owner}: unbatched_ndim must be None or an int >= 1, got {unbatched_ndim!r}"
+            )
         super().__init__(
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
@@ -300,6 +336,7 @@ class GyroDropout(ScheduledModule):
         self.p = p
         self.dims = dims_t
         self.scale = scale
+        self.unbatched_ndim = unbatched_ndim
         self._cache_key: tuple[object, ...] | None = None
         self._cache_masks: Tensor | None = None
         self._counts_key: tuple[int, int, int, int] | None = None
@@ -307,6 +344,8 @@ class GyroDropout(ScheduledModule):
 
     def extra_repr(self) -> str:
         dims = "" if self.dims is None else f", dims={self.dims}"
+        if self.unbatched_ndim is not None:
+            dims += f", unbatched_ndim={self.unbatched_ndim}"
         return (
             f"p={self.p}, num_subnets={self.num_subnets}, "
             f"subnets_per_step={self.subnets_per_step}, steps_per_set={self.steps_per_set}, "
@@ -383,6 +422,8 @@ class GyroDropout(ScheduledModule):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
+        if self.unbatched_ndim is not None and x.dim() == self.unbatched_ndim:
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # a batch of one
         owner = type(self).__name__
         check_input(owner, x)
         mask_shape_for(owner, x.shape, self.dims)

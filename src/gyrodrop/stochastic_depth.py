@@ -148,15 +148,24 @@ def _factors(x: Tensor, p: float, mode: str, seed: int, step: int) -> Tensor | f
 # The module.
 
 
+class _MCLayoutError(ValueError):
+    """A module saw rows that are not ``passes * rows`` pass-major rows during Monte-Carlo
+    passes (:mod:`gyrodrop.uncertainty` then runs one pass per forward)."""
+
+
 @dataclass(frozen=True)
 class _MCDraws:
     """Monte-Carlo sampling state (set by :mod:`gyrodrop.uncertainty` only): the batch
     holds ``rows`` rows per MC sample, the first being sample ``first``; decisions are
-    keyed by ``key`` and the (sample, row) index instead of the step."""
+    keyed by ``key`` and the (sample, row) index instead of the step. ``passes``: MC
+    samples in this forward (``None``: not known); ``single``: the rows each module saw
+    in a one-sample forward (by ``id``), to tell examples from other rows."""
 
     rows: int
     first: int
     key: int
+    passes: int | None = None
+    single: dict[int, int] | None = None
 
 
 class StochasticDepth(SteppedModule):
@@ -261,7 +270,23 @@ class StochasticDepth(SteppedModule):
         if p == 0.0:
             return x
         key = masks.mix_keys(self.current_seed(), masks.TAG_DEPTH, _STREAM_MC, mc.key)
-        if self.mode == "block":
+        n = x.shape[0]
+        if mc.single is not None and mc.passes == 1:
+            mc.single.setdefault(id(self), n)
+        examples = mc.single is None or mc.single.get(id(self), mc.rows) == mc.rows
+        if mc.passes is not None and (n != mc.passes * mc.rows or not examples):
+            # the rows are not the passes' examples (a (B*T, H) flattening, windows)
+            if mc.passes != 1:  # the caller then runs one pass per forward
+                raise _MCLayoutError(
+                    f"{type(self).__name__}: {x.shape[0]} rows for {mc.passes} "
+                    f"passes of {mc.rows} examples"
+                )
+            # one pass: all its rows, keys disjoint from other passes'
+            if self.mode == "block":
+                keep = _keep_indices(key, mc.first, 1, p, x.device).expand(n)
+            else:
+                keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * n, n, p, x.device)
+        elif self.mode == "block":
             if x.shape[0] % mc.rows:
                 raise ValueError(
                     f"{type(self).__name__}: Monte-Carlo batch of {x.shape[0]} rows is not "
@@ -616,12 +641,21 @@ def remove_stochastic_depth(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def mc_draws(modules: Sequence[StochasticDepth], rows: int, first: int, key: int) -> Iterator[None]:
+def mc_draws(
+    modules: Sequence[StochasticDepth],
+    rows: int,
+    first: int,
+    key: int,
+    passes: int | None = None,
+    single: dict[int, int] | None = None,
+) -> Iterator[None]:
     """Within the block, each :class:`StochasticDepth` in ``modules`` draws one decision
     per Monte-Carlo sample (``rows`` consecutive rows; the batch starts at sample
-    ``first``) keyed by ``key``, instead of following its step. Block mode then also
-    computes the branch (different samples decide differently)."""
-    state = _MCDraws(rows=rows, first=first, key=key)
+    ``first``; ``passes`` samples in the batch, when known; ``single``: see
+    :class:`_MCDraws`) keyed by ``key``, instead of
+    following its step. Block mode then also computes the branch (different samples
+    decide differently)."""
+    state = _MCDraws(rows=rows, first=first, key=key, passes=passes, single=single)
     previous = [m._mc for m in modules]
     try:
         for m in modules:

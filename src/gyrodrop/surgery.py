@@ -4,6 +4,10 @@ Surgery is a policy: a mapping from module type to a function that receives the
 module and its index among the matches (so settings can depend on depth) and returns
 the replacement. Wrappers (DistributedDataParallel, DataParallel, ``torch.compile``)
 are unwrapped first; the replacement goes on the replaced module's device.
+
+Surgery is all-or-nothing: every replacement is built (and validated) before the
+first one is swapped in, so a refused model (one layer with ``p=1.0``, say) is left
+exactly as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from gyrodrop.blockwise import (
 )
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import mix_keys
-from gyrodrop.schedule import attach_stepper, check_p, check_seed
+from gyrodrop.schedule import _check_int, attach_stepper, check_p, check_seed
 
 __all__ = [
     "apply_gyro_dropout",
@@ -65,16 +69,38 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return _device_of(model, None)
 
 
+def _check_model(owner: str, model: Any) -> nn.Module:
+    """``model`` unwrapped, or a ``ValueError`` when it is not an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+    return unwrap_model(model)
+
+
+def _swap_all(root: nn.Module, swaps: list[tuple[str, nn.Module]]) -> None:
+    """Set every ``(qualified name, new module)`` of ``swaps`` in ``root``; the parents
+    are looked up before the first swap, so nothing can fail halfway."""
+    targets = []
+    for name, new in swaps:
+        if not name:
+            raise ValueError("replace_modules: cannot replace the root module itself")
+        parent_name, _, child = name.rpartition(".")
+        targets.append((root.get_submodule(parent_name) if parent_name else root, child, new))
+    for parent, child, new in targets:
+        setattr(parent, child, new)
+
+
 def replace_modules(model: nn.Module, policy: Policy) -> int:
     """Replace every module whose exact type is in ``policy``; returns the count.
 
     Matches are visited in ``named_modules`` order; the policy function gets the module
-    and its match index and may return ``None`` to leave the module alone.
+    and its match index and may return ``None`` to leave the module alone. All
+    replacements are built first and swapped in only when every one was built: when
+    the policy raises, the model is unchanged.
     """
-    model = unwrap_model(model)
+    model = _check_model("replace_modules", model)
     device = _model_device(model)
     matches = [(name, module) for name, module in model.named_modules() if type(module) in policy]
-    replaced = 0
+    swaps: list[tuple[str, nn.Module]] = []
     for index, (name, module) in enumerate(matches):
         new = policy[type(module)](module, index)
         if new is None:
@@ -85,14 +111,21 @@ def replace_modules(model: nn.Module, policy: Policy) -> int:
         if target is not None:
             new = new.to(target)
         new.train(module.training)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        replaced += 1
-    return replaced
+        swaps.append((name, new))
+    _swap_all(model, swaps)
+    return len(swaps)
 
 
 _CHANNELWISE = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+# Input dims of an unbatched input to each channel-wise dropout, as torch reads them:
+# Dropout1d (C, L), Dropout3d (C, D, H, W). Dropout2d reads a 3-D input as (N, C, L)
+# (batched, torch's behavior with its deprecation warning), so it has none.
+_UNBATCHED_NDIM: dict[type, int | None] = {
+    nn.Dropout1d: 2,
+    nn.Dropout2d: None,
+    nn.Dropout3d: 4,
+}
+_DROPOUT_FAMILY = (nn.Dropout, *_CHANNELWISE, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def apply_gyro_dropout(
@@ -109,7 +142,10 @@ def apply_gyro_dropout(
     """Replace ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in ``model`` with
     :class:`~gyrodrop.GyroDropout`, in place.
 
-    ``Dropout1d/2d/3d`` become channel-wise masks (``dims=(1,)``). ``p=None`` keeps each
+    ``Dropout1d/2d/3d`` become channel-wise masks (``dims=(1,)``); unbatched inputs keep
+    torch's meaning (``Dropout1d``: ``(C, L)``, ``Dropout3d``: ``(C, D, H, W)``, whole
+    channels; ``Dropout2d`` reads a 3-D input as ``(N, C, L)``, as torch does).
+    ``p=None`` keeps each
     layer's own ``p``. Every layer gets its own mask seed derived from ``seed`` and its
     position, and all share the schedule seed ``seed``, so subnetwork ``k`` of the
     model (mask ``k`` in every layer) is trained as one network, as in the paper.
@@ -125,7 +161,8 @@ def apply_gyro_dropout(
     :func:`gyrodrop.bind_to_optimizer`. ``auto_step=False``: call
     :func:`gyrodrop.step` yourself.
 
-    Returns the number of layers replaced, and warns when it is zero.
+    Returns the number of layers replaced, and warns when it is zero. All-or-nothing:
+    when any layer is refused (``p=1.0``, say) the model is left unchanged.
 
     Example:
         >>> import torch.nn as nn, gyrodrop
@@ -135,6 +172,7 @@ def apply_gyro_dropout(
         >>> model[1].p
         0.3
     """
+    _check_model("apply_gyro_dropout", model)
     if p is not None:
         p = check_p("apply_gyro_dropout", p)
     check_seed("apply_gyro_dropout", seed)
@@ -150,6 +188,8 @@ def apply_gyro_dropout(
         options = dict(kw)
         if isinstance(module, _CHANNELWISE):
             options.setdefault("dims", (1,))
+            if options["dims"] == (1,) or options["dims"] == 1:
+                options.setdefault("unbatched_ndim", _UNBATCHED_NDIM[type(module)])
         return GyroDropout(
             p=cast(float, module.p) if p is None else p,
             num_subnets=num_subnets,
@@ -251,6 +291,7 @@ def apply_stochastic_depth(
     )
 
     owner = "apply_stochastic_depth"
+    _check_model(owner, model)
     drop_rate = check_p(owner, drop_rate)
     if drop_distribution not in DROP_DISTRIBUTIONS:
         raise ValueError(
@@ -331,10 +372,19 @@ def apply_block_gyro(
     derived from ``seed`` and its position, and all share the schedule seed ``seed``
     (network-level subnetworks, as in :func:`apply_gyro_dropout`). ``schedule`` and
     ``auto_step`` may be passed as keywords; stepping is as in
-    :func:`apply_gyro_dropout` (one step per training forward of ``model``). Dropouts
-    that cannot be fused (followed by something else than a Linear, a module used twice,
-    a functional ``F.dropout``, too few blocks for ``p``) are left as they are and
-    listed in one warning.
+    :func:`apply_gyro_dropout` (one step per training forward of ``model``). Every
+    dropout that is not fused (followed by something else than a Linear, a module used
+    twice, a functional ``F.dropout``,
+    too few blocks for ``p``, inside a ``torch.nn`` layer such as
+    ``nn.TransformerEncoderLayer`` that tracing does not enter, ``Dropout2d`` and the
+    like) is left as it is and named, with the reason, in one warning that counts
+    the dropouts left alone. All-or-nothing: when building a fused layer fails, the
+    model is unchanged.
+
+    Raises:
+        ValueError: ``model`` is not an ``nn.Module``; ``block_size`` is not an int
+            >= 1 (checked first); ``p``, ``seed``, ``prune`` or the schedule options
+            are invalid.
 
     Example:
         >>> import torch.nn as nn, gyrodrop
@@ -347,6 +397,8 @@ def apply_block_gyro(
         ('Identity', 'BlockGyroLinear', 0.5)
     """
     owner = "apply_block_gyro"
+    _check_model(owner, model)
+    _check_int(owner, "block_size", block_size, 1)
     if p is not None:
         p = check_p(owner, p)
     check_seed(owner, seed)
@@ -361,7 +413,8 @@ def apply_block_gyro(
         )
     root = unwrap_model(model)
     sites, problems = find_block_sites(root, prune)
-    count = 0
+    swaps: list[tuple[str, nn.Module]] = []
+    fused_dropouts = set()
     with warnings.catch_warnings():
         if total_steps is None and steps_per_set is None:
             warnings.warn(
@@ -395,21 +448,87 @@ def apply_block_gyro(
                 prune=site.prune,
                 **kw,
             )
-            for name, new in ((site.linear, fused), (site.dropout, nn.Identity())):
-                parent_name, _, child = name.rpartition(".")
-                setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-            count += 1
+            swaps += [(site.linear, fused), (site.dropout, nn.Identity())]
+            fused_dropouts.add(site.dropout)
+    _swap_all(root, swaps)  # only once every fused layer was built
+    count = len(fused_dropouts)
     if count and kw.get("auto_step", True):
         attach_stepper(root)
-    if problems:
+    left, notes = _left_alone(root, fused_dropouts, problems)
+    if left:
         warnings.warn(
-            f"{owner}: fused {count} pair(s); left {len(problems)} dropout(s) as they were: "
-            + " | ".join(problems),
+            f"{owner}: fused {count} pair(s); left {len(left)} dropout(s) as they were: "
+            + " | ".join(left)
+            + "".join(f" ({note})" for note in notes),
             UserWarning,
             stacklevel=2,
         )
+    elif notes:  # every dropout module fused, but functional calls may be unseen
+        warnings.warn(
+            f"{owner}: fused {count} pair(s); " + "; ".join(notes), UserWarning, stacklevel=2
+        )
     elif count == 0:
         warnings.warn(
-            f"{owner}: no nn.Dropout found; the model is unchanged", UserWarning, stacklevel=2
+            f"{owner}: no nn.Dropout found; the model is unchanged",
+            UserWarning,
+            stacklevel=2,
         )
     return count
+
+
+def _left_alone(
+    root: nn.Module, fused: set[str], problems: list[str]
+) -> tuple[list[str], list[str]]:
+    """``"name: reason"`` for every dropout of ``root`` that was not fused (dropout
+    modules, each once, and functional dropout calls), and the notes of ``problems``
+    that are about no single dropout (a failed trace)."""
+    by_name: dict[str, list[str]] = {}
+    notes: list[str] = []
+    for problem in problems:
+        name, sep, _ = problem.partition(": ")
+        if sep and " " not in name:
+            by_name.setdefault(name, []).append(problem)
+        else:
+            notes.append(problem)
+    traced = not any(note.startswith("torch.fx could not trace") for note in notes)
+    left: list[str] = []
+    seen: set[str] = set()
+    modules = dict(root.named_modules())
+    for name, module in root.named_modules():
+        if not isinstance(module, _DROPOUT_FAMILY) or name in fused:
+            continue
+        seen.add(name)
+        if name in by_name:
+            left.append(by_name[name].pop(0))
+        elif type(module) is not nn.Dropout:
+            left.append(
+                f"{name}: a {type(module).__name__} is not an element-wise nn.Dropout "
+                "(only nn.Dropout is fused)"
+            )
+        elif (owner := _torch_nn_owner(name, modules)) is not None:
+            left.append(
+                f"{name}: inside {owner}, a torch.nn layer that is not traced into "
+                "(its forward calls the dropout itself)"
+            )
+        elif not traced:
+            left.append(f"{name}: not in an nn.Sequential next to an nn.Linear")
+        else:
+            left.append(f"{name}: not called by the model's traced forward")
+    # functional dropout calls and other named problems that are no module
+    left += [problem for rest in by_name.values() for problem in rest]
+    return left, notes
+
+
+def _torch_nn_owner(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The outermost ancestor of ``name`` that is a ``torch.nn`` layer other than a
+    container (``nn.TransformerEncoderLayer``, ``nn.Transformer``, ...), as
+    ``"path (Type)"``, or ``None``."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        module = modules.get(path)
+        if module is None or isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            continue
+        if type(module).__module__.startswith("torch.nn"):
+            return f"{path} ({type(module).__name__})"
+    return None

@@ -30,7 +30,20 @@ those combinations, position ``j`` of the schedule's stream in the last complete
 ``num_subnets``, ``subnets_per_step``, ``steps_per_set``, the consecutive schedule and
 the step. ``"index"`` gives every layer its mask ``j mod num_subnets`` (layers with
 different sigma cycle through theirs). ``"auto"`` (default): ``"trained"`` when
-possible, else ``"index"``.
+possible, else ``"index"`` with a warning saying why; the returned
+:class:`Prediction` names the pairing used (``pairing``, ``pairing_reason``).
+
+Rows: the passes of one forward are stacked along dim 0 (pass-major). A gyro layer
+whose input has ``passes * N`` rows gets one mask per pass; a layer that sees other
+rows (a ``(B*T, H)`` flattening, Swin windows, a sequence-first ``(T, B, H)`` layout)
+makes the passes run one per forward instead, where its one mask covers all its rows.
+
+Fused inference paths: ``nn.TransformerEncoderLayer`` takes a fused kernel in eval
+mode that never calls its dropout children, so during the passes its own ``training``
+flag is set (not its children's); ``nn.MultiheadAttention`` with ``dropout > 0`` is
+part of the dropout family for :func:`mc_predict` (its attention dropout is sampled).
+Dropout layers that are never called in the passes (a parent that applies dropout
+functionally, dead modules) and passes that all come out identical are warned about.
 """
 
 from __future__ import annotations
@@ -46,7 +59,12 @@ from torch import Tensor, nn
 from gyrodrop import masks
 from gyrodrop.gyro import apply_group_masks
 from gyrodrop.schedule import ScheduledModule, SteppedModule, _check_int, check_seed
-from gyrodrop.stochastic_depth import StochasticDepth, StochasticDepthBlock, mc_draws
+from gyrodrop.stochastic_depth import (
+    StochasticDepth,
+    StochasticDepthBlock,
+    _MCLayoutError,
+    mc_draws,
+)
 from gyrodrop.surgery import unwrap_model
 
 __all__ = ["Prediction", "mc_predict", "subnet_ensemble_predict", "PAIRINGS", "OUTPUTS"]
@@ -67,8 +85,17 @@ _TAG_SUBSET = 0x67
 _ROW_BUDGET = 2048  # rows per forward when batch_samples is not given
 
 
-class Prediction(NamedTuple):
+class _Summary(NamedTuple):
+    mean: Tensor
+    variance: Tensor
+    entropy: Tensor
+    mutual_info: Tensor
+
+
+class Prediction(_Summary):
     """Summary of ``S`` stochastic passes over ``N`` examples with ``C`` classes.
+
+    A named tuple of four tensors (``mean, variance, entropy, mutual_info = pred``):
 
     Attributes:
         mean: predictive class probabilities, ``(N, C)``, rows sum to 1.
@@ -77,8 +104,11 @@ class Prediction(NamedTuple):
         entropy: total predictive entropy ``H[mean]`` in nats, ``(N,)``.
         mutual_info: BALD, ``H[mean] - mean_s H[p_s]`` in nats, ``(N,)``; epistemic
             uncertainty, in ``[0, entropy]`` (0 when all passes agree).
+        pairing: how the gyro layers were combined into subnetworks, ``"trained"`` or
+            ``"index"`` (``None`` without gyro layers); not a tuple field.
+        pairing_reason: why that pairing (``""`` when it was asked for explicitly).
 
-    All float32, on the input's device.
+    All tensors float32, on the input's device.
 
     Example:
         >>> import torch, gyrodrop
@@ -90,10 +120,25 @@ class Prediction(NamedTuple):
         True
     """
 
-    mean: Tensor
-    variance: Tensor
-    entropy: Tensor
-    mutual_info: Tensor
+    pairing: str | None
+    pairing_reason: str
+
+    def __new__(
+        cls,
+        mean: Tensor,
+        variance: Tensor,
+        entropy: Tensor,
+        mutual_info: Tensor,
+        pairing: str | None = None,
+        pairing_reason: str = "",
+    ) -> Prediction:
+        self = super().__new__(cls, mean, variance, entropy, mutual_info)
+        self.pairing = pairing
+        self.pairing_reason = pairing_reason
+        return self
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # copy and pickle keep the pairing
+        return (*self, self.pairing, self.pairing_reason)
 
 
 # --------------------------------------------------------------------------------------
@@ -146,16 +191,29 @@ def _common_schedule(layers: Sequence[ScheduledModule]) -> str | None:
     return None
 
 
-def _resolve_pairing(owner: str, layers: Sequence[ScheduledModule], pairing: str) -> str:
+def _resolve_pairing(
+    owner: str, layers: Sequence[ScheduledModule], pairing: str
+) -> tuple[str, str]:
+    """The pairing to use and why (``""`` when it was asked for); ``"auto"`` falling
+    back to ``"index"`` warns."""
     why = _common_schedule(layers)
     if pairing == "trained" and why is not None:
         raise ValueError(
             f"{owner}: pairing='trained' needs one shared schedule, but {why}; "
             "hint: pairing='index'"
         )
-    if pairing == "auto":
-        return "index" if why is not None else "trained"
-    return pairing
+    if pairing != "auto":
+        return pairing, ""
+    if why is None:
+        return "trained", "pairing='auto': the gyro layers share one schedule"
+    reason = f"pairing='auto' used 'index' because {why}"
+    warnings.warn(
+        f"{owner}: {reason}; member j takes every layer's subnetwork j mod num_subnets, "
+        "combinations that were not trained together; pass pairing='index' to silence",
+        UserWarning,
+        stacklevel=3,
+    )
+    return "index", reason
 
 
 class _Members:
@@ -189,17 +247,47 @@ class _Members:
         return self._sets[key][position % tau]
 
 
+def _pass_counts(
+    t: Tensor, passes: int, rows: int, layer: nn.Module, single: dict[int, int]
+) -> list[int]:
+    """Rows of each pass in ``layer``'s input ``t``.
+
+    One pass: all of ``t``'s rows (recorded in ``single``). Several: ``rows`` each, when
+    ``t`` has ``passes * rows`` rows and had ``rows`` with one pass (so dim 0 is the
+    examples, pass-major; a sequence-first ``(T, B, H)`` layout with ``T == passes * B``
+    is not mistaken for it); any other layout raises :class:`_MCLayoutError`, and the
+    passes then run one per forward."""
+    n = t.shape[0] if t.dim() > 0 else 0
+    if passes == 1:
+        single.setdefault(id(layer), n)
+        return [n]
+    if n == passes * rows and single.get(id(layer), rows) == rows:
+        return [rows] * passes
+    raise _MCLayoutError(f"a layer saw {n} rows for {passes} passes of {rows} examples")
+
+
 @contextlib.contextmanager
-def _gyro_passes(members: _Members, chunk: Sequence[int], rows: int) -> Iterator[None]:
-    """While active, each gyro layer (in eval mode) multiplies pass ``i``'s ``rows``
-    rows by the mask of member ``chunk[i]``."""
+def _gyro_passes(
+    members: _Members,
+    chunk: Sequence[int],
+    rows: int,
+    calls: dict[int, int] | None = None,
+    single: dict[int, int] | None = None,
+) -> Iterator[None]:
+    """While active, each gyro layer (in eval mode) multiplies pass ``i``'s rows by the
+    mask of member ``chunk[i]`` (see :func:`_pass_counts`, ``single`` its record of
+    one-pass rows); ``calls`` counts the calls per layer (by ``id``)."""
     handles = []
-    counts = [rows] * len(chunk)
+    passes = len(chunk)
+    single = {} if single is None else single
 
     def masked(index: int, layer: ScheduledModule) -> Callable[[Tensor], Tensor]:
         cache: dict[tuple[Any, ...], Tensor] = {}
 
         def apply(t: Tensor) -> Tensor:
+            if calls is not None:
+                calls[id(layer)] = calls.get(id(layer), 0) + 1
+            counts = _pass_counts(t, passes, rows, layer, single)
             key = (tuple(t.shape[1:]), t.dtype, t.device)
             if key not in cache:
                 stacked = [
@@ -226,6 +314,46 @@ def _gyro_passes(members: _Members, chunk: Sequence[int], rows: int) -> Iterator
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def _count_calls(modules: Sequence[nn.Module], calls: dict[int, int]) -> Iterator[None]:
+    """Count the forward calls of ``modules`` (by ``id``) into ``calls``."""
+
+    def hook(m: nn.Module, _args: Any) -> None:
+        calls[id(m)] = calls.get(id(m), 0) + 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _warn_uncalled(
+    owner: str, net: nn.Module, modules: Sequence[nn.Module], calls: dict[int, int]
+) -> None:
+    """Warn about dropout-family modules never called during the passes."""
+    ids = {id(m) for m in modules if calls.get(id(m), 0) == 0}
+    if not ids:
+        return
+    names = [name or "(the model)" for name, m in net.named_modules() if id(m) in ids]
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+    warnings.warn(
+        f"{owner}: {len(names)} dropout layer(s) were never called during the passes and "
+        f"add no randomness: {shown}; a parent module may apply dropout functionally "
+        "or take a fused inference path, or the module is unused",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _fused_parents(net: nn.Module) -> list[nn.Module]:
+    """Modules whose own ``training`` flag only chooses a fused inference path that
+    skips their dropout children (``nn.TransformerEncoderLayer``): set during the
+    passes so that the children run."""
+    return [m for m in net.modules() if isinstance(m, nn.TransformerEncoderLayer)]
 
 
 # --------------------------------------------------------------------------------------
@@ -341,16 +469,65 @@ def _run(
     chunk: int,
     output: str,
     setup: Callable[[int, Sequence[int]], contextlib.AbstractContextManager[Any]],
+    warn_same: bool = True,
+    probe: bool = False,
+) -> Prediction:
+    """The passes ``order``, ``chunk`` per forward; one per forward when a layer sees
+    rows that are not the passes' examples. Warns when every pass is identical (unless
+    ``warn_same`` is false: the caller said why already). ``probe``: run the first
+    pass alone (layers that group rows by pass record their one-pass rows)."""
+    try:
+        return _run_chunks(owner, net, x, order, chunk, output, setup, warn_same, probe)
+    except _MCLayoutError:
+        if chunk == 1:
+            raise
+        return _run_chunks(owner, net, x, order, 1, output, setup, warn_same, probe)
+
+
+def _bounds(total: int, chunk: int, probe: bool) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each forward's passes; with ``probe`` the first forward is
+    one pass alone (the layers' one-pass rows, see :func:`_pass_counts`)."""
+    first = 1 if probe and chunk > 1 else 0
+    out = [(0, 1)] if first else []
+    out += [(s, min(s + chunk, total)) for s in range(first, total, chunk)]
+    return out
+
+
+def _run_chunks(
+    owner: str,
+    net: nn.Module,
+    x: Tensor,
+    order: Sequence[int],
+    chunk: int,
+    output: str,
+    setup: Callable[[int, Sequence[int]], contextlib.AbstractContextManager[Any]],
+    warn_same: bool,
+    probe: bool,
 ) -> Prediction:
     acc = _Accumulator()
     rows = x.shape[0]
+    first: Tensor | None = None
+    differ = False
     with torch.no_grad():
-        for start in range(0, len(order), chunk):
-            ids = order[start : start + chunk]
+        for start, stop in _bounds(len(order), chunk, probe):
+            ids = order[start:stop]
             batch = x.repeat(len(ids), *([1] * (x.dim() - 1)))  # (passes * N, *)
             with setup(start, ids):
                 out = net(batch)
-            acc.add(_probs(owner, out, len(ids), rows, output))
+            probs = _probs(owner, out, len(ids), rows, output)
+            if not differ:
+                first = probs[0] if first is None else first
+                differ = not bool((probs == first).all())
+            acc.add(probs)
+    if warn_same and len(order) > 1 and not differ:
+        warnings.warn(
+            f"{owner}: all {len(order)} passes gave identical outputs, so variance and "
+            "mutual_info are 0: no pass's dropout changed the output (dropout skipped "
+            "by a fused path, p=0, subnetworks with the same masks, or a dropout whose "
+            "output is not used)",
+            UserWarning,
+            stacklevel=4,
+        )
     return acc.result()
 
 
@@ -372,11 +549,14 @@ def mc_predict(
     active, summarized as a :class:`Prediction`.
 
     Active during the passes: ``nn.Dropout`` (and ``Dropout1d/2d/3d``,
-    ``AlphaDropout``), :class:`~gyrodrop.GyroDropout` and ``BlockGyroLinear`` (one
+    ``AlphaDropout``), the attention dropout of ``nn.MultiheadAttention``,
+    :class:`~gyrodrop.GyroDropout` and ``BlockGyroLinear`` (one
     trained subnetwork per pass, drawn without replacement; see the module docstring),
     :class:`~gyrodrop.StochasticDepth` (one decision per pass in block mode, per example
     and pass in sample mode), and any other gyrodrop stepped module (in training mode).
-    All other modules are in eval mode; BatchNorm statistics are untouched.
+    All other modules are in eval mode; BatchNorm statistics are untouched;
+    ``nn.TransformerEncoderLayer`` leaves its fused inference path so that its dropout
+    children run.
 
     Nothing leaks: module modes, step counters and the global random state are restored
     (also on an exception). ``nn.Dropout`` draws from generators seeded with ``seed``
@@ -396,8 +576,10 @@ def mc_predict(
         pairing: how gyro layers combine into subnetworks (module docstring).
 
     Returns:
-        A :class:`Prediction` of ``N`` examples. Warns when the model has no dropout
-        layer (every pass is then the same).
+        A :class:`Prediction` of ``N`` examples (with the gyro ``pairing`` used). Warns
+        when the model has no dropout layer, when a dropout layer is never called in the
+        passes, when all passes are identical, and when ``pairing="auto"`` falls back
+        to ``"index"``.
 
     Example:
         >>> import torch, gyrodrop
@@ -417,6 +599,7 @@ def mc_predict(
     gyro = _gyro_layers(net)
     gyro_ids = {id(m) for m in gyro}
     dropouts = [m for m in net.modules() if isinstance(m, _DROPOUTS)]
+    attention = [m for m in net.modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0]
     depths = [m for m in net.modules() if isinstance(m, StochasticDepth)]
     wrappers = [m for m in net.modules() if isinstance(m, StochasticDepthBlock)]
     others = [
@@ -426,14 +609,16 @@ def mc_predict(
         and id(m) not in gyro_ids
         and not isinstance(m, StochasticDepth)
     ]
-    if not (gyro or dropouts or depths or others):
+    stochastic = bool(gyro or dropouts or attention or depths or others)
+    if not stochastic:
         warnings.warn(
             f"{owner}: the model has no dropout-family layer; every pass is the same "
             "(mutual_info is 0)",
             UserWarning,
             stacklevel=2,
         )
-    members = _Members(gyro, _resolve_pairing(owner, gyro, pairing)) if gyro else None
+    used, reason = _resolve_pairing(owner, gyro, pairing) if gyro else (None, "")
+    members = _Members(gyro, used) if used is not None else None
     if members is not None:
         # Pass s uses member perm_r[s mod M] of round r = s // M: every member once
         # before any repeats.
@@ -448,19 +633,31 @@ def mc_predict(
         draws = list(range(samples))
     mc_key = masks.mix_keys(seed, masks.TAG_DEPTH)
     rows = x.shape[0]
+    calls: dict[int, int] = {}
+    single: dict[int, int] = {}  # rows each layer saw in a one-pass forward
 
     @contextlib.contextmanager
     def setup(start: int, ids: Sequence[int]) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             if members is not None:
-                stack.enter_context(_gyro_passes(members, ids, rows))
+                stack.enter_context(_gyro_passes(members, ids, rows, calls, single))
             if depths:
-                stack.enter_context(mc_draws(depths, rows, start, mc_key))
+                stack.enter_context(
+                    mc_draws(depths, rows, start, mc_key, passes=len(ids), single=single)
+                )
             yield
 
-    active = [*dropouts, *depths, *wrappers, *others]
-    with _stochastic_eval(net, active), _seeded_rng(seed, x.device, bool(dropouts or others)):
-        return _run(owner, net, x, draws, chunk, output, setup)
+    active = [*dropouts, *attention, *depths, *wrappers, *others, *_fused_parents(net)]
+    needs_rng = bool(dropouts or attention or others)
+    probe = bool(members is not None or depths)
+    with (
+        _stochastic_eval(net, active),
+        _seeded_rng(seed, x.device, needs_rng),
+        _count_calls(dropouts, calls),
+    ):
+        result = _run(owner, net, x, draws, chunk, output, setup, stochastic, probe)
+    _warn_uncalled(owner, net, [*dropouts, *gyro], calls)
+    return Prediction(*result, pairing=used, pairing_reason=reason)
 
 
 def subnet_ensemble_predict(
@@ -490,7 +687,8 @@ def subnet_ensemble_predict(
         seed: chooses the subset when ``subnets`` is an int.
         batch_subnets: subnetworks per forward; default: as many as fit in 2048 rows.
         output: ``"logits"`` or ``"probs"``, as in :func:`mc_predict`.
-        pairing: ``"auto"``, ``"trained"`` or ``"index"`` (module docstring).
+        pairing: ``"auto"``, ``"trained"`` or ``"index"`` (module docstring); the
+            returned :class:`Prediction` says which was used and why.
 
     Example:
         >>> import torch, gyrodrop
@@ -517,7 +715,8 @@ def subnet_ensemble_predict(
             "trained subnetworks; hint: gyrodrop.apply_gyro_dropout(model, ...) before "
             "training, or mc_predict for nn.Dropout models"
         )
-    members = _Members(gyro, _resolve_pairing(owner, gyro, pairing))
+    used, reason = _resolve_pairing(owner, gyro, pairing)
+    members = _Members(gyro, used)
     m_count = members.count
     if subnets is None:
         chosen = list(range(m_count))
@@ -542,9 +741,13 @@ def subnet_ensemble_predict(
         )
     chunk = _chunk_size(owner, batch_subnets, len(chosen), x.shape[0])
     rows = x.shape[0]
+    calls: dict[int, int] = {}
+    single: dict[int, int] = {}
 
     def setup(start: int, ids: Sequence[int]) -> contextlib.AbstractContextManager[Any]:
-        return _gyro_passes(members, ids, rows)
+        return _gyro_passes(members, ids, rows, calls, single)
 
-    with _stochastic_eval(net, []):
-        return _run(owner, net, x, chosen, chunk, output, setup)
+    with _stochastic_eval(net, _fused_parents(net)):
+        result = _run(owner, net, x, chosen, chunk, output, setup, probe=True)
+    _warn_uncalled(owner, net, gyro, calls)
+    return Prediction(*result, pairing=used, pairing_reason=reason)
