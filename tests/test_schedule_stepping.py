@@ -195,6 +195,13 @@ class TestOneStepPerTrainingStep:
             model(torch.randn(4, 16))
             assert set(steps(model)) == {n}
 
+    def test_model_in_eval_with_its_dropouts_switched_on_steps_per_forward(self):
+        model = reuse_model().eval()
+        model.drop.train()  # MC dropout by hand: new masks each pass
+        x = torch.ones(8, 8)
+        first, second = model(x), model(x)
+        assert steps(model) == [2, 2] and not torch.equal(first, second)
+
     def test_a_failed_forward_does_not_step(self):
         model = reuse_model()
         with pytest.raises(RuntimeError):
