@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -387,6 +388,13 @@ class TestGradientAccumulation:
         twin = copy.deepcopy(model)
         twin(torch.randn(2, 8))
         assert steps(twin) == [0, 0]
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        gyrodrop.set_stepping(loaded, "forward")
+        loaded(torch.randn(2, 8))
+        assert steps(loaded) == [1, 1]
 
     @pytest.mark.parametrize("bad", [None, "sgd", nn.Linear(2, 2)])
     def test_bind_to_optimizer_refuses_a_non_optimizer(self, bad):
