@@ -529,7 +529,9 @@ class SteppedModule(nn.Module):
         Returns ``step`` and, for a layer that steps on its own calls, advances it. A
         forward run while autograd executes a backward (activation-checkpoint
         recompute) gets the step of this layer's last training forward instead and
-        advances nothing, so the recompute builds the same masks and graph.
+        advances nothing, so the recompute builds the same masks and graph. (So run
+        each backward before the next training forward that steps, as training loops
+        do; with several forwards per backward use :func:`bind_to_optimizer`.)
         """
         if in_backward():
             replay = self._replay_step
