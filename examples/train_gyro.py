@@ -10,8 +10,9 @@ The three things to do in your own loop:
    ``GyroDropout`` with ``gyrodrop.apply_gyro_dropout``, telling it how many optimizer
    steps the run has (``total_steps``), so each of the ``num_subnets`` subnetworks gets
    its share of training;
-2. with gradient accumulation (several forwards per optimizer step) pass
-   ``auto_step=False`` and call ``gyrodrop.step(model)`` after each optimizer step;
+2. nothing to do for the step: the model advances every gyro layer once per training
+   forward; with gradient accumulation (several forwards per optimizer step) call
+   ``gyrodrop.bind_to_optimizer(model, optimizer)`` once, so it steps with the optimizer;
 3. ``model.eval()`` for evaluation: every ``GyroDropout`` is then the identity.
 
 The schedule position lives in the model's buffers, so ``model.state_dict()`` is all a
@@ -66,7 +67,6 @@ def make_model(cfg: Config, in_features: int, num_classes: int, total_steps: int
         subnets_per_step=cfg.subnets_per_step,
         total_steps=total_steps,  # optimizer steps of the whole run
         seed=cfg.seed,
-        auto_step=cfg.accumulate == 1,  # else: gyrodrop.step(model) per optimizer step
     )
     return model
 
@@ -89,6 +89,8 @@ def train(cfg: Config) -> float:
     print(model)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.accumulate > 1:
+        gyrodrop.bind_to_optimizer(model, optimizer)  # one gyro step per optimizer step
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(cfg.epochs):
         model.train()
@@ -99,8 +101,6 @@ def train(cfg: Config) -> float:
             if (i + 1) % cfg.accumulate == 0 or i == micro_batches - 1:
                 optimizer.step()
                 optimizer.zero_grad()
-                if cfg.accumulate > 1:
-                    gyrodrop.step(model)
         if epoch % 10 == 0 or epoch == cfg.epochs - 1:
             acc = accuracy(model, data.x_test, data.y_test)
             print(f"epoch {epoch:3d}  test accuracy {acc:.4f}")

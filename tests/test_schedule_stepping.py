@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -195,6 +196,13 @@ class TestOneStepPerTrainingStep:
             model(torch.randn(4, 16))
             assert set(steps(model)) == {n}
 
+    def test_model_in_eval_with_its_dropouts_switched_on_steps_per_forward(self):
+        model = reuse_model().eval()
+        model.drop.train()  # MC dropout by hand: new masks each pass
+        x = torch.ones(8, 8)
+        first, second = model(x), model(x)
+        assert steps(model) == [2, 2] and not torch.equal(first, second)
+
     def test_a_failed_forward_does_not_step(self):
         model = reuse_model()
         with pytest.raises(RuntimeError):
@@ -380,6 +388,13 @@ class TestGradientAccumulation:
         twin = copy.deepcopy(model)
         twin(torch.randn(2, 8))
         assert steps(twin) == [0, 0]
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        gyrodrop.set_stepping(loaded, "forward")
+        loaded(torch.randn(2, 8))
+        assert steps(loaded) == [1, 1]
 
     @pytest.mark.parametrize("bad", [None, "sgd", nn.Linear(2, 2)])
     def test_bind_to_optimizer_refuses_a_non_optimizer(self, bad):

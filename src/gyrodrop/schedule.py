@@ -236,6 +236,7 @@ class _ModelStepper:
     def __init__(self) -> None:
         self.when = "forward"
         self.in_forward = False  # between the root's forward pre-hook and post-hook
+        self.used = False  # a module it owns ran a training forward in this root forward
         self.warned = False
         self.optimizer_hook: Any = None  # RemovableHandle of the optimizer's post-hook
 
@@ -244,6 +245,7 @@ class _ModelStepper:
         state = dict(self.__dict__)
         state["optimizer_hook"] = None
         state["in_forward"] = False
+        state["used"] = False
         return state
 
     def advance(self, root: nn.Module) -> None:
@@ -275,6 +277,7 @@ def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
     stepper = module.__dict__.get("_gyrodrop_stepper")
     if isinstance(stepper, _ModelStepper):
         stepper.in_forward = True
+        stepper.used = False
 
 
 @torch.compiler.disable
@@ -287,7 +290,9 @@ def _root_post_hook(
     stepper.in_forward = False
     if (
         stepper.when == "forward"
-        and module.training
+        # a training forward of the model, or one that ran gyrodrop layers in training
+        # mode (say MC dropout on a model in eval with its dropouts switched on)
+        and (module.training or stepper.used)
         and output is not None  # None: the forward raised (the hook is always called)
         and not in_backward()  # an activation-checkpoint recompute of the whole model
         and not _has_meta_tensor(args, kwargs)  # shape inference, not a training step
@@ -524,7 +529,9 @@ class SteppedModule(nn.Module):
         Returns ``step`` and, for a layer that steps on its own calls, advances it. A
         forward run while autograd executes a backward (activation-checkpoint
         recompute) gets the step of this layer's last training forward instead and
-        advances nothing, so the recompute builds the same masks and graph.
+        advances nothing, so the recompute builds the same masks and graph. (So run
+        each backward before the next training forward that steps, as training loops
+        do; with several forwards per backward use :func:`bind_to_optimizer`.)
         """
         if in_backward():
             replay = self._replay_step
@@ -535,7 +542,9 @@ class SteppedModule(nn.Module):
             stepper = self._stepper
             if stepper is None:
                 self.advance()
-            elif stepper.when == "forward" and not stepper.in_forward:
+            elif stepper.in_forward:
+                stepper.used = True
+            elif stepper.when == "forward":
                 stepper.outside_forward(self)
                 self.advance()
         return step
