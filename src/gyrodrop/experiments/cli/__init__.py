@@ -17,13 +17,20 @@ Layout: :mod:`.options` (defaults, argparse definitions, validation), :mod:`.run
 (the shared run loop, progress, store and output), and one module per command
 (:mod:`.compare`, :mod:`.sweep`, :mod:`.diversity`, :mod:`.bench`, :mod:`.cv`,
 :mod:`.report`), each with ``run(args) -> exit status``.
+
+Errors: every option is checked before any data is loaded or any run trained
+(:func:`.options.validate`); a bad option, missing data or a damaged results file ends
+the command with one line ``gyrodrop CMD: error: ...`` naming what is wrong and what is
+allowed, exit status 2, and no traceback unless ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,7 +40,7 @@ from gyrodrop.experiments.cli.options import CommandError, build_parser
 from gyrodrop.experiments.data import DatasetError
 from gyrodrop.experiments.store import StoreError
 
-__all__ = ["main", "build_parser", "CommandError", "COMMANDS"]
+__all__ = ["main", "build_parser", "CommandError", "COMMANDS", "USER_ERRORS"]
 
 #: Command name -> its ``run(args)``; ``main`` dispatches through this table.
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -44,6 +51,31 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cv": cv.run,
     "report": report.run,
 }
+
+
+#: Errors that mean bad input (options, data, results file): exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CommandError,
+    DatasetError,
+    StoreError,
+    ValueError,
+    OSError,
+    sqlite3.Error,
+    FloatingPointError,
+)
+
+
+def _error(args: argparse.Namespace, e: Exception) -> int:
+    """Prints ``e`` as one line (the traceback first with ``--debug``); returns the exit
+    status: 2 for :data:`USER_ERRORS`, 1 for anything else (a bug)."""
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    text = " ".join((str(e) or type(e).__name__).split())
+    user = isinstance(e, USER_ERRORS)
+    if not user:
+        text = f"{type(e).__name__}: {text} (a bug? --debug shows the traceback)"
+    print(f"gyrodrop {args.command}: error: {text}", file=sys.stderr)
+    return 2 if user else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,15 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if threads is not None:
             torch.set_num_threads(threads)
         return COMMANDS[args.command](args)
-    except (CommandError, DatasetError, StoreError) as e:
-        print(f"gyrodrop {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `gyrodrop report | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as e:
+        return _error(args, e)
     finally:
         if threads is not None:
             torch.set_num_threads(previous)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 
-from gyrodrop.experiments.cli.options import check, resolve
+from gyrodrop.experiments.cli.options import LAYER_DROPS, check_device, resolve, validate
 from gyrodrop.experiments.cli.runner import Progress, emit, make_configs, open_store
 from gyrodrop.experiments.data import load_dataset
-from gyrodrop.experiments.train import resolve_device
 
 #: Input shape and class count of the built-in datasets (bench times random data of it).
 SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
@@ -22,9 +21,6 @@ SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "svhn": ((3, 32, 32), 10),
 }
 
-#: Drop rates of the block-wise layer table.
-LAYER_DROPS = (0.1, 0.25, 0.5, 0.75)
-
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``gyrodrop bench``; returns the exit status."""
@@ -34,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     v = resolve(args, "bench")
     methods = v["methods"] or ["none", "dropout", "gyro", "blockwise"]
     v["methods"] = methods
-    check(v)
-    device = resolve_device(v["device"])
+    validate("bench", v)
+    device = check_device(v["device"])
     progress = Progress(v.get("quiet", False))
     if v["dataset"] in SHAPES:
         in_shape, num_classes = SHAPES[v["dataset"]]

@@ -8,15 +8,38 @@ explicit > ``--quick`` defaults > command defaults (:func:`resolve`).
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
 
 import gyrodrop
 from gyrodrop.experiments.data import DATASETS
 from gyrodrop.experiments.models import MODELS
 from gyrodrop.experiments.train import METHODS, OPTIMIZERS
 
-__all__ = ["DEFAULTS", "QUICK", "EXAMPLES", "CommandError", "build_parser", "check", "resolve"]
+__all__ = [
+    "DEFAULTS",
+    "QUICK",
+    "EXAMPLES",
+    "CommandError",
+    "GRID_METHODS",
+    "build_parser",
+    "check_device",
+    "check_writable",
+    "resolve",
+    "validate",
+]
+
+#: Drop rates of bench's block-wise layer table.
+LAYER_DROPS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)
+
+#: Methods trained over the sigma x tau grid (a fixed set of subnetworks).
+GRID_METHODS: tuple[str, ...] = ("gyro", "gyro-random", "blockwise")
 
 # --------------------------------------------------------------------------- defaults
 
@@ -132,6 +155,14 @@ class CommandError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``gyrodrop CMD: error: ...``) and
+    exit status 2, without the usage block (``--help`` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -225,11 +256,20 @@ def _common(p: argparse.ArgumentParser, cmd: str) -> None:
     )
     out.add_argument("--quiet", action="store_true", help="no progress output")
     out.add_argument("--no-plots", action="store_true", help="tables only")
+    _debug(out)
+
+
+def _debug(p: argparse.ArgumentParser | Any) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error (default: one line)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (all sub-commands)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="gyrodrop",
         description="Reproduce the Gyro Dropout paper's experiments: results in SQLite, "
         "Markdown tables and PNG plots.",
@@ -360,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--no-plots", action="store_true", help="do not write files to --out")
     report.add_argument("--quiet", action="store_true", help="no notes on stderr")
+    _debug(report)
     return parser
 
 
@@ -369,23 +410,215 @@ def resolve(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
     if getattr(args, "quick", False):
         values.update(QUICK["common"])
         values.update(QUICK[cmd])
+    explicit = set()
     for k, v in vars(args).items():
         if v is not None:
             values[k] = v
+            explicit.add(k)
+    values["explicit"] = explicit
     return values
 
 
-def check(v: dict[str, Any]) -> None:
-    """Checks the resolved option values shared by the training commands."""
-    for name in ("epochs", "seeds", "batch_size"):
-        if v.get(name) is not None and int(v[name]) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {v[name]}")
-    if v.get("limit") is not None and v["limit"] < 2:
-        raise CommandError(f"--limit must be >= 2, got {v['limit']}")
-    if not 0.0 <= v["p"] < 1.0:
-        raise CommandError(f"--p must be in [0, 1), got {v['p']}")
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(option: str, allowed: str, value: Any) -> NoReturn:
+    raise CommandError(f"{option} must be {allowed}, got {value!r}")
+
+
+def _int_at_least(v: dict[str, Any], name: str, low: int) -> None:
+    value = v.get(name)
+    if value is not None and int(value) < low:
+        _fail("--" + name.replace("_", "-"), f"an integer >= {low}", value)
+
+
+def _finite(v: dict[str, Any], name: str, allowed: str, ok: Callable[[float], bool]) -> None:
+    value = v.get(name)
+    if value is not None and not (math.isfinite(value) and ok(value)):
+        _fail("--" + name.replace("_", "-"), allowed, value)
+
+
+def check_device(text: str) -> torch.device:
+    """``--device`` as a :class:`torch.device` that exists on this machine ("auto": cuda
+    when present, else cpu); :class:`CommandError` otherwise."""
+    allowed = "cpu, cuda, cuda:N (N < the number of GPUs) or auto"
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        _fail("--device", allowed, text)
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        _fail("--device", allowed, text)
+    if not torch.cuda.is_available():
+        raise CommandError(f"--device {text}: CUDA is not available on this machine; use cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CommandError(
+            f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s), "
+            f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
+    return dev
+
+
+def check_writable(option: str, path: str | Path, *, directory: bool) -> None:
+    """:class:`CommandError` unless ``path`` can be written (as a directory with
+    ``directory``, else as a file): an existing path must be of that kind and writable,
+    a missing one needs its nearest existing parent to be a writable directory. Creates
+    nothing (a probe file in that parent is removed at once)."""
+    p = Path(path).expanduser()
+    kind = "a directory" if directory else "a file"
+    if p.exists():
+        if directory and not p.is_dir():
+            raise CommandError(f"{option} {path}: exists and is not a directory; pass a folder")
+        if not directory and not p.is_file():
+            raise CommandError(f"{option} {path}: exists and is not a file; pass a file path")
+        probe_dir = p if directory else p.parent
+        if not directory and not os.access(p, os.W_OK):
+            raise CommandError(f"{option} {path}: not writable; pass {kind} you can write")
+    else:
+        probe_dir = p.parent
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise CommandError(
+                f"{option} {path}: {probe_dir} is not a directory; pass {kind} under a folder"
+            )
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as e:
+        raise CommandError(
+            f"{option} {path}: cannot write in {probe_dir} ({e.strerror}); pass {kind} "
+            "you can write"
+        ) from None
+
+
+def _check_methods(cmd: str, v: dict[str, Any]) -> None:
+    if not v["methods"]:
+        if cmd == "sweep":
+            raise CommandError(
+                "--methods is empty; choose one or more of gyro, gyro-random, blockwise"
+            )
+        raise CommandError(f"--methods is empty; choose one or more of {', '.join(METHODS)}")
+    grid = [m for m in v["methods"] if m in GRID_METHODS]
+    needs_p = [m for m in v["methods"] if m != "none"]
+    if needs_p and v["p"] == 0 and not v.get("input_p"):
+        raise CommandError(
+            f"--p must be in (0, 1) for method(s) {', '.join(needs_p)}, got 0 "
+            "(p = 0 builds no dropout layer to regularize)"
+        )
+    if not grid:
+        return
+    pairs = [(s, t) for s in v["num_subnets"] for t in v["subnets_per_step"]]
+    if cmd == "sweep":
+        if not any(t <= s for s, t in pairs):
+            raise CommandError(
+                "sweep: every --subnets-per-step (tau) is larger than every --num-subnets "
+                f"(sigma) ({v['subnets_per_step']} vs {v['num_subnets']}); nothing to run"
+            )
+    else:
+        for s, t in pairs:
+            if t > s:
+                raise CommandError(
+                    f"--subnets-per-step must be <= --num-subnets (tau <= sigma), got "
+                    f"tau {t} > sigma {s}"
+                )
     for t in v["subnets_per_step"]:
         if t > v["batch_size"]:
             raise CommandError(
-                f"--subnets-per-step {t} is larger than --batch-size {v['batch_size']}"
+                f"--subnets-per-step {t} is larger than --batch-size {v['batch_size']}; "
+                "each of the tau subnetworks needs at least one example per batch"
             )
+    if "blockwise" in v["methods"]:
+        _check_blocks(v)
+
+
+def _check_blocks(v: dict[str, Any]) -> None:
+    """Block-wise: every masked width must have more blocks than dropout drops."""
+    from gyrodrop.blockwise import n_dropped_blocks
+    from gyrodrop.experiments.models import DEFAULT_WIDTHS
+
+    block = v["block_size"]
+    widths = v.get("widths") or DEFAULT_WIDTHS.get(v["model"])
+    if not widths or not v["model"].startswith("mlp"):
+        return  # conv models: checked when the model is built (before training)
+    p = v["p"]
+
+    def fits(width: int, size: int) -> bool:
+        n_blocks = -(-width // size)
+        return bool(n_dropped_blocks(p, n_blocks) < n_blocks)
+
+    for w in widths:
+        if not fits(int(w), block):
+            best = next((b for b in range(int(w), 0, -1) if fits(int(w), b)), None)
+            hint = f"use --block-size <= {best}" if best else "lower --p"
+            raise CommandError(
+                f"--block-size {block} is too large for hidden width {w} at --p {p:g} "
+                f"(every block would be dropped); {hint} or wider --widths"
+            )
+
+
+def validate(cmd: str, v: dict[str, Any]) -> None:
+    """Every option of training command ``cmd`` checked before any data is loaded or any
+    run trained. Raises :class:`CommandError` naming the option and what is allowed."""
+    for name in ("epochs", "seeds", "batch_size", "block_size", "threads"):
+        _int_at_least(v, name, 1)
+    _int_at_least(v, "limit", 2)
+    _finite(v, "lr", "a finite number > 0", lambda x: x > 0)
+    _finite(v, "momentum", "a finite number in [0, 1)", lambda x: 0 <= x < 1)
+    _finite(v, "p", "a finite number in [0, 1)", lambda x: 0 <= x < 1)
+    _finite(v, "input_p", "a finite number in [0, 1) (0 = none)", lambda x: 0 <= x < 1)
+    _finite(v, "max_norm", "a finite number >= 0 (0 = none)", lambda x: x >= 0)
+    if v.get("input_p") and not v["model"].startswith("mlp"):
+        raise CommandError(
+            f"--input-p needs an mlp model (got --model {v['model']}); pass --input-p 0"
+        )
+    if v.get("data_dir") is not None and not Path(v["data_dir"]).expanduser().is_dir():
+        raise CommandError(f"--data-dir {v['data_dir']}: not a directory")
+    if v["dataset"].startswith("csv:") and not Path(v["dataset"][4:]).expanduser().is_file():
+        raise CommandError(f"--dataset {v['dataset']}: no such file")
+    _check_methods(cmd, v)
+    if cmd == "compare":
+        _int_at_least(v, "mc_samples", 1)
+        if "mc_samples" in v["explicit"] and not v.get("uncertainty"):
+            raise CommandError("--mc-samples needs --uncertainty (it sets the MC dropout samples)")
+    elif cmd == "diversity":
+        _int_at_least(v, "subnetworks", 2)
+        _int_at_least(v, "eval_size", 1)
+        if v["model"] == "resnet18":
+            raise CommandError(
+                "--model resnet18 has no dropout before its last hidden layer; "
+                "diversity needs mlp, mlp1, mlp2, lenet or alexnet"
+            )
+        if v.get("widths") is not None and len(v["widths"]) < 2 and v["model"].startswith("mlp"):
+            raise CommandError(
+                "--widths needs >= 2 hidden layers for diversity (A,B) so that "
+                "subnetworks differ before the last hidden layer"
+            )
+        grid = [m for m in v["methods"] if m in GRID_METHODS]
+        if grid and v["subnetworks"] > min(v["num_subnets"]):
+            raise CommandError(
+                f"--subnetworks must be <= --num-subnets (sigma {min(v['num_subnets'])}: "
+                f"{', '.join(grid)} trains that many distinct subnetworks), got {v['subnetworks']}"
+            )
+    elif cmd == "cv":
+        _int_at_least(v, "folds", 2)
+    elif cmd == "bench":
+        _int_at_least(v, "steps", 1)
+        _int_at_least(v, "warmup", 0)
+        _int_at_least(v, "layer_features", 1)
+        if not v.get("no_layer"):
+            from gyrodrop.blockwise import n_dropped_blocks
+
+            n_blocks = -(-v["layer_features"] // v["block_size"])
+            if n_dropped_blocks(max(LAYER_DROPS), n_blocks) >= n_blocks:
+                raise CommandError(
+                    f"--layer-features {v['layer_features']} with --block-size "
+                    f"{v['block_size']} gives {n_blocks} block(s), all dropped at "
+                    f"{max(LAYER_DROPS):.0%}; use more features, a smaller block or --no-layer"
+                )
+    check_device(v["device"])
+    check_writable("--db", v["db"], directory=False)
+    check_writable("--out", v["out"], directory=True)

@@ -7,9 +7,12 @@ interrupt message and the Markdown/PNG output every training command shares.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,16 +20,17 @@ from typing import Any
 import torch
 
 import gyrodrop
-from gyrodrop.experiments.cli.options import CommandError
+from gyrodrop.experiments.cli.options import CommandError, check_device
 from gyrodrop.experiments.data import (
     Dataset,
+    data_identity,
     load_arrays,
     load_dataset,
     standardize,
     stratified_folds,
 )
 from gyrodrop.experiments.store import Store
-from gyrodrop.experiments.train import RunConfig, RunResult, resolve_device, train_run
+from gyrodrop.experiments.train import RunConfig, RunResult, make_model, train_run
 
 __all__ = [
     "DataCache",
@@ -34,9 +38,11 @@ __all__ = [
     "make_configs",
     "emit",
     "open_store",
+    "preflight",
     "render",
     "run_all",
     "train_and_render",
+    "with_data_identity",
 ]
 
 # --------------------------------------------------------------------------- progress
@@ -196,6 +202,14 @@ class DataCache:
         )
 
 
+#: Seconds a claim on a run lasts without renewal (renewed after every epoch); a claim of
+#: a process that died on this host is taken over at once, one on another host when
+#: its lease runs out.
+LEASE_SECONDS = 900.0
+#: Seconds between looks at runs another process is training.
+POLL_SECONDS = 2.0
+
+
 def run_all(
     configs: Sequence[RunConfig],
     store: Store,
@@ -206,7 +220,11 @@ def run_all(
     extra: Callable[[RunConfig], Callable[..., dict[str, Any]] | None] | None = None,
 ) -> list[str]:
     """Train every config not yet in ``store`` (in order), saving each when it finishes.
-    Returns the keys of all ``configs``."""
+
+    Each run is claimed in the store before it trains (:meth:`Store.claim`), so a second
+    process with the same configurations trains the others and then waits for the ones
+    claimed here instead of training them twice. Returns the keys of all ``configs``.
+    """
     configs = [c.normalized() for c in configs]
     keys = list(dict.fromkeys(c.key() for c in configs))
     unique = list({c.key(): c for c in configs}.values())
@@ -218,27 +236,104 @@ def run_all(
     if pending:
         data(pending[0])  # fail on missing files before anything starts
     progress.start(len(pending), sum(c.epochs for c in pending))
+    said = -1
     try:
-        for cfg in pending:
-            if store.has(cfg):  # finished meanwhile by another process
-                continue
-            on_epoch = progress.run(cfg)
-            t0 = time.perf_counter()
-            result = train_run(
-                cfg,
-                data(cfg),
-                device=device,
-                on_epoch=on_epoch,
-                extra=extra(cfg) if extra else None,
-            )
-            result.metrics["threads"] = torch.get_num_threads()  # float sums depend on it
-            store.save(
-                cfg, result.metrics, result.epochs, device=str(device), version=gyrodrop.__version__
-            )
-            progress.done(cfg, result, time.perf_counter() - t0)
+        while pending:
+            waiting = []
+            for cfg in pending:
+                if not store.claim(cfg, LEASE_SECONDS):
+                    if not store.has(cfg):  # claimed by another live process
+                        waiting.append(cfg)
+                    continue
+                try:
+                    _train_one(cfg, store, data, device, progress, extra)
+                finally:
+                    store.release(cfg)
+            if waiting:
+                if len(waiting) != said:
+                    progress.note(
+                        f"waiting for {len(waiting)} run(s) another process is training "
+                        f"(claimed in {store.path})"
+                    )
+                    said = len(waiting)
+                time.sleep(POLL_SECONDS)
+            pending = waiting
     finally:
         progress.stop()
     return keys
+
+
+def _train_one(
+    cfg: RunConfig,
+    store: Store,
+    data: DataCache,
+    device: torch.device,
+    progress: Progress,
+    extra: Callable[[RunConfig], Callable[..., dict[str, Any]] | None] | None,
+) -> None:
+    show = progress.run(cfg)
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        show(epoch, row)
+        store.renew(cfg, LEASE_SECONDS)
+
+    ds = data(cfg)
+    t0 = time.perf_counter()
+    result = train_run(
+        cfg, ds, device=device, on_epoch=on_epoch, extra=extra(cfg) if extra else None
+    )
+    result.metrics["threads"] = torch.get_num_threads()  # float sums depend on it
+    result.metrics["num_classes"] = ds.num_classes
+    result.metrics["n_features"] = math.prod(ds.in_shape)
+    store.save(cfg, result.metrics, result.epochs, device=str(device), version=gyrodrop.__version__)
+    progress.done(cfg, result, time.perf_counter() - t0)
+
+
+def with_data_identity(configs: Sequence[RunConfig], data_dir: str | None) -> list[RunConfig]:
+    """``configs`` with ``data_id`` set to the content hash of their data files (part of
+    the run key: changed files train new runs)."""
+    ids: dict[str, str | None] = {}
+    out = []
+    for c in configs:
+        if c.dataset not in ids:
+            ids[c.dataset] = data_identity(c.dataset, data_dir)
+        out.append(dataclasses.replace(c, data_id=ids[c.dataset]))
+    return out
+
+
+def preflight(
+    configs: Sequence[RunConfig],
+    data: DataCache,
+    inspect: Callable[[RunConfig, torch.nn.Module], None] | None = None,
+) -> None:
+    """Build the model of every distinct configuration on its data (no training) and
+    turn what would fail or be left out later into a :class:`CommandError` now: a
+    model that does not fit the data, a block-wise layer that fuses no or not every
+    dropout, and whatever ``inspect(cfg, model)`` refuses."""
+    seen: set[str] = set()
+    for cfg in configs:
+        probe = dataclasses.replace(cfg.normalized(), seed=0, fold=None if cfg.fold is None else 0)
+        if probe.key() in seen:
+            continue
+        seen.add(probe.key())
+        ds = data(cfg)
+        steps = math.ceil(len(ds.y_train) / cfg.batch_size)
+        what = f"--methods {cfg.method} with --model {cfg.model}"
+        try:
+            with warnings.catch_warnings(record=True) as caught, torch.random.fork_rng():
+                warnings.simplefilter("always")
+                model = make_model(cfg, ds, steps)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise CommandError(f"{what}: {e}") from e
+        for w in caught:
+            text = str(w.message)
+            if ("dropout(s) as they were" in text) or ("model is unchanged" in text):
+                raise CommandError(f"{what}: {text}")
+        if inspect is not None:
+            try:
+                inspect(cfg, model)
+            except ValueError as e:
+                raise CommandError(str(e)) from e
 
 
 def make_configs(
@@ -309,21 +404,38 @@ def train_and_render(
     configs: list[RunConfig],
     v: dict[str, Any],
     extra: Callable[[RunConfig], Any] | None = None,
+    *,
+    prepare: Callable[[list[RunConfig], DataCache], list[RunConfig]] | None = None,
+    inspect: Callable[[RunConfig, torch.nn.Module], None] | None = None,
 ) -> int:
+    """Train ``configs`` (the ones not in ``--db`` yet) and print/write the tables.
+
+    Order: the data files' identity, the store (refused when damaged), the data, then
+    ``prepare(configs, data)`` (options checked against the data) and :func:`preflight`
+    (every distinct model built once), and only then training.
+    """
+    if not configs:
+        raise CommandError(f"{cmd}: these options select no run; nothing to do")
     progress = Progress(v.get("quiet", False))
-    device = resolve_device(v["device"])
+    device = check_device(v["device"])
+    data = DataCache(v.get("data_dir"))
+    configs = with_data_identity(configs, v.get("data_dir"))
     with open_store(v["db"]) as store:
+        if prepare is not None:
+            configs = prepare(configs, data)
+        done = store.finished_keys()
+        preflight([c for c in configs if c.normalized().key() not in done], data, inspect)
         try:
             keys = run_all(
                 configs,
                 store,
-                DataCache(v.get("data_dir")),
+                data,
                 device=device,
                 progress=progress,
                 extra=extra,
             )
         except KeyboardInterrupt:
-            n = len(store.finished_keys() & {c.key() for c in configs})
+            n = len(store.finished_keys() & {c.normalized().key() for c in configs})
             print(
                 f"\ninterrupted: {n} of {len(configs)} runs are saved in {store.path}; run the "
                 "same command again to resume",
