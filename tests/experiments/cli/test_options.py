@@ -114,9 +114,9 @@ class TestOtherCommandsRefuseBadOptions:
     def test_diversity_of_a_one_step_run_is_refused_before_training(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        argv = ["diversity", *TINY, *paths(tmp_path), "--limit", "20", "--subnetworks", "3"]
+        argv = ["diversity", *TINY, *paths(tmp_path), "--limit", "20", "--subnetworks", "20"]
         line = refused(argv, capsys, "--subnetworks")
-        assert "1 distinct" in line
+        assert "only 16 distinct" in line  # one step: tau = 16 row groups
 
 
 @pytest.mark.usefixtures("no_training")
