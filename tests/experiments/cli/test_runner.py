@@ -183,7 +183,7 @@ class TestClaims:
         self, tmp_path: Path
     ) -> None:
         argv = [a for a in TINY if a != "--quiet"] + paths(tmp_path)
-        argv += ["--methods", "none,dropout,gyro,gyro-random", "--seeds", "2", "--no-plots"]
+        argv += ["--methods", "none,dropout", "--seeds", "2", "--no-plots"]
         code = "import sys; from gyrodrop.experiments.cli import main; sys.exit(main(sys.argv[1:]))"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
         procs = [
@@ -199,5 +199,5 @@ class TestClaims:
         errs = [p.communicate(timeout=300)[1] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], errs
         trained = [line for err in errs for line in err.splitlines() if ": test acc" in line]
-        assert len(trained) == 8, errs
-        assert len(_records(tmp_path / "r.db")) == 8
+        assert len(trained) == 4, errs
+        assert len(_records(tmp_path / "r.db")) == 4
