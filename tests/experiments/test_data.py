@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from gyrodrop.experiments.data import (
     DatasetError,
@@ -247,6 +249,27 @@ class TestCsvExact:
         path.write_text("\n".join(f"{i},{i % 3},{'inf' if i == 3 else i % 2}" for i in range(20)))
         with pytest.raises(DatasetError, match="row 4 has a non-finite label"):
             load_dataset(f"csv:{path}")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    values=st.lists(st.integers(-3, 3), min_size=12, max_size=40),
+    spellings=st.lists(
+        st.sampled_from(["{}", "{}.0", " {}", "{} ", "{}.000"]), min_size=40, max_size=40
+    ),
+)
+def test_numeric_labels_are_one_class_per_value(
+    tmp_path_factory: pytest.TempPathFactory, values: list[int], spellings: list[str]
+) -> None:
+    assume(len(set(values)) >= 2)
+    path = tmp_path_factory.mktemp("csv") / "n.csv"
+    rows = [f"{i},{i % 3},{spellings[i].format(v)}" for i, v in enumerate(values)]
+    path.write_text("\n".join(rows))
+    from gyrodrop.experiments.data import _read_csv
+
+    _, y, names = _read_csv(path)
+    assert names == tuple(str(v) for v in sorted(set(values)))
+    assert [names[c] for c in y.tolist()] == [str(v) for v in values]
 
 
 class TestDataIdentity:

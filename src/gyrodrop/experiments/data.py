@@ -283,9 +283,11 @@ def _canonical_number(value: float) -> str:
 def _is_header(rows: list[list[str]]) -> bool:
     """Whether the first row is a header, judged on the whole row.
 
-    It is when one of its feature cells is not a number, when its label is not a
-    number while every other label is, or when its label occurs in no other row (a
-    class of one example cannot be split anyway: ``0,1,2,3,label`` is a header).
+    It is when one of its feature cells is not a number, or when its label is not a
+    number and either every other label is one (``0,1,2,3,label``) or it occurs in no
+    other row (``1,2,class`` over labels ``R``/``M``: a class of one example could not
+    be split into train and test anyway). A numeric first row with a numeric label is
+    data.
     """
     first = [c.strip() for c in rows[0]]
     if any(_float_or_none(c) is None for c in first[:-1]):
@@ -297,9 +299,9 @@ def _is_header(rows: list[list[str]]) -> bool:
     rest_numeric = all(
         _float_or_none(c) is not None for c in rest if c.lower() not in MISSING_LABELS
     )
-    if _float_or_none(label) is None and rest_numeric:
-        return True
-    return label not in rest
+    if _float_or_none(label) is None:
+        return rest_numeric or label not in rest
+    return False
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:

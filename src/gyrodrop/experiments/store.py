@@ -198,8 +198,8 @@ class Store:
         except sqlite3.DatabaseError as e:
             self._con.close()
             raise StoreError(
-                f"results database {self.path}: corrupt or not a gyrodrop database ({e}); "
-                "refusing to use it. Pass another --db path"
+                f"results database {self.path}: damaged or not a gyrodrop database ({e}); "
+                "refusing to use it and leaving it untouched. Pass another --db path"
             ) from e
         except StoreError:
             self._con.close()
