@@ -281,15 +281,12 @@ def time_block_layer(
     """Forward and forward+backward milliseconds of a ``features x features``
     :class:`gyrodrop.BlockGyroLinear` at drop ratio ``drop`` against a dense
     ``nn.Linear`` (Table 7)."""
-    block_cls = getattr(gyrodrop, "BlockGyroLinear", None)
-    if block_cls is None:
-        raise RuntimeError("time_block_layer: needs gyrodrop.BlockGyroLinear, not in this version")
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, features, generator=gen).to(dev).requires_grad_(True)
     dense = nn.Linear(features, features).to(dev)
     block = (
-        block_cls(
+        gyrodrop.BlockGyroLinear(
             features,
             features,
             p=drop,
