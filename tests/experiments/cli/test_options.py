@@ -152,6 +152,17 @@ class TestOutputPaths:
         finally:
             ro.chmod(0o755)
 
+    @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+    @pytest.mark.parametrize("option", ["--out", "--db"])
+    def test_a_folder_nobody_can_write_even_root(
+        self, option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        where = {"--out": str(tmp_path / "o"), "--db": str(tmp_path / "r.db")}
+        where[option] = "/proc/gyrodrop-test/x"
+        argv = ["compare", *TINY, "--db", where["--db"], "--out", where["--out"]]
+        line = refused(argv, capsys, option)
+        assert "cannot write" in line or "not a directory" in line
+
     def test_report_out_naming_a_file(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
