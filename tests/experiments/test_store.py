@@ -131,3 +131,44 @@ class TestConcurrentWriters:
         con = sqlite3.connect(path)
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         con.close()
+
+
+class TestDamagedFiles:
+    def _db(self, tmp_path: Path) -> Path:
+        path = tmp_path / "r.db"
+        with Store(path) as db:
+            for seed in range(20):
+                db.save(_cfg(seed), {"test_acc": 0.5}, [{"epoch": 1, "pad": "x" * 500}])
+        return path
+
+    def test_a_file_cut_inside_a_page_is_refused_and_untouched(self, tmp_path: Path) -> None:
+        path = self._db(tmp_path)
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.truncate(size - 100)
+        before = path.read_bytes()
+        for readonly in (False, True):
+            with pytest.raises(StoreError, match="cut short"):
+                Store(path, readonly=readonly)
+        assert path.read_bytes() == before
+
+    def test_a_damaged_page_fails_quick_check_before_any_write(self, tmp_path: Path) -> None:
+        path = self._db(tmp_path)
+        with open(path, "r+b") as f:
+            f.seek(4096 * 3)
+            f.write(b"\x00\x13" * 2048)
+        before = path.read_bytes()
+        with pytest.raises(StoreError, match="damaged .*(quick_check|malformed)"):
+            Store(path)
+        assert path.read_bytes() == before
+
+    def test_a_record_that_is_not_a_json_object_is_a_store_error(self, tmp_path: Path) -> None:
+        path = self._db(tmp_path)
+        con = sqlite3.connect(path)
+        con.execute("UPDATE epochs SET metrics = '[1, 2]'")
+        con.commit()
+        con.close()
+        with Store(path, readonly=True) as db:
+            key = db.records()[0]["key"]
+            with pytest.raises(StoreError, match="not valid JSON"):
+                db.epochs(key)

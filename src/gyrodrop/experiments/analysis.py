@@ -18,6 +18,7 @@ from gyrodrop.experiments.train import RunConfig, make_model
 
 __all__ = [
     "subnetwork_features",
+    "subnetwork_steps",
     "diversity",
     "time_train_steps",
     "time_block_layer",
@@ -39,14 +40,67 @@ def _inner_dropouts(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def _total_steps(layer: gyrodrop.GyroDropout) -> int:
+    return max(int(layer.total_steps or layer.steps_per_set * layer.num_subnets), 1)
+
+
+def subnetwork_steps(model: nn.Module, count: int) -> list[tuple[int, int]]:
+    """``count`` distinct trained subnetworks of ``model``'s gyro layers, spread over
+    training, as ``(step, k)``: the subnetwork row group ``k`` trained at ``step``
+    (``j * total_steps // count`` with ``k = 0``; where that one was already chosen,
+    the other row groups of that step, then the next steps); ``[]`` when ``model`` has
+    no gyro layer.
+
+    Raises:
+        ValueError: training visited fewer than ``count`` distinct subnetworks (too few
+            steps, or ``count`` > sigma): no subnetwork is compared with itself.
+    """
+    layers = [m for m in _inner_dropouts(model) if isinstance(m, gyrodrop.GyroDropout)]
+    if not layers:
+        return []
+    total = _total_steps(layers[0])
+    seen: set[tuple[int, ...]] = set()
+
+    def unseen(step: int) -> tuple[int, tuple[int, ...]] | None:
+        active = [[int(s) for s in m.active_subnets(step)] for m in layers]
+        for k in range(min(len(a) for a in active)):
+            ident = tuple(a[k] for a in active)
+            if ident not in seen:
+                return k, ident
+        return None
+
+    out: list[tuple[int, int]] = []
+    for j in range(count):
+        start = (j * total) // count
+        for step in [*range(start, total), *range(start)]:
+            found = unseen(step)
+            if found is not None:
+                seen.add(found[1])
+                out.append((step, found[0]))
+                break
+        else:
+            raise ValueError(
+                f"diversity: training visited only {len(seen)} distinct subnetworks "
+                f"({total} steps, sigma {layers[0].num_subnets}); count must be <= "
+                f"{len(seen)}, got {count}"
+            )
+    return out
+
+
 def _mask_fn(
-    layer: nn.Module, j: int, count: int, seed: int, index: int
+    layer: nn.Module,
+    j: int,
+    count: int,
+    seed: int,
+    index: int,
+    slot: tuple[int, int] | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """Scaled mask of network-subnetwork ``j`` for ``layer`` (the ``index``-th one)."""
+    """Scaled mask of network-subnetwork ``j`` for ``layer`` (the ``index``-th one);
+    gyro layers use row group ``k``'s subnetwork at ``step`` for ``slot = (step, k)``
+    (default ``(j * total // count, 0)``)."""
     if isinstance(layer, gyrodrop.GyroDropout):
-        total = int(layer.total_steps or layer.steps_per_set * layer.num_subnets)
-        step = (j * max(total, 1)) // count
-        sub = int(layer.active_subnets(step)[0])
+        step, k = slot if slot is not None else ((j * _total_steps(layer)) // count, 0)
+        sub = int(layer.active_subnets(step)[k])
         return lambda out: layer.subnet_mask(sub, out)
     p = float(getattr(layer, "p", 0.0))
     gen = torch.Generator().manual_seed((seed * 1_000_003 + index * 7919 + j) & 0x7FFF_FFFF_FFFF)
@@ -59,18 +113,26 @@ def _mask_fn(
 
 
 @torch.no_grad()
-def subnetwork_features(model: nn.Module, x: Tensor, j: int, count: int, seed: int = 0) -> Tensor:
+def subnetwork_features(
+    model: nn.Module,
+    x: Tensor,
+    j: int,
+    count: int,
+    seed: int = 0,
+    slot: tuple[int, int] | None = None,
+) -> Tensor:
     """Last hidden features ``(N, F)`` of subnetwork ``j`` of ``count``: every dropout
     layer before the last hidden layer applies one fixed mask in eval mode.
 
     For gyro dropout, subnetwork ``j`` is the combination of masks that row group 0 used
     at step ``j * total_steps // count`` (masks trained together); for dropout, one
     seeded random mask per layer (a subnetwork is a fixed mask, as at test time).
+    ``slot = (step, k)`` picks the gyro subnetwork (see :func:`subnetwork_steps`).
     """
     model.eval()
     handles = []
     for index, layer in enumerate(_inner_dropouts(model)):
-        fn = _mask_fn(layer, j, count, seed, index)
+        fn = _mask_fn(layer, j, count, seed, index, slot)
         cache: dict[tuple[int, ...], Tensor] = {}
 
         def hook(
@@ -107,9 +169,12 @@ def diversity(
     """
     if count < 2:
         raise ValueError(f"diversity: count must be >= 2, got {count}")
+    if eval_size < 1:
+        raise ValueError(f"diversity: eval_size must be >= 1, got {eval_size}")
+    slots: list[tuple[int, int] | None] = [*subnetwork_steps(model, count)] or [None] * count
     device = next(model.parameters()).device
     x = data.x_test[:eval_size].to(device)
-    feats = [subnetwork_features(model, x, j, count, seed) for j in range(count)]
+    feats = [subnetwork_features(model, x, j, count, seed, slots[j]) for j in range(count)]
     norms = [f.abs().sum(1).mean().item() for f in feats]
     matrix = [[0.0] * count for _ in range(count)]
     for i in range(count):
@@ -122,6 +187,7 @@ def diversity(
         "diversity_matrix": matrix,
         "diversity_mean": statistics.fmean(off),
         "diversity_layers": len(_inner_dropouts(model)),
+        "diversity_eval_size": len(x),
     }
 
 
@@ -215,15 +281,12 @@ def time_block_layer(
     """Forward and forward+backward milliseconds of a ``features x features``
     :class:`gyrodrop.BlockGyroLinear` at drop ratio ``drop`` against a dense
     ``nn.Linear`` (Table 7)."""
-    block_cls = getattr(gyrodrop, "BlockGyroLinear", None)
-    if block_cls is None:
-        raise RuntimeError("time_block_layer: needs gyrodrop.BlockGyroLinear, not in this version")
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, features, generator=gen).to(dev).requires_grad_(True)
     dense = nn.Linear(features, features).to(dev)
     block = (
-        block_cls(
+        gyrodrop.BlockGyroLinear(
             features,
             features,
             p=drop,

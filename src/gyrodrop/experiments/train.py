@@ -45,6 +45,7 @@ METHODS: tuple[str, ...] = ("none", "dropout", "gyro", "gyro-random", "blockwise
 OPTIMIZERS: tuple[str, ...] = ("rmsprop", "sgd")
 _GYRO = ("gyro", "gyro-random")
 _SUBNET_METHODS = (*_GYRO, "blockwise")  # trained a fixed set of subnetworks
+_LATE_FIELDS = ("data_id", "subnetworks", "eval_size")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class RunConfig:
     fold: int | None = None
     # evaluation
     mc_samples: int | None = None
+    # added after schema 1: left out of the key while None, so older keys still match
+    data_id: str | None = None  # content hash of the data files (csv, fashion-mnist, ...)
+    subnetworks: int | None = None  # diversity: subnetworks compared
+    eval_size: int | None = None  # diversity: test examples used
 
     def normalized(self) -> RunConfig:
         """A copy with fields irrelevant to ``method`` set to ``None``; validates."""
@@ -138,8 +143,13 @@ class RunConfig:
         return d
 
     def canonical_json(self) -> str:
-        """Canonical JSON of the normalized configuration: sorted keys, no spaces."""
-        return json.dumps(self.normalized().to_dict(), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON of the normalized configuration: sorted keys, no spaces (the
+        fields added after schema 1 only when set)."""
+        d = self.normalized().to_dict()
+        for name in _LATE_FIELDS:
+            if d[name] is None:
+                del d[name]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def key(self) -> str:
         """SHA-256 (hex, 16 chars) of :meth:`canonical_json`."""
