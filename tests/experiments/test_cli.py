@@ -158,8 +158,6 @@ class TestCompare:
         assert len(_json_report(tmp_path / "r.db", capsys)) == 2
 
     def test_uncertainty_writes_a_reliability_diagram(self, tmp_path: Path) -> None:
-        if not hasattr(gyrodrop, "mc_predict"):
-            pytest.skip("gyrodrop.mc_predict not available")
         args = [
             "compare",
             "--quick",
