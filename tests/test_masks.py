@@ -87,3 +87,14 @@ class TestBlockKeepMask:
 class TestBlockBounds:
     def test_last_block_is_shorter(self):
         assert masks.block_bounds(70, 32) == [(0, 32), (32, 64), (64, 70)]
+
+
+class TestDevice:
+    def test_masks_are_built_on_the_requested_device(self):
+        # The meta device stands in for an accelerator on a CPU-only machine: masks must
+        # be computed where they are asked for, not on the CPU and left there.
+        meta = torch.device("meta")
+        element = masks.element_keep_mask(0, torch.arange(3), 10, 0.5, device=meta)
+        block = masks.block_keep_mask(0, torch.arange(3), 8, 3, device=meta)
+        assert (element.device, element.shape, element.dtype) == (meta, (3, 10), torch.bool)
+        assert (block.device, block.shape, block.dtype) == (meta, (3, 8), torch.bool)

@@ -134,6 +134,14 @@ class TestStateDict:
         assert torch.equal(gyro[0].weight, plain[0].weight)
         assert int(gyro[1].seed) == seed and int(gyro[1].step) == 0
 
+    def test_unexpected_keys_in_a_checkpoint_are_an_error(self):
+        # The checkpoint hook must keep strict loading strict.
+        drop = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1)
+        state = drop.state_dict() | {"bogus": torch.zeros(1)}
+        with pytest.raises(RuntimeError, match='Unexpected key.*"bogus"'):
+            drop.load_state_dict(state)
+        drop.load_state_dict(state, strict=False)  # non-strict still loads
+
     def test_step_and_seed_are_restored_from_a_checkpoint(self):
         a = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, seed=5)
         gyrodrop.step(a, 7)
