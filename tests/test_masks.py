@@ -1,5 +1,6 @@
 """Properties of the counter-based subnetwork masks."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -98,3 +99,21 @@ class TestDevice:
         block = masks.block_keep_mask(0, torch.arange(3), 8, 3, device=meta)
         assert (element.device, element.shape, element.dtype) == (meta, (3, 10), torch.bool)
         assert (block.device, block.shape, block.dtype) == (meta, (3, 8), torch.bool)
+
+    def test_any_integer_dtype_of_subnetwork_ids_gives_the_same_masks(self):
+        # Ids are widened to int64 before hashing: int32 ids (products overflow) or
+        # uint8 ids give the int64 masks.
+        ids = torch.tensor([0, 1, 200, 255])
+        for dtype in (torch.int32, torch.uint8, torch.int16):
+            assert torch.equal(
+                masks.element_keep_mask(5, ids.to(dtype), 40, 0.5),
+                masks.element_keep_mask(5, ids, 40, 0.5),
+            )
+            assert torch.equal(
+                masks.block_keep_mask(5, ids.to(dtype), 9, 4), masks.block_keep_mask(5, ids, 9, 4)
+            )
+
+    def test_block_count_out_of_range_names_the_allowed_range(self):
+        for n_drop in (-1, 9):
+            with pytest.raises(ValueError, match=rf"n_drop must be in \[0, 8\], got {n_drop}"):
+                masks.block_keep_mask(0, torch.arange(2), 8, n_drop)

@@ -142,6 +142,12 @@ class TestStateDict:
             drop.load_state_dict(state)
         drop.load_state_dict(state, strict=False)  # non-strict still loads
 
+    def test_a_buffer_of_the_wrong_shape_is_reported_as_a_load_error(self):
+        drop = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1)
+        state = drop.state_dict() | {"step": torch.zeros(2, dtype=torch.int64)}
+        with pytest.raises(RuntimeError, match="size mismatch for step"):
+            drop.load_state_dict(state)
+
     def test_step_and_seed_are_restored_from_a_checkpoint(self):
         a = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, seed=5)
         gyrodrop.step(a, 7)
