@@ -25,17 +25,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gyrodrop
+from gyrodrop import BlockGyroLinear, StochasticDepth
 from gyrodrop import distributed as gd
-
-try:
-    from gyrodrop import BlockGyroLinear
-except ImportError:  # written in parallel; the DDP case skips until it exists
-    BlockGyroLinear = None
-
-try:
-    from gyrodrop import StochasticDepth
-except ImportError:
-    StochasticDepth = None
 
 WORLD = 2
 LOCAL = 4
@@ -142,8 +133,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         batches = global_batches()
 
         # 1. DDP training of models this file defines.
-        kinds = ["conv"] + (["block"] if BlockGyroLinear is not None else [])
-        for kind in kinds:
+        for kind in ("conv", "block"):
             ddp = DDP(build(kind))
             train(ddp, batches, rows)
             res[f"ddp_{kind}"] = params(ddp)
@@ -313,8 +303,6 @@ class TestTwoRanksMatchOneProcess:
         assert int(want["drop1.step"]) == STEPS
 
     def test_ddp_block_gyro_linear_equals_single_process(self, ranks):
-        if BlockGyroLinear is None:
-            pytest.skip("gyrodrop.BlockGyroLinear is not available yet")
         reference = build("block")
         train(reference, global_batches(), slice(None))
         for res in ranks:
@@ -360,15 +348,11 @@ class TestTwoRankStepCounters:
 
 class TestTwoRankStochasticDepth:
     def test_block_decisions_agree_across_ranks(self, ranks):
-        if StochasticDepth is None:
-            pytest.skip("gyrodrop.StochasticDepth is not available yet")
         decisions = [r["depth_decisions"] for r in ranks]
         assert decisions[0] == decisions[1]
         assert 0 < sum(decisions[0]) < len(decisions[0])  # both outcomes occurred
 
     def test_sample_mode_equals_single_process_rows(self, ranks):
-        if StochasticDepth is None:
-            pytest.skip("gyrodrop.StochasticDepth is not available yet")
         sd = StochasticDepth(0.5, mode="sample", seed=2)
         for step in range(4):
             want = sd(torch.ones(WORLD * LOCAL, 3))

@@ -134,6 +134,20 @@ class TestStateDict:
         assert torch.equal(gyro[0].weight, plain[0].weight)
         assert int(gyro[1].seed) == seed and int(gyro[1].step) == 0
 
+    def test_unexpected_keys_in_a_checkpoint_are_an_error(self):
+        # The checkpoint hook must keep strict loading strict.
+        drop = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1)
+        state = drop.state_dict() | {"bogus": torch.zeros(1)}
+        with pytest.raises(RuntimeError, match='Unexpected key.*"bogus"'):
+            drop.load_state_dict(state)
+        drop.load_state_dict(state, strict=False)  # non-strict still loads
+
+    def test_a_buffer_of_the_wrong_shape_is_reported_as_a_load_error(self):
+        drop = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1)
+        state = drop.state_dict() | {"step": torch.zeros(2, dtype=torch.int64)}
+        with pytest.raises(RuntimeError, match="size mismatch for step"):
+            drop.load_state_dict(state)
+
     def test_step_and_seed_are_restored_from_a_checkpoint(self):
         a = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, seed=5)
         gyrodrop.step(a, 7)
@@ -142,3 +156,28 @@ class TestStateDict:
         assert (int(b.step), int(b.seed)) == (7, 5)
         x = torch.ones(4, 64)
         assert torch.equal(a(x), b(x))
+
+
+class TestScheduledModuleArguments:
+    @pytest.mark.parametrize("cls", [gyrodrop.GyroDropout, gyrodrop.BlockGyroLinear])
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"seed": -1}, r"seed must be in \[0, 9223372036854775807\], got -1"),
+            ({"schedule_seed": 2**63}, r"schedule_seed must be in \[0, 9223372036854775807\]"),
+            ({"schedule_seed": 1.5}, r"schedule_seed must be an int, got 1.5"),
+            ({"num_subnets": 0}, r"num_subnets must be >= 1, got 0"),
+            ({"subnets_per_step": 9}, r"subnets_per_step must be in \[1, 8\], got 9"),
+            ({"schedule": "cyclic"}, r"schedule must be one of \('consecutive', 'random'\)"),
+            ({"auto_step": 0}, r"auto_step must be a bool, got 0"),
+            ({"steps_per_set": 0}, r"steps_per_set must be >= 1, got 0"),
+            ({"total_steps": 0}, r"total_steps must be >= 1, got 0"),
+        ],
+    )
+    def test_errors_name_the_layer_and_the_argument(self, cls, kwargs, message):
+        args = {"num_subnets": 8, "subnets_per_step": 2, "steps_per_set": 1} | kwargs
+        if "total_steps" in kwargs:
+            del args["steps_per_set"]
+        positional = (16, 4) if cls is gyrodrop.BlockGyroLinear else ()
+        with pytest.raises(ValueError, match=rf"^{cls.__name__}: {message}"):
+            cls(*positional, **args)
