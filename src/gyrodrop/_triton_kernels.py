@@ -71,7 +71,7 @@ def gathered_k_gemm(
     ``r`` of group ``g``, ``f_g(j)`` its ``j``-th kept feature (``KB * BS`` of them)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tiles_per_group = tl.cdiv(max_rows, BLOCK_M)
+    tiles_per_group = (max_rows + BLOCK_M - 1) // BLOCK_M
     g = pid_m // tiles_per_group
     tile = pid_m % tiles_per_group
     start = tl.load(row_start_ptr + g)
@@ -81,7 +81,7 @@ def gathered_k_gemm(
     rows = (start + local).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, KB * BS, BLOCK_K):
         j = k0 + tl.arange(0, BLOCK_K)
         blk_i = j // BS
@@ -147,7 +147,7 @@ def gathered_n_gemm(
     rows ``r`` of group ``g`` and its kept features ``f_g(j)``; other columns untouched."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tiles_per_group = tl.cdiv(max_rows, BLOCK_M)
+    tiles_per_group = (max_rows + BLOCK_M - 1) // BLOCK_M
     g = pid_m // tiles_per_group
     tile = pid_m % tiles_per_group
     start = tl.load(row_start_ptr + g)
@@ -162,7 +162,7 @@ def gathered_n_gemm(
     feat = blk * BS + j % BS
     feat = tl.max_contiguous(tl.multiple_of(feat, HINT), HINT)
     n_ok = n_ok & (feat < F)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -196,6 +196,7 @@ def weight_grad_gemm(
     b_ptr,
     c_ptr,
     keep_ptr,
+    kept_before_ptr,
     row_start_ptr,
     row_count_ptr,
     M,
@@ -229,13 +230,26 @@ def weight_grad_gemm(
     if MASK_ON_M:
         blk = ms // BS
         blk_ok = m_ok
+        first = pid_m * BLOCK_M
+        last = tl.minimum(first + BLOCK_M, M) - 1
+        first_blk = first // BS
+        last_blk = last // BS
     else:
         blk = ns // BS
         blk_ok = n_ok
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        first = pid_n * BLOCK_N
+        last = tl.minimum(first + BLOCK_N, N) - 1
+        first_blk = first // BS
+        last_blk = last // BS
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for g in range(0, G):
-        keep = tl.load(keep_ptr + g * NB + blk, mask=blk_ok, other=0) != 0
-        if tl.max(keep.to(tl.int32), axis=0) > 0:  # the tile keeps a block in group g
+        # kept blocks of group g among the tile's blocks, from the prefix counts
+        # kept_before[g, b] (kept blocks < b): no reduction, two scalar loads
+        n_kept = tl.load(kept_before_ptr + g * (NB + 1) + last_blk + 1) - tl.load(
+            kept_before_ptr + g * (NB + 1) + first_blk
+        )
+        if n_kept > 0:  # the tile keeps a block in group g: accumulate its rows
+            keep = tl.load(keep_ptr + g * NB + blk, mask=blk_ok, other=0) != 0
             start = tl.load(row_start_ptr + g)
             count = tl.load(row_count_ptr + g)
             if MASK_ON_M:

@@ -45,7 +45,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def is_available() -> bool:
     """Whether ``triton`` is installed (it is imported only when a kernel runs)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a blocked or half-imported module
+        return False
 
 
 def interpreting() -> bool:
@@ -64,6 +67,8 @@ class TritonPlan:
     Attributes:
         kept: ``(G, kept_blocks)`` int32, the sorted kept block ids of every group.
         keep: ``(G, n_blocks)`` int32, 1 where a block is kept (for the weight gradient).
+        kept_before: ``(G, n_blocks + 1)`` int32, kept blocks before each block (prefix
+            counts: a weight-gradient tile skips the groups that keep none of its blocks).
         row_start: ``(G,)`` int32, each group's first row of the flattened input.
         row_count: ``(G,)`` int32, its number of rows (groups may differ).
         max_rows: the largest ``row_count``.
@@ -73,6 +78,7 @@ class TritonPlan:
 
     kept: Tensor
     keep: Tensor
+    kept_before: Tensor
     row_start: Tensor
     row_count: Tensor
     max_rows: int
@@ -124,9 +130,12 @@ def build_plan(
     sel = kept[torch.tensor(active, dtype=torch.int64, device=device)].to(torch.int64)
     keep = torch.zeros(len(active), n_blocks, dtype=torch.int32, device=device)
     keep.scatter_(1, sel, 1)
+    kept_before = torch.zeros(len(active), n_blocks + 1, dtype=torch.int32, device=device)
+    kept_before[:, 1:] = keep.cumsum(1)
     return TritonPlan(
         kept=sel.to(torch.int32).contiguous(),
         keep=keep,
+        kept_before=kept_before,
         row_start=torch.tensor(starts, dtype=torch.int32, device=device),
         row_count=torch.tensor(rows, dtype=torch.int32, device=device),
         max_rows=max(rows),
@@ -316,6 +325,7 @@ def _weight_grad(
         x,
         dw,
         plan.keep,
+        plan.kept_before,
         plan.row_start,
         plan.row_count,
         m,
