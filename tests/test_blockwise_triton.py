@@ -94,14 +94,12 @@ def _check_against_dense(
     ref_params = [p.detach().double().requires_grad_() for p in params]
     xr, wr = ref_params[:2]
     br = ref_params[2] if b is not None else None
-    if prune == "input":
-        ref = F.linear(xr * mask, wr, br)
-    else:
-        ref = F.linear(xr, wr, br) * mask
+    ref = F.linear(xr * mask, wr, br) if prune == "input" else F.linear(xr, wr, br) * mask
     ref_grads = torch.autograd.grad(ref, ref_params, dy.double())
 
     tol = TOL[dtype]
-    for name, got, want in zip(["y", "dx", "dW", "db"], [y, *grads], [ref, *ref_grads]):
+    names = ["y", "dx", "dW", "db"][: 1 + len(grads)]
+    for name, got, want in zip(names, [y, *grads], [ref, *ref_grads], strict=True):
         assert got.dtype == dtype, name
         scale = want.abs().max().item() + 1.0
         torch.testing.assert_close(

@@ -242,7 +242,7 @@ def weight_grad_gemm(
         first_blk = first // BS
         last_blk = last // BS
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for g in range(0, G):
+    for g in range(G):
         # kept blocks of group g among the tile's blocks, from the prefix counts
         # kept_before[g, b] (kept blocks < b): no reduction, two scalar loads
         n_kept = tl.load(kept_before_ptr + g * (NB + 1) + last_blk + 1) - tl.load(

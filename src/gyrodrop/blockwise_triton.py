@@ -123,7 +123,7 @@ def build_plan(
         raise ValueError("build_plan: every row group is empty")
     rows = [counts[g] * rows_per_sample for g in active]
     starts, total = [], 0
-    for g, c in enumerate(counts):
+    for c in counts:
         if c > 0:
             starts.append(total)
         total += c * rows_per_sample
@@ -204,8 +204,12 @@ def kernels(interpret: bool) -> dict[str, Any]:
         "gn": ["K", "F", "KB", "max_rows", "BS"],
         "wgrad": ["M", "N", "G", "BS"],
     }
+    # JITFunction itself, not triton.jit: that would return an interpreted function
+    # whenever TRITON_INTERPRET is set, even for CUDA tensors
+    from triton.runtime.jit import JITFunction
+
     return {
-        name: triton.autotune(configs=_autotune_configs(name), key=keys[name])(triton.jit(fn))
+        name: triton.autotune(configs=_autotune_configs(name), key=keys[name])(JITFunction(fn))
         for name, fn in fns.items()
     }
 
