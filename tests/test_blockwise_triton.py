@@ -333,7 +333,7 @@ def test_build_plan_leaves_out_empty_groups_and_checks_its_inputs() -> None:
     assert plan.groups == 2
     assert plan.row_start.tolist() == [0, 4] and plan.row_count.tolist() == [4, 6]
     assert plan.keep.tolist() == [[1, 0, 1, 0], [1, 1, 0, 0]]
-    assert plan.max_rows == 6
+    assert plan.max_rows == 6 and plan.row_bounds == ((0, 4), (4, 6))
     assert plan.feature_keep(torch.float32).shape == (2, 30)
     with pytest.raises(ValueError, match="counts has 2 groups but kept has 3"):
         bt.build_plan(kept, [1, 1], 1, n_blocks=4, block_size=8, features=30, scale=2.0)

@@ -72,6 +72,7 @@ class TritonPlan:
         row_start: ``(G,)`` int32, each group's first row of the flattened input.
         row_count: ``(G,)`` int32, its number of rows (groups may differ).
         max_rows: the largest ``row_count``.
+        row_bounds: ``(start, count)`` of every group as Python ints (no device sync).
         n_blocks, kept_blocks, block_size, features: as above.
         scale: ``1 / (1 - effective_p)``, applied to kept values.
     """
@@ -82,6 +83,7 @@ class TritonPlan:
     row_start: Tensor
     row_count: Tensor
     max_rows: int
+    row_bounds: tuple[tuple[int, int], ...]
     n_blocks: int
     kept_blocks: int
     block_size: int
@@ -139,6 +141,7 @@ def build_plan(
         row_start=torch.tensor(starts, dtype=torch.int32, device=device),
         row_count=torch.tensor(rows, dtype=torch.int32, device=device),
         max_rows=max(rows),
+        row_bounds=tuple(zip(starts, rows, strict=True)),
         n_blocks=n_blocks,
         kept_blocks=int(sel.shape[1]),
         block_size=block_size,
@@ -499,12 +502,7 @@ class _TritonPruned(torch.autograd.Function):
 
 def _output_bias_grad(dy: Tensor, plan: TritonPlan) -> Tensor:
     """``db = scale * sum_g keep_g * sum_{r in g} dy[r]`` (float32), output pruning."""
-    sums = torch.stack(
-        [
-            dy.narrow(0, int(s), int(c)).sum(0, dtype=torch.float32)
-            for s, c in zip(plan.row_start.tolist(), plan.row_count.tolist(), strict=True)
-        ]
-    )
+    sums = torch.stack([dy.narrow(0, s, c).sum(0, dtype=torch.float32) for s, c in plan.row_bounds])
     return (sums * plan.feature_keep(torch.float32)).sum(0) * plan.scale
 
 
@@ -547,7 +545,7 @@ def pruned_linear(
             f"pruned_linear: the plan masks {plan.features} features but the {prune} "
             f"side has {side}"
         )
-    rows = int(plan.row_start[-1]) + int(plan.row_count[-1]) if plan.groups else 0
+    rows = sum(plan.row_bounds[-1])  # the last group ends the batch
     if rows != x.shape[0]:
         raise ValueError(f"pruned_linear: the plan covers {rows} rows, x has {x.shape[0]}")
     y: Tensor = _TritonPruned.apply(x, weight, bias, plan, prune, dtype, tiles)
