@@ -103,7 +103,7 @@ def gathered_k_gemm(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     acc = acc * scale
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
@@ -179,7 +179,7 @@ def gathered_n_gemm(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + feat, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -275,7 +275,7 @@ def weight_grad_gemm(
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc += tl.dot(a, b, input_precision=PRECISION)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
     acc = acc * scale
     tl.store(
         c_ptr + ms[:, None] * stride_cm + ns[None, :] * stride_cn,
