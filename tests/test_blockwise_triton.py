@@ -351,3 +351,21 @@ def test_gpu_check_without_cuda_says_so_and_exits_zero(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert module.main([]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+@needs_triton
+def test_triton_backend_under_torch_compile_matches_eager() -> None:
+    """The kernel launches are a graph break; the rest compiles around them."""
+    ref_layer, layer = _pair("input", "cpu")
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(5, 70)
+    torch.testing.assert_close(compiled(x), ref_layer(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_triton_backend_refuses_double_backward_clearly() -> None:
+    _, layer = _pair("input", "cpu")
+    x = torch.randn(4, 70, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()

@@ -506,6 +506,7 @@ def _output_bias_grad(dy: Tensor, plan: TritonPlan) -> Tensor:
     return (sums * plan.feature_keep(torch.float32)).sum(0) * plan.scale
 
 
+@torch.compiler.disable  # a graph break: dynamo does not trace the kernel launches
 def pruned_linear(
     x: Tensor,
     weight: Tensor,
