@@ -202,6 +202,7 @@ def weight_grad_gemm(
     M,
     N,
     NB,
+    KB,
     G,
     stride_ar,
     stride_am,
@@ -220,7 +221,13 @@ def weight_grad_gemm(
 ):
     """``C[m, n] = scale * sum_g sum_{r in g} A[r, m] * B[r, n] * keep_g(m or n)``: the
     weight gradient, ``A = dy`` (``(R, O)``), ``B = x`` (``(R, I)``), the mask on the
-    output features ``m`` (``MASK_ON_M``, output pruning) or the input features ``n``."""
+    output features ``m`` (``MASK_ON_M``, output pruning) or the input features ``n``.
+
+    Pruning is at tile granularity: a tile skips a group's rows when the group keeps
+    none of the tile's blocks, and otherwise multiplies the dropped features as zeros
+    (never loaded). A masked-side tile of one dropout block prunes exactly; wider tiles
+    run the tensor cores more efficiently but skip less: the autotuner picks with the
+    real masks (``KB``, kept blocks per group, is only part of its key)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

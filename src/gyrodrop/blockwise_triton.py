@@ -171,9 +171,22 @@ INTERPRETER_TILES = TileConfig()
 def _autotune_configs(kind: str) -> list[Any]:
     import triton
 
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); reduction tiles multiples of 32
     tiles = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-    if kind == "wgrad":  # the reduction runs over the rows of a group
-        tiles = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+    if kind == "wgrad":
+        # the reduction runs over a group's rows; the masked side (N for input
+        # pruning, M for output pruning) skips a group only when the group keeps none
+        # of the tile's blocks, so narrow tiles (one 32-wide block) prune exactly and
+        # wide ones use the tensor cores better: both kinds are offered
+        tiles = [
+            (128, 128, 64, 8, 3),
+            (128, 64, 64, 4, 3),
+            (64, 128, 64, 4, 3),
+            (128, 32, 64, 4, 4),
+            (32, 128, 64, 4, 4),
+            (256, 32, 64, 8, 3),
+            (32, 256, 64, 8, 3),
+        ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in tiles
@@ -205,7 +218,7 @@ def kernels(interpret: bool) -> dict[str, Any]:
     keys = {
         "gk": ["N", "F", "KB", "max_rows", "BS"],
         "gn": ["K", "F", "KB", "max_rows", "BS"],
-        "wgrad": ["M", "N", "G", "BS"],
+        "wgrad": ["M", "N", "KB", "G", "BS"],
     }
     # JITFunction itself, not triton.jit: that would return an interpreted function
     # whenever TRITON_INTERPRET is set, even for CUDA tensors
@@ -338,6 +351,7 @@ def _weight_grad(
         m,
         n,
         plan.n_blocks,
+        plan.kept_blocks,
         plan.groups,
         dy.stride(0),
         dy.stride(1),
