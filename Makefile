@@ -16,7 +16,7 @@ install: $(PY)
 
 install-dev: $(PY)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,experiments,lightning,transformers]"
+	$(PIP) -e ".[dev,experiments,lightning,transformers,triton]"
 
 # The experiment CLI on scikit-learn's digits: 3 methods x 3 seeds, a table and plots
 # (results/demo/), well under 2 minutes on 2 cores; a second run reuses results/demo.db.

@@ -3,7 +3,7 @@
 ``make test`` runs pytest with ``--doctest-modules`` over ``src/gyrodrop`` as well as
 ``tests/``, so every module of the package is imported during collection. Modules that
 need an optional extra (``[experiments]``: scikit-learn, matplotlib, rich;
-``[lightning]``; ``[transformers]``) are skipped, not failed, when that extra is not
+``[lightning]``; ``[transformers]``; ``[triton]``) are skipped, not failed, when that extra is not
 installed (the module is still imported, so a module that imports an extra eagerly
 where it should import it lazily is skipped rather than failing; a doctest that needs
 the extra at run time is skipped too); any other import error still fails the run.
@@ -27,6 +27,7 @@ _OPTIONAL = {
     "lightning",
     "pytorch_lightning",
     "transformers",
+    "triton",
 }
 
 

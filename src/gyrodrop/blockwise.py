@@ -66,12 +66,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gyrodrop import distributed, masks
+from gyrodrop import blockwise_triton, distributed, masks
+from gyrodrop.blockwise_triton import TritonPlan
 from gyrodrop.schedule import ScheduledModule, _check_int, check_input, check_p
 
-__all__ = ["BlockGyroLinear", "BlockSite", "PRUNE_MODES", "find_block_sites", "n_dropped_blocks"]
+__all__ = [
+    "BACKENDS",
+    "BlockGyroLinear",
+    "BlockSite",
+    "PRUNE_MODES",
+    "find_block_sites",
+    "n_dropped_blocks",
+]
 
 PRUNE_MODES = ("input", "output")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def n_dropped_blocks(p: float, n_blocks: int) -> int:
@@ -630,6 +639,14 @@ class BlockGyroLinear(ScheduledModule):
             call for a layer on its own; see :class:`~gyrodrop.GyroDropout`).
             ``False``: call :func:`gyrodrop.step` after each optimizer step.
         prune: ``"input"`` (dropout before the Linear) or ``"output"`` (after it).
+        backend: who runs the pruned GEMMs. ``"torch"``: gathers of the kept blocks
+            and batched GEMMs (any device and dtype). ``"triton"``: Triton kernels that
+            read the kept blocks in place (:mod:`gyrodrop.blockwise_triton`; CUDA,
+            float16/bfloat16/float32; on CPU tensors only under
+            ``TRITON_INTERPRET=1``, Triton's slow interpreter, else a ``RuntimeError``).
+            ``"auto"`` (default): ``"triton"`` for CUDA inputs of those dtypes when
+            triton is installed and the forward is not being compiled, else
+            ``"torch"``. Both compute the same function up to float rounding.
         schedule_seed: seeds the order in which subnetworks become active (default:
             ``seed``); layers sharing it train the same network-level subnetworks
             together (:func:`gyrodrop.apply_block_gyro` shares it across layers).
@@ -682,6 +699,7 @@ class BlockGyroLinear(ScheduledModule):
         auto_step: bool = True,
         prune: str = "input",
         schedule_seed: int | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -694,6 +712,13 @@ class BlockGyroLinear(ScheduledModule):
         _check_int(owner, "block_size", block_size, 1)
         if prune not in PRUNE_MODES:
             raise ValueError(f"{owner}: prune must be one of {PRUNE_MODES}, got {prune!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and not blockwise_triton.is_available():
+            raise ValueError(
+                f"{owner}: backend='triton' needs the triton package "
+                "(pip install 'gyrodrop[triton]'); use backend='auto' or 'torch'"
+            )
         super().__init__(
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
@@ -710,6 +735,7 @@ class BlockGyroLinear(ScheduledModule):
         self.p = p
         self.block_size = block_size
         self.prune = prune
+        self.backend = backend
         features = in_features if prune == "input" else out_features
         self.n_blocks = -(-features // block_size)
         self.n_dropped = n_dropped_blocks(p, self.n_blocks)
@@ -742,7 +768,7 @@ class BlockGyroLinear(ScheduledModule):
         self._kept_key: tuple[Any, ...] | None = None
         self._kept: Tensor | None = None
         self._plan_key: tuple[Any, ...] | None = None
-        self._plan: _Plan | None = None
+        self._plan: _Plan | TritonPlan | None = None
         self._workspace = _Workspace()
 
     # -- construction ------------------------------------------------------------------
@@ -803,7 +829,8 @@ class BlockGyroLinear(ScheduledModule):
             f"block_size={self.block_size}, n_blocks={self.n_blocks}, "
             f"n_dropped={self.n_dropped}, num_subnets={self.num_subnets}, "
             f"subnets_per_step={self.subnets_per_step}, "
-            f"steps_per_set={self.steps_per_set}, schedule={self.schedule}"
+            f"steps_per_set={self.steps_per_set}, schedule={self.schedule}, "
+            f"backend={self.backend}"
         )
 
     # -- masks -------------------------------------------------------------------------
@@ -919,10 +946,22 @@ class BlockGyroLinear(ScheduledModule):
             self._plan_key = None
         return self._kept
 
+    def _use_triton(self, x: Tensor) -> bool:
+        """Whether this forward runs the Triton kernels (see ``backend``)."""
+        if self.backend != "auto":
+            return self.backend == "triton"
+        return (
+            x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and not torch.compiler.is_compiling()
+            and blockwise_triton.is_available()
+        )
+
     @torch.compiler.disable
-    def _prepare(self, x: Tensor) -> _Plan | None:
-        """The plan of this training forward (``None``: compute a plain Linear), at the
-        step :meth:`forward_step` gives (which may advance it)."""
+    def _prepare(self, x: Tensor, use_triton: bool = False) -> _Plan | TritonPlan | None:
+        """The plan of this training forward (``None``: compute a plain Linear; a
+        :class:`~gyrodrop.blockwise_triton.TritonPlan` with ``use_triton``), at the step
+        :meth:`forward_step` gives (which may advance it)."""
         plan = None
         batch = x.shape[0]
         step = self.forward_step()
@@ -933,10 +972,21 @@ class BlockGyroLinear(ScheduledModule):
                 start, batch, global_batch, self.subnets_per_step
             )
             rows_per_sample = x.numel() // (batch * self.in_features)
-            key = (tuple(counts), rows_per_sample)
+            key = (tuple(counts), rows_per_sample, use_triton)
             if key != self._plan_key or self._plan is None:
-                out = self.out_features if self.prune == "input" else None
-                self._plan = _build_plan(kept, counts, rows_per_sample, self.n_blocks, out)
+                if use_triton:
+                    self._plan = blockwise_triton.build_plan(
+                        kept,
+                        counts,
+                        rows_per_sample,
+                        n_blocks=self.n_blocks,
+                        block_size=self.block_size,
+                        features=self.features,
+                        scale=self.scale,
+                    )
+                else:
+                    out = self.out_features if self.prune == "input" else None
+                    self._plan = _build_plan(kept, counts, rows_per_sample, self.n_blocks, out)
                 self._plan_key = key
             plan = self._plan
         return plan
@@ -958,14 +1008,19 @@ class BlockGyroLinear(ScheduledModule):
         if x.is_meta or self.weight.is_meta:
             # Shapes only (as nn.Linear on the meta device): no masks, no step.
             return F.linear(x, self.weight, self.bias)
-        plan = self._prepare(x)
+        plan = self._prepare(x, self._use_triton(x))
         if plan is None:
             return F.linear(x, self.weight, self.bias)
         return self._pruned(x, plan)
 
-    def _pruned(self, x: Tensor, plan: _Plan) -> Tensor:
+    def _pruned(self, x: Tensor, plan: _Plan | TritonPlan) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (R, I): samples' rows are consecutive
+        if isinstance(plan, TritonPlan):  # the Triton backend: no padding, no workspace
+            y = blockwise_triton.pruned_linear(
+                x2, self.weight, self.bias, plan, self.prune, _compute_dtype(x)
+            )
+            return y.reshape(*lead, self.out_features)
         bs, width = self.block_size, self.n_blocks * self.block_size
         dtype = _compute_dtype(x)
         ws = None if torch.compiler.is_compiling() else self._workspace

@@ -370,8 +370,9 @@ def apply_block_gyro(
 
     ``p=None`` keeps each Dropout's own ``p``; every fused layer gets its own mask seed
     derived from ``seed`` and its position, and all share the schedule seed ``seed``
-    (network-level subnetworks, as in :func:`apply_gyro_dropout`). ``schedule`` and
-    ``auto_step`` may be passed as keywords; stepping is as in
+    (network-level subnetworks, as in :func:`apply_gyro_dropout`). ``schedule``,
+    ``auto_step`` and ``backend`` (of :class:`~gyrodrop.BlockGyroLinear`) may be passed
+    as keywords; stepping is as in
     :func:`apply_gyro_dropout` (one step per training forward of ``model``). Every
     dropout that is not fused (followed by something else than a Linear, a module used
     twice, a functional ``F.dropout``,
@@ -404,7 +405,7 @@ def apply_block_gyro(
     check_seed(owner, seed)
     if prune not in SURGERY_PRUNE:
         raise ValueError(f"{owner}: prune must be one of {SURGERY_PRUNE}, got {prune!r}")
-    allowed = {"schedule", "auto_step"}
+    allowed = {"schedule", "auto_step", "backend"}
     unknown = set(kw) - allowed
     if unknown:
         raise TypeError(
