@@ -141,7 +141,7 @@ def apply_gyro_dropout(
         options = dict(kw)
         if isinstance(module, _CHANNELWISE):
             options.setdefault("dims", (1,))
-        return GyroDropout(
+        new = GyroDropout(
             p=cast(float, module.p) if p is None else p,
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
@@ -151,6 +151,8 @@ def apply_gyro_dropout(
             schedule_seed=seed,
             **options,
         )
+        object.__setattr__(new, "_gyrodrop_replaced", type(module))  # remove_gyro_dropout
+        return new
 
     with warnings.catch_warnings():
         # One warning for the whole model instead of one per layer.
