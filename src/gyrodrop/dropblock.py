@@ -5,9 +5,10 @@ instead of independent pixels: neighbouring activations of a conv net are correl
 so a dropped pixel is recovered from its neighbours, a dropped square is not.
 
 Masks are made without a Python loop over pixels: block *seeds* (top-left corners) are
-drawn in the region where a whole block fits, ``(H - bs + 1) x (W - bs + 1)``, then a
-max-pool of the zero-padded seed map grows every seed into its square. The seed rate is
-the paper's
+drawn in the region where a whole block fits, ``(H - bs + 1) x (W - bs + 1)`` (as the
+geometric gaps of a Bernoulli process, so the work is proportional to the number of
+seeds), then a max-pool of the zero-padded seed map (a dilation by the block, done as
+``2 * bs`` shifted ORs) grows every seed into its square. The seed rate is the paper's
 
     gamma = p / bs**2 * (H * W) / ((H - bs + 1) * (W - bs + 1)),
 
@@ -34,10 +35,10 @@ contiguous row groups, one mask each, the set kept for ``steps_per_set`` steps.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gyrodrop import distributed, masks
@@ -145,30 +146,71 @@ def _inverted_factors(
 
 
 def _grow(seeds: Tensor, block_size: int, h: int, w: int) -> Tensor:
-    """Seeds (1.0 at a block's top-left corner), shape ``(N, hv, wv)`` over the valid
-    region, to a drop map ``(N, h, w)``: a max-pool of the zero-padded seed map."""
+    """Seed maps (True at a block's top-left corner), bool ``(N, hv, wv)`` over the valid
+    region, to drop maps, bool ``(N, h, w)``: every seed grown into its block.
+
+    This is the max-pool (a dilation) of the zero-padded seed map by the block, done as
+    ``bw + bh`` in-place ORs of shifted slices (no padding copy, no float pooling).
+    """
     bh, bw = _block_dims(block_size, h, w)
-    padded = F.pad(seeds, (bw - 1, bw - 1, bh - 1, bh - 1))
-    return F.max_pool2d(padded.unsqueeze(1), (bh, bw), stride=1).squeeze(1)  # (N, h, w)
+    n, hv, wv = seeds.shape
+    rows = torch.zeros(n, hv, w, dtype=torch.bool, device=seeds.device)
+    for k in range(bw):  # a loop over the block's width, not over pixels
+        rows[:, :, k : k + wv] |= seeds
+    out = torch.zeros(n, h, w, dtype=torch.bool, device=seeds.device)
+    for k in range(bh):
+        out[:, k : k + hv, :] |= rows
+    return out
 
 
-def _keep_from_hash(
-    hashes: Tensor, p: float, block_size: int, h: int, w: int, dtype: torch.dtype
-) -> Tensor:
-    """Keep maps (1 kept, 0 dropped) ``(N, h, w)`` from seed hashes ``(N, hv * wv)``."""
+def _seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
+    """Bernoulli(``gamma``) seed maps, bool ``(len(streams), n)``, True at seeds.
+
+    Stream ``s`` (an int64 id) is a Bernoulli process over ``n`` positions drawn as
+    geometric gaps between seeds, gap ``j`` from the hash of ``(key, s, j)``: the work
+    is proportional to the number of seeds (about ``gamma * n`` per stream), not to
+    ``n``. Every stream is a pure function of ``(key, s)``. The gaps are computed in
+    float64, so a CPU and an accelerator agree except, rarely, where their ``log``
+    differs in the last bit.
+    """
+    m = len(streams)
+    out = torch.zeros(m, n + 1, dtype=torch.bool, device=streams.device)
+    if gamma <= 0.0 or m == 0 or n == 0:
+        return out[:, :n]
+    base = masks.hash_u32((streams * 0x2545F491 + key) & 0xFFFFFFFF).unsqueeze(1)  # (m, 1)
+    log_q = math.log1p(-gamma)
+    mean = n * gamma
+    k = int(mean + 5.0 * math.sqrt(mean) + 8.0)
+    while True:
+        j = torch.arange(k, dtype=torch.int64, device=streams.device)
+        u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
+        gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
+        pos = gaps.to(torch.int64).cumsum(dim=1) - 1  # (m, k) seed positions
+        if bool((pos[:, -1] >= n).all()):
+            break
+        k *= 2  # a stream has more seeds than were drawn; its first gaps stay the same
+    out.scatter_(1, pos.clamp_max(n), True)
+    return out[:, :n]
+
+
+def _drop_maps(streams: Tensor, key: int, p: float, block_size: int, h: int, w: int) -> Tensor:
+    """Drop maps (True dropped), bool ``(len(streams), h, w)``, one per stream."""
     bh, bw = _block_dims(block_size, h, w)
-    threshold = masks.drop_threshold(seed_rate(p, block_size, h, w))
-    seeds = (hashes < threshold).to(dtype).reshape(-1, h - bh + 1, w - bw + 1)
-    return 1.0 - _grow(seeds, block_size, h, w)
+    hv, wv = h - bh + 1, w - bw + 1
+    seeds = _seed_maps(streams, key, hv * wv, seed_rate(p, block_size, h, w))
+    return _grow(seeds.reshape(-1, hv, wv), block_size, h, w)
 
 
-def _scaled(keep: Tensor, p: float, block_size: int, scale: str, dtype: torch.dtype) -> Tensor:
-    """Keep maps ``(N, h, w)`` times their scale (see the module docstring)."""
-    h, w = keep.shape[-2:]
+def _scaled(drop: Tensor, p: float, block_size: int, scale: str, dtype: torch.dtype) -> Tensor:
+    """Scaled masks ``(N, h, w)`` from drop maps (see the module docstring): 0 where
+    dropped, the kept pixels' factor elsewhere."""
+    h, w = drop.shape[-2:]
     if scale == "realized":
-        kept = keep.sum(dim=(-2, -1), keepdim=True, dtype=torch.float64).clamp_min(1)
-        return (keep.to(torch.float64) * (h * w / kept)).to(dtype)
-    return keep * _inverted_factors(p, block_size, h, w, dtype, keep.device)
+        kept = (~drop).sum(dim=(-2, -1), keepdim=True).clamp_min(1)
+        factor = (h * w / kept.to(torch.float64)).to(dtype)  # (N, 1, 1)
+    else:
+        factor = _inverted_factors(p, block_size, h, w, dtype, drop.device)  # (h, w)
+    return torch.where(drop, torch.zeros((), dtype=dtype, device=drop.device), factor)
 
 
 def _mask_dtype(x: Tensor) -> torch.dtype:
@@ -182,17 +224,12 @@ def _fresh_masks(
     keyed by its index in the global batch."""
     b, c, h, w = x.shape
     cm = 1 if shared else c
-    bh, bw = _block_dims(block_size, h, w)
-    per_row = cm * (h - bh + 1) * (w - bw + 1)
     start, _ = distributed.row_window(b)
+    streams = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
     key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
-    index = torch.arange(start * per_row, (start + b) * per_row, dtype=torch.int64, device=x.device)
-    dtype = _mask_dtype(x)
     with torch.no_grad():
-        keep = _keep_from_hash(
-            masks.hash_grid(key, index).reshape(b * cm, -1), p, block_size, h, w, dtype
-        )
-        return _scaled(keep, p, block_size, scale, dtype).reshape(b, cm, h, w)
+        drop = _drop_maps(streams, key, p, block_size, h, w)
+        return _scaled(drop, p, block_size, scale, _mask_dtype(x)).reshape(b, cm, h, w)
 
 
 def subnet_block_masks(
@@ -209,16 +246,12 @@ def subnet_block_masks(
     """Scaled block masks of the given gyro subnetworks, shape ``(len(subnets), *shape)``
     with ``shape = (C or 1, H, W)``; mask ``k`` is a pure function of ``(seed, k)``."""
     cm, h, w = shape
-    bh, bw = _block_dims(block_size, h, w)
-    per_mask = cm * (h - bh + 1) * (w - bw + 1)
     subnets = subnets.to(device=device, dtype=torch.int64)
+    streams = (subnets[:, None] * cm + torch.arange(cm, device=subnets.device)).reshape(-1)
     key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
-    base = masks.hash_u32((subnets * 0x2545F491 + key) & 0xFFFFFFFF).unsqueeze(1)  # (K, 1)
-    index = torch.arange(per_mask, dtype=torch.int64, device=subnets.device)
     with torch.no_grad():
-        hashes = masks.hash_grid(base, index).reshape(len(subnets) * cm, -1)
-        keep = _keep_from_hash(hashes, p, block_size, h, w, dtype)
-        return _scaled(keep, p, block_size, scale, dtype).reshape(len(subnets), cm, h, w)
+        drop = _drop_maps(streams, key, p, block_size, h, w)
+        return _scaled(drop, p, block_size, scale, dtype).reshape(len(subnets), cm, h, w)
 
 
 # --------------------------------------------------------------------------------------
