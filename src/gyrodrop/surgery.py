@@ -190,6 +190,8 @@ def apply_stochastic_depth(
     target: type | tuple[type, ...] | Callable[[nn.Module], bool] | None = None,
     seed: int = 0,
     auto_step: bool = True,
+    per_rank: bool = False,
+    example_inputs: Any = None,
 ) -> int:
     """Wrap the residual blocks of ``model`` in
     :class:`~gyrodrop.stochastic_depth.StochasticDepthBlock`, in place.
@@ -215,6 +217,20 @@ def apply_stochastic_depth(
         target: which modules are residual blocks (see above).
         seed: every block gets its own seed derived from this and its index.
         auto_step: see :class:`~gyrodrop.StochasticDepth`.
+        per_rank: block mode under data parallelism: ``True`` lets each rank draw its
+            own decisions (default ``False``: identical decisions on every rank).
+        example_inputs: inputs of one forward of ``model`` (a tensor, a tuple of
+            positional arguments or a dict of keywords), used once to check that the
+            layers to wrap keep the shape of their hidden states.
+
+    Transformer layers: the layers of a model's layer stack (Hugging Face
+    ``encoder.layer``, ``model.layers``, ``transformer.h``, ``blocks``;
+    ``nn.TransformerEncoder/Decoder.layers``) are found too and wrapped whole in
+    :class:`~gyrodrop.stochastic_depth.StochasticDepthLayer`:
+    ``x + keep * (f(x) - x) / (1 - p)``; a dropped layer is not computed. ``target``
+    may select any layer whose forward takes the hidden states first and returns them
+    first; one that changes their shape is refused here (see
+    :func:`~gyrodrop.stochastic_depth.find_residual_blocks` for how shapes are checked).
 
     Returns the number of blocks wrapped, and warns when it is zero. Blocks already
     wrapped are left alone. ``eval()`` outputs are unchanged by the surgery.
@@ -231,7 +247,9 @@ def apply_stochastic_depth(
         True
     """
     from gyrodrop.stochastic_depth import (
+        LayerSplit,
         StochasticDepthBlock,
+        StochasticDepthLayer,
         _check_mode,
         find_residual_blocks,
         linear_rates,
@@ -251,18 +269,33 @@ def apply_stochastic_depth(
     if not isinstance(auto_step, bool):
         raise ValueError(f"{owner}: auto_step must be a bool, got {auto_step!r}")
 
+    if not isinstance(per_rank, bool):
+        raise ValueError(f"{owner}: per_rank must be a bool, got {per_rank!r}")
+
     root = unwrap_model(model)
-    blocks = find_residual_blocks(root, target)
+    blocks = find_residual_blocks(root, target, example_inputs)
     if drop_distribution == "linear":
         rates = linear_rates(drop_rate, len(blocks))
     else:
         rates = [drop_rate] * len(blocks)
     chosen = {id(block): (i, split) for i, (_, block, split) in enumerate(blocks)}
+    names = [name for name, _, _ in blocks]
 
     def make(module: nn.Module, _: int) -> nn.Module | None:
         if id(module) not in chosen:
             return None
         i, split = chosen[id(module)]
+        if isinstance(split, LayerSplit):
+            return StochasticDepthLayer(
+                module,
+                rates[i],
+                mode,
+                seed=layer_seed(seed, i),
+                auto_step=auto_step,
+                warmup_steps=warmup,
+                per_rank=per_rank,
+                name=names[i],
+            )
         return StochasticDepthBlock(
             module,
             rates[i],
@@ -271,14 +304,16 @@ def apply_stochastic_depth(
             auto_step=auto_step,
             warmup_steps=warmup,
             split=split,
+            per_rank=per_rank,
         )
 
     policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
     count = replace_modules(root, policy) if blocks else 0
     if count == 0:
         warnings.warn(
-            f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck "
-            "or a class with branch/shortcut methods, not already wrapped); the model is "
+            f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck, "
+            "a class with branch/shortcut methods or a transformer layer stack, not "
+            "already wrapped); the model is "
             "unchanged. Hint: pass target= (a block type or predicate) for other blocks",
             UserWarning,
             stacklevel=2,

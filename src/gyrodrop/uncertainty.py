@@ -46,7 +46,12 @@ from torch import Tensor, nn
 from gyrodrop import masks
 from gyrodrop.gyro import apply_group_masks
 from gyrodrop.schedule import ScheduledModule, SteppedModule, _check_int, check_seed
-from gyrodrop.stochastic_depth import StochasticDepth, StochasticDepthBlock, mc_draws
+from gyrodrop.stochastic_depth import (
+    StochasticDepth,
+    StochasticDepthBlock,
+    StochasticDepthLayer,
+    mc_draws,
+)
 from gyrodrop.surgery import unwrap_model
 
 __all__ = ["Prediction", "mc_predict", "subnet_ensemble_predict", "PAIRINGS", "OUTPUTS"]
@@ -418,7 +423,9 @@ def mc_predict(
     gyro_ids = {id(m) for m in gyro}
     dropouts = [m for m in net.modules() if isinstance(m, _DROPOUTS)]
     depths = [m for m in net.modules() if isinstance(m, StochasticDepth)]
-    wrappers = [m for m in net.modules() if isinstance(m, StochasticDepthBlock)]
+    wrappers = [
+        m for m in net.modules() if isinstance(m, (StochasticDepthBlock, StochasticDepthLayer))
+    ]
     others = [
         m
         for m in net.modules()
