@@ -609,6 +609,9 @@ class StochasticDepthBlock(nn.Module):
       ``find_unused_parameters=True``).
     - training, ``mode="sample"``: the branch is computed for every row and multiplied
       by per-row factors.
+    - a block with its own ``branch``/``shortcut`` methods is checked once, on its first
+      training input, against its ``forward`` (eval mode, no gradients): ``ValueError``
+      when they differ. torchvision-shaped blocks are checked at surgery.
 
     Args:
         block: the residual block.
@@ -636,6 +639,7 @@ class StochasticDepthBlock(nn.Module):
             p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
         )
         self._split = split
+        self._verified = False  # a user's branch/shortcut, checked on the first input
         # Take the block's mode (a new module starts in training mode; surgery on a
         # model in eval() must not switch the drops on).
         self.training = self.stochastic_depth.training = block.training
@@ -643,9 +647,33 @@ class StochasticDepthBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"split={type(self._split).__name__.strip('_')}"
 
+    def _verify(self, x: Tensor) -> None:
+        """Once, on the first training input: does the block's own ``forward`` equal
+        ``post(shortcut(x) + branch(x))``? Run in eval mode without gradients (no
+        dropout, no BatchNorm statistics updated); ``ValueError`` naming the methods
+        when not."""
+        block, split = self.block, self._split
+        with _eval_mode(block), torch.no_grad():
+            expected = block(x.clone())
+            got = split.post(block, split.shortcut(block, x.clone()) + split.branch(block, x))
+        if not (
+            isinstance(expected, Tensor)
+            and expected.shape == got.shape
+            and bool(torch.allclose(expected, got, rtol=1e-4, atol=1e-5))
+        ):
+            raise ValueError(
+                f"StochasticDepthBlock: {type(block).__name__}.forward(x) differs from "
+                "post(shortcut(x) + branch(x)) on the first training input; stochastic "
+                "depth would train a different network than the block's forward. Hint: "
+                "make branch(x), shortcut(x) (and post(y)) reproduce the forward"
+            )
+        self._verified = True
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self.block(x)
+        if not self._verified and isinstance(self._split, _MethodSplit):
+            self._verify(x)
         block, split, sd = self.block, self._split, self.stochastic_depth
         if sd.training and sd.mode == "block" and sd._mc is None:
             scale = sd.draw_scale()
@@ -837,8 +865,9 @@ class StochasticDepthLayer(nn.Module):
 
     The first computed output is checked to have the input's shape (``ValueError``
     naming the layer otherwise). Attributes the wrapper lacks are read from the layer
-    (model code such as ``nn.TransformerEncoder`` reads its layers' attributes). Made by :func:`gyrodrop.apply_stochastic_depth`; the
-    layer is kept as the child ``layer`` (state-dict keys gain a ``layer.`` prefix).
+    (model code such as ``nn.TransformerEncoder`` reads its layers' attributes). Made
+    by :func:`gyrodrop.apply_stochastic_depth`; the layer is kept as the child
+    ``layer`` (state-dict keys gain a ``layer.`` prefix).
 
     Args:
         layer: the layer.
