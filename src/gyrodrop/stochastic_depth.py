@@ -575,18 +575,14 @@ def find_residual_blocks(
         example = _auto_example(model) if example_inputs is None else example_inputs
         probed = {} if example is None else _probe_shapes(model, [m for _, m in layers], example)
         for name, module in layers:
-            keeps = _keeps_shape(module, probed)
-            if keeps is False:
-                if select is not None:
-                    shape, out = probed.get(id(module), (None, None))
-                    if shape is None:
-                        x = _probe_input(module)
-                        assert x is not None  # _keeps_shape ran it
-                        with _eval_mode(module), torch.no_grad():
-                            shape, out = x.shape, module(x)
-                    raise _shape_error("apply_stochastic_depth", name, shape, out)
-                continue  # auto-detected: not a residual layer
-            found.append((name, module, LayerSplit()))
+            probe = _probe_layer(module, probed)
+            if probe is None:  # checked at the first training forward
+                found.append((name, module, LayerSplit()))
+            elif _keeps_shape(*probe):
+                found.append((name, module, LayerSplit(_Structure.of(probe[1]))))
+            elif select is not None:
+                raise _shape_error("apply_stochastic_depth", name, *probe)
+            # else: auto-detected but not shape-keeping; not a residual layer
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         found.sort(key=lambda item: order[item[0]])
     return found
@@ -762,7 +758,11 @@ _HIDDEN_KWARGS = ("hidden_states", "src", "tgt", "x", "hidden")
 
 
 class LayerSplit:
-    """Marks a module wrapped as a whole layer (:class:`StochasticDepthLayer`)."""
+    """Marks a module wrapped as a whole layer (:class:`StochasticDepthLayer`), with
+    what it returns when a probe at surgery could run it (``structure``)."""
+
+    def __init__(self, structure: _Structure | None = None) -> None:
+        self.structure = structure
 
 
 def _hidden_of(owner: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -873,6 +873,7 @@ class StochasticDepthLayer(nn.Module):
         layer: the layer.
         p, mode, seed, auto_step, warmup_steps, per_rank: see :class:`StochasticDepth`.
         name: the layer's name in the model, for error messages.
+        split: what a probe at surgery learned about the layer's output.
     """
 
     def __init__(
@@ -886,6 +887,7 @@ class StochasticDepthLayer(nn.Module):
         warmup_steps: int = 0,
         per_rank: bool = False,
         name: str = "",
+        split: LayerSplit | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -893,7 +895,7 @@ class StochasticDepthLayer(nn.Module):
             p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
         )
         self._name = name
-        self._structure: _Structure | None = None
+        self._structure: _Structure | None = None if split is None else split.structure
         self.training = self.stochastic_depth.training = layer.training
 
     def extra_repr(self) -> str:
@@ -1031,21 +1033,24 @@ def _auto_example(model: nn.Module) -> Any:
     return None
 
 
-def _keeps_shape(module: nn.Module, probed: dict[int, tuple[torch.Size, Any]]) -> bool | None:
-    """Does ``module`` return hidden states of its input's shape? From the model probe,
-    else from a probe of the module alone; ``None`` when neither could run it."""
+def _probe_layer(
+    module: nn.Module, probed: dict[int, tuple[torch.Size, Any]]
+) -> tuple[torch.Size, Any] | None:
+    """``(input hidden shape, output)`` of ``module``: from the model probe, else from a
+    probe of the module alone; ``None`` when neither could run it."""
     if id(module) in probed:
-        shape, out = probed[id(module)]
-    else:
-        x = _probe_input(module)
-        if x is None:
-            return None
-        try:
-            with _eval_mode(module), torch.no_grad():
-                out = module(x)
-        except Exception:  # noqa: BLE001 - needs other arguments: check at first forward
-            return None
-        shape = x.shape
+        return probed[id(module)]
+    x = _probe_input(module)
+    if x is None:
+        return None
+    try:
+        with _eval_mode(module), torch.no_grad():
+            return x.shape, module(x)
+    except Exception:  # noqa: BLE001 - needs other arguments: check at first forward
+        return None
+
+
+def _keeps_shape(shape: torch.Size, out: Any) -> bool:
     first = _first(out)
     return isinstance(first, Tensor) and first.shape == shape
 

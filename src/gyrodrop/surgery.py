@@ -295,6 +295,7 @@ def apply_stochastic_depth(
                 warmup_steps=warmup,
                 per_rank=per_rank,
                 name=names[i],
+                split=split,
             )
         return StochasticDepthBlock(
             module,
