@@ -9,8 +9,9 @@ Linear(2C*7*7 -> 256) ReLU, Linear(256 -> 10)``; ``[drop]`` is nothing, ``nn.Dro
 :class:`gyrodrop.DropBlock2d` or :class:`gyrodrop.GyroDropBlock2d` (on 28x28 and 14x14
 maps), put in by :func:`gyrodrop.apply_dropblock` from the ``Dropout2d`` net. Every method
 trains from the same initial weights and batch order per seed (Adam, cross-entropy) on a
-seeded Fashion-MNIST subset (default 6000 train / 6000 test, 3 epochs, ``C = 16``) (the Debian ``dataset-fashion-mnist`` files; nothing is
-downloaded) and reports the final test accuracy (mean +- std over seeds).
+seeded Fashion-MNIST subset (default 6000 train / 6000 test, 3 epochs, ``C = 16``; the
+Debian ``dataset-fashion-mnist`` files, nothing is downloaded) and reports the final
+test accuracy (mean +- std over seeds).
 
 "step ms" is the median time of one training step (forward, loss, backward, Adam
 update) on one batch, the methods timed in interleaved rounds (``timing.py``); on a
