@@ -263,3 +263,27 @@ class TestUserBranchCheck:
         assert isinstance(model[0], StochasticDepthBlock)
         with pytest.raises(ValueError, match=r"Liar.forward\(x\) differs from"):
             model(torch.randn(2, 3))
+
+
+class TestReplaceDropPaths:
+    def test_convnext_drop_paths_become_seeded_stochastic_depth(self):
+        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+
+        torch.manual_seed(0)
+        config = transformers.ConvNextConfig(
+            num_channels=3,
+            hidden_sizes=[8, 16, 16, 16],
+            depths=[1, 1, 1, 1],
+            drop_path_rate=0.2,
+            image_size=32,
+            num_labels=3,
+        )
+        model = transformers.ConvNextForImageClassification(config)
+        expected = [m.drop_prob for m in model.modules() if type(m).__name__ == "ConvNextDropPath"]
+        x = torch.randn(2, 3, 32, 32)
+        before = model.eval()(pixel_values=x).logits
+        assert replace_drop_paths(model) == len(expected) > 0
+        got = [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
+        assert got == pytest.approx(expected)
+        assert torch.equal(model(pixel_values=x).logits, before)
+        model.train()(pixel_values=x).logits.sum().backward()

@@ -333,7 +333,8 @@ class TestApplyStochasticDepth:
 
     def test_target_naming_a_shape_changing_module_is_refused_at_surgery(self):
         model = nn.Sequential(nn.Linear(2, 3))
-        with pytest.raises(ValueError, match=r"layer '0' returns hidden states of shape \(2, 3, 3\)"):
+        message = r"layer '0' returns hidden states of shape \(2, 3, 3\)"
+        with pytest.raises(ValueError, match=message):
             gyrodrop.apply_stochastic_depth(model, target=nn.Linear)
         assert isinstance(model[0], nn.Linear)
 

@@ -56,6 +56,7 @@ __all__ = [
     "remove_stochastic_depth",
     "StochasticDepthLayer",
     "layer_list_candidates",
+    "replace_drop_paths",
 ]
 
 MODES = ("block", "sample")
@@ -1078,3 +1079,49 @@ def layer_list_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not any(other.startswith(name + ".") for other in names if other != name)
     ]
     return [(f"{name}.{i}", layer) for name, m in inner for i, layer in enumerate(m)]
+
+
+def replace_drop_paths(model: nn.Module, *, mode: str = "sample", seed: int = 0) -> int:
+    """Swap a model's own DropPath modules for :class:`StochasticDepth`, in place.
+
+    Matches modules whose class is named ``DropPath`` or ends in ``DropPath`` (timm's
+    ``DropPath``, Hugging Face ``ConvNextDropPath``, ``SwinDropPath``, ...) and that
+    have a float ``drop_prob``; each becomes ``StochasticDepth(drop_prob, mode)`` with
+    its own seed derived from ``seed``: the same per-sample rule (``mode="sample"``,
+    the default, as in timm) with seeded, resumable, DDP-consistent decisions. The
+    model's blocks still compute the branch (``StochasticDepth`` used alone
+    multiplies); to skip dropped work, wrap the blocks or layers with
+    :func:`gyrodrop.apply_stochastic_depth` instead. Returns the count (0: nothing
+    matched, no warning).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> class DropPath(nn.Module):
+        ...     def __init__(self, drop_prob):
+        ...         super().__init__()
+        ...         self.drop_prob = drop_prob
+        >>> net = nn.Sequential(nn.Linear(2, 2), DropPath(0.1))
+        >>> replace_drop_paths(net)
+        1
+        >>> net[1]
+        StochasticDepth(p=0.1, mode=sample)
+    """
+    from gyrodrop.schedule import check_seed
+    from gyrodrop.surgery import Policy, layer_seed, replace_modules, unwrap_model
+
+    _check_mode("replace_drop_paths", mode)
+    check_seed("replace_drop_paths", seed)
+    root = unwrap_model(model)
+    types = {
+        type(m)
+        for m in root.modules()
+        if type(m).__name__.endswith("DropPath")
+        and isinstance(getattr(m, "drop_prob", None), float)
+    }
+
+    def make(module: nn.Module, index: int) -> nn.Module:
+        rate = float(getattr(module, "drop_prob"))  # noqa: B009 - typed as Tensor | Module
+        return StochasticDepth(rate, mode, seed=layer_seed(seed, index))
+
+    policy: Policy = dict.fromkeys(types, make)
+    return replace_modules(root, policy) if types else 0
