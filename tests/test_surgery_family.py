@@ -118,3 +118,28 @@ class TestRemoveGyroDropout:
         net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
         assert gyrodrop.remove_gyro_dropout(net) == 0
         assert type(net[1]) is nn.Dropout
+
+
+class TestBuiltinDropoutsAreNamed:
+    def test_lstm_and_attention_dropout_are_reported_as_left_alone(self):
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.LSTM(4, 4, num_layers=2, dropout=0.3)
+                self.attn = nn.MultiheadAttention(4, 2, dropout=0.1)
+                self.quiet = nn.MultiheadAttention(4, 2)  # dropout 0: nothing to report
+                self.drop = nn.Dropout(0.5)
+
+        with pytest.warns(UserWarning, match="left alone") as record:
+            assert gyrodrop.apply_gyro_dropout(Net(), total_steps=10) == 1
+        message = next(str(w.message) for w in record if "left alone" in str(w.message))
+        assert "rnn (LSTM, dropout=0.3)" in message
+        assert "attn (MultiheadAttention, dropout=0.1)" in message
+        assert "quiet" not in message
+
+    def test_no_report_without_builtin_dropout(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gyrodrop.apply_gyro_dropout(
+                nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), total_steps=10
+            )

@@ -32,6 +32,7 @@ __all__ = [
     "unwrap_model",
     "replace_modules",
     "layer_seed",
+    "builtin_dropouts",
 ]
 
 Policy = Mapping[type, Callable[[nn.Module, int], nn.Module | None]]
@@ -116,7 +117,10 @@ def apply_gyro_dropout(
     Layers already replaced are left alone. Other keyword arguments (``schedule``,
     ``scale``, ``dims``, ``auto_step``) go to every ``GyroDropout``.
 
-    Returns the number of layers replaced, and warns when it is zero.
+    Returns the number of layers replaced, and warns when it is zero. Dropout built
+    into other modules (``nn.LSTM(dropout=p)``, ``nn.MultiheadAttention(dropout=p)``,
+    e.g. inside ``nn.TransformerEncoderLayer``) cannot be swapped: it is left alone and
+    named in a warning (see :func:`builtin_dropouts`).
 
     Example:
         >>> import torch.nn as nn, gyrodrop
@@ -173,7 +177,27 @@ def apply_gyro_dropout(
             UserWarning,
             stacklevel=2,
         )
+    builtin = builtin_dropouts(model)
+    if builtin:
+        warnings.warn(
+            "apply_gyro_dropout: left alone (their dropout is built into the module, not a "
+            "Dropout layer): " + ", ".join(builtin),
+            UserWarning,
+            stacklevel=2,
+        )
     return count
+
+
+def builtin_dropouts(model: nn.Module) -> list[str]:
+    """Modules whose dropout is an argument, not a child ``nn.Dropout``, so surgery
+    cannot swap it: ``nn.LSTM``/``GRU``/``RNN(dropout=p)`` (between stacked layers) and
+    ``nn.MultiheadAttention(dropout=p)`` (on the attention weights, inside
+    ``F.multi_head_attention_forward``), as ``"name (Type, dropout=p)"``."""
+    found = []
+    for name, m in unwrap_model(model).named_modules():
+        if isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and float(m.dropout) > 0:
+            found.append(f"{name or '<root>'} ({type(m).__name__}, dropout={m.dropout})")
+    return found
 
 
 DROP_DISTRIBUTIONS = ("uniform", "linear")
