@@ -332,10 +332,12 @@ class TestApplyStochasticDepth:
         assert n == 2 and isinstance(other.layer1[0], StochasticDepthBlock)
         assert not isinstance(other.layer2[0], StochasticDepthBlock)
 
-    def test_target_naming_an_unsplittable_module_is_an_error(self):
-        model = nn.Sequential(nn.Linear(2, 2))
-        with pytest.raises(ValueError, match="neither torchvision-shaped .* nor a ResidualBlock"):
+    def test_target_naming_a_shape_changing_module_is_refused_at_surgery(self):
+        model = nn.Sequential(nn.Linear(2, 3))
+        message = r"layer '0' returns hidden states of shape \(2, 3, 3\)"
+        with pytest.raises(ValueError, match=message):
             gyrodrop.apply_stochastic_depth(model, target=nn.Linear)
+        assert isinstance(model[0], nn.Linear)
 
     def test_blocks_nested_in_a_found_block_are_skipped(self):
         class Outer(nn.Module):

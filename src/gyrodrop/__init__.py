@@ -1,10 +1,12 @@
 """gyrodrop: gyro dropout and its family of structured-dropout regularizers for PyTorch."""
 
 from gyrodrop.blockwise import BlockGyroLinear
+from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.schedule import bind_to_optimizer, set_stepping, step
 from gyrodrop.stochastic_depth import StochasticDepth
 from gyrodrop.surgery import apply_block_gyro, apply_gyro_dropout, apply_stochastic_depth
+from gyrodrop.surgery_family import apply_dropblock, remove_gyro_dropout
 from gyrodrop.uncertainty import Prediction, mc_predict, subnet_ensemble_predict
 
 __version__ = "0.1.0"
@@ -22,5 +24,9 @@ __all__ = [
     "Prediction",
     "mc_predict",
     "subnet_ensemble_predict",
+    "DropBlock2d",
+    "GyroDropBlock2d",
+    "apply_dropblock",
+    "remove_gyro_dropout",
     "__version__",
 ]

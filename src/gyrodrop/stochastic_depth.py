@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, overload, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,9 @@ __all__ = [
     "stochastic_depth",
     "find_residual_blocks",
     "remove_stochastic_depth",
+    "StochasticDepthLayer",
+    "layer_list_candidates",
+    "replace_drop_paths",
 ]
 
 MODES = ("block", "sample")
@@ -62,6 +65,7 @@ MODES = ("block", "sample")
 _STREAM_BLOCK = 1
 _STREAM_SAMPLE = 2
 _STREAM_MC = 3
+_STREAM_RANK = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -185,6 +189,10 @@ class StochasticDepth(SteppedModule):
         warmup_steps: the drop rate ramps linearly from 0 at step 0 to ``p`` at step
             ``warmup_steps`` and stays there (0: no warm-up). Kept branches are scaled
             by the current rate, so the expectation is exact at every step.
+        per_rank: block mode under data parallelism: ``False`` (default): every rank
+            makes the same decision; ``True``: each rank decides alone (its rank mixed
+            into the seed; Composer's ``use_same_gpu_seed=False``). Sample mode already
+            decides per example.
 
     Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
 
@@ -212,20 +220,34 @@ class StochasticDepth(SteppedModule):
         seed: int = 0,
         auto_step: bool = True,
         warmup_steps: int = 0,
+        per_rank: bool = False,
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
         _check_mode(owner, mode)
         _check_int(owner, "warmup_steps", warmup_steps, 0)
+        if not isinstance(per_rank, bool):
+            raise ValueError(f"{owner}: per_rank must be a bool, got {per_rank!r}")
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         self.p = p
         self.mode = mode
         self.warmup_steps = int(warmup_steps)
+        self.per_rank = per_rank
         self._mc: _MCDraws | None = None
 
     def extra_repr(self) -> str:
         warm = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
-        return f"p={self.p}, mode={self.mode}{warm}"
+        rank = ", per_rank=True" if self.per_rank else ""
+        return f"p={self.p}, mode={self.mode}{warm}{rank}"
+
+    def decision_seed(self) -> int:
+        """The seed of the block-mode decisions: the ``seed`` buffer, mixed with this
+        process's rank when ``per_rank`` (rank 0 without a process group)."""
+        seed = self.current_seed()
+        if not self.per_rank:
+            return seed
+        place = distributed._rank_and_world(None)
+        return masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_RANK, 0 if place is None else place[0])
 
     def hparams(self) -> dict[str, Any]:
         """``p``, mode and ``warmup_steps``."""
@@ -261,7 +283,7 @@ class StochasticDepth(SteppedModule):
         p = self.rate(step)
         if p == 0.0:
             return 1.0
-        return 1.0 / (1.0 - p) if block_keep(self.current_seed(), step, p) else 0.0
+        return 1.0 / (1.0 - p) if block_keep(self.decision_seed(), step, p) else 0.0
 
     def _mc_forward(self, x: Tensor, mc: _MCDraws) -> Tensor:
         """Monte-Carlo sampling: block mode decides per MC sample (its ``rows`` rows
@@ -306,7 +328,8 @@ class StochasticDepth(SteppedModule):
         p = self.rate(step)
         if p == 0.0:
             return 1.0
-        return _factors(x, p, self.mode, self.current_seed(), step)
+        seed = self.decision_seed() if self.mode == "block" else self.current_seed()
+        return _factors(x, p, self.mode, seed, step)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -483,10 +506,22 @@ def _declares_protocol(block: nn.Module) -> bool:
     return callable(getattr(cls, "branch", None)) and callable(getattr(cls, "shortcut", None))
 
 
-def _targeted_split(block: nn.Module) -> _Split:
+@overload
+def _targeted_split(block: nn.Module) -> _Split: ...
+
+
+@overload
+def _targeted_split(block: nn.Module, allow_layer: bool) -> _Split | None: ...
+
+
+def _targeted_split(block: nn.Module, allow_layer: bool = False) -> _Split | None:
+    """The split of a block selected by ``target=``; ``None`` (wrap it as a whole layer)
+    when ``allow_layer`` and it is not splittable."""
     if callable(getattr(block, "branch", None)) and callable(getattr(block, "shortcut", None)):
         return _MethodSplit()
     split = _structural_split(block)
+    if split is None and allow_layer:
+        return None
     if split is None:
         raise ValueError(
             f"apply_stochastic_depth: target selected a {type(block).__name__}, which is "
@@ -502,16 +537,27 @@ Target = type | tuple[type, ...] | Callable[[nn.Module], bool]
 
 
 def find_residual_blocks(
-    model: nn.Module, target: Target | None = None
-) -> list[tuple[str, nn.Module, _Split]]:
-    """The residual blocks of ``model`` that :func:`gyrodrop.apply_stochastic_depth`
-    would wrap, as ``(name, block, split)`` in ``named_modules`` order (input to output
-    for sequential nets).
+    model: nn.Module, target: Target | None = None, example_inputs: Any = None
+) -> list[tuple[str, nn.Module, _Split | LayerSplit]]:
+    """The residual blocks and layers of ``model`` that
+    :func:`gyrodrop.apply_stochastic_depth` would wrap, as ``(name, module, split)`` in
+    ``named_modules`` order (input to output for sequential nets); ``split`` is a
+    :class:`LayerSplit` for modules wrapped whole (:class:`StochasticDepthLayer`).
 
-    ``target=None`` finds torchvision-shaped blocks and blocks whose class defines
-    ``branch`` and ``shortcut`` methods; a type, tuple of types or predicate selects
-    blocks explicitly (each must then be splittable, else ``ValueError``). Blocks
-    nested in a selected block and blocks already wrapped are skipped.
+    ``target=None`` finds torchvision-shaped blocks, blocks whose class defines
+    ``branch`` and ``shortcut`` methods, and the layers of transformer layer stacks
+    (:func:`layer_list_candidates`) that keep the shape of their hidden states. A type,
+    tuple of types or predicate selects modules explicitly: splittable blocks become
+    blocks, anything else a whole layer, which must keep its input's shape
+    (``ValueError`` otherwise). Modules nested in a selected one and modules already
+    wrapped are skipped.
+
+    Shapes are checked by running the model once in eval mode on ``example_inputs``
+    (a tensor, a tuple of positional arguments or a dict of keywords), on probe inputs
+    for a Hugging Face model (``pixel_values`` from its config, or its
+    ``dummy_inputs``), or by running a layer alone on a probe input built from its first
+    ``Linear``/``LayerNorm``/attention/conv; a layer none of these can run is checked at
+    its first training forward instead.
     """
     if target is None:
         select: Callable[[nn.Module], bool] | None = None
@@ -530,8 +576,9 @@ def find_residual_blocks(
             "apply_stochastic_depth: target must be None, a module type, a tuple of types "
             f"or a predicate module -> bool, got {target!r}"
         )
-    found: list[tuple[str, nn.Module, _Split]] = []
+    found: list[tuple[str, nn.Module, _Split | LayerSplit]] = []
     claimed: list[str] = []  # prefixes of selected or wrapped modules
+    layers: list[tuple[str, nn.Module]] = []  # to wrap whole, once shapes are checked
 
     def inside(name: str) -> bool:
         return any(name.startswith(prefix + ".") for prefix in claimed)
@@ -539,19 +586,39 @@ def find_residual_blocks(
     for name, module in model.named_modules():
         if not name or inside(name):
             continue
-        if isinstance(module, StochasticDepthBlock):
+        if isinstance(module, (StochasticDepthBlock, StochasticDepthLayer)):
             claimed.append(name)
             continue
         split: _Split | None
         if select is None:
             split = _MethodSplit() if _declares_protocol(module) else _structural_split(module)
         elif select(module):
-            split = _targeted_split(module)
+            split = _targeted_split(module, allow_layer=True)
+            if split is None:
+                layers.append((name, module))
+                claimed.append(name)
+                continue
         else:
             split = None
         if split is not None:
             found.append((name, module, split))
             claimed.append(name)
+    if select is None:
+        layers = [(n, m) for n, m in layer_list_candidates(model) if not inside(n)]
+    if layers:
+        example = _auto_example(model) if example_inputs is None else example_inputs
+        probed = {} if example is None else _probe_shapes(model, [m for _, m in layers], example)
+        for name, module in layers:
+            probe = _probe_layer(module, probed)
+            if probe is None:  # checked at the first training forward
+                found.append((name, module, LayerSplit()))
+            elif _keeps_shape(*probe):
+                found.append((name, module, LayerSplit(_Structure.of(probe[1]))))
+            elif select is not None:
+                raise _shape_error("apply_stochastic_depth", name, *probe)
+            # else: auto-detected but not shape-keeping; not a residual layer
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        found.sort(key=lambda item: order[item[0]])
     return found
 
 
@@ -572,10 +639,13 @@ class StochasticDepthBlock(nn.Module):
       ``find_unused_parameters=True``).
     - training, ``mode="sample"``: the branch is computed for every row and multiplied
       by per-row factors.
+    - a block with its own ``branch``/``shortcut`` methods is checked once, on its first
+      training input, against its ``forward`` (eval mode, no gradients): ``ValueError``
+      when they differ. torchvision-shaped blocks are checked at surgery.
 
     Args:
         block: the residual block.
-        p, mode, seed, auto_step, warmup_steps: see :class:`StochasticDepth`.
+        p, mode, seed, auto_step, warmup_steps, per_rank: see :class:`StochasticDepth`.
         split: how to split the block; found from the block when omitted.
     """
 
@@ -589,15 +659,17 @@ class StochasticDepthBlock(nn.Module):
         auto_step: bool = True,
         warmup_steps: int = 0,
         split: _Split | None = None,
+        per_rank: bool = False,
     ) -> None:
         super().__init__()
         if split is None:
             split = _targeted_split(block)
         self.block = block
         self.stochastic_depth = StochasticDepth(
-            p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps
+            p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
         )
         self._split = split
+        self._verified = False  # a user's branch/shortcut, checked on the first input
         # Take the block's mode (a new module starts in training mode; surgery on a
         # model in eval() must not switch the drops on).
         self.training = self.stochastic_depth.training = block.training
@@ -605,9 +677,33 @@ class StochasticDepthBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"split={type(self._split).__name__.strip('_')}"
 
+    def _verify(self, x: Tensor) -> None:
+        """Once, on the first training input: does the block's own ``forward`` equal
+        ``post(shortcut(x) + branch(x))``? Run in eval mode without gradients (no
+        dropout, no BatchNorm statistics updated); ``ValueError`` naming the methods
+        when not."""
+        block, split = self.block, self._split
+        with _eval_mode(block), torch.no_grad():
+            expected = block(x.clone())
+            got = split.post(block, split.shortcut(block, x.clone()) + split.branch(block, x))
+        if not (
+            isinstance(expected, Tensor)
+            and expected.shape == got.shape
+            and bool(torch.allclose(expected, got, rtol=1e-4, atol=1e-5))
+        ):
+            raise ValueError(
+                f"StochasticDepthBlock: {type(block).__name__}.forward(x) differs from "
+                "post(shortcut(x) + branch(x)) on the first training input; stochastic "
+                "depth would train a different network than the block's forward. Hint: "
+                "make branch(x), shortcut(x) (and post(y)) reproduce the forward"
+            )
+        self._verified = True
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self.block(x)
+        if not self._verified and isinstance(self._split, _MethodSplit):
+            self._verify(x)
         block, split, sd = self.block, self._split, self.stochastic_depth
         if sd.training and sd.mode == "block" and sd._mc is None:
             scale = 1.0 if isinstance(x, Tensor) and x.is_meta else sd.draw_scale()
@@ -630,10 +726,12 @@ def remove_stochastic_depth(model: nn.Module) -> int:
     from gyrodrop.surgery import replace_modules
 
     def unwrap(module: nn.Module, _: int) -> nn.Module:
+        if isinstance(module, StochasticDepthLayer):
+            return module.layer
         assert isinstance(module, StochasticDepthBlock)  # the policy matches only these
         return module.block
 
-    return replace_modules(model, {StochasticDepthBlock: unwrap})
+    return replace_modules(model, {StochasticDepthBlock: unwrap, StochasticDepthLayer: unwrap})
 
 
 # --------------------------------------------------------------------------------------
@@ -688,3 +786,384 @@ def warmup_steps_for(owner: str, drop_warmup: Any, total_steps: Any) -> int:
             "optimizer steps of the run) to know when the warm-up ends, got None"
         )
     return max(1, round(float(drop_warmup) * total_steps))
+
+
+# --------------------------------------------------------------------------------------
+# Whole layers (transformer layers): the layer is the residual branch plus identity.
+
+#: Names of the ``nn.ModuleList`` attributes that hold a model's stack of layers
+#: (Hugging Face ``encoder.layer``, ``model.layers``, GPT-2 ``transformer.h``, ViT/Swin
+#: ``blocks``, T5 ``block``; ``nn.TransformerEncoder/Decoder.layers``).
+LAYER_LIST_NAMES = ("layer", "layers", "h", "blocks", "block")
+
+#: Keyword names under which a layer may receive its hidden states.
+_HIDDEN_KWARGS = ("hidden_states", "src", "tgt", "x", "hidden")
+
+
+class LayerSplit:
+    """Marks a module wrapped as a whole layer (:class:`StochasticDepthLayer`), with
+    what it returns when a probe at surgery could run it (``structure``)."""
+
+    def __init__(self, structure: _Structure | None = None) -> None:
+        self.structure = structure
+
+
+def _hidden_of(owner: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The hidden states a layer was called with: its first positional argument, or
+    the first of :data:`_HIDDEN_KWARGS` given as a keyword."""
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    for name in _HIDDEN_KWARGS:
+        value = kwargs.get(name)
+        if isinstance(value, Tensor):
+            return value
+    raise ValueError(
+        f"{owner}: the layer was called without hidden states first (a tensor as the "
+        f"first positional argument or one of the keywords {_HIDDEN_KWARGS}); got "
+        f"{len(args)} positional and keywords {sorted(kwargs)}"
+    )
+
+
+def _first(out: Any) -> Any:
+    """The hidden states a layer returned: the tensor itself, or the first element of
+    a tuple/list or of a ``ModelOutput``-like mapping."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    if hasattr(out, "to_tuple") and callable(out.to_tuple):
+        items = out.to_tuple()
+        return items[0] if items else None
+    return None
+
+
+def _with_first(out: Any, hidden: Tensor) -> Any:
+    """``out`` with its hidden states replaced by ``hidden`` (same structure)."""
+    if isinstance(out, Tensor):
+        return hidden
+    if isinstance(out, (tuple, list)):
+        return type(out)([hidden, *out[1:]]) if isinstance(out, list) else (hidden, *out[1:])
+    first_key = next(iter(out.keys()))
+    copy = type(out)(**dict(out.items()))
+    copy[first_key] = hidden
+    return copy
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What a layer returns, learned from one call: to rebuild a pass-through output
+    without calling it (other outputs: ``None``, e.g. attention weights)."""
+
+    kind: str  # "tensor" | "tuple" | "list" | "mapping"
+    length: int = 1
+    cls: type | None = None
+    first_key: str | None = None
+
+    @classmethod
+    def of(cls, out: Any) -> _Structure:
+        if isinstance(out, Tensor):
+            return cls("tensor")
+        if isinstance(out, (tuple, list)):
+            return cls("list" if isinstance(out, list) else "tuple", len(out))
+        return cls("mapping", cls=type(out), first_key=next(iter(out.keys())))
+
+    def passthrough(self, hidden: Tensor) -> Any:
+        if self.kind == "tensor":
+            return hidden
+        if self.kind in ("tuple", "list"):
+            items = [hidden, *([None] * (self.length - 1))]
+            return items if self.kind == "list" else tuple(items)
+        assert self.cls is not None and self.first_key is not None
+        return self.cls(**{self.first_key: hidden})
+
+
+def _shape_error(owner: str, name: str, in_shape: Any, out: Any) -> ValueError:
+    first = _first(out)
+    got = tuple(first.shape) if isinstance(first, Tensor) else type(out).__name__
+    return ValueError(
+        f"{owner}: layer {name!r} returns hidden states of shape {got} from "
+        f"hidden states of shape {tuple(in_shape)}; stochastic depth drops a layer by "
+        "passing its input through, so the layer must keep the shape. Hint: select "
+        "the shape-keeping layers with target= (e.g. the blocks inside a stage, not "
+        "the stage that downsamples)"
+    )
+
+
+class StochasticDepthLayer(nn.Module):
+    """A whole layer with stochastic depth: ``y = x + keep * (f(x) - x) / (1 - p)``.
+
+    For layers whose output is their input plus a residual (transformer layers:
+    Hugging Face ``BertLayer``, ``ViTLayer``, ``LlamaDecoderLayer``, ...,
+    ``nn.TransformerEncoderLayer``). ``forward`` takes the hidden states first (or as
+    ``hidden_states=``) and any other arguments (attention masks, position ids or
+    embeddings, caches), passed on unchanged; the layer returns the hidden states
+    first: a tensor, a tuple/list or a ``ModelOutput``.
+
+    - ``eval()``: exactly ``layer(*args, **kwargs)`` (bitwise).
+    - training, ``mode="block"``: when dropped, the layer is not computed and the hidden
+      states pass through (other outputs, e.g. attention weights, are ``None``); when
+      kept, ``x + (f(x) - x) / (1 - p)``.
+    - training, ``mode="sample"``: the layer is computed for every row; row ``b`` gets
+      ``x_b + keep_b * (f(x)_b - x_b) / (1 - p)``.
+
+    The first computed output is checked to have the input's shape (``ValueError``
+    naming the layer otherwise). Attributes the wrapper lacks are read from the layer
+    (model code such as ``nn.TransformerEncoder`` reads its layers' attributes). Made
+    by :func:`gyrodrop.apply_stochastic_depth`; the layer is kept as the child
+    ``layer`` (state-dict keys gain a ``layer.`` prefix).
+
+    Args:
+        layer: the layer.
+        p, mode, seed, auto_step, warmup_steps, per_rank: see :class:`StochasticDepth`.
+        name: the layer's name in the model, for error messages.
+        split: what a probe at surgery learned about the layer's output.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        p: float,
+        mode: str = "block",
+        *,
+        seed: int = 0,
+        auto_step: bool = True,
+        warmup_steps: int = 0,
+        per_rank: bool = False,
+        name: str = "",
+        split: LayerSplit | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.stochastic_depth = StochasticDepth(
+            p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
+        )
+        self._name = name
+        self._structure: _Structure | None = None if split is None else split.structure
+        self.training = self.stochastic_depth.training = layer.training
+
+    def extra_repr(self) -> str:
+        return f"name={self._name!r}" if self._name else ""
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes the model's own code reads from its layers (nn.TransformerEncoder
+        # reads ``layers[0].self_attn``, some Hugging Face models ``attention_type``)
+        # come from the wrapped layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer" or "layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["layer"], name)
+
+    def _hidden_out(self, out: Any, x: Tensor) -> Tensor:
+        """The output's hidden states, checked against the input's shape; learns the
+        output structure on the first call."""
+        h = _first(out)
+        if not isinstance(h, Tensor) or h.shape != x.shape:
+            raise _shape_error("StochasticDepthLayer", self._name, x.shape, out)
+        if self._structure is None:
+            self._structure = _Structure.of(out)
+        return h
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.training:
+            return self.layer(*args, **kwargs)
+        x = _hidden_of("StochasticDepthLayer", args, kwargs)
+        sd = self.stochastic_depth
+        if sd.training and sd.mode == "block" and sd._mc is None:
+            scale = sd.draw_scale()
+            if scale == 0.0 and self._structure is not None:
+                return self._structure.passthrough(x)
+            out = self.layer(*args, **kwargs)
+            h = self._hidden_out(out, x)
+            if scale == 0.0:  # dropped before the structure was known: computed once
+                return _with_first(out, x)
+            if scale == 1.0:
+                return out
+            return _with_first(out, torch.add(x, h - x, alpha=scale))
+        out = self.layer(*args, **kwargs)
+        h = self._hidden_out(out, x)
+        return _with_first(out, x + sd(h - x))
+
+
+def _probe_input(module: nn.Module) -> Tensor | None:
+    """A small seeded input for ``module`` from its first layer with a known input size
+    (``Linear``, ``MultiheadAttention``, ``LayerNorm``, ``Conv``), or ``None``."""
+    for m in module.modules():
+        size: int | None = None
+        weight: Tensor | None = None
+        if isinstance(m, nn.Linear):
+            size, weight = m.in_features, m.weight
+        elif isinstance(m, nn.MultiheadAttention):
+            size, weight = m.embed_dim, m.out_proj.weight
+        elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            size, weight = m.normalized_shape[0], m.weight
+        elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(
+            m, nn.modules.lazy.LazyModuleMixin
+        ):
+            spatial = m.weight.dim() - 2
+            gen = torch.Generator().manual_seed(0x5D)
+            x = torch.randn((2, m.in_channels, *([8] * spatial)), generator=gen)
+            return x.to(device=m.weight.device, dtype=m.weight.dtype)
+        else:
+            continue
+        if weight is None or weight.device.type == "meta":
+            return None
+        gen = torch.Generator().manual_seed(0x5D)
+        x = torch.randn((2, 3, size), generator=gen)
+        return x.to(device=weight.device, dtype=weight.dtype)
+    return None
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _probe_shapes(
+    model: nn.Module, modules: Sequence[nn.Module], example_inputs: Any
+) -> dict[int, tuple[torch.Size, Any]]:
+    """Run ``model`` once (eval, no grad) on ``example_inputs`` (a tensor, a tuple of
+    positional arguments or a dict of keywords) and record each module's input hidden
+    shape and output: ``id(module) -> (shape, output)``. Empty when the run fails."""
+    seen: dict[int, tuple[torch.Size, Any]] = {}
+
+    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        with contextlib.suppress(ValueError):
+            seen.setdefault(id(m), (_hidden_of("probe", args, kwargs).shape, out))
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, tuple):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    except Exception:  # noqa: BLE001 - an inconclusive probe: check at the first forward
+        seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _auto_example(model: nn.Module) -> Any:
+    """Probe inputs for a Hugging Face model built from a config: ``pixel_values`` for
+    vision models (``config.image_size``, ``config.num_channels``), else its
+    ``dummy_inputs``; ``None`` when neither applies."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    first = next(iter(model.parameters()), None)
+    if first is None or first.device.type == "meta":
+        return None
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(size, int) and isinstance(channels, int):
+        gen = torch.Generator().manual_seed(0x5D)
+        pixels = torch.randn((1, channels, size, size), generator=gen)
+        return {"pixel_values": pixels.to(device=first.device, dtype=first.dtype)}
+    dummy = getattr(model, "dummy_inputs", None)
+    if isinstance(dummy, dict):
+        return {k: v.to(first.device) if isinstance(v, Tensor) else v for k, v in dummy.items()}
+    return None
+
+
+def _probe_layer(
+    module: nn.Module, probed: dict[int, tuple[torch.Size, Any]]
+) -> tuple[torch.Size, Any] | None:
+    """``(input hidden shape, output)`` of ``module``: from the model probe, else from a
+    probe of the module alone; ``None`` when neither could run it."""
+    if id(module) in probed:
+        return probed[id(module)]
+    x = _probe_input(module)
+    if x is None:
+        return None
+    try:
+        with _eval_mode(module), torch.no_grad():
+            return x.shape, module(x)
+    except Exception:  # noqa: BLE001 - needs other arguments: check at first forward
+        return None
+
+
+def _keeps_shape(shape: torch.Size, out: Any) -> bool:
+    first = _first(out)
+    return isinstance(first, Tensor) and first.shape == shape
+
+
+def layer_list_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers of the model's layer stacks: elements of ``nn.ModuleList`` attributes
+    named in :data:`LAYER_LIST_NAMES` whose elements share one class named ``*Layer``
+    or ``*Block`` (``BertLayer``, ``LlamaDecoderLayer``, ``GPT2Block``, ...), innermost
+    stacks only (Swin's ``blocks`` inside its ``layers`` stages), in ``named_modules`` order."""
+    lists = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and name.rpartition(".")[2] in LAYER_LIST_NAMES
+        and len(m) > 0
+        and len({type(e) for e in m}) == 1
+        and not isinstance(m[0], (StochasticDepthBlock, StochasticDepthLayer))
+        and type(m[0]).__name__.endswith(("Layer", "Block"))
+        and any(True for _ in m[0].parameters())
+    ]
+    names = [n for n, _ in lists]
+    inner = [
+        (name, m)
+        for name, m in lists
+        if not any(other.startswith(name + ".") for other in names if other != name)
+    ]
+    return [(f"{name}.{i}", layer) for name, m in inner for i, layer in enumerate(m)]
+
+
+def replace_drop_paths(model: nn.Module, *, mode: str = "sample", seed: int = 0) -> int:
+    """Swap a model's own DropPath modules for :class:`StochasticDepth`, in place.
+
+    Matches modules whose class is named ``DropPath`` or ends in ``DropPath`` (timm's
+    ``DropPath``, Hugging Face ``ConvNextDropPath``, ``SwinDropPath``, ...) and that
+    have a float ``drop_prob``; each becomes ``StochasticDepth(drop_prob, mode)`` with
+    its own seed derived from ``seed``: the same per-sample rule (``mode="sample"``,
+    the default, as in timm) with seeded, resumable, DDP-consistent decisions. The
+    model's blocks still compute the branch (``StochasticDepth`` used alone
+    multiplies); to skip dropped work, wrap the blocks or layers with
+    :func:`gyrodrop.apply_stochastic_depth` instead. Returns the count (0: nothing
+    matched, no warning).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> class DropPath(nn.Module):
+        ...     def __init__(self, drop_prob):
+        ...         super().__init__()
+        ...         self.drop_prob = drop_prob
+        >>> net = nn.Sequential(nn.Linear(2, 2), DropPath(0.1))
+        >>> replace_drop_paths(net)
+        1
+        >>> net[1]
+        StochasticDepth(p=0.1, mode=sample)
+    """
+    from gyrodrop.schedule import check_seed
+    from gyrodrop.surgery import Policy, layer_seed, replace_modules, unwrap_model
+
+    _check_mode("replace_drop_paths", mode)
+    check_seed("replace_drop_paths", seed)
+    root = unwrap_model(model)
+    types = {
+        type(m)
+        for m in root.modules()
+        if type(m).__name__.endswith("DropPath")
+        and isinstance(getattr(m, "drop_prob", None), float)
+    }
+
+    def make(module: nn.Module, index: int) -> nn.Module:
+        rate = float(getattr(module, "drop_prob"))  # noqa: B009 - typed as Tensor | Module
+        return StochasticDepth(rate, mode, seed=layer_seed(seed, index))
+
+    policy: Policy = dict.fromkeys(types, make)
+    return replace_modules(root, policy) if types else 0

@@ -36,6 +36,7 @@ __all__ = [
     "unwrap_model",
     "replace_modules",
     "layer_seed",
+    "builtin_dropouts",
 ]
 
 Policy = Mapping[type, Callable[[nn.Module, int], nn.Module | None]]
@@ -162,7 +163,10 @@ def apply_gyro_dropout(
     :func:`gyrodrop.step` yourself.
 
     Returns the number of layers replaced, and warns when it is zero. All-or-nothing:
-    when any layer is refused (``p=1.0``, say) the model is left unchanged.
+    when any layer is refused (``p=1.0``, say) the model is left unchanged. Dropout built
+    into other modules (``nn.LSTM(dropout=p)``, ``nn.MultiheadAttention(dropout=p)``,
+    e.g. inside ``nn.TransformerEncoderLayer``) cannot be swapped: it is left alone and
+    named in a warning (see :func:`builtin_dropouts`).
 
     Example:
         >>> import torch.nn as nn, gyrodrop
@@ -190,7 +194,7 @@ def apply_gyro_dropout(
             options.setdefault("dims", (1,))
             if options["dims"] == (1,) or options["dims"] == 1:
                 options.setdefault("unbatched_ndim", _UNBATCHED_NDIM[type(module)])
-        return GyroDropout(
+        new = GyroDropout(
             p=cast(float, module.p) if p is None else p,
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
@@ -200,6 +204,8 @@ def apply_gyro_dropout(
             schedule_seed=seed,
             **options,
         )
+        object.__setattr__(new, "_gyrodrop_replaced", type(module))  # remove_gyro_dropout
+        return new
 
     with warnings.catch_warnings():
         # One warning for the whole model instead of one per layer.
@@ -222,7 +228,27 @@ def apply_gyro_dropout(
             UserWarning,
             stacklevel=2,
         )
+    builtin = builtin_dropouts(model)
+    if builtin:
+        warnings.warn(
+            "apply_gyro_dropout: left alone (their dropout is built into the module, not a "
+            "Dropout layer): " + ", ".join(builtin),
+            UserWarning,
+            stacklevel=2,
+        )
     return count
+
+
+def builtin_dropouts(model: nn.Module) -> list[str]:
+    """Modules whose dropout is an argument, not a child ``nn.Dropout``, so surgery
+    cannot swap it: ``nn.LSTM``/``GRU``/``RNN(dropout=p)`` (between stacked layers) and
+    ``nn.MultiheadAttention(dropout=p)`` (on the attention weights, inside
+    ``F.multi_head_attention_forward``), as ``"name (Type, dropout=p)"``."""
+    found = []
+    for name, m in unwrap_model(model).named_modules():
+        if isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and float(m.dropout) > 0:
+            found.append(f"{name or '<root>'} ({type(m).__name__}, dropout={m.dropout})")
+    return found
 
 
 DROP_DISTRIBUTIONS = ("uniform", "linear")
@@ -239,6 +265,8 @@ def apply_stochastic_depth(
     target: type | tuple[type, ...] | Callable[[nn.Module], bool] | None = None,
     seed: int = 0,
     auto_step: bool = True,
+    per_rank: bool = False,
+    example_inputs: Any = None,
 ) -> int:
     """Wrap the residual blocks of ``model`` in
     :class:`~gyrodrop.stochastic_depth.StochasticDepthBlock`, in place.
@@ -267,6 +295,20 @@ def apply_stochastic_depth(
             forward of ``model`` (the model-level stepper of
             :func:`apply_gyro_dropout`; :func:`gyrodrop.bind_to_optimizer` for one step
             per optimizer step); ``False``: call :func:`gyrodrop.step` yourself.
+        per_rank: block mode under data parallelism: ``True`` lets each rank draw its
+            own decisions (default ``False``: identical decisions on every rank).
+        example_inputs: inputs of one forward of ``model`` (a tensor, a tuple of
+            positional arguments or a dict of keywords), used once to check that the
+            layers to wrap keep the shape of their hidden states.
+
+    Transformer layers: the layers of a model's layer stack (Hugging Face
+    ``encoder.layer``, ``model.layers``, ``transformer.h``, ``blocks``;
+    ``nn.TransformerEncoder/Decoder.layers``) are found too and wrapped whole in
+    :class:`~gyrodrop.stochastic_depth.StochasticDepthLayer`:
+    ``x + keep * (f(x) - x) / (1 - p)``; a dropped layer is not computed. ``target``
+    may select any layer whose forward takes the hidden states first and returns them
+    first; one that changes their shape is refused here (see
+    :func:`~gyrodrop.stochastic_depth.find_residual_blocks` for how shapes are checked).
 
     Returns the number of blocks wrapped, and warns when it is zero. Blocks already
     wrapped are left alone. ``eval()`` outputs are unchanged by the surgery.
@@ -283,7 +325,9 @@ def apply_stochastic_depth(
         True
     """
     from gyrodrop.stochastic_depth import (
+        LayerSplit,
         StochasticDepthBlock,
+        StochasticDepthLayer,
         _check_mode,
         find_residual_blocks,
         linear_rates,
@@ -304,18 +348,34 @@ def apply_stochastic_depth(
     if not isinstance(auto_step, bool):
         raise ValueError(f"{owner}: auto_step must be a bool, got {auto_step!r}")
 
+    if not isinstance(per_rank, bool):
+        raise ValueError(f"{owner}: per_rank must be a bool, got {per_rank!r}")
+
     root = unwrap_model(model)
-    blocks = find_residual_blocks(root, target)
+    blocks = find_residual_blocks(root, target, example_inputs)
     if drop_distribution == "linear":
         rates = linear_rates(drop_rate, len(blocks))
     else:
         rates = [drop_rate] * len(blocks)
     chosen = {id(block): (i, split) for i, (_, block, split) in enumerate(blocks)}
+    names = [name for name, _, _ in blocks]
 
     def make(module: nn.Module, _: int) -> nn.Module | None:
         if id(module) not in chosen:
             return None
         i, split = chosen[id(module)]
+        if isinstance(split, LayerSplit):
+            return StochasticDepthLayer(
+                module,
+                rates[i],
+                mode,
+                seed=layer_seed(seed, i),
+                auto_step=auto_step,
+                warmup_steps=warmup,
+                per_rank=per_rank,
+                name=names[i],
+                split=split,
+            )
         return StochasticDepthBlock(
             module,
             rates[i],
@@ -324,6 +384,7 @@ def apply_stochastic_depth(
             auto_step=auto_step,
             warmup_steps=warmup,
             split=split,
+            per_rank=per_rank,
         )
 
     policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
@@ -332,8 +393,9 @@ def apply_stochastic_depth(
         attach_stepper(root)
     if count == 0:
         warnings.warn(
-            f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck "
-            "or a class with branch/shortcut methods, not already wrapped); the model is "
+            f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck, "
+            "a class with branch/shortcut methods or a transformer layer stack, not "
+            "already wrapped); the model is "
             "unchanged. Hint: pass target= (a block type or predicate) for other blocks",
             UserWarning,
             stacklevel=2,

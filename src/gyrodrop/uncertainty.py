@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -62,6 +62,7 @@ from gyrodrop.schedule import ScheduledModule, SteppedModule, _check_int, check_
 from gyrodrop.stochastic_depth import (
     StochasticDepth,
     StochasticDepthBlock,
+    StochasticDepthLayer,
     _MCLayoutError,
     mc_draws,
 )
@@ -401,12 +402,66 @@ def _seeded_rng(seed: int, device: torch.device, needed: bool) -> Iterator[None]
 # Running the passes and summarizing them.
 
 
+#: A batch: a tensor ``(N, *)`` (``model(x)``) or a mapping of keyword arguments
+#: (``model(**x)``, e.g. ``input_ids`` and ``attention_mask``) whose tensors share ``N``.
+Batch = Tensor | Mapping[str, Any]
+
+
+def _batch_rows(owner: str, x: Any) -> int:
+    """``N``, the rows of a batch; ``ValueError`` naming what is wrong."""
+    if isinstance(x, Mapping):
+        sizes = {k: v.shape[0] for k, v in x.items() if isinstance(v, Tensor) and v.dim() > 0}
+        if not sizes or len(set(sizes.values())) != 1 or 0 in sizes.values():
+            raise ValueError(
+                f"{owner}: a dict batch must hold tensors (N, *) sharing N >= 1 (the rows), "
+                f"got first-dim sizes {sizes}"
+            )
+        return next(iter(sizes.values()))
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"{owner}: x must be a tensor of shape (N, *) with N >= 1 or a dict of keyword "
+            f"tensors sharing N, got {shape}"
+        )
+    return int(x.shape[0])
+
+
+def _batch_device(x: Batch) -> torch.device:
+    if isinstance(x, Tensor):
+        return x.device
+    return next(v.device for v in x.values() if isinstance(v, Tensor))
+
+
+def _repeat(x: Batch, n: int) -> Batch:
+    """The batch repeated ``n`` times along dim 0 (``(n * N, *)``); other values as is."""
+    if isinstance(x, Tensor):
+        return x.repeat(n, *([1] * (x.dim() - 1)))
+    return {
+        k: v.repeat(n, *([1] * (v.dim() - 1))) if isinstance(v, Tensor) and v.dim() > 0 else v
+        for k, v in x.items()
+    }
+
+
+def _scores(owner: str, out: Any, output_fn: Callable[[Any], Tensor] | None) -> Any:
+    """The class scores in a model's output: ``output_fn(out)``, the tensor itself, or
+    the ``logits`` attribute of a ``ModelOutput``-like object."""
+    if output_fn is not None:
+        return output_fn(out)
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise ValueError(
+        f"{owner}: the model returned a {type(out).__name__} without a tensor .logits; "
+        "hint: pass output_fn= (a function from the model's output to class scores)"
+    )
+
+
 def _check_inputs(owner: str, model: Any, x: Any, output: str, pairing: str) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{owner}: x must be a tensor of shape (N, *) with N >= 1, got {shape}")
+    _batch_rows(owner, x)
     if output not in OUTPUTS:
         raise ValueError(f"{owner}: output must be one of {OUTPUTS}, got {output!r}")
     if pairing not in PAIRINGS:
@@ -464,24 +519,25 @@ def _probs(owner: str, out: Any, passes: int, rows: int, output: str) -> Tensor:
 def _run(
     owner: str,
     net: nn.Module,
-    x: Tensor,
+    x: Batch,
     order: Sequence[int],
     chunk: int,
     output: str,
     setup: Callable[[int, Sequence[int]], contextlib.AbstractContextManager[Any]],
     warn_same: bool = True,
     probe: bool = False,
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> Prediction:
     """The passes ``order``, ``chunk`` per forward; one per forward when a layer sees
     rows that are not the passes' examples. Warns when every pass is identical (unless
     ``warn_same`` is false: the caller said why already). ``probe``: run the first
     pass alone (layers that group rows by pass record their one-pass rows)."""
     try:
-        return _run_chunks(owner, net, x, order, chunk, output, setup, warn_same, probe)
+        return _run_chunks(owner, net, x, order, chunk, output, setup, warn_same, probe, output_fn)
     except _MCLayoutError:
         if chunk == 1:
             raise
-        return _run_chunks(owner, net, x, order, 1, output, setup, warn_same, probe)
+        return _run_chunks(owner, net, x, order, 1, output, setup, warn_same, probe, output_fn)
 
 
 def _bounds(total: int, chunk: int, probe: bool) -> list[tuple[int, int]]:
@@ -496,25 +552,27 @@ def _bounds(total: int, chunk: int, probe: bool) -> list[tuple[int, int]]:
 def _run_chunks(
     owner: str,
     net: nn.Module,
-    x: Tensor,
+    x: Batch,
     order: Sequence[int],
     chunk: int,
     output: str,
     setup: Callable[[int, Sequence[int]], contextlib.AbstractContextManager[Any]],
     warn_same: bool,
     probe: bool,
+    output_fn: Callable[[Any], Tensor] | None,
 ) -> Prediction:
     acc = _Accumulator()
-    rows = x.shape[0]
+    rows = _batch_rows(owner, x)
     first: Tensor | None = None
     differ = False
     with torch.no_grad():
         for start, stop in _bounds(len(order), chunk, probe):
             ids = order[start:stop]
-            batch = x.repeat(len(ids), *([1] * (x.dim() - 1)))  # (passes * N, *)
+            batch = _repeat(x, len(ids))  # (passes * N, *)
             with setup(start, ids):
-                out = net(batch)
-            probs = _probs(owner, out, len(ids), rows, output)
+                out = net(**batch) if isinstance(batch, Mapping) else net(batch)
+            scores = _scores(owner, out, output_fn)
+            probs = _probs(owner, scores, len(ids), rows, output)
             if not differ:
                 first = probs[0] if first is None else first
                 differ = not bool((probs == first).all())
@@ -537,13 +595,14 @@ def _run_chunks(
 
 def mc_predict(
     model: nn.Module,
-    x: Tensor,
+    x: Batch,
     samples: int = 30,
     *,
     seed: int = 0,
     batch_samples: int | None = None,
     output: str = "logits",
     pairing: str = "auto",
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> Prediction:
     """Monte-Carlo dropout: ``samples`` stochastic passes with only the dropout family
     active, summarized as a :class:`Prediction`.
@@ -565,7 +624,8 @@ def mc_predict(
     Args:
         model: a classifier returning class scores ``(rows, C)`` (DDP /
             ``torch.compile`` wrappers are looked through).
-        x: inputs, ``(N, *)``.
+        x: inputs, ``(N, *)``, or a dict of keyword arguments (``model(**x)``, e.g.
+            ``input_ids`` and ``attention_mask``) whose tensors share ``N``.
         samples: number of passes ``S`` (>= 1).
         seed: the same seed gives the same result. Without ``nn.Dropout`` the result
             does not depend on ``batch_samples`` either.
@@ -574,6 +634,8 @@ def mc_predict(
         output: ``"logits"`` (softmax is applied; right for log-probabilities too) or
             ``"probs"``.
         pairing: how gyro layers combine into subnetworks (module docstring).
+        output_fn: maps the model's output to class scores ``(rows, C)``; default: the
+            output itself, or its ``.logits`` (Hugging Face ``ModelOutput``).
 
     Returns:
         A :class:`Prediction` of ``N`` examples (with the gyro ``pairing`` used). Warns
@@ -594,14 +656,16 @@ def mc_predict(
     _check_int(owner, "samples", samples, 1)
     seed = check_seed(owner, seed)
     net = unwrap_model(model)
-    chunk = _chunk_size(owner, batch_samples, samples, x.shape[0])
+    chunk = _chunk_size(owner, batch_samples, samples, _batch_rows(owner, x))
 
     gyro = _gyro_layers(net)
     gyro_ids = {id(m) for m in gyro}
     dropouts = [m for m in net.modules() if isinstance(m, _DROPOUTS)]
     attention = [m for m in net.modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0]
     depths = [m for m in net.modules() if isinstance(m, StochasticDepth)]
-    wrappers = [m for m in net.modules() if isinstance(m, StochasticDepthBlock)]
+    wrappers = [
+        m for m in net.modules() if isinstance(m, (StochasticDepthBlock, StochasticDepthLayer))
+    ]
     others = [
         m
         for m in net.modules()
@@ -632,7 +696,7 @@ def mc_predict(
     else:
         draws = list(range(samples))
     mc_key = masks.mix_keys(seed, masks.TAG_DEPTH)
-    rows = x.shape[0]
+    rows = _batch_rows(owner, x)
     calls: dict[int, int] = {}
     single: dict[int, int] = {}  # rows each layer saw in a one-pass forward
 
@@ -652,23 +716,24 @@ def mc_predict(
     probe = bool(members is not None or depths)
     with (
         _stochastic_eval(net, active),
-        _seeded_rng(seed, x.device, needs_rng),
+        _seeded_rng(seed, _batch_device(x), needs_rng),
         _count_calls(dropouts, calls),
     ):
-        result = _run(owner, net, x, draws, chunk, output, setup, stochastic, probe)
+        result = _run(owner, net, x, draws, chunk, output, setup, stochastic, probe, output_fn)
     _warn_uncalled(owner, net, [*dropouts, *gyro], calls)
     return Prediction(*result, pairing=used, pairing_reason=reason)
 
 
 def subnet_ensemble_predict(
     model: nn.Module,
-    x: Tensor,
+    x: Batch,
     subnets: int | Sequence[int] | None = None,
     *,
     seed: int = 0,
     batch_subnets: int | None = None,
     output: str = "logits",
     pairing: str = "auto",
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> Prediction:
     """The ensemble of the gyro subnetworks the model trained: one pass per subnetwork
     (all rows through it), probabilities averaged. Deterministic.
@@ -680,7 +745,8 @@ def subnet_ensemble_predict(
     Args:
         model: a classifier with at least one :class:`~gyrodrop.GyroDropout` or
             ``BlockGyroLinear`` layer, returning class scores ``(rows, C)``.
-        x: inputs, ``(N, *)``.
+        x: inputs, ``(N, *)``, or a dict of keyword arguments (``model(**x)``, e.g.
+            ``input_ids`` and ``attention_mask``) whose tensors share ``N``.
         subnets: ``None``: all members (``num_subnets``; with ``pairing="index"`` and
             layers of different sigma, the largest); an int ``n``: a seeded subset of
             ``n`` members; a sequence of member ids.
@@ -689,6 +755,7 @@ def subnet_ensemble_predict(
         output: ``"logits"`` or ``"probs"``, as in :func:`mc_predict`.
         pairing: ``"auto"``, ``"trained"`` or ``"index"`` (module docstring); the
             returned :class:`Prediction` says which was used and why.
+        output_fn: maps the model's output to class scores, as in :func:`mc_predict`.
 
     Example:
         >>> import torch, gyrodrop
@@ -739,8 +806,8 @@ def subnet_ensemble_predict(
         raise ValueError(
             f"{owner}: subnets must be None, an int or a sequence of ints, got {subnets!r}"
         )
-    chunk = _chunk_size(owner, batch_subnets, len(chosen), x.shape[0])
-    rows = x.shape[0]
+    rows = _batch_rows(owner, x)
+    chunk = _chunk_size(owner, batch_subnets, len(chosen), rows)
     calls: dict[int, int] = {}
     single: dict[int, int] = {}
 
@@ -748,6 +815,6 @@ def subnet_ensemble_predict(
         return _gyro_passes(members, ids, rows, calls, single)
 
     with _stochastic_eval(net, _fused_parents(net)):
-        result = _run(owner, net, x, chosen, chunk, output, setup, probe=True)
+        result = _run(owner, net, x, chosen, chunk, output, setup, probe=True, output_fn=output_fn)
     _warn_uncalled(owner, net, gyro, calls)
     return Prediction(*result, pairing=used, pairing_reason=reason)

@@ -1,0 +1,187 @@
+"""Surgery for the rest of the dropout family: DropBlock in, gyrodrop layers out.
+
+- :func:`apply_dropblock` swaps ``nn.Dropout2d`` (channel dropout on feature maps) for
+  :class:`~gyrodrop.DropBlock2d` or :class:`~gyrodrop.GyroDropBlock2d`.
+- :func:`remove_gyro_dropout` undoes the dropout surgeries for export: plain
+  ``nn.Dropout`` / ``Dropout1d/2d/3d`` back with their ``p``, so the state-dict keys are
+  those of the model before surgery.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, cast
+
+from torch import nn
+
+from gyrodrop.blockwise import BlockGyroLinear
+from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
+from gyrodrop.gyro import GyroDropout
+from gyrodrop.schedule import check_p, check_seed
+from gyrodrop.surgery import Policy, layer_seed, replace_modules, unwrap_model
+
+__all__ = ["apply_dropblock", "remove_gyro_dropout"]
+
+# The plain dropout type a gyrodrop layer replaced, recorded by the surgeries of this
+# module (a plain attribute: surgery is re-run in code before loading a checkpoint).
+_ORIGIN = "_gyrodrop_replaced"
+
+
+def apply_dropblock(
+    model: nn.Module,
+    *,
+    p: float | None = None,
+    block_size: int = 7,
+    gyro: bool = False,
+    num_subnets: int = 64,
+    subnets_per_step: int = 4,
+    total_steps: int | None = None,
+    steps_per_set: int | None = None,
+    seed: int = 0,
+    **kw: Any,
+) -> int:
+    """Replace every ``nn.Dropout2d`` of ``model`` with DropBlock, in place.
+
+    Args:
+        model: the network (DDP / ``torch.compile`` wrappers are looked through).
+        p: the drop rate of every layer; ``None`` keeps each ``Dropout2d``'s own ``p``.
+        block_size: side of the dropped squares (clamped to each feature map).
+        gyro: ``False``: :class:`~gyrodrop.DropBlock2d` (a fresh draw every step);
+            ``True``: :class:`~gyrodrop.GyroDropBlock2d` with ``num_subnets``,
+            ``subnets_per_step`` and ``total_steps`` or ``steps_per_set`` (all layers
+            share the schedule seed ``seed``: network-level subnetworks).
+        seed: every layer gets its own mask seed derived from this and its position.
+        **kw: ``shared_channels``, ``scale``, ``auto_step`` for both; ``warmup_steps``
+            (DropBlock2d only) and ``schedule`` (gyro only).
+
+    Returns the number of layers replaced, and warns when it is zero. Layers already
+    replaced are left alone; :func:`remove_gyro_dropout` puts the ``Dropout2d`` back.
+
+    Example:
+        >>> import torch.nn as nn, gyrodrop
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Dropout2d(0.1))
+        >>> gyrodrop.apply_dropblock(net, block_size=5)
+        1
+        >>> net[2]
+        DropBlock2d(p=0.1, block_size=5, shared_channels=False, scale=inverted)
+    """
+    owner = "apply_dropblock"
+    if p is not None:
+        p = check_p(owner, p)
+    check_seed(owner, seed)
+    if not isinstance(gyro, bool):
+        raise ValueError(f"{owner}: gyro must be a bool, got {gyro!r}")
+    allowed = {"shared_channels", "scale", "auto_step"} | (
+        {"schedule"} if gyro else {"warmup_steps"}
+    )
+    unknown = set(kw) - allowed
+    if unknown:
+        raise TypeError(
+            f"{owner}: unexpected keyword arguments {sorted(unknown)} for gyro={gyro}; "
+            f"allowed: {sorted(allowed)} besides the named ones"
+        )
+    if not gyro and (total_steps is not None or steps_per_set is not None):
+        raise ValueError(
+            f"{owner}: total_steps / steps_per_set schedule gyro DropBlock; pass gyro=True, "
+            "or warmup_steps= for DropBlock2d's linear ramp of p"
+        )
+    if gyro and total_steps is None and steps_per_set is None:
+        warnings.warn(
+            f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1",
+            UserWarning,
+            stacklevel=2,
+        )
+        steps_per_set = 1
+
+    def make(module: nn.Module, index: int) -> nn.Module:
+        rate = cast(float, module.p) if p is None else p
+        new: nn.Module
+        if gyro:
+            new = GyroDropBlock2d(
+                rate,
+                block_size,
+                num_subnets,
+                subnets_per_step,
+                total_steps=total_steps,
+                steps_per_set=steps_per_set,
+                seed=layer_seed(seed, index),
+                schedule_seed=seed,
+                **kw,
+            )
+        else:
+            new = DropBlock2d(rate, block_size, seed=layer_seed(seed, index), **kw)
+        object.__setattr__(new, _ORIGIN, nn.Dropout2d)
+        return new
+
+    count = replace_modules(model, {nn.Dropout2d: make})
+    if count == 0:
+        warnings.warn(
+            f"{owner}: no nn.Dropout2d found; the model is unchanged. Hint: insert "
+            "gyrodrop.DropBlock2d after the conv stages yourself (the paper uses it after "
+            "ResNet groups 3 and 4)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return count
+
+
+def _plain_type(module: nn.Module) -> type[nn.Module]:
+    origin = getattr(module, _ORIGIN, None)
+    if isinstance(origin, type) and issubclass(origin, nn.Module):
+        return origin
+    if isinstance(module, (DropBlock2d, GyroDropBlock2d)):
+        return nn.Dropout2d
+    if isinstance(module, GyroDropout) and module.dims == (1,):
+        return nn.Dropout2d  # channel-wise; all of Dropout1d/2d/3d are eval identities
+    return nn.Dropout
+
+
+def remove_gyro_dropout(model: nn.Module) -> int:
+    """Undo the dropout surgeries, in place, e.g. to export a trained model.
+
+    - :class:`~gyrodrop.GyroDropout` becomes ``nn.Dropout(p)``, or the
+      ``Dropout1d/2d/3d`` it replaced when :func:`gyrodrop.apply_gyro_dropout` made it
+      channel-wise (``dims=(1,)``; ``Dropout2d`` when the original type is unknown);
+    - :class:`~gyrodrop.DropBlock2d` and :class:`~gyrodrop.GyroDropBlock2d` become
+      ``nn.Dropout2d(p)``;
+    - :class:`~gyrodrop.BlockGyroLinear` becomes an ``nn.Linear`` sharing its weight
+      and bias (the fused dropout stays the ``nn.Identity`` that
+      :func:`gyrodrop.apply_block_gyro` left in its place).
+
+    The gyrodrop layers' ``step``/``seed`` buffers go away, so ``state_dict()`` has the
+    keys of the model before surgery; ``eval()`` outputs are unchanged. Stochastic depth
+    is undone by :func:`gyrodrop.stochastic_depth.remove_stochastic_depth`.
+
+    Returns the number of layers replaced (0 without a warning: nothing to undo).
+
+    Example:
+        >>> import torch.nn as nn, gyrodrop
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2))
+        >>> keys = list(net.state_dict())
+        >>> gyrodrop.apply_gyro_dropout(net, total_steps=100, num_subnets=8, subnets_per_step=2)
+        1
+        >>> gyrodrop.remove_gyro_dropout(net)
+        1
+        >>> net[1], list(net.state_dict()) == keys
+        (Dropout(p=0.3, inplace=False), True)
+    """
+    unwrap_model(model)
+
+    def plain(module: nn.Module, _: int) -> nn.Module:
+        if isinstance(module, BlockGyroLinear):
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device="meta",
+            )
+            linear.weight = module.weight
+            if module.bias is not None:
+                linear.bias = cast(nn.Parameter, module.bias)
+            return linear
+        return _plain_type(module)(p=cast(float, module.p))
+
+    policy: Policy = dict.fromkeys(
+        (GyroDropout, DropBlock2d, GyroDropBlock2d, BlockGyroLinear), plain
+    )
+    return replace_modules(model, policy)
