@@ -99,6 +99,12 @@ class TestStepsPerSet:
         with pytest.raises(ValueError, match="at most one of total_steps and steps_per_set"):
             resolve_steps_per_set("X", 8, 2, 10, 10)
 
+    def test_layers_keep_the_run_length_they_were_given(self):
+        # total_steps is public state (trainer callbacks set it, analysis reads it).
+        drop = gyrodrop.GyroDropout(0.5, 64, 4, total_steps=1000)
+        assert (drop.total_steps, drop.steps_per_set) == (1000, 62)
+        assert gyrodrop.GyroDropout(0.5, 64, 4, steps_per_set=7).total_steps is None
+
 
 class TestStepFunction:
     def test_advances_every_gyro_module_of_a_nested_model(self):
