@@ -19,6 +19,7 @@ __all__ = [
     "hash_u32",
     "mix_keys",
     "seeded_permutation",
+    "seeded_draws",
     "element_keep_mask",
     "block_keep_mask",
     "block_bounds",
@@ -35,6 +36,7 @@ TAG_BLOCK = 0x22
 TAG_PERM = 0x33
 TAG_RANDOM_SET = 0x44
 TAG_DEPTH = 0x55
+TAG_REPLACE_SET = 0x66
 
 
 def hash_u32(x: Tensor) -> Tensor:
@@ -92,6 +94,24 @@ def seeded_permutation(seed: int, tag: int, counter: int, n: int) -> Tensor:
     idx = torch.arange(n, dtype=torch.int64)
     h = hash_u32((idx * 0x27D4EB2F + mix_keys(seed, tag, counter)) & _M32)
     return torch.argsort((h << 31) | idx)
+
+
+def seeded_draws(seed: int, tag: int, counter: int, count: int, n: int) -> Tensor:
+    """``count`` draws from ``range(n)``, uniform with replacement, that depend only on
+    ``(seed, tag, counter)``; int64 on the CPU, shape ``(count,)``.
+
+    Each draw is a 32-bit hash reduced modulo ``n`` (bias below ``n / 2**32``).
+
+    Example:
+        >>> d = seeded_draws(0, TAG_REPLACE_SET, 3, 5, 4)
+        >>> d.shape, bool(((d >= 0) & (d < 4)).all())
+        (torch.Size([5]), True)
+    """
+    if n < 1 or count < 0:
+        raise ValueError(f"seeded_draws: need n >= 1 and count >= 0, got n={n}, count={count}")
+    idx = torch.arange(count, dtype=torch.int64)
+    h = hash_u32((idx * 0x165667B1 + mix_keys(seed, tag, counter)) & _M32)
+    return hash_u32((h + _GOLDEN) & _M32) % n
 
 
 def element_keep_mask(

@@ -94,6 +94,9 @@ def replace_modules(model: nn.Module, policy: Policy) -> int:
 
 _CHANNELWISE = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
+#: ``pairing`` values of :func:`apply_gyro_dropout`.
+PAIRINGS = ("shared", "independent")
+
 
 def apply_gyro_dropout(
     model: nn.Module,
@@ -104,6 +107,7 @@ def apply_gyro_dropout(
     total_steps: int | None = None,
     steps_per_set: int | None = None,
     seed: int = 0,
+    pairing: str = "shared",
     **kw: Any,
 ) -> int:
     """Replace ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in ``model`` with
@@ -115,6 +119,16 @@ def apply_gyro_dropout(
     model (mask ``k`` in every layer) is trained as one network, as in the paper.
     Layers already replaced are left alone. Other keyword arguments (``schedule``,
     ``scale``, ``dims``, ``auto_step``) go to every ``GyroDropout``.
+
+    ``pairing`` says how the layers' masks form subnetworks:
+
+    - ``"shared"`` (default): one schedule for the whole network (schedule seed
+      ``seed`` in every layer), so the active ids are the same in every layer;
+    - ``"independent"``: every layer gets its own schedule seed, so each layer picks its
+      active masks independently of the others; the schedule defaults to
+      ``"replacement"`` (ids drawn with replacement, as the authors' TensorFlow code
+      does) unless ``schedule`` is given. The model then trains no fixed set of
+      network-level subnetworks.
 
     Returns the number of layers replaced, and warns when it is zero.
 
@@ -129,6 +143,10 @@ def apply_gyro_dropout(
     if p is not None:
         p = check_p("apply_gyro_dropout", p)
     check_seed("apply_gyro_dropout", seed)
+    if pairing not in PAIRINGS:
+        raise ValueError(f"apply_gyro_dropout: pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if pairing == "independent":
+        kw.setdefault("schedule", "replacement")
     allowed = {"dims", "schedule", "scale", "auto_step"}
     unknown = set(kw) - allowed
     if unknown:
@@ -148,7 +166,7 @@ def apply_gyro_dropout(
             total_steps=total_steps,
             steps_per_set=steps_per_set,
             seed=layer_seed(seed, index),
-            schedule_seed=seed,
+            schedule_seed=seed if pairing == "shared" else layer_seed(seed, index),
             **options,
         )
 
