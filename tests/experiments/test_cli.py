@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gyrodrop
 from gyrodrop.experiments import cli
-from gyrodrop.experiments.cli import main
+from gyrodrop.experiments.cli import main, runner
 
 pytest.importorskip("sklearn")
 COMMANDS = ("compare", "sweep", "diversity", "bench", "cv", "report")
@@ -69,7 +68,7 @@ class TestCompare:
         def no_training(*a: object, **k: object) -> None:
             raise AssertionError("a finished run was trained again")
 
-        monkeypatch.setattr(cli, "train_run", no_training)
+        monkeypatch.setattr(runner, "train_run", no_training)
         args = [
             "compare",
             "--quick",
@@ -125,7 +124,7 @@ class TestCompare:
         monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        real = cli.train_run
+        real = runner.train_run
         calls: list[str] = []
 
         def interrupted_second(cfg, *a, **k):  # type: ignore[no-untyped-def]
@@ -134,7 +133,7 @@ class TestCompare:
                 raise KeyboardInterrupt
             return real(cfg, *a, **k)
 
-        monkeypatch.setattr(cli, "train_run", interrupted_second)
+        monkeypatch.setattr(runner, "train_run", interrupted_second)
         args = [
             "compare",
             "--quick",
@@ -153,13 +152,11 @@ class TestCompare:
         assert "1 of 2 runs are saved" in capsys.readouterr().err
         assert len(_json_report(tmp_path / "r.db", capsys)) == 1
         calls.clear()
-        monkeypatch.setattr(cli, "train_run", real)
+        monkeypatch.setattr(runner, "train_run", real)
         assert main(args) == 0
         assert len(_json_report(tmp_path / "r.db", capsys)) == 2
 
     def test_uncertainty_writes_a_reliability_diagram(self, tmp_path: Path) -> None:
-        if not hasattr(gyrodrop, "mc_predict"):
-            pytest.skip("gyrodrop.mc_predict not available")
         args = [
             "compare",
             "--quick",
@@ -351,16 +348,6 @@ class TestErrors:
     def test_report_on_missing_db(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["report", "--db", str(tmp_path / "none.db")]) == 2
         assert "no such file" in capsys.readouterr().err
-
-    def test_blockwise_without_support_is_a_clear_error(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-    ) -> None:
-        monkeypatch.delattr(gyrodrop, "apply_block_gyro", raising=False)
-        assert (
-            main(["compare", "--quick", "--methods", "blockwise", "--db", str(tmp_path / "r.db")])
-            == 2
-        )
-        assert "apply_block_gyro" in capsys.readouterr().err
 
     def test_tau_larger_than_batch(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

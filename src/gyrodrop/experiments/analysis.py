@@ -18,6 +18,7 @@ from gyrodrop.experiments.train import RunConfig, make_model
 
 __all__ = [
     "subnetwork_features",
+    "subnetwork_steps",
     "diversity",
     "time_train_steps",
     "time_block_layer",
@@ -39,13 +40,54 @@ def _inner_dropouts(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def _total_steps(layer: gyrodrop.GyroDropout) -> int:
+    return max(int(layer.total_steps or layer.steps_per_set * layer.num_subnets), 1)
+
+
+def subnetwork_steps(model: nn.Module, count: int) -> list[int]:
+    """Training steps whose row-group-0 subnetworks are ``count`` distinct ones, spread
+    over training (``j * total_steps // count``, moved on to the next unseen
+    subnetwork where one repeats); ``[]`` when ``model`` has no gyro layer.
+
+    Raises:
+        ValueError: training visited fewer than ``count`` distinct subnetworks (too few
+            steps, or ``count`` > sigma): no subnetwork is compared with itself.
+    """
+    layers = [m for m in _inner_dropouts(model) if isinstance(m, gyrodrop.GyroDropout)]
+    if not layers:
+        return []
+    total = _total_steps(layers[0])
+
+    def ident(step: int) -> tuple[int, ...]:
+        return tuple(int(m.active_subnets(step)[0]) for m in layers)
+
+    steps: list[int] = []
+    seen: set[tuple[int, ...]] = set()
+    for j in range(count):
+        step = (j * total) // count
+        while step < total and ident(step) in seen:
+            step += 1
+        if step >= total:
+            step = next((s for s in range(total) if ident(s) not in seen), total)
+        if step >= total:
+            raise ValueError(
+                f"diversity: training visited only {len(seen)} distinct subnetworks "
+                f"({total} steps, sigma {layers[0].num_subnets}); count must be <= "
+                f"{len(seen)}, got {count}"
+            )
+        seen.add(ident(step))
+        steps.append(step)
+    return steps
+
+
 def _mask_fn(
-    layer: nn.Module, j: int, count: int, seed: int, index: int
+    layer: nn.Module, j: int, count: int, seed: int, index: int, step: int | None = None
 ) -> Callable[[Tensor], Tensor]:
-    """Scaled mask of network-subnetwork ``j`` for ``layer`` (the ``index``-th one)."""
+    """Scaled mask of network-subnetwork ``j`` for ``layer`` (the ``index``-th one);
+    gyro layers use row group 0's subnetwork at ``step`` (default ``j * total // count``)."""
     if isinstance(layer, gyrodrop.GyroDropout):
-        total = int(layer.total_steps or layer.steps_per_set * layer.num_subnets)
-        step = (j * max(total, 1)) // count
+        if step is None:
+            step = (j * _total_steps(layer)) // count
         sub = int(layer.active_subnets(step)[0])
         return lambda out: layer.subnet_mask(sub, out)
     p = float(getattr(layer, "p", 0.0))
@@ -59,18 +101,21 @@ def _mask_fn(
 
 
 @torch.no_grad()
-def subnetwork_features(model: nn.Module, x: Tensor, j: int, count: int, seed: int = 0) -> Tensor:
+def subnetwork_features(
+    model: nn.Module, x: Tensor, j: int, count: int, seed: int = 0, step: int | None = None
+) -> Tensor:
     """Last hidden features ``(N, F)`` of subnetwork ``j`` of ``count``: every dropout
     layer before the last hidden layer applies one fixed mask in eval mode.
 
     For gyro dropout, subnetwork ``j`` is the combination of masks that row group 0 used
     at step ``j * total_steps // count`` (masks trained together); for dropout, one
     seeded random mask per layer (a subnetwork is a fixed mask, as at test time).
+    ``step`` overrides the gyro step (see :func:`subnetwork_steps`).
     """
     model.eval()
     handles = []
     for index, layer in enumerate(_inner_dropouts(model)):
-        fn = _mask_fn(layer, j, count, seed, index)
+        fn = _mask_fn(layer, j, count, seed, index, step)
         cache: dict[tuple[int, ...], Tensor] = {}
 
         def hook(
@@ -107,9 +152,12 @@ def diversity(
     """
     if count < 2:
         raise ValueError(f"diversity: count must be >= 2, got {count}")
+    if eval_size < 1:
+        raise ValueError(f"diversity: eval_size must be >= 1, got {eval_size}")
+    steps: list[int | None] = [*subnetwork_steps(model, count)] or [None] * count
     device = next(model.parameters()).device
     x = data.x_test[:eval_size].to(device)
-    feats = [subnetwork_features(model, x, j, count, seed) for j in range(count)]
+    feats = [subnetwork_features(model, x, j, count, seed, steps[j]) for j in range(count)]
     norms = [f.abs().sum(1).mean().item() for f in feats]
     matrix = [[0.0] * count for _ in range(count)]
     for i in range(count):
@@ -122,6 +170,7 @@ def diversity(
         "diversity_matrix": matrix,
         "diversity_mean": statistics.fmean(off),
         "diversity_layers": len(_inner_dropouts(model)),
+        "diversity_eval_size": len(x),
     }
 
 

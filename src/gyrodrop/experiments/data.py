@@ -14,7 +14,9 @@ Names:
 - ``svhn``: ``train_32x32.mat`` and ``test_32x32.mat`` (format 2, cropped digits) in
   ``data_dir`` or ``data_dir/svhn``; label 10 means digit 0.
 - ``csv:PATH``: a numeric CSV, last column the label (numbers or strings, mapped to
-  0..C-1 in sorted order), an optional header row; split 70/30 stratified.
+  0..C-1 in sorted order; ``1``, ``1.0`` and `` 1`` are one class; empty, ``NA`` or
+  ``nan`` labels are refused with their row), an optional header row (judged on the
+  whole row); split 70/30 stratified.
 
 Features are standardized with statistics of the training split only (per channel for
 images, per column for tables). Nothing is downloaded: a missing or unreadable file
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import math
 import pickle
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +43,7 @@ from torch import Tensor
 __all__ = [
     "DATASETS",
     "DatasetError",
+    "data_identity",
     "Dataset",
     "load_dataset",
     "load_arrays",
@@ -263,7 +268,51 @@ def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64), names
 
 
+#: Label cells refused as missing values (compared case-insensitively).
+MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _canonical_number(value: float) -> str:
+    """``1``, ``1.0`` and `` 1`` -> ``"1"``; ``0.5`` -> ``"0.5"``."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _is_header(rows: list[list[str]]) -> bool:
+    """Whether the first row is a header, judged on the whole row.
+
+    It is when one of its feature cells is not a number, when its label is not a
+    number while every other label is, or when its label occurs in no other row (a
+    class of one example cannot be split anyway: ``0,1,2,3,label`` is a header).
+    """
+    first = [c.strip() for c in rows[0]]
+    if any(_float_or_none(c) is None for c in first[:-1]):
+        return True
+    rest = [r[-1].strip() for r in rows[1:] if r]
+    if not rest:
+        return False
+    label = first[-1]
+    rest_numeric = all(
+        _float_or_none(c) is not None for c in rest if c.lower() not in MISSING_LABELS
+    )
+    if _float_or_none(label) is None and rest_numeric:
+        return True
+    return label not in rest
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Features, labels ``0..C-1`` and class names of a CSV (last column the label).
+
+    Numeric labels are one class per value (``1``, ``1.0`` and `` 1`` are one class,
+    named ``1``), ordered by value; other labels are classes named as found, in sorted
+    order. Empty and missing labels (``NA``, ``nan``, ...) are refused with the row.
+    """
     if not path.is_file():
         raise DatasetError(
             f"csv: expected a file at {path} (numeric columns, last column the label); "
@@ -277,49 +326,100 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
                 dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, ",;\t ")
             except csv.Error:
                 dialect = csv.excel
-            rows = [r for r in csv.reader(f, dialect) if r and any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError) as e:
+            numbered = [
+                (n, r)
+                for n, r in enumerate(csv.reader(f, dialect), start=1)
+                if r and any(c.strip() for c in r)
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"csv: cannot read {path}: {e}") from e
-    if not rows:
+    if not numbered:
         raise DatasetError(f"csv: {path} is empty; expected numeric columns, last the label")
-
-    def numeric(row: list[str]) -> bool:
-        try:
-            [float(c) for c in row[:-1]]
-        except ValueError:
-            return False
-        return True
-
-    if not numeric(rows[0]):
-        rows = rows[1:]  # header
-    width = len(rows[0]) if rows else 0
+    if _is_header([r for _, r in numbered]):
+        numbered = numbered[1:]
+    width = len(numbered[0][1]) if numbered else 0
     if width < 2:
         raise DatasetError(f"csv: {path} needs at least 2 columns (features, then the label)")
     feats: list[list[float]] = []
     labels: list[str] = []
-    for i, row in enumerate(rows):
+    for line, row in numbered:
         if len(row) != width:
-            raise DatasetError(f"csv: {path} row {i + 1} has {len(row)} columns, expected {width}")
+            raise DatasetError(f"csv: {path} row {line} has {len(row)} columns, expected {width}")
         try:
             feats.append([float(c) for c in row[:-1]])
         except ValueError as e:
-            raise DatasetError(f"csv: {path} row {i + 1} has a non-numeric feature: {e}") from e
-        labels.append(row[-1].strip())
-    try:
-        keys = sorted(set(labels), key=float)
-        as_num = True
-    except ValueError:
-        keys = sorted(set(labels))
-        as_num = False
-    if len(keys) < 2:
-        raise DatasetError(f"csv: {path} has a single label value {keys}; need >= 2 classes")
-    index = {k: i for i, k in enumerate(keys)}
-    y = np.array([index[v] for v in labels], dtype=np.int64)
-    names = tuple(str(float(k)).removesuffix(".0") if as_num else k for k in keys)
+            raise DatasetError(f"csv: {path} row {line} has a non-numeric feature: {e}") from e
+        label = row[-1].strip()
+        if label.lower() in MISSING_LABELS:
+            raise DatasetError(
+                f"csv: {path} row {line} has a missing label {row[-1]!r}; every row needs a class"
+            )
+        labels.append(label)
+    numbers = [_float_or_none(v) for v in labels]
+    if all(v is not None for v in numbers):
+        values = [float(v) for v in numbers if v is not None]
+        for (line, _), v in zip(numbered, values, strict=True):
+            if not math.isfinite(v):
+                raise DatasetError(f"csv: {path} row {line} has a non-finite label {v}")
+        keys = sorted(set(values))
+        index: dict[Any, int] = {k: i for i, k in enumerate(keys)}
+        y = np.array([index[v] for v in values], dtype=np.int64)
+        names = tuple(_canonical_number(k) for k in keys)
+    else:
+        skeys = sorted(set(labels))
+        index = {k: i for i, k in enumerate(skeys)}
+        y = np.array([index[v] for v in labels], dtype=np.int64)
+        names = tuple(skeys)
+    if len(names) < 2:
+        raise DatasetError(f"csv: {path} has a single label value {list(names)}; need >= 2 classes")
     x = np.asarray(feats, dtype=np.float64)
     if not np.isfinite(x).all():
         raise DatasetError(f"csv: {path} has NaN or infinite features")
     return x, y, names
+
+
+def _hash_files(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            raise DatasetError(f"cannot read {path}: {e}") from e
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def data_identity(name: str, data_dir: str | Path | None = None) -> str | None:
+    """A content hash (16 hex digits) of the files ``name`` is read from, or ``None`` for
+    the datasets bundled with scikit-learn: part of every run's key, so that changed
+    files train new runs instead of reporting old ones.
+
+    Raises:
+        DatasetError: the files are missing (the message names them).
+    """
+    if name.startswith("csv:"):
+        path = Path(name[4:]).expanduser()
+        if not path.is_file():
+            raise DatasetError(f"csv: expected a file at {path}; nothing is downloaded")
+        return _hash_files([path])
+    if name == "fashion-mnist":
+        dirs = _search_dirs(
+            data_dir, ["fashion-mnist", "fashion_mnist", "FashionMNIST"], [FASHION_DIR]
+        )
+        d = _find_dir("fashion-mnist", FASHION_FILES, dirs, alt=(".gz",))
+        return _hash_files(
+            [d / (f + ".gz") if (d / (f + ".gz")).is_file() else d / f for f in FASHION_FILES]
+        )
+    if name == "cifar10":
+        dirs = _search_dirs(data_dir, ["cifar-10-batches-py", "cifar10/cifar-10-batches-py"], [])
+        d = _find_dir("cifar10", CIFAR_FILES, dirs)
+        return _hash_files([d / f for f in CIFAR_FILES])
+    if name == "svhn":
+        d = _find_dir("svhn", SVHN_FILES, _search_dirs(data_dir, ["svhn", "SVHN"], []))
+        return _hash_files([d / f for f in SVHN_FILES])
+    return None
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float = 0.3) -> Arrays:

@@ -7,19 +7,26 @@ Tables:
   full configuration (:meth:`RunConfig.key`), with the configuration, the final
   metrics (JSON) and the common columns (dataset, model, method, seed, test_acc, ...);
 - ``epochs(run_key, epoch, metrics)``: the per-epoch rows of each run;
+- ``claims(key, pid, host, expires)``: runs being trained now; a process claims a run
+  before training it, so two processes with the same configuration do not both train
+  it (a claim of a dead process or past its lease is taken over);
 - ``bench``: timing measurements (machine-dependent, replaced on re-measure).
 
 A run is written in one transaction after it finishes, so an interrupted command leaves
 every finished run saved and nothing half-written; running the command again skips
 them. The file is marked with SQLite's ``application_id`` and the ``meta`` table: a file
-that is not SQLite, is corrupt, or belongs to another application raises
-:class:`StoreError` and is never written to. WAL journaling and a busy timeout let
+that is not SQLite, belongs to another application, is cut short or fails SQLite's
+``quick_check`` (run on every open, before anything is written) raises
+:class:`StoreError` and is never written to; so does a damaged page or a malformed JSON
+record met while reading. WAL journaling and a busy timeout let
 several processes write at once.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +43,19 @@ APPLICATION_ID = 0x47595244
 SCHEMA_VERSION = 1
 _FORMAT = "gyrodrop-results"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_HOST = socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +82,12 @@ CREATE TABLE IF NOT EXISTS epochs (
     metrics TEXT NOT NULL,
     PRIMARY KEY (run_key, epoch)
 );
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS bench (
     key TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -72,8 +98,20 @@ CREATE TABLE IF NOT EXISTS bench (
 """
 
 
+_CLAIMS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS claims") :].split(";")[0]
+
+
 class StoreError(RuntimeError):
     """The results file is not a usable gyrodrop database (message says why)."""
+
+
+def _object(text: str) -> dict[str, Any]:
+    """A stored JSON object; :class:`json.JSONDecodeError` or :class:`TypeError` when the
+    text is not one."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _check_header(path: Path) -> None:
@@ -88,6 +126,15 @@ def _check_header(path: Path) -> None:
         raise StoreError(
             f"results database {path}: not an SQLite file (foreign or corrupt); refusing to "
             "use it. Pass another --db path"
+        )
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    size = path.stat().st_size
+    if len(head) < 100 or page < 512 or page & (page - 1) or size % page:
+        raise StoreError(
+            f"results database {path}: damaged (its size {size} is not a whole number of "
+            f"{page}-byte pages: cut short?); refusing to use it and leaving it untouched. "
+            "Pass another --db path"
         )
     app_id = int.from_bytes(head[68:72], "big")
     if app_id not in (0, APPLICATION_ID):
@@ -145,6 +192,8 @@ class Store:
             raise StoreError(f"results database {self.path}: cannot open: {e}") from e
         try:
             self._con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            if exists:
+                self._quick_check()
             self._open(readonly)
         except sqlite3.DatabaseError as e:
             self._con.close()
@@ -157,6 +206,34 @@ class Store:
             raise
 
     # ---------------------------------------------------------------- setup
+
+    def _quick_check(self) -> None:
+        """SQLite's ``quick_check`` before anything is written: a damaged file is refused
+        (and left as it is)."""
+        rows = self._con.execute("PRAGMA quick_check").fetchall()
+        problems = [str(r[0]) for r in rows if r and r[0] != "ok"]
+        if problems:
+            raise StoreError(
+                f"results database {self.path}: damaged (SQLite quick_check: {problems[0]}"
+                f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); refusing "
+                "to use it and leaving it untouched. Pass another --db path"
+            )
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Turns SQLite errors and malformed JSON met while reading into :class:`StoreError`."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"results database {self.path}: damaged or unreadable ({e}); refusing to use "
+                "it. Pass another --db path"
+            ) from e
+        except (json.JSONDecodeError, TypeError) as e:
+            raise StoreError(
+                f"results database {self.path}: a stored record is not valid JSON ({e}); "
+                "the file was changed outside gyrodrop. Pass another --db path"
+            ) from e
 
     def _tables(self) -> set[str]:
         rows = self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
@@ -201,6 +278,9 @@ class Store:
                         "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                         [("format", _FORMAT), ("schema", str(SCHEMA_VERSION))],
                     )
+        if "claims" not in self._tables():  # files written before claims existed
+            with self._write():
+                self._con.execute(_CLAIMS)
         mode = self._con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":  # pragma: no cover - e.g. some network filesystems
             self._con.execute("PRAGMA journal_mode = DELETE")
@@ -213,7 +293,10 @@ class Store:
     def _write(self) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             raise StoreError(f"results database {self.path}: opened read-only")
-        self._con.execute("BEGIN IMMEDIATE")
+        try:
+            self._con.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"results database {self.path}: cannot write ({e})") from e
         try:
             yield self._con
         except BaseException:
@@ -236,12 +319,14 @@ class Store:
 
     def has(self, cfg: RunConfig) -> bool:
         """Whether the run ``cfg`` has finished and is saved."""
-        row = self._con.execute("SELECT 1 FROM runs WHERE key = ?", (cfg.key(),)).fetchone()
+        with self._reading():
+            row = self._con.execute("SELECT 1 FROM runs WHERE key = ?", (cfg.key(),)).fetchone()
         return row is not None
 
     def finished_keys(self) -> set[str]:
         """Keys of every finished run."""
-        return {r[0] for r in self._con.execute("SELECT key FROM runs")}
+        with self._reading():
+            return {r[0] for r in self._con.execute("SELECT key FROM runs")}
 
     def save(
         self,
@@ -311,24 +396,74 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY experiment, dataset, model, method, seed, finished"
         out = []
-        for key, config, metrics, device, version, finished in self._con.execute(sql, args):
-            rec: dict[str, Any] = {"key": key}
-            rec.update(json.loads(config))
-            rec.update(json.loads(metrics))
-            rec.update(device=device, version=version, finished=finished)
-            out.append(rec)
+        with self._reading():
+            for key, config, metrics, device, version, finished in self._con.execute(sql, args):
+                rec: dict[str, Any] = {"key": key}
+                rec.update(_object(config))
+                rec.update(_object(metrics))
+                rec.update(device=device, version=version, finished=finished)
+                out.append(rec)
         return out
 
     def epochs(self, key: str) -> list[dict[str, Any]]:
         """Per-epoch rows of run ``key``, in order."""
-        rows = self._con.execute(
-            "SELECT metrics FROM epochs WHERE run_key = ? ORDER BY epoch", (key,)
-        ).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        with self._reading():
+            rows = self._con.execute(
+                "SELECT metrics FROM epochs WHERE run_key = ? ORDER BY epoch", (key,)
+            ).fetchall()
+            return [_object(r[0]) for r in rows]
 
     def experiments(self) -> list[str]:
         """Experiment names present (``compare``, ``sweep``, ...)."""
-        return [r[0] for r in self._con.execute("SELECT DISTINCT experiment FROM runs ORDER BY 1")]
+        with self._reading():
+            rows = self._con.execute("SELECT DISTINCT experiment FROM runs ORDER BY 1")
+            return [r[0] for r in rows]
+
+    # ---------------------------------------------------------------- claims
+
+    def claim(self, cfg: RunConfig, lease: float) -> bool:
+        """Claim run ``cfg`` for this process for ``lease`` seconds before training it.
+
+        Returns False when the run is finished or another live process holds an
+        unexpired claim on it; a claim whose owner has died (same host, pid gone) or
+        whose lease ran out is taken over. Renew it with :meth:`renew` while training.
+        """
+        key = cfg.normalized().key()
+        me = (os.getpid(), _HOST)
+        now = time.time()
+        with self._write() as con:
+            if con.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone():
+                return False
+            row = con.execute("SELECT pid, host, expires FROM claims WHERE key = ?", (key,))
+            held = row.fetchone()
+            if (
+                held is not None
+                and (held[0], held[1]) != me
+                and held[2] > now
+                and (held[1] != _HOST or _alive(int(held[0])))
+            ):
+                return False
+            con.execute(
+                "INSERT OR REPLACE INTO claims (key, pid, host, expires) VALUES (?, ?, ?, ?)",
+                (key, me[0], me[1], now + lease),
+            )
+        return True
+
+    def renew(self, cfg: RunConfig, lease: float) -> None:
+        """Extend this process's claim on ``cfg`` to ``lease`` seconds from now."""
+        with self._write() as con:
+            con.execute(
+                "UPDATE claims SET expires = ? WHERE key = ? AND pid = ? AND host = ?",
+                (time.time() + lease, cfg.normalized().key(), os.getpid(), _HOST),
+            )
+
+    def release(self, cfg: RunConfig) -> None:
+        """Drop this process's claim on ``cfg`` (finished or given up)."""
+        with self._write() as con:
+            con.execute(
+                "DELETE FROM claims WHERE key = ? AND pid = ? AND host = ?",
+                (cfg.normalized().key(), os.getpid(), _HOST),
+            )
 
     # ---------------------------------------------------------------- bench
 
@@ -353,9 +488,10 @@ class Store:
             sql += " WHERE kind = ?"
             args = (kind,)
         out = []
-        for k, config, metrics in self._con.execute(sql + " ORDER BY finished", args):
-            rec: dict[str, Any] = {"kind": k}
-            rec.update(json.loads(config))
-            rec.update(json.loads(metrics))
-            out.append(rec)
+        with self._reading():
+            for k, config, metrics in self._con.execute(sql + " ORDER BY finished", args):
+                rec: dict[str, Any] = {"kind": k}
+                rec.update(_object(config))
+                rec.update(_object(metrics))
+                out.append(rec)
         return out

@@ -58,6 +58,7 @@ __all__ = [
     "RunResult",
     "EpochCallback",
     "make_model",
+    "input_shape",
     "predict_proba",
     "train_run",
     "resolve_device",
@@ -76,6 +77,14 @@ OPTIMIZERS: tuple[str, ...] = ("rmsprop", "sgd", "rmsprop-tf1")
 RECIPES: tuple[str, ...] = ("default", "paper")
 _GYRO = ("gyro", "gyro-random", "gyro-independent")
 _SUBNET_METHODS = (*_GYRO, "blockwise")  # trained a fixed set of subnetworks
+#: Fields added after schema 1 and their defaults (left out of the key at them).
+_LATE_FIELDS: dict[str, Any] = {
+    "data_id": None,
+    "subnetworks": None,
+    "eval_size": None,
+    "recipe": "default",
+    "width_mult": None,
+}
 
 
 @dataclass(frozen=True)
@@ -113,9 +122,13 @@ class RunConfig:
     fold: int | None = None
     # evaluation
     mc_samples: int | None = None
-    # recipe (added later: left out of the key at their defaults, so older keys hold)
-    recipe: str = "default"
-    width_mult: float | None = None
+    # added after schema 1: left out of the key at their defaults (None, "default"), so
+    # older keys still match
+    data_id: str | None = None  # content hash of the data files (csv, fashion-mnist, ...)
+    subnetworks: int | None = None  # diversity: subnetworks compared
+    eval_size: int | None = None  # diversity: test examples used
+    recipe: str = "default"  # training recipe: "default" or "paper"
+    width_mult: float | None = None  # conv channel multiplier of the paper-* conv nets
 
     def normalized(self) -> RunConfig:
         """A copy with fields irrelevant to ``method`` set to ``None``; validates."""
@@ -186,12 +199,10 @@ class RunConfig:
         return d
 
     def canonical_json(self) -> str:
-        """Canonical JSON of the normalized configuration: sorted keys, no spaces.
-
-        ``recipe`` and ``width_mult`` are left out at their defaults (``"default"``,
-        ``None``), so runs saved before they existed keep their keys."""
+        """Canonical JSON of the normalized configuration: sorted keys, no spaces (the
+        fields added after schema 1 only when not at their defaults)."""
         d = self.normalized().to_dict()
-        for name, default in _LATER_FIELDS.items():
+        for name, default in _LATE_FIELDS.items():
             if d[name] == default:
                 del d[name]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
@@ -208,9 +219,6 @@ class RunConfig:
         if kw.get("widths") is not None:
             kw["widths"] = tuple(kw["widths"])
         return cls(**kw)
-
-
-_LATER_FIELDS: dict[str, Any] = {"recipe": "default", "width_mult": None}
 
 
 @dataclass
@@ -348,6 +356,16 @@ def _apply_max_norm(model: nn.Module, c: float) -> None:
                 w.copy_(torch.renorm(w, 2, 0, c))
 
 
+def input_shape(cfg: RunConfig, data: Dataset) -> tuple[int, ...]:
+    """The shape of one example as the model sees it: ``data.in_shape``, or the crop
+    ``(C, s, s)`` of image data under the paper recipe (``s = crop_size(H, W)``)."""
+    shape = tuple(data.x_train.shape[1:])
+    if cfg.recipe == "paper" and len(shape) == 3:
+        side = crop_size(shape[1], shape[2])
+        return (shape[0], side, side)
+    return shape
+
+
 def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -371,11 +389,9 @@ class _View:
         self.gen = gen
         self.data = data
         self.x_train = data.x_train.to(dev)
-        self.in_shape: tuple[int, ...] | None = None
+        self.in_shape = input_shape(cfg, data)
         if self.augment:
-            _, c, h, w = data.x_train.shape
-            self.size = crop_size(h, w)
-            self.in_shape = (c, self.size, self.size)
+            self.size = self.in_shape[-1]
             self.x_test = per_image_standardize(center_crop(data.x_test, self.size)).to(dev)
         else:
             self.x_test = data.x_test.to(dev)
