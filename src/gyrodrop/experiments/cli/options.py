@@ -161,7 +161,8 @@ EXAMPLES = {
     "report": """examples:
   gyrodrop report --db results.db
   gyrodrop report --db results.db --format json > runs.json
-  gyrodrop report --db results.db --format csv --experiment compare""",
+  gyrodrop report --db results.db --format csv --experiment compare
+  gyrodrop report --db results.db --paired dropout --format json""",
 }
 
 
@@ -430,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--experiment",
         choices=("compare", "sweep", "diversity", "cv", "bench"),
         help="only this experiment (default all)",
+    )
+    report.add_argument(
+        "--paired",
+        metavar="BASELINE",
+        choices=METHODS,
+        help="instead of the tables: every method against BASELINE (e.g. dropout), paired "
+        "by seed: n, mean difference, 95%% t interval, Wilcoxon signed-rank p; for the "
+        'final and the best-epoch test accuracy (JSON: {"paired": [...]}, fractions)',
     )
     report.add_argument("--no-plots", action="store_true", help="do not write files to --out")
     report.add_argument("--quiet", action="store_true", help="no notes on stderr")

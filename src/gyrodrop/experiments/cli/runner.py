@@ -403,8 +403,15 @@ def render(
     from gyrodrop.experiments import report
 
     out = None if v.get("no_plots") else Path(v["out"])
+    methods = v.get("methods") or []
+    baseline = "dropout" if "dropout" in methods else None
     text, files = report.render_experiment(
-        cmd, store.records(keys=keys), store.epochs, out or Path(v["out"]), plots=out is not None
+        cmd,
+        store.records(keys=keys),
+        store.epochs,
+        out or Path(v["out"]),
+        plots=out is not None,
+        paired=baseline if cmd == "compare" and len(methods) > 1 else None,
     )
     emit(text)
     if files:
