@@ -260,3 +260,14 @@ class TestPaperRecipe:
         monkeypatch.setattr(optim.TF1RMSprop, "__init__", spy)
         train_run(_paper(epochs=1), _images())
         assert len(made) == 1 and made[0].defaults["eps"] == 1.0
+
+    def test_extra_sees_the_images_as_the_model_does(self) -> None:
+        shapes: list[tuple[int, ...]] = []
+
+        def extra(model: nn.Module, data: Dataset) -> dict[str, float]:
+            shapes.append(tuple(data.x_test.shape[1:]))
+            model(data.x_test[:2])
+            return {}
+
+        train_run(_paper(epochs=1), _images(), extra=extra)
+        assert shapes == [(1, 7, 7)]

@@ -402,6 +402,12 @@ class _View:
             return self.x_train[idx]
         return per_image_standardize(random_crop_flip(self.x_train[idx], self.size, self.gen))
 
+    def eval_data(self) -> Dataset:
+        """``data`` as the model sees it at evaluation (for ``extra`` analyses)."""
+        if not self.augment:
+            return self.data
+        return dataclasses.replace(self.data, x_train=self.x_train_eval(), x_test=self.x_test)
+
     def x_train_eval(self) -> Tensor:
         """The training inputs as evaluated (center crop under the paper recipe)."""
         if not self.augment:
@@ -426,7 +432,8 @@ def train_run(
         device: where to train.
         on_epoch: called after each epoch with its index and row.
         extra: ``extra(model, data) -> dict`` merged into the final metrics (e.g. the
-            diversity analysis), called in eval mode after training.
+            diversity analysis), called in eval mode after training; under the paper
+            recipe ``data`` holds the center-cropped, standardized images.
         keep_model: return the trained model in the result.
 
     Returns:
@@ -532,5 +539,5 @@ def train_run(
             result.update(_uncertainty(model, cfg, data))
         if extra is not None:
             model.eval()
-            result.update(extra(model, data))
+            result.update(extra(model, view.eval_data()))
     return RunResult(metrics=result, epochs=rows, model=model if keep_model else None)
