@@ -15,6 +15,7 @@ from gyrodrop.experiments.data import (
     DatasetError,
     center_crop,
     crop_size,
+    data_identity,
     load_dataset,
     per_image_standardize,
     random_crop_flip,
@@ -200,6 +201,74 @@ class TestCsv:
         bad.write_text("1,2,a\n3,x,b\n4,5,a\n")
         with pytest.raises(DatasetError, match="row 2"):
             load_dataset(f"csv:{bad}")
+
+
+class TestCsvExact:
+    """Header detection on the whole first row; labels validated and canonicalized."""
+
+    def test_a_header_of_numeric_names_is_a_header(self, tmp_path: Path) -> None:
+        path = tmp_path / "h.csv"
+        rows = [f"{i % 5},{i % 7},{i % 3},{i % 2},{i % 2}" for i in range(30)]
+        path.write_text("0,1,2,3,label\n" + "\n".join(rows))
+        ds = load_dataset(f"csv:{path}")
+        assert ds.classes == ("0", "1") and ds.in_shape == (4,)
+        assert len(ds.y_train) + len(ds.y_test) == 30
+
+    def test_a_numeric_header_with_string_labels_is_a_header(self, tmp_path: Path) -> None:
+        path = tmp_path / "h.csv"
+        rows = [f"{i % 5},{i % 7},{'RM'[i % 2]}" for i in range(30)]
+        path.write_text("1,2,class\n" + "\n".join(rows))
+        assert load_dataset(f"csv:{path}").classes == ("M", "R")
+
+    def test_a_first_data_row_is_kept(self, tmp_path: Path) -> None:
+        path = tmp_path / "d.csv"
+        path.write_text("\n".join(f"{i % 5},{i % 7},{'RM'[i % 2]}" for i in range(30)))
+        ds = load_dataset(f"csv:{path}")
+        assert len(ds.y_train) + len(ds.y_test) == 30
+
+    @pytest.mark.parametrize("missing", ["", "NA", "nan", "NaN", " n/a ", "?"])
+    def test_missing_labels_are_refused_with_the_row(self, tmp_path: Path, missing: str) -> None:
+        path = tmp_path / "m.csv"
+        rows = [f"{i},{i % 3},{missing if i == 6 else i % 2}" for i in range(20)]
+        path.write_text("a,b,label\n" + "\n".join(rows))
+        with pytest.raises(DatasetError, match="row 8 has a missing label"):
+            load_dataset(f"csv:{path}")
+
+    def test_numeric_labels_written_differently_are_one_class(self, tmp_path: Path) -> None:
+        path = tmp_path / "n.csv"
+        spellings = ["1", "1.0", " 1", "0", "0.00", "+0"]
+        path.write_text("\n".join(f"{i},{i % 3},{spellings[i % 6]}" for i in range(36)))
+        ds = load_dataset(f"csv:{path}")
+        assert ds.classes == ("0", "1") and ds.num_classes == 2
+
+    def test_numeric_class_names_as_values(self, tmp_path: Path) -> None:
+        path = tmp_path / "n.csv"
+        path.write_text("\n".join(f"{i},{i % 3},{[-1, 0.5, 10][i % 3]}" for i in range(30)))
+        assert load_dataset(f"csv:{path}").classes == ("-1", "0.5", "10")
+
+    def test_infinite_label_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "n.csv"
+        path.write_text("\n".join(f"{i},{i % 3},{'inf' if i == 3 else i % 2}" for i in range(20)))
+        with pytest.raises(DatasetError, match="row 4 has a non-finite label"):
+            load_dataset(f"csv:{path}")
+
+
+class TestDataIdentity:
+    def test_changes_with_the_content_not_the_name(self, tmp_path: Path) -> None:
+        a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+        a.write_text("1,2,0\n3,4,1\n")
+        b.write_text("1,2,0\n3,4,1\n")
+        assert data_identity(f"csv:{a}") == data_identity(f"csv:{b}")
+        b.write_text("1,2,0\n3,5,1\n")
+        assert data_identity(f"csv:{a}") != data_identity(f"csv:{b}")
+        assert data_identity("digits") is None
+
+    def test_files_of_a_data_dir(self, tmp_path: Path) -> None:
+        d = _fashion(tmp_path)
+        first = data_identity("fashion-mnist", d)
+        assert first is not None and len(first) == 16
+        with pytest.raises(DatasetError, match="data_batch_1"):
+            data_identity("cifar10", tmp_path / "empty")
 
 
 class TestStandardize:

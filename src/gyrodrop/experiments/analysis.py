@@ -44,10 +44,12 @@ def _total_steps(layer: gyrodrop.GyroDropout) -> int:
     return max(int(layer.total_steps or layer.steps_per_set * layer.num_subnets), 1)
 
 
-def subnetwork_steps(model: nn.Module, count: int) -> list[int]:
-    """Training steps whose row-group-0 subnetworks are ``count`` distinct ones, spread
-    over training (``j * total_steps // count``, moved on to the next unseen
-    subnetwork where one repeats); ``[]`` when ``model`` has no gyro layer.
+def subnetwork_steps(model: nn.Module, count: int) -> list[tuple[int, int]]:
+    """``count`` distinct trained subnetworks of ``model``'s gyro layers, spread over
+    training, as ``(step, k)``: the subnetwork row group ``k`` trained at ``step``
+    (``j * total_steps // count`` with ``k = 0``; where that one was already chosen,
+    the other row groups of that step, then the next steps); ``[]`` when ``model`` has
+    no gyro layer.
 
     Raises:
         ValueError: training visited fewer than ``count`` distinct subnetworks (too few
@@ -57,38 +59,48 @@ def subnetwork_steps(model: nn.Module, count: int) -> list[int]:
     if not layers:
         return []
     total = _total_steps(layers[0])
-
-    def ident(step: int) -> tuple[int, ...]:
-        return tuple(int(m.active_subnets(step)[0]) for m in layers)
-
-    steps: list[int] = []
     seen: set[tuple[int, ...]] = set()
+
+    def unseen(step: int) -> tuple[int, tuple[int, ...]] | None:
+        active = [[int(s) for s in m.active_subnets(step)] for m in layers]
+        for k in range(min(len(a) for a in active)):
+            ident = tuple(a[k] for a in active)
+            if ident not in seen:
+                return k, ident
+        return None
+
+    out: list[tuple[int, int]] = []
     for j in range(count):
-        step = (j * total) // count
-        while step < total and ident(step) in seen:
-            step += 1
-        if step >= total:
-            step = next((s for s in range(total) if ident(s) not in seen), total)
-        if step >= total:
+        start = (j * total) // count
+        for step in [*range(start, total), *range(start)]:
+            found = unseen(step)
+            if found is not None:
+                seen.add(found[1])
+                out.append((step, found[0]))
+                break
+        else:
             raise ValueError(
                 f"diversity: training visited only {len(seen)} distinct subnetworks "
                 f"({total} steps, sigma {layers[0].num_subnets}); count must be <= "
                 f"{len(seen)}, got {count}"
             )
-        seen.add(ident(step))
-        steps.append(step)
-    return steps
+    return out
 
 
 def _mask_fn(
-    layer: nn.Module, j: int, count: int, seed: int, index: int, step: int | None = None
+    layer: nn.Module,
+    j: int,
+    count: int,
+    seed: int,
+    index: int,
+    slot: tuple[int, int] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """Scaled mask of network-subnetwork ``j`` for ``layer`` (the ``index``-th one);
-    gyro layers use row group 0's subnetwork at ``step`` (default ``j * total // count``)."""
+    gyro layers use row group ``k``'s subnetwork at ``step`` for ``slot = (step, k)``
+    (default ``(j * total // count, 0)``)."""
     if isinstance(layer, gyrodrop.GyroDropout):
-        if step is None:
-            step = (j * _total_steps(layer)) // count
-        sub = int(layer.active_subnets(step)[0])
+        step, k = slot if slot is not None else ((j * _total_steps(layer)) // count, 0)
+        sub = int(layer.active_subnets(step)[k])
         return lambda out: layer.subnet_mask(sub, out)
     p = float(getattr(layer, "p", 0.0))
     gen = torch.Generator().manual_seed((seed * 1_000_003 + index * 7919 + j) & 0x7FFF_FFFF_FFFF)
@@ -102,7 +114,12 @@ def _mask_fn(
 
 @torch.no_grad()
 def subnetwork_features(
-    model: nn.Module, x: Tensor, j: int, count: int, seed: int = 0, step: int | None = None
+    model: nn.Module,
+    x: Tensor,
+    j: int,
+    count: int,
+    seed: int = 0,
+    slot: tuple[int, int] | None = None,
 ) -> Tensor:
     """Last hidden features ``(N, F)`` of subnetwork ``j`` of ``count``: every dropout
     layer before the last hidden layer applies one fixed mask in eval mode.
@@ -110,12 +127,12 @@ def subnetwork_features(
     For gyro dropout, subnetwork ``j`` is the combination of masks that row group 0 used
     at step ``j * total_steps // count`` (masks trained together); for dropout, one
     seeded random mask per layer (a subnetwork is a fixed mask, as at test time).
-    ``step`` overrides the gyro step (see :func:`subnetwork_steps`).
+    ``slot = (step, k)`` picks the gyro subnetwork (see :func:`subnetwork_steps`).
     """
     model.eval()
     handles = []
     for index, layer in enumerate(_inner_dropouts(model)):
-        fn = _mask_fn(layer, j, count, seed, index, step)
+        fn = _mask_fn(layer, j, count, seed, index, slot)
         cache: dict[tuple[int, ...], Tensor] = {}
 
         def hook(
@@ -154,10 +171,10 @@ def diversity(
         raise ValueError(f"diversity: count must be >= 2, got {count}")
     if eval_size < 1:
         raise ValueError(f"diversity: eval_size must be >= 1, got {eval_size}")
-    steps: list[int | None] = [*subnetwork_steps(model, count)] or [None] * count
+    slots: list[tuple[int, int] | None] = [*subnetwork_steps(model, count)] or [None] * count
     device = next(model.parameters()).device
     x = data.x_test[:eval_size].to(device)
-    feats = [subnetwork_features(model, x, j, count, seed, steps[j]) for j in range(count)]
+    feats = [subnetwork_features(model, x, j, count, seed, slots[j]) for j in range(count)]
     norms = [f.abs().sum(1).mean().item() for f in feats]
     matrix = [[0.0] * count for _ in range(count)]
     for i in range(count):

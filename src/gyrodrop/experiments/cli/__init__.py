@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gyrodrop.experiments.cli import bench, compare, cv, diversity, report, sweep
-from gyrodrop.experiments.cli.options import CommandError, build_parser
+from gyrodrop.experiments.cli.options import CommandError, UsageError, build_parser
 from gyrodrop.experiments.data import DatasetError
 from gyrodrop.experiments.store import StoreError
 
@@ -81,10 +81,16 @@ def _error(args: argparse.Namespace, e: Exception) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gyrodrop`` and ``python -m gyrodrop``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        parser.error(f"--threads must be >= 1, got {threads}")
+    try:
+        args = parser.parse_args(argv)
+        threads = getattr(args, "threads", None)
+        if threads is not None and threads < 1:
+            raise UsageError(
+                f"gyrodrop {args.command}: error: --threads must be an integer >= 1, got {threads}"
+            )
+    except UsageError as e:
+        print(" ".join(str(e).split()), file=sys.stderr)
+        return 2
     previous = torch.get_num_threads()
     try:
         if threads is not None:

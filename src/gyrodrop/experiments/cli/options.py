@@ -29,6 +29,7 @@ __all__ = [
     "EXAMPLES",
     "CommandError",
     "GRID_METHODS",
+    "UsageError",
     "build_parser",
     "check_device",
     "check_writable",
@@ -170,12 +171,18 @@ class CommandError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class UsageError(Exception):
+    """An option argparse cannot parse; ``str()`` is the whole line
+    (``gyrodrop CMD: error: ...``)."""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (``gyrodrop CMD: error: ...``) and
-    exit status 2, without the usage block (``--help`` shows it)."""
+    """An argument parser whose errors raise :class:`UsageError` (one line, no usage
+    block; ``--help`` shows the usage); :func:`~gyrodrop.experiments.cli.main` prints it
+    and returns exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 # --------------------------------------------------------------------------- parsing
