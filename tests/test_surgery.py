@@ -294,3 +294,68 @@ class TestModuleChecks:
                 fn(model, total_steps=10) if fn is not gyrodrop.apply_stochastic_depth else fn(
                     model
                 )
+
+
+class TestPairing:
+    def _mlp(self):
+        return nn.Sequential(
+            nn.Linear(4, 8),
+            nn.Dropout(0.5),
+            nn.Linear(8, 8),
+            nn.Dropout(0.5),
+            nn.Linear(8, 2),
+        )
+
+    def test_shared_is_the_default_one_schedule_for_all_layers(self):
+        model = self._mlp()
+        gyrodrop.apply_gyro_dropout(model, num_subnets=16, subnets_per_step=4, total_steps=40)
+        a, b = gyro_layers(model)
+        assert a.schedule == b.schedule == "consecutive"
+        for step in (0, 10, 25):
+            assert torch.equal(a.active_subnets(step), b.active_subnets(step))
+
+    def test_independent_layers_draw_their_own_sets_with_replacement(self):
+        model = self._mlp()
+        n = gyrodrop.apply_gyro_dropout(
+            model, num_subnets=16, subnets_per_step=4, total_steps=400, pairing="independent"
+        )
+        a, b = gyro_layers(model)
+        assert n == 2 and a.schedule == b.schedule == "replacement"
+        assert int(a.schedule_seed) != int(b.schedule_seed)
+        differ = [
+            not torch.equal(a.active_subnets(s), b.active_subnets(s)) for s in range(0, 400, 100)
+        ]
+        assert any(differ)
+        assert a.steps_per_set == 100  # total_steps * tau // sigma, as with shared
+
+    def test_independent_keeps_an_explicit_schedule(self):
+        model = self._mlp()
+        gyrodrop.apply_gyro_dropout(
+            model,
+            total_steps=10,
+            pairing="independent",
+            schedule="consecutive",
+            num_subnets=4,
+            subnets_per_step=2,
+        )
+        assert {m.schedule for m in gyro_layers(model)} == {"consecutive"}
+
+    def test_unknown_pairing_is_a_clear_error(self):
+        with pytest.raises(ValueError, match="pairing must be one of"):
+            gyrodrop.apply_gyro_dropout(self._mlp(), total_steps=10, pairing="paired")
+
+    def test_independent_masks_scale_by_the_realized_keep_fraction(self):
+        model = self._mlp()
+        gyrodrop.apply_gyro_dropout(
+            model,
+            num_subnets=4,
+            subnets_per_step=2,
+            total_steps=10,
+            pairing="independent",
+            scale="realized",
+        )
+        layer = gyro_layers(model)[0]
+        masks = layer.active_masks(torch.ones(4, 8))
+        for m in masks:
+            kept = int((m > 0).sum())
+            assert kept == 0 or torch.allclose(m[m > 0], torch.full((kept,), 8 / kept))

@@ -128,6 +128,9 @@ _UNBATCHED_NDIM: dict[type, int | None] = {
 }
 _DROPOUT_FAMILY = (nn.Dropout, *_CHANNELWISE, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
+#: ``pairing`` values of :func:`apply_gyro_dropout`.
+PAIRINGS = ("shared", "independent")
+
 
 def apply_gyro_dropout(
     model: nn.Module,
@@ -138,6 +141,7 @@ def apply_gyro_dropout(
     total_steps: int | None = None,
     steps_per_set: int | None = None,
     seed: int = 0,
+    pairing: str = "shared",
     **kw: Any,
 ) -> int:
     """Replace ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in ``model`` with
@@ -162,6 +166,16 @@ def apply_gyro_dropout(
     :func:`gyrodrop.bind_to_optimizer`. ``auto_step=False``: call
     :func:`gyrodrop.step` yourself.
 
+    ``pairing`` says how the layers' masks form subnetworks:
+
+    - ``"shared"`` (default): one schedule for the whole network (schedule seed
+      ``seed`` in every layer), so the active ids are the same in every layer;
+    - ``"independent"``: every layer gets its own schedule seed, so each layer picks its
+      active masks independently of the others; the schedule defaults to
+      ``"replacement"`` (ids drawn with replacement, as the authors' TensorFlow code
+      does) unless ``schedule`` is given. The model then trains no fixed set of
+      network-level subnetworks.
+
     Returns the number of layers replaced, and warns when it is zero. All-or-nothing:
     when any layer is refused (``p=1.0``, say) the model is left unchanged. Dropout built
     into other modules (``nn.LSTM(dropout=p)``, ``nn.MultiheadAttention(dropout=p)``,
@@ -180,6 +194,10 @@ def apply_gyro_dropout(
     if p is not None:
         p = check_p("apply_gyro_dropout", p)
     check_seed("apply_gyro_dropout", seed)
+    if pairing not in PAIRINGS:
+        raise ValueError(f"apply_gyro_dropout: pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if pairing == "independent":
+        kw.setdefault("schedule", "replacement")
     allowed = {"dims", "schedule", "scale", "auto_step"}
     unknown = set(kw) - allowed
     if unknown:
@@ -201,7 +219,7 @@ def apply_gyro_dropout(
             total_steps=total_steps,
             steps_per_set=steps_per_set,
             seed=layer_seed(seed, index),
-            schedule_seed=seed,
+            schedule_seed=seed if pairing == "shared" else layer_seed(seed, index),
             **options,
         )
         object.__setattr__(new, "_gyrodrop_replaced", type(module))  # remove_gyro_dropout
