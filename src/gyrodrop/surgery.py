@@ -118,6 +118,11 @@ def replace_modules(model: nn.Module, policy: Policy) -> int:
 
 
 _CHANNELWISE = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+#: Default ``dims`` of the ``GyroDropout`` that replaces an ``nn.Dropout`` (in
+#: :func:`apply_gyro_dropout` and the trainer callbacks): the last (feature) dim, so a
+#: ``(B, T, F)`` sequence shares one mask per example across its positions.
+SEQUENCE_DIMS: tuple[int, ...] = (-1,)
 # Input dims of an unbatched input to each channel-wise dropout, as torch reads them:
 # Dropout1d (C, L), Dropout3d (C, D, H, W). Dropout2d reads a 3-D input as (N, C, L)
 # (batched, torch's behavior with its deprecation warning), so it has none.
@@ -143,6 +148,12 @@ def apply_gyro_dropout(
     """Replace ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in ``model`` with
     :class:`~gyrodrop.GyroDropout`, in place.
 
+    ``nn.Dropout`` becomes ``GyroDropout(dims=(-1,))`` unless ``dims`` is given: one
+    mask per example over the last (feature) dim, shared by every other dim, so a
+    ``(B, T, F)`` sequence gets the same subnetwork mask at every position and the masks
+    do not depend on the padded length ``T`` (for ``(B, F)`` inputs this is exactly
+    ``GyroDropout``'s own default mask; pass ``dims=None`` for masks over all non-batch
+    dims). The trainer callbacks use the same default.
     ``Dropout1d/2d/3d`` become channel-wise masks (``dims=(1,)``); unbatched inputs keep
     torch's meaning (``Dropout1d``: ``(C, L)``, ``Dropout3d``: ``(C, D, H, W)``, whole
     channels; ``Dropout2d`` reads a 3-D input as ``(N, C, L)``, as torch does).
@@ -194,6 +205,8 @@ def apply_gyro_dropout(
             options.setdefault("dims", (1,))
             if options["dims"] == (1,) or options["dims"] == 1:
                 options.setdefault("unbatched_ndim", _UNBATCHED_NDIM[type(module)])
+        else:
+            options.setdefault("dims", SEQUENCE_DIMS)
         new = GyroDropout(
             p=cast(float, module.p) if p is None else p,
             num_subnets=num_subnets,
