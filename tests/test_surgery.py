@@ -48,7 +48,32 @@ class TestApplyGyroDropout:
         gyrodrop.apply_gyro_dropout(model, total_steps=100)
         assert model.features[1].dims == (1,)
         assert model.heads["a"].dims == (1,) and model.heads["b"].dims == (1,)
-        assert model.drop.dims is None
+        assert model.drop.dims == (-1,)  # nn.Dropout: SEQUENCE_DIMS
+
+    def test_dropout_default_masks_are_shared_across_positions_of_a_sequence(self):
+        model = nn.Sequential(nn.Dropout(0.5))
+        gyrodrop.apply_gyro_dropout(model, num_subnets=4, subnets_per_step=1, total_steps=8)
+        x = torch.ones(3, 5, 16)  # (B, T, F)
+        y = model(x)
+        assert torch.equal(y, y[:, :1].expand_as(y))  # every position: the same mask
+        assert torch.equal(model(x[:, :2]), y[:, :2])  # independent of the length T
+
+    def test_dropout_default_on_2d_inputs_is_gyrodropouts_own_default_mask(self):
+        replaced = nn.Sequential(nn.Dropout(0.5))
+        gyrodrop.apply_gyro_dropout(
+            replaced, num_subnets=4, subnets_per_step=2, total_steps=8, seed=3, auto_step=False
+        )
+        own = gyrodrop.GyroDropout(
+            0.5,
+            num_subnets=4,
+            subnets_per_step=2,
+            total_steps=8,
+            seed=int(replaced[0].seed),
+            schedule_seed=3,
+            auto_step=False,
+        )
+        x = torch.ones(6, 16)
+        assert torch.equal(replaced(x), own(x))
 
     def test_every_layer_gets_its_own_seed_fixed_by_the_seed(self):
         a, b, c = Net(), Net(), Net()

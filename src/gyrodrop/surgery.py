@@ -118,6 +118,11 @@ def replace_modules(model: nn.Module, policy: Policy) -> int:
 
 
 _CHANNELWISE = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+#: Default ``dims`` of the ``GyroDropout`` that replaces an ``nn.Dropout`` (in
+#: :func:`apply_gyro_dropout` and the trainer callbacks): the last (feature) dim, so a
+#: ``(B, T, F)`` sequence shares one mask per example across its positions.
+SEQUENCE_DIMS: tuple[int, ...] = (-1,)
 # Input dims of an unbatched input to each channel-wise dropout, as torch reads them:
 # Dropout1d (C, L), Dropout3d (C, D, H, W). Dropout2d reads a 3-D input as (N, C, L)
 # (batched, torch's behavior with its deprecation warning), so it has none.
@@ -147,6 +152,12 @@ def apply_gyro_dropout(
     """Replace ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in ``model`` with
     :class:`~gyrodrop.GyroDropout`, in place.
 
+    ``nn.Dropout`` becomes ``GyroDropout(dims=(-1,))`` unless ``dims`` is given: one
+    mask per example over the last (feature) dim, shared by every other dim, so a
+    ``(B, T, F)`` sequence gets the same subnetwork mask at every position and the masks
+    do not depend on the padded length ``T`` (for ``(B, F)`` inputs this is exactly
+    ``GyroDropout``'s own default mask; pass ``dims=None`` for masks over all non-batch
+    dims). The trainer callbacks use the same default.
     ``Dropout1d/2d/3d`` become channel-wise masks (``dims=(1,)``); unbatched inputs keep
     torch's meaning (``Dropout1d``: ``(C, L)``, ``Dropout3d``: ``(C, D, H, W)``, whole
     channels; ``Dropout2d`` reads a 3-D input as ``(N, C, L)``, as torch does).
@@ -212,6 +223,8 @@ def apply_gyro_dropout(
             options.setdefault("dims", (1,))
             if options["dims"] == (1,) or options["dims"] == 1:
                 options.setdefault("unbatched_ndim", _UNBATCHED_NDIM[type(module)])
+        else:
+            options.setdefault("dims", SEQUENCE_DIMS)
         new = GyroDropout(
             p=cast(float, module.p) if p is None else p,
             num_subnets=num_subnets,
@@ -444,7 +457,12 @@ def apply_block_gyro(
     ``prune="auto"`` fuses every dropout it can, on the side that prunes the most GEMM
     work (see :func:`gyrodrop.blockwise.find_block_sites`). The pairs are found in
     ``nn.Sequential`` containers and, through ``torch.fx`` symbolic tracing, anywhere
-    in a traceable model; the model itself is changed in place (its own ``forward``
+    in a traceable model; a model that does not trace whole (Hugging Face models) is
+    traced submodule by submodule, so BERT's attention-output and FFN-output
+    projections (``dense -> dropout``) are fused with ``prune="output"`` or
+    ``"auto"``. GPT-2's ``Conv1D`` (a Linear with a transposed weight) is not fused
+    and is named with the reason (:data:`gyrodrop.blockwise.CONV1D_NOT_FUSED`). The
+    model itself is changed in place (its own ``forward``
     still runs: fx only reads the dataflow), and its Linear parameters are kept (an
     optimizer built before keeps working).
 
@@ -592,7 +610,7 @@ def _left_alone(
                 "(its forward calls the dropout itself)"
             )
         elif not traced:
-            left.append(f"{name}: not in an nn.Sequential next to an nn.Linear")
+            left.append(f"{name}: not called by the forward of any submodule that traces")
         else:
             left.append(f"{name}: not called by the model's traced forward")
     # functional dropout calls and other named problems that are no module
