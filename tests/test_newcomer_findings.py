@@ -1,0 +1,123 @@
+"""Faults found by trying gyrodrop as a newcomer, variants of the kinds of issue 11
+(``shared/cases/``) on other layers, entry points and settings. Each test states the
+expected behaviour; an ``xfail(strict=True)`` one is a fault still open."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.func import vmap
+
+import gyrodrop
+from gyrodrop.dropblock import dropblock2d, gyro_dropblock2d
+
+
+def _dropblocks() -> list[torch.nn.Module]:
+    return [
+        gyrodrop.DropBlock2d(0.3, 3),
+        gyrodrop.GyroDropBlock2d(0.3, 3, 8, 4, steps_per_set=2),
+    ]
+
+
+# -- kind: integer input silently becomes float (case_int_input) -----------------------
+
+
+@pytest.mark.xfail(strict=True, reason="DropBlock2d/GyroDropBlock2d turn int/bool input into float32 silently; expected TypeError as GyroDropout")
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("layer", _dropblocks(), ids=["DropBlock2d", "GyroDropBlock2d"])
+def test_dropblock_refuses_integer_input_in_training(layer, dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        layer.train()(torch.ones(4, 2, 6, 6, dtype=dtype))
+
+
+@pytest.mark.xfail(strict=True, reason="dropblock2d/gyro_dropblock2d turn int/bool input into float32 silently; expected TypeError")
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_functional_dropblock_refuses_integer_input(dtype):
+    x = torch.ones(4, 2, 6, 6, dtype=dtype)
+    with pytest.raises(TypeError, match="floating-point"):
+        dropblock2d(x, 0.3, 3, step=0)
+    with pytest.raises(TypeError, match="floating-point"):
+        gyro_dropblock2d(x, 0.3, 3, step=0, num_subnets=8, subnets_per_step=2)
+
+
+# -- kind: per-sample vmap silently gives every sample row 0's mask ---------------------
+
+
+@pytest.mark.xfail(strict=True, reason="per-sample vmap: every sample gets row 0's DropBlock mask silently; expected RuntimeError naming vmap")
+@pytest.mark.parametrize("layer", _dropblocks(), ids=["DropBlock2d", "GyroDropBlock2d"])
+def test_dropblock_refuses_training_under_vmap(layer):
+    x = torch.ones(8, 2, 6, 6)
+    with pytest.raises(RuntimeError, match="vmap"):
+        vmap(lambda xi: layer(xi.unsqueeze(0)).squeeze(0))(x)
+
+
+def test_dropblock_eval_under_vmap_is_the_identity():
+    layer = gyrodrop.DropBlock2d(0.3, 3).eval()
+    x = torch.randn(4, 2, 6, 6)
+    assert torch.equal(vmap(lambda xi: layer(xi.unsqueeze(0)).squeeze(0))(x), x)
+
+
+# -- kind: meta-device forward crashes (case_meta_block) --------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="meta-device forward raises 'Tensor.item() cannot be called on meta tensors'; expected shapes only")
+@pytest.mark.parametrize("layer", _dropblocks(), ids=["DropBlock2d", "GyroDropBlock2d"])
+def test_dropblock_meta_forward_gives_shapes_and_does_not_step(layer):
+    layer = layer.to("meta").train()
+    y = layer(torch.ones(4, 2, 6, 6, device="meta"))
+    assert y.shape == (4, 2, 6, 6) and y.is_meta
+
+
+# -- kind: checkpoint with other mask settings loads silently (case_ckpt_hparams) --------
+
+
+@pytest.mark.xfail(strict=True, reason="DropBlock2d saves no hparams, GyroDropBlock2d omits p/block_size/shared_channels/scale: loads silently; expected a warning naming them")
+@pytest.mark.parametrize(
+    ("saved", "loaded", "names"),
+    [
+        (
+            lambda: gyrodrop.DropBlock2d(0.3, 3),
+            lambda: gyrodrop.DropBlock2d(0.1, 5),
+            ["p=0.3", "block_size=3"],
+        ),
+        (
+            lambda: gyrodrop.DropBlock2d(0.3, 3, warmup_steps=100),
+            lambda: gyrodrop.DropBlock2d(0.3, 3),
+            ["warmup_steps=100"],
+        ),
+        (
+            lambda: gyrodrop.GyroDropBlock2d(0.3, 3, 16, 4, steps_per_set=5),
+            lambda: gyrodrop.GyroDropBlock2d(0.1, 5, 16, 4, steps_per_set=5),
+            ["p=0.3", "block_size=3"],
+        ),
+        (
+            lambda: gyrodrop.GyroDropBlock2d(0.3, 3, 16, 4, steps_per_set=5),
+            lambda: gyrodrop.GyroDropBlock2d(0.3, 3, 16, 4, steps_per_set=5, shared_channels=True),
+            ["shared_channels=False"],
+        ),
+        (
+            lambda: gyrodrop.DropBlock2d(0.3, 3),
+            lambda: gyrodrop.DropBlock2d(0.3, 3, scale="realized"),
+            ["scale='inverted'"],
+        ),
+    ],
+    ids=["db-p-bs", "db-warmup", "gdb-p-bs", "gdb-shared", "db-scale"],
+)
+def test_dropblock_checkpoint_with_other_mask_settings_warns(saved, loaded, names):
+    sd = saved().state_dict()
+    with pytest.warns(UserWarning, match="checkpoint was saved with") as rec:
+        loaded().load_state_dict(sd)
+    text = " ".join(str(w.message) for w in rec)
+    for name in names:
+        assert name in text
+
+
+def test_dropblock_checkpoint_with_same_settings_loads_silently():
+    a = gyrodrop.GyroDropBlock2d(0.3, 3, 16, 4, steps_per_set=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copy.deepcopy(a).load_state_dict(a.state_dict())
+        gyrodrop.DropBlock2d(0.3, 3).load_state_dict(gyrodrop.DropBlock2d(0.3, 3).state_dict())
