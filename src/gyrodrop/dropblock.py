@@ -49,6 +49,7 @@ from gyrodrop.schedule import (
     SteppedModule,
     SubnetSchedule,
     _check_int,
+    check_input,
     check_p,
 )
 
@@ -87,7 +88,9 @@ def _check_bool(owner: str, name: str, value: Any) -> bool:
     return value
 
 
-def _check_input(owner: str, x: Tensor) -> None:
+def _check_input(owner: str, x: Tensor, *, training: bool = False) -> None:
+    if training:  # a tensor, floating point, not under vmap (its masks depend on rows)
+        check_input(owner, x)
     if x.dim() != 4:
         raise ValueError(
             f"{owner}: input must have shape (B, C, H, W), got {tuple(x.shape)}; "
@@ -290,7 +293,7 @@ def dropblock2d(
     p = check_p(owner, p)
     block_size = _check_block_size(owner, block_size)
     _check_scale(owner, scale)
-    _check_input(owner, x)
+    _check_input(owner, x, training=training)
     if not training or p == 0.0:
         return x
     return x * _fresh_masks(x, p, block_size, seed, step, shared_channels, scale)
@@ -318,7 +321,7 @@ def gyro_dropblock2d(
     p = check_p(owner, p)
     block_size = _check_block_size(owner, block_size)
     _check_scale(owner, scale)
-    _check_input(owner, x)
+    _check_input(owner, x, training=training)
     if not training or p == 0.0:
         return x
     sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
@@ -416,20 +419,30 @@ class DropBlock2d(SteppedModule):
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
-        step = self.current_step()
+        step = self.forward_step()  # replays the step under checkpoint recompute
         p = self.rate(step)
-        if self.auto_step:
-            self.advance()
         if p == 0.0:
             return None
         return _fresh_masks(
             x, p, self.block_size, self.current_seed(), step, self.shared_channels, self.scale
         )
 
+    def hparams(self) -> dict[str, Any]:
+        """``p``, ``block_size``, ``shared_channels``, scale and ``warmup_steps``."""
+        return {
+            "p": self.p,
+            "block_size": self.block_size,
+            "shared_channels": self.shared_channels,
+            "scale": self.scale,
+            "warmup_steps": self.warmup_steps,
+        }
+
     def forward(self, x: Tensor) -> Tensor:
-        _check_input(type(self).__name__, x)
+        _check_input(type(self).__name__, x, training=self.training)
         if not self.training:
             return x
+        if x.is_meta:
+            return x.clone()  # shapes only: no masks, no step
         m = self._masks(x)
         return x if m is None else x * m
 
@@ -563,22 +576,32 @@ class GyroDropBlock2d(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        group_masks = self.active_masks(x)
+        group_masks = self.active_masks(x, self.forward_step())
         start, global_batch = distributed.row_window(x.shape[0])
         counts = distributed.local_group_counts(
             start, x.shape[0], global_batch, self.subnets_per_step
         )
-        if self.auto_step:
-            self.advance()
         return group_masks, counts
 
+    def hparams(self) -> dict[str, Any]:
+        """Sigma, tau, ``steps_per_set``, schedule, ``p``, ``block_size``,
+        ``shared_channels`` and scale."""
+        return {
+            **super().hparams(),
+            "p": self.p,
+            "block_size": self.block_size,
+            "shared_channels": self.shared_channels,
+            "scale": self.scale,
+        }
+
     def forward(self, x: Tensor) -> Tensor:
-        _check_input(type(self).__name__, x)
+        _check_input(type(self).__name__, x, training=self.training)
         if not self.training:
             return x
+        if x.is_meta:
+            return x.clone()  # shapes only: no masks, no step
         if self.p == 0.0:
-            if self.auto_step:
-                self.advance()
+            self.forward_step()
             return x
         group_masks, counts = self._prepare(x)
         return apply_group_masks(x, group_masks, counts)

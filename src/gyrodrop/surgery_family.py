@@ -17,7 +17,7 @@ from torch import nn
 from gyrodrop.blockwise import BlockGyroLinear
 from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
 from gyrodrop.gyro import GyroDropout
-from gyrodrop.schedule import check_p, check_seed
+from gyrodrop.schedule import attach_stepper, check_p, check_seed
 from gyrodrop.surgery import Policy, layer_seed, replace_modules, unwrap_model
 
 __all__ = ["apply_dropblock", "remove_gyro_dropout"]
@@ -114,6 +114,8 @@ def apply_dropblock(
         return new
 
     count = replace_modules(model, {nn.Dropout2d: make})
+    if count and kw.get("auto_step", True):
+        attach_stepper(model)  # one step per training forward of the model (reuse-safe)
     if count == 0:
         warnings.warn(
             f"{owner}: no nn.Dropout2d found; the model is unchanged. Hint: insert "
