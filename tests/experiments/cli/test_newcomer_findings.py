@@ -15,11 +15,6 @@ from gyrodrop.experiments.cli import main
 from .conftest import TINY, paths, refused
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--methods blockwise --p 0.01: every layer drops 0 blocks (a UserWarning), the run "
-    "trains without dropout and is reported as p 0.01; expected exit 2 naming --p",
-)
 @pytest.mark.usefixtures("no_training")
 @pytest.mark.parametrize("cmd", ["compare", "sweep"])
 def test_blockwise_p_that_drops_no_block_is_refused(
