@@ -156,3 +156,10 @@ def test_apply_dropblock_reused_module_steps_once_per_forward(gyro):
     gyrodrop.apply_dropblock(net, block_size=3, **(kw if gyro else {}))
     net.train()(torch.randn(4, 2, 8, 8))
     assert int(net.d.step) == int(net.e.step) == 1
+
+
+def test_gyro_checkpoint_with_other_unbatched_ndim_warns():
+    kw = {"dims": (1,), "num_subnets": 16, "subnets_per_step": 4, "steps_per_set": 2}
+    sd = gyrodrop.GyroDropout(0.5, unbatched_ndim=4, **kw).state_dict()
+    with pytest.warns(UserWarning, match="unbatched_ndim=4"):
+        gyrodrop.GyroDropout(0.5, **kw).load_state_dict(sd)
