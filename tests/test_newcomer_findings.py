@@ -196,3 +196,10 @@ def test_trainer_callbacks_validate_arguments_at_construction(integration, kw):
         from gyrodrop.integrations.transformers import GyroDropoutCallback
     with pytest.raises(ValueError, match=next(iter(kw))):
         GyroDropoutCallback(**kw)
+
+
+def test_functional_dropblock_meta_gives_shapes():
+    x = torch.ones(4, 2, 6, 6, device="meta")
+    assert dropblock2d(x, 0.3, 3, step=0).shape == x.shape
+    y = gyro_dropblock2d(x, 0.3, 3, step=0, num_subnets=8, subnets_per_step=2)
+    assert y.shape == x.shape and y.is_meta
