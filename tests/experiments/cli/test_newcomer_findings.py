@@ -42,11 +42,6 @@ def test_cv_blockwise_input_dropout_that_drops_no_block_is_refused(
     refused(["cv", *TINY, *paths(tmp_path), "--methods", "blockwise"], capsys, "--input-p")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare --uncertainty --methods none: nothing has dropout, --uncertainty is "
-    "silently ignored (exit 0, no MC columns); expected exit 2 naming --uncertainty",
-)
 @pytest.mark.usefixtures("no_training")
 def test_uncertainty_without_a_dropout_method_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -55,12 +50,6 @@ def test_uncertainty_without_a_dropout_method_is_refused(
     refused(argv, capsys, "--uncertainty")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare --methods dropout --num-subnets 4 --subnets-per-step 8: gyro options "
-    "without a gyro method are silently ignored (while --mc-samples without --uncertainty "
-    "is refused); expected exit 2 naming --num-subnets",
-)
 @pytest.mark.usefixtures("no_training")
 def test_gyro_options_without_a_gyro_method_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

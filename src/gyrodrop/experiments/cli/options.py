@@ -561,6 +561,18 @@ def _check_methods(cmd: str, v: dict[str, Any]) -> None:
             f"--p must be in (0, 1) for method(s) {', '.join(needs_p)}, got 0 "
             "(p = 0 builds no dropout layer to regularize)"
         )
+    given = [f"--{n.replace('_', '-')}" for n in ("num_subnets", "subnets_per_step")]
+    given = [
+        g
+        for g, n in zip(given, ("num_subnets", "subnets_per_step"), strict=True)
+        if n in v.get("explicit", ())
+    ]
+    if not grid and given:
+        raise CommandError(
+            f"{' and '.join(given)} set the gyro subnetworks, but --methods "
+            f"{','.join(v['methods'])} has no gyro or blockwise method; add one or drop "
+            f"{' and '.join(given)}"
+        )
     if not grid:
         return
     pairs = [(s, t) for s in v["num_subnets"] for t in v["subnets_per_step"]]
@@ -648,6 +660,11 @@ def validate(cmd: str, v: dict[str, Any]) -> None:
         _int_at_least(v, "mc_samples", 1)
         if "mc_samples" in v["explicit"] and not v.get("uncertainty"):
             raise CommandError("--mc-samples needs --uncertainty (it sets the MC dropout samples)")
+        if v.get("uncertainty") and all(m == "none" for m in v["methods"]):
+            raise CommandError(
+                "--uncertainty needs a method with dropout (MC dropout samples it); "
+                "--methods none has none: add dropout, gyro, ... or drop --uncertainty"
+            )
     elif cmd == "diversity":
         _int_at_least(v, "subnetworks", 2)
         _int_at_least(v, "eval_size", 1)
