@@ -195,6 +195,8 @@ class Store:
             if exists:
                 self._quick_check()
             self._open(readonly)
+            if exists:
+                self._check_records()
         except sqlite3.DatabaseError as e:
             self._con.close()
             raise StoreError(
@@ -218,6 +220,19 @@ class Store:
                 f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); refusing "
                 "to use it and leaving it untouched. Pass another --db path"
             )
+
+    def _check_records(self) -> None:
+        """Every stored record is a JSON object, checked once on open, before anything is
+        written: a record changed outside gyrodrop refuses the whole file (and leaves it
+        as it is) instead of surfacing halfway through a command."""
+        columns = {"runs": ("config", "metrics"), "epochs": ("metrics",)}
+        columns["bench"] = ("config", "metrics")
+        tables = self._tables()
+        with self._reading():
+            for table, cols in columns.items():
+                for col in cols if table in tables else ():
+                    for (text,) in self._con.execute(f"SELECT {col} FROM {table}"):
+                        _object(text)
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
