@@ -168,12 +168,6 @@ def test_gyro_checkpoint_with_other_unbatched_ndim_warns():
 # -- kind: bad arguments accepted at construction (validation up front) ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the trainer callbacks (lightning and transformers) accept num_subnets=0, True, "
-    "tau > sigma, total_steps=0, schedule='x' at construction; the error only comes when the "
-    "trainer applies them; expected ValueError at construction naming the argument",
-)
 @pytest.mark.parametrize("integration", ["lightning", "transformers"])
 @pytest.mark.parametrize(
     "kw",
@@ -181,7 +175,7 @@ def test_gyro_checkpoint_with_other_unbatched_ndim_warns():
         {"num_subnets": 0},
         {"num_subnets": True},
         {"subnets_per_step": 0},
-        {"num_subnets": 4, "subnets_per_step": 8},
+        {"subnets_per_step": 8, "num_subnets": 4},  # the error names tau
         {"total_steps": 0},
         {"schedule": "x"},
     ],

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from gyrodrop.gyro import GyroDropout
 from gyrodrop.schedule import (
     TRAINER_SCHEDULED,
     ScheduledModule,
@@ -76,6 +77,7 @@ class GyroOptions:
                 f"total_steps={kw['total_steps']} and steps_per_set={kw['steps_per_set']}"
             )
         self.p = None if p is None else check_p(owner, p)
+        _check_layer_args(owner, self.p, num_subnets, subnets_per_step, seed, kw)
         self.num_subnets = num_subnets
         self.subnets_per_step = subnets_per_step
         self.seed = check_seed(owner, seed)
@@ -94,6 +96,26 @@ class GyroOptions:
         for key, value in self.kw.items():
             args[key] = list(value) if isinstance(value, tuple) else value
         return args
+
+
+def _check_layer_args(
+    owner: str,
+    p: float | None,
+    num_subnets: int,
+    subnets_per_step: int,
+    seed: int,
+    kw: Mapping[str, Any],
+) -> None:
+    """Validate the layer options at construction (not when the trainer first applies
+    them), through the one path the layers use: build a throwaway ``GyroDropout``."""
+    options = dict(kw)
+    if options.get("total_steps") is None and options.get("steps_per_set") is None:
+        options["steps_per_set"] = 1  # the trainer sets it later
+    try:
+        GyroDropout(0.5 if p is None else p, num_subnets, subnets_per_step, seed=seed, **options)
+    except ValueError as e:
+        message = str(e).removeprefix("GyroDropout: ")
+        raise ValueError(f"{owner}: {message}") from None
 
 
 def stepped_modules(model: nn.Module) -> dict[str, SteppedModule]:
