@@ -60,15 +60,16 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gyrodrop import blockwise_triton, distributed, masks
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p
 from gyrodrop.blockwise_triton import TritonPlan
-from gyrodrop.schedule import ScheduledModule, _check_int, check_input, check_p
+from gyrodrop.schedule import Schedule, ScheduledModule, SteppedModule, check_input
 
 __all__ = [
     "BACKENDS",
@@ -79,8 +80,12 @@ __all__ = [
     "n_dropped_blocks",
 ]
 
-PRUNE_MODES = ("input", "output")
-BACKENDS = ("auto", "torch", "triton")
+#: Which side of the weight a dropped block removes (input columns or output rows).
+Prune = Literal["input", "output"]
+PRUNE_MODES: tuple[Prune, ...] = ("input", "output")
+#: Which kernels compute the pruned matmuls.
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
 
 
 def n_dropped_blocks(p: float, n_blocks: int) -> int:
@@ -694,26 +699,23 @@ class BlockGyroLinear(ScheduledModule):
         block_size: int = 32,
         total_steps: int | None = None,
         steps_per_set: int | None = None,
-        schedule: str = "consecutive",
+        schedule: Schedule = "consecutive",
         seed: int = 0,
         auto_step: bool = True,
-        prune: str = "input",
+        prune: Prune = "input",
         schedule_seed: int | None = None,
-        backend: str = "auto",
+        backend: Backend = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         owner = type(self).__name__
-        _check_int(owner, "in_features", in_features, 1)
-        _check_int(owner, "out_features", out_features, 1)
-        if not isinstance(bias, bool):
-            raise ValueError(f"{owner}: bias must be a bool, got {bias!r}")
+        check_int(owner, "in_features", in_features, 1)
+        check_int(owner, "out_features", out_features, 1)
+        check_bool(owner, "bias", bias)
         p = check_p(owner, p)
-        _check_int(owner, "block_size", block_size, 1)
-        if prune not in PRUNE_MODES:
-            raise ValueError(f"{owner}: prune must be one of {PRUNE_MODES}, got {prune!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+        check_int(owner, "block_size", block_size, 1)
+        check_choice(owner, "prune", prune, PRUNE_MODES)
+        check_choice(owner, "backend", backend, BACKENDS)
         if backend == "triton" and not blockwise_triton.is_available():
             raise ValueError(
                 f"{owner}: backend='triton' needs the triton package "
@@ -886,7 +888,7 @@ class BlockGyroLinear(ScheduledModule):
         """The scaled feature mask of subnetwork ``k``, shape ``(features,)``, in
         ``like``'s dtype and device (float32 on the CPU without ``like``); used by
         subnetwork ensembles (:func:`gyrodrop.subnet_ensemble_predict`)."""
-        _check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
+        check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
         device = None if like is None else like.device
         ids = torch.tensor([k], dtype=torch.int64)
         keep = masks.block_keep_mask(
@@ -908,7 +910,7 @@ class BlockGyroLinear(ScheduledModule):
         ``(batch, features)``. The training forward equals
         ``F.linear(x * dense_mask(B)[:, None, ..., :], W, b)`` (``prune="input"``) or
         ``F.linear(x, W, b) * dense_mask(B)[...]`` (``prune="output"``)."""
-        _check_int(type(self).__name__, "batch", batch, 0)
+        check_int(type(self).__name__, "batch", batch, 0)
         start, global_batch = distributed.row_window(batch)
         counts = distributed.local_group_counts(start, batch, global_batch, self.subnets_per_step)
         group = self.group_masks(step, dtype=dtype, device=device)
@@ -1075,7 +1077,9 @@ class BlockGyroLinear(ScheduledModule):
 # --------------------------------------------------------------------------------------
 # Finding Dropout -> Linear (and Linear -> Dropout) in a model, for apply_block_gyro.
 
-SURGERY_PRUNE = ("input", "output", "auto")
+#: ``prune`` of the surgery: a side, or ``"auto"`` (what each site allows).
+SurgeryPrune = Literal["input", "output", "auto"]
+SURGERY_PRUNE: tuple[SurgeryPrune, ...] = ("input", "output", "auto")
 
 # Activations that commute with a non-negative scaled mask: f(c * y) = c * f(y) for c >= 0,
 # so ``Dropout(f(Linear(x)))`` equals ``f(Dropout(Linear(x)))`` with the same mask.
@@ -1100,8 +1104,6 @@ class _LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps gyrodrop modules whole (their forward reads buffers)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from gyrodrop.schedule import SteppedModule
-
         return isinstance(m, SteppedModule) or super().is_leaf_module(m, module_qualified_name)
 
 
@@ -1126,7 +1128,9 @@ class _Candidate:
     blocked: str | None = None  # a reason that rules out both
 
 
-def find_block_sites(model: nn.Module, prune: str = "input") -> tuple[list[BlockSite], list[str]]:
+def find_block_sites(
+    model: nn.Module, prune: SurgeryPrune = "input"
+) -> tuple[list[BlockSite], list[str]]:
     """The fusable ``nn.Dropout``/``nn.Linear`` pairs of ``model`` and, for every other
     ``nn.Dropout`` (or functional dropout call), why it cannot be fused.
 
@@ -1148,8 +1152,7 @@ def find_block_sites(model: nn.Module, prune: str = "input") -> tuple[list[Block
     reaches only the dropout (output fusion), so that swapping both in place changes
     nothing else.
     """
-    if prune not in SURGERY_PRUNE:
-        raise ValueError(f"find_block_sites: prune must be one of {SURGERY_PRUNE}, got {prune!r}")
+    check_choice("find_block_sites", "prune", prune, SURGERY_PRUNE)
     try:
         graph = _LeafTracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to Sequential

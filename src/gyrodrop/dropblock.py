@@ -36,19 +36,18 @@ contiguous row groups, one mask each, the set kept for ``steps_per_set`` steps.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks
-from gyrodrop.gyro import SCALES, apply_group_masks
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p
+from gyrodrop.gyro import SCALES, Scale, apply_group_masks
 from gyrodrop.schedule import (
+    Schedule,
     ScheduledModule,
     SteppedModule,
     SubnetSchedule,
-    _check_int,
-    check_p,
 )
 
 __all__ = [
@@ -67,23 +66,6 @@ _TAG_GYRO_DROPBLOCK = 0x77
 
 # --------------------------------------------------------------------------------------
 # Validation shared by the modules and the functions.
-
-
-def _check_block_size(owner: str, block_size: Any) -> int:
-    _check_int(owner, "block_size", block_size, 1)
-    return int(block_size)
-
-
-def _check_scale(owner: str, scale: Any) -> str:
-    if scale not in SCALES:
-        raise ValueError(f"{owner}: scale must be one of {SCALES}, got {scale!r}")
-    return str(scale)
-
-
-def _check_bool(owner: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: {name} must be a bool, got {value!r}")
-    return value
 
 
 def _check_input(owner: str, x: Tensor) -> None:
@@ -201,7 +183,7 @@ def _drop_maps(streams: Tensor, key: int, p: float, block_size: int, h: int, w: 
     return _grow(seeds.reshape(-1, hv, wv), block_size, h, w)
 
 
-def _scaled(drop: Tensor, p: float, block_size: int, scale: str, dtype: torch.dtype) -> Tensor:
+def _scaled(drop: Tensor, p: float, block_size: int, scale: Scale, dtype: torch.dtype) -> Tensor:
     """Scaled masks ``(N, h, w)`` from drop maps (see the module docstring): 0 where
     dropped, the kept pixels' factor elsewhere."""
     h, w = drop.shape[-2:]
@@ -218,7 +200,7 @@ def _mask_dtype(x: Tensor) -> torch.dtype:
 
 
 def _fresh_masks(
-    x: Tensor, p: float, block_size: int, seed: int, step: int, shared: bool, scale: str
+    x: Tensor, p: float, block_size: int, seed: int, step: int, shared: bool, scale: Scale
 ) -> Tensor:
     """DropBlock2d's masks for ``x`` at ``step``, shape ``(B, C or 1, H, W)``, each row
     keyed by its index in the global batch."""
@@ -239,7 +221,7 @@ def subnet_block_masks(
     p: float,
     block_size: int,
     *,
-    scale: str = "inverted",
+    scale: Scale = "inverted",
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
 ) -> Tensor:
@@ -266,7 +248,7 @@ def dropblock2d(
     step: int,
     seed: int = 0,
     shared_channels: bool = False,
-    scale: str = "inverted",
+    scale: Scale = "inverted",
     training: bool = True,
 ) -> Tensor:
     """Functional DropBlock: stateless, the step is passed in. See :class:`DropBlock2d`.
@@ -285,8 +267,8 @@ def dropblock2d(
     """
     owner = "dropblock2d"
     p = check_p(owner, p)
-    block_size = _check_block_size(owner, block_size)
-    _check_scale(owner, scale)
+    block_size = check_int(owner, "block_size", block_size, 1)
+    check_choice(owner, "scale", scale, SCALES)
     _check_input(owner, x)
     if not training or p == 0.0:
         return x
@@ -303,9 +285,9 @@ def gyro_dropblock2d(
     num_subnets: int = 64,
     subnets_per_step: int = 4,
     steps_per_set: int = 1,
-    schedule: str = "consecutive",
+    schedule: Schedule = "consecutive",
     shared_channels: bool = False,
-    scale: str = "inverted",
+    scale: Scale = "inverted",
     training: bool = True,
     schedule_seed: int | None = None,
 ) -> Tensor:
@@ -313,8 +295,8 @@ def gyro_dropblock2d(
     :class:`GyroDropBlock2d`. Rebuilds the active masks on every call."""
     owner = "gyro_dropblock2d"
     p = check_p(owner, p)
-    block_size = _check_block_size(owner, block_size)
-    _check_scale(owner, scale)
+    block_size = check_int(owner, "block_size", block_size, 1)
+    check_choice(owner, "scale", scale, SCALES)
     _check_input(owner, x)
     if not training or p == 0.0:
         return x
@@ -379,20 +361,20 @@ class DropBlock2d(SteppedModule):
         block_size: int = 7,
         *,
         shared_channels: bool = False,
-        scale: str = "inverted",
+        scale: Scale = "inverted",
         warmup_steps: int = 0,
         seed: int = 0,
         auto_step: bool = True,
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
-        block_size = _check_block_size(owner, block_size)
-        _check_scale(owner, scale)
-        _check_int(owner, "warmup_steps", warmup_steps, 0)
+        block_size = check_int(owner, "block_size", block_size, 1)
+        check_choice(owner, "scale", scale, SCALES)
+        check_int(owner, "warmup_steps", warmup_steps, 0)
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         self.p = p
         self.block_size = block_size
-        self.shared_channels = _check_bool(owner, "shared_channels", shared_channels)
+        self.shared_channels = check_bool(owner, "shared_channels", shared_channels)
         self.scale = scale
         self.warmup_steps = int(warmup_steps)
 
@@ -467,18 +449,18 @@ class GyroDropBlock2d(ScheduledModule):
         *,
         total_steps: int | None = None,
         steps_per_set: int | None = None,
-        schedule: str = "consecutive",
+        schedule: Schedule = "consecutive",
         shared_channels: bool = False,
-        scale: str = "inverted",
+        scale: Scale = "inverted",
         seed: int = 0,
         auto_step: bool = True,
         schedule_seed: int | None = None,
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
-        block_size = _check_block_size(owner, block_size)
-        _check_scale(owner, scale)
-        shared_channels = _check_bool(owner, "shared_channels", shared_channels)
+        block_size = check_int(owner, "block_size", block_size, 1)
+        check_choice(owner, "scale", scale, SCALES)
+        shared_channels = check_bool(owner, "shared_channels", shared_channels)
         super().__init__(
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,

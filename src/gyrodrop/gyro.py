@@ -13,25 +13,26 @@ rebuilt when the set changes, so there is no per-element random number generatio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
 from gyrodrop.schedule import (
+    Schedule,
     ScheduledModule,
     SubnetSchedule,
-    _check_int,
     check_input,
-    check_p,
     check_schedule,
-    check_seed,
 )
 
 __all__ = ["GyroDropout", "gyro_dropout", "subnet_masks", "apply_group_masks"]
 
-SCALES = ("inverted", "realized")
+#: How kept values are scaled: ``1/(1-p)`` (inverted) or by the realized keep rate.
+Scale = Literal["inverted", "realized"]
+SCALES: tuple[Scale, ...] = ("inverted", "realized")
 
 
 def _normalize_dims(owner: str, dims: int | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -70,8 +71,7 @@ def check_gyro_args(
     the argument and what is allowed."""
     p = check_p(owner, p)
     check_schedule(owner, num_subnets, subnets_per_step, schedule)
-    if scale not in SCALES:
-        raise ValueError(f"{owner}: scale must be one of {SCALES}, got {scale!r}")
+    check_choice(owner, "scale", scale, SCALES)
     check_seed(owner, seed)
     if schedule_seed is not None:
         check_seed(owner, schedule_seed, "schedule_seed")
@@ -112,7 +112,7 @@ def subnet_masks(
     mask_shape: tuple[int, ...],
     p: float,
     *,
-    scale: str = "inverted",
+    scale: Scale = "inverted",
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
 ) -> Tensor:
@@ -199,8 +199,8 @@ def gyro_dropout(
     subnets_per_step: int = 16,
     steps_per_set: int = 1,
     dims: int | Sequence[int] | None = None,
-    schedule: str = "consecutive",
-    scale: str = "inverted",
+    schedule: Schedule = "consecutive",
+    scale: Scale = "inverted",
     training: bool = True,
     schedule_seed: int | None = None,
 ) -> Tensor:
@@ -220,10 +220,9 @@ def gyro_dropout(
     p, dims_t = check_gyro_args(
         owner, p, num_subnets, subnets_per_step, schedule, scale, dims, seed, schedule_seed
     )
-    _check_int(owner, "steps_per_set", steps_per_set, 1)
-    _check_int(owner, "step", step, 0)
-    if not isinstance(training, bool):
-        raise ValueError(f"{owner}: training must be a bool, got {training!r}")
+    check_int(owner, "steps_per_set", steps_per_set, 1)
+    check_int(owner, "step", step, 0)
+    check_bool(owner, "training", training)
     if not training:
         return x
     check_input(owner, x)
@@ -303,8 +302,8 @@ class GyroDropout(ScheduledModule):
         total_steps: int | None = None,
         steps_per_set: int | None = None,
         dims: int | Sequence[int] | None = None,
-        schedule: str = "consecutive",
-        scale: str = "inverted",
+        schedule: Schedule = "consecutive",
+        scale: Scale = "inverted",
         seed: int = 0,
         auto_step: bool = True,
         schedule_seed: int | None = None,
@@ -391,7 +390,7 @@ class GyroDropout(ScheduledModule):
         shape ``mask_shape`` (used by ensembles and diversity analysis).
 
         Raises ``ValueError`` unless ``k`` is an int in ``[0, num_subnets)``."""
-        _check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
+        check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
         mshape = mask_shape_for(type(self).__name__, like.shape, self.dims)
         ids = torch.tensor([k], dtype=torch.int64)
         return subnet_masks(

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from gyrodrop import masks
+from gyrodrop._modules import unwrap_model
+from gyrodrop._validation import check_bool, check_choice, check_int, check_seed
 
 __all__ = [
     "SubnetSchedule",
@@ -50,7 +52,10 @@ __all__ = [
     "MAX_SUBNETS",
 ]
 
-SCHEDULES = ("consecutive", "random")
+#: How the active sets follow each other (the paper's ``consecutive``; ``random``: its
+#: ablation).
+Schedule = Literal["consecutive", "random"]
+SCHEDULES: tuple[Schedule, ...] = ("consecutive", "random")
 
 #: The largest ``num_subnets`` (sigma): subnetwork ids and the schedule's bijection
 #: work on 62-bit integers.
@@ -77,10 +82,10 @@ def resolve_steps_per_set(
             f"total_steps={total_steps} and steps_per_set={steps_per_set}"
         )
     if steps_per_set is not None:
-        _check_int(owner, "steps_per_set", steps_per_set, 1)
+        check_int(owner, "steps_per_set", steps_per_set, 1)
         return int(steps_per_set)
     if total_steps is not None:
-        _check_int(owner, "total_steps", total_steps, 1)
+        check_int(owner, "total_steps", total_steps, 1)
         return max(1, int(total_steps) * subnets_per_step // num_subnets)
     warnings.warn(
         f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1. "
@@ -92,39 +97,15 @@ def resolve_steps_per_set(
     return 1
 
 
-def _check_int(owner: str, name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{owner}: {name} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{owner}: {name} must be {allowed}, got {value}")
-
-
-def check_p(owner: str, p: Any) -> float:
-    """Validate a drop probability: a real number in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise ValueError(f"{owner}: p must be a float in [0, 1), got {p!r}")
-    if not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{owner}: p must be in [0, 1), got {p}")
-    return float(p)
-
-
-def check_seed(owner: str, seed: Any, name: str = "seed") -> int:
-    """Validate a seed: an int in [0, 2**63)."""
-    _check_int(owner, name, seed, 0, 2**63 - 1)
-    return int(seed)
-
-
 def check_schedule(owner: str, num_subnets: Any, subnets_per_step: Any, schedule: Any) -> None:
     """Validate sigma (``num_subnets`` in ``[1, 2**62]``), tau (``subnets_per_step`` in
     ``[1, num_subnets]``) and the schedule name: the one check shared by the modules
     and the functional forms."""
-    _check_int(owner, "num_subnets", num_subnets, 1)
+    check_int(owner, "num_subnets", num_subnets, 1)
     if num_subnets > MAX_SUBNETS:
         raise ValueError(f"{owner}: num_subnets must be <= 2**62, got {num_subnets}")
-    _check_int(owner, "subnets_per_step", subnets_per_step, 1, num_subnets)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"{owner}: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_int(owner, "subnets_per_step", subnets_per_step, 1, num_subnets)
+    check_choice(owner, "schedule", schedule, SCHEDULES)
 
 
 def in_backward() -> bool:
@@ -175,7 +156,11 @@ class SubnetSchedule:
     num_subnets: int
     subnets_per_step: int
     steps_per_set: int
-    schedule: str = "consecutive"
+    schedule: Schedule = "consecutive"
+
+    def __post_init__(self) -> None:
+        check_schedule("SubnetSchedule", self.num_subnets, self.subnets_per_step, self.schedule)
+        check_int("SubnetSchedule", "steps_per_set", self.steps_per_set, 1)
 
     def set_index(self, step: int) -> int:
         """Index of the set active at ``step`` (changes only when the set changes)."""
@@ -311,7 +296,7 @@ def attach_stepper(model: nn.Module) -> None:
     over the new modules. Modules with ``auto_step=False`` stay with
     :func:`gyrodrop.step`.
     """
-    root = _unwrap(model)
+    root = _unwrap("attach_stepper", model)
     stepper = root.__dict__.get("_gyrodrop_stepper")
     if not isinstance(stepper, _ModelStepper):
         stepper = _ModelStepper()
@@ -324,22 +309,17 @@ def attach_stepper(model: nn.Module) -> None:
             module._stepper = stepper
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(owner: str, model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
+        raise TypeError(f"{owner}: expected an nn.Module as model, got {type(model).__name__}")
+    return unwrap_model(model)
 
 
-STEPPING = ("forward", "manual")
+Stepping = Literal["forward", "manual"]
+STEPPING: tuple[Stepping, ...] = ("forward", "manual")
 
 
-def set_stepping(model: nn.Module, when: Literal["forward", "manual"]) -> None:
+def set_stepping(model: nn.Module, when: Stepping) -> None:
     """Choose who advances the step of every gyrodrop module in ``model``.
 
     - ``"forward"`` (what the ``apply_*`` functions set up): one step after each
@@ -367,7 +347,7 @@ def set_stepping(model: nn.Module, when: Literal["forward", "manual"]) -> None:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: ``when`` is not ``"forward"`` or ``"manual"``.
     """
-    root = _unwrap(model)
+    root = _unwrap("set_stepping", model)
     if when not in STEPPING:
         raise ValueError(
             f"set_stepping: when must be one of {STEPPING}, got {when!r}; "
@@ -417,7 +397,7 @@ def bind_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Non
         TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not a
             ``torch.optim.Optimizer``.
     """
-    root = _unwrap(model)
+    root = _unwrap("bind_to_optimizer", model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"bind_to_optimizer: optimizer must be a torch.optim.Optimizer, "
@@ -477,8 +457,7 @@ class SteppedModule(nn.Module):
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("seed", torch.tensor(check_seed(owner, seed), dtype=torch.int64))
-        if not isinstance(auto_step, bool):
-            raise ValueError(f"{owner}: auto_step must be a bool, got {auto_step!r}")
+        check_bool(owner, "auto_step", auto_step)
         self.auto_step = auto_step
         self._mirrors: dict[str, tuple[Tensor, int, int]] = {}
 
@@ -507,7 +486,7 @@ class SteppedModule(nn.Module):
 
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
-        _check_int(type(self).__name__ + ".advance", "n", n, 0)
+        check_int(type(self).__name__ + ".advance", "n", n, 0)
         if self.step.is_meta:
             return
         value = self.current_step()
@@ -643,7 +622,7 @@ class ScheduledModule(SteppedModule):
         subnets_per_step: int,
         total_steps: int | None,
         steps_per_set: int | None,
-        schedule: str,
+        schedule: Schedule,
         seed: int,
         auto_step: bool,
         owner: str,
@@ -719,7 +698,7 @@ def step(model: nn.Module, n: int = 1) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gyrodrop.step: model must be an nn.Module, got {type(model).__name__}")
-    _check_int("gyrodrop.step", "n", n, 0)
+    check_int("gyrodrop.step", "n", n, 0)
     for module in model.modules():
         if isinstance(module, SteppedModule):
             module.advance(n)

@@ -38,13 +38,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, overload, runtime_checkable
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from gyrodrop import distributed, masks
-from gyrodrop.schedule import SteppedModule, _check_int, check_input, check_p
+from gyrodrop._modules import Policy, replace_modules, unwrap_model
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
+from gyrodrop.masks import layer_seed
+from gyrodrop.schedule import SteppedModule, check_input
 
 __all__ = [
     "MODES",
@@ -59,7 +62,9 @@ __all__ = [
     "replace_drop_paths",
 ]
 
-MODES = ("block", "sample")
+#: What one decision drops: the whole batch's branch (``block``) or one sample's.
+Mode = Literal["block", "sample"]
+MODES: tuple[Mode, ...] = ("block", "sample")
 
 # Sub-streams of masks.TAG_DEPTH.
 _STREAM_BLOCK = 1
@@ -90,16 +95,10 @@ def _row_factors(keep: Tensor, ndim: int, p: float, dtype: torch.dtype) -> Tenso
     return factor.reshape(-1, *([1] * (ndim - 1)))
 
 
-def _check_mode(owner: str, mode: Any) -> str:
-    if mode not in MODES:
-        raise ValueError(f"{owner}: mode must be one of {MODES}, got {mode!r}")
-    return mode
-
-
 def stochastic_depth(
     x: Tensor,
     p: float,
-    mode: str = "block",
+    mode: Mode = "block",
     training: bool = True,
     *,
     seed: int = 0,
@@ -127,7 +126,7 @@ def stochastic_depth(
         True
     """
     p = check_p("stochastic_depth", p)
-    _check_mode("stochastic_depth", mode)
+    check_choice("stochastic_depth", "mode", mode, MODES)
     if not training or p == 0.0:
         return x
     return x * _factors(x, p, mode, seed, step)
@@ -215,7 +214,7 @@ class StochasticDepth(SteppedModule):
     def __init__(
         self,
         p: float,
-        mode: str = "block",
+        mode: Mode = "block",
         *,
         seed: int = 0,
         auto_step: bool = True,
@@ -224,10 +223,9 @@ class StochasticDepth(SteppedModule):
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
-        _check_mode(owner, mode)
-        _check_int(owner, "warmup_steps", warmup_steps, 0)
-        if not isinstance(per_rank, bool):
-            raise ValueError(f"{owner}: per_rank must be a bool, got {per_rank!r}")
+        check_choice(owner, "mode", mode, MODES)
+        check_int(owner, "warmup_steps", warmup_steps, 0)
+        check_bool(owner, "per_rank", per_rank)
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         self.p = p
         self.mode = mode
@@ -653,7 +651,7 @@ class StochasticDepthBlock(nn.Module):
         self,
         block: nn.Module,
         p: float,
-        mode: str = "block",
+        mode: Mode = "block",
         *,
         seed: int = 0,
         auto_step: bool = True,
@@ -723,7 +721,6 @@ class StochasticDepthBlock(nn.Module):
 def remove_stochastic_depth(model: nn.Module) -> int:
     """Undo :func:`gyrodrop.apply_stochastic_depth`: put every wrapped block back in
     place (e.g. to export a plain model after training). Returns the count."""
-    from gyrodrop.surgery import replace_modules
 
     def unwrap(module: nn.Module, _: int) -> nn.Module:
         if isinstance(module, StochasticDepthLayer):
@@ -777,7 +774,7 @@ def warmup_steps_for(owner: str, drop_warmup: Any, total_steps: Any) -> int:
     if not 0.0 <= float(drop_warmup) <= 1.0:
         raise ValueError(f"{owner}: drop_warmup must be in [0, 1], got {drop_warmup}")
     if total_steps is not None:
-        _check_int(owner, "total_steps", total_steps, 1)
+        check_int(owner, "total_steps", total_steps, 1)
     if drop_warmup == 0:
         return 0
     if total_steps is None:
@@ -923,7 +920,7 @@ class StochasticDepthLayer(nn.Module):
         self,
         layer: nn.Module,
         p: float,
-        mode: str = "block",
+        mode: Mode = "block",
         *,
         seed: int = 0,
         auto_step: bool = True,
@@ -1123,7 +1120,7 @@ def layer_list_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{name}.{i}", layer) for name, m in inner for i, layer in enumerate(m)]
 
 
-def replace_drop_paths(model: nn.Module, *, mode: str = "sample", seed: int = 0) -> int:
+def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0) -> int:
     """Swap a model's own DropPath modules for :class:`StochasticDepth`, in place.
 
     Matches modules whose class is named ``DropPath`` or ends in ``DropPath`` (timm's
@@ -1148,10 +1145,7 @@ def replace_drop_paths(model: nn.Module, *, mode: str = "sample", seed: int = 0)
         >>> net[1]
         StochasticDepth(p=0.1, mode=sample)
     """
-    from gyrodrop.schedule import check_seed
-    from gyrodrop.surgery import Policy, layer_seed, replace_modules, unwrap_model
-
-    _check_mode("replace_drop_paths", mode)
+    check_choice("replace_drop_paths", "mode", mode, MODES)
     check_seed("replace_drop_paths", seed)
     root = unwrap_model(model)
     types = {

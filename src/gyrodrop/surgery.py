@@ -13,21 +13,33 @@ exactly as it was.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
-import torch
 from torch import nn
 
+from gyrodrop._modules import Policy, check_model, replace_modules, swap_all, unwrap_model
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
 from gyrodrop.blockwise import (
     SURGERY_PRUNE,
     BlockGyroLinear,
+    SurgeryPrune,
     find_block_sites,
     n_dropped_blocks,
 )
 from gyrodrop.gyro import GyroDropout
-from gyrodrop.masks import mix_keys
-from gyrodrop.schedule import _check_int, attach_stepper, check_p, check_seed
+from gyrodrop.masks import layer_seed
+from gyrodrop.schedule import attach_stepper
+from gyrodrop.stochastic_depth import (
+    MODES,
+    LayerSplit,
+    Mode,
+    StochasticDepthBlock,
+    StochasticDepthLayer,
+    find_residual_blocks,
+    linear_rates,
+    warmup_steps_for,
+)
 
 __all__ = [
     "apply_gyro_dropout",
@@ -37,85 +49,8 @@ __all__ = [
     "replace_modules",
     "layer_seed",
     "builtin_dropouts",
+    "Policy",
 ]
-
-Policy = Mapping[type, Callable[[nn.Module, int], nn.Module | None]]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def layer_seed(seed: int, index: int) -> int:
-    """Seed of the ``index``-th replaced layer: distinct per layer, fixed by ``seed``."""
-    return (mix_keys(seed, 0xD5, index) << 31) | (index & 0x7FFFFFFF)
-
-
-def _device_of(module: nn.Module, fallback: torch.device | None) -> torch.device | None:
-    for t in module.parameters():
-        return t.device
-    for b in module.buffers():
-        return b.device
-    return fallback
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    return _device_of(model, None)
-
-
-def _check_model(owner: str, model: Any) -> nn.Module:
-    """``model`` unwrapped, or a ``ValueError`` when it is not an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
-    return unwrap_model(model)
-
-
-def _swap_all(root: nn.Module, swaps: list[tuple[str, nn.Module]]) -> None:
-    """Set every ``(qualified name, new module)`` of ``swaps`` in ``root``; the parents
-    are looked up before the first swap, so nothing can fail halfway."""
-    targets = []
-    for name, new in swaps:
-        if not name:
-            raise ValueError("replace_modules: cannot replace the root module itself")
-        parent_name, _, child = name.rpartition(".")
-        targets.append((root.get_submodule(parent_name) if parent_name else root, child, new))
-    for parent, child, new in targets:
-        setattr(parent, child, new)
-
-
-def replace_modules(model: nn.Module, policy: Policy) -> int:
-    """Replace every module whose exact type is in ``policy``; returns the count.
-
-    Matches are visited in ``named_modules`` order; the policy function gets the module
-    and its match index and may return ``None`` to leave the module alone. All
-    replacements are built first and swapped in only when every one was built: when
-    the policy raises, the model is unchanged.
-    """
-    model = _check_model("replace_modules", model)
-    device = _model_device(model)
-    matches = [(name, module) for name, module in model.named_modules() if type(module) in policy]
-    swaps: list[tuple[str, nn.Module]] = []
-    for index, (name, module) in enumerate(matches):
-        new = policy[type(module)](module, index)
-        if new is None:
-            continue
-        if not name:
-            raise ValueError("replace_modules: cannot replace the root module itself")
-        target = _device_of(module, device)
-        if target is not None:
-            new = new.to(target)
-        new.train(module.training)
-        swaps.append((name, new))
-    _swap_all(model, swaps)
-    return len(swaps)
-
 
 _CHANNELWISE = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 # Input dims of an unbatched input to each channel-wise dropout, as torch reads them:
@@ -176,7 +111,7 @@ def apply_gyro_dropout(
         >>> model[1].p
         0.3
     """
-    _check_model("apply_gyro_dropout", model)
+    check_model("apply_gyro_dropout", model)
     if p is not None:
         p = check_p("apply_gyro_dropout", p)
     check_seed("apply_gyro_dropout", seed)
@@ -251,14 +186,16 @@ def builtin_dropouts(model: nn.Module) -> list[str]:
     return found
 
 
-DROP_DISTRIBUTIONS = ("uniform", "linear")
+#: How ``drop_rate`` spreads over depth: the same everywhere, or growing linearly.
+DropDistribution = Literal["uniform", "linear"]
+DROP_DISTRIBUTIONS: tuple[DropDistribution, ...] = ("uniform", "linear")
 
 
 def apply_stochastic_depth(
     model: nn.Module,
     drop_rate: float = 0.2,
-    drop_distribution: str = "linear",
-    mode: str = "block",
+    drop_distribution: DropDistribution = "linear",
+    mode: Mode = "block",
     drop_warmup: float = 0.0,
     *,
     total_steps: int | None = None,
@@ -324,32 +261,16 @@ def apply_stochastic_depth(
         >>> bool(torch.equal(net(x), before))
         True
     """
-    from gyrodrop.stochastic_depth import (
-        LayerSplit,
-        StochasticDepthBlock,
-        StochasticDepthLayer,
-        _check_mode,
-        find_residual_blocks,
-        linear_rates,
-        warmup_steps_for,
-    )
-
     owner = "apply_stochastic_depth"
-    _check_model(owner, model)
+    check_model(owner, model)
     drop_rate = check_p(owner, drop_rate)
-    if drop_distribution not in DROP_DISTRIBUTIONS:
-        raise ValueError(
-            f"{owner}: drop_distribution must be one of {DROP_DISTRIBUTIONS}, "
-            f"got {drop_distribution!r}"
-        )
-    _check_mode(owner, mode)
+    check_choice(owner, "drop_distribution", drop_distribution, DROP_DISTRIBUTIONS)
+    check_choice(owner, "mode", mode, MODES)
     warmup = warmup_steps_for(owner, drop_warmup, total_steps)
     check_seed(owner, seed)
-    if not isinstance(auto_step, bool):
-        raise ValueError(f"{owner}: auto_step must be a bool, got {auto_step!r}")
+    check_bool(owner, "auto_step", auto_step)
 
-    if not isinstance(per_rank, bool):
-        raise ValueError(f"{owner}: per_rank must be a bool, got {per_rank!r}")
+    check_bool(owner, "per_rank", per_rank)
 
     root = unwrap_model(model)
     blocks = find_residual_blocks(root, target, example_inputs)
@@ -413,7 +334,7 @@ def apply_block_gyro(
     total_steps: int | None = None,
     steps_per_set: int | None = None,
     seed: int = 0,
-    prune: str = "input",
+    prune: SurgeryPrune = "input",
     **kw: Any,
 ) -> int:
     """Fuse ``nn.Dropout`` into the adjacent ``nn.Linear`` as block-wise gyro dropout
@@ -460,13 +381,12 @@ def apply_block_gyro(
         ('Identity', 'BlockGyroLinear', 0.5)
     """
     owner = "apply_block_gyro"
-    _check_model(owner, model)
-    _check_int(owner, "block_size", block_size, 1)
+    check_model(owner, model)
+    check_int(owner, "block_size", block_size, 1)
     if p is not None:
         p = check_p(owner, p)
     check_seed(owner, seed)
-    if prune not in SURGERY_PRUNE:
-        raise ValueError(f"{owner}: prune must be one of {SURGERY_PRUNE}, got {prune!r}")
+    check_choice(owner, "prune", prune, SURGERY_PRUNE)
     allowed = {"schedule", "auto_step", "backend"}
     unknown = set(kw) - allowed
     if unknown:
@@ -513,7 +433,7 @@ def apply_block_gyro(
             )
             swaps += [(site.linear, fused), (site.dropout, nn.Identity())]
             fused_dropouts.add(site.dropout)
-    _swap_all(root, swaps)  # only once every fused layer was built
+    swap_all(root, swaps)  # only once every fused layer was built
     count = len(fused_dropouts)
     if count and kw.get("auto_step", True):
         attach_stepper(root)

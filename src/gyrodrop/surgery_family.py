@@ -14,11 +14,12 @@ from typing import Any, cast
 
 from torch import nn
 
+from gyrodrop._modules import Policy, replace_modules, unwrap_model
+from gyrodrop._validation import check_bool, check_p, check_seed
 from gyrodrop.blockwise import BlockGyroLinear
 from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
 from gyrodrop.gyro import GyroDropout
-from gyrodrop.schedule import check_p, check_seed
-from gyrodrop.surgery import Policy, layer_seed, replace_modules, unwrap_model
+from gyrodrop.masks import layer_seed
 
 __all__ = ["apply_dropblock", "remove_gyro_dropout"]
 
@@ -69,8 +70,7 @@ def apply_dropblock(
     if p is not None:
         p = check_p(owner, p)
     check_seed(owner, seed)
-    if not isinstance(gyro, bool):
-        raise ValueError(f"{owner}: gyro must be a bool, got {gyro!r}")
+    check_bool(owner, "gyro", gyro)
     allowed = {"shared_channels", "scale", "auto_step"} | (
         {"schedule"} if gyro else {"warmup_steps"}
     )

@@ -51,14 +51,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from gyrodrop import masks
+from gyrodrop._modules import unwrap_model
+from gyrodrop._validation import check_choice, check_int, check_seed
 from gyrodrop.gyro import apply_group_masks
-from gyrodrop.schedule import ScheduledModule, SteppedModule, _check_int, check_seed
+from gyrodrop.schedule import ScheduledModule, SteppedModule
 from gyrodrop.stochastic_depth import (
     StochasticDepth,
     StochasticDepthBlock,
@@ -66,12 +68,15 @@ from gyrodrop.stochastic_depth import (
     _MCLayoutError,
     mc_draws,
 )
-from gyrodrop.surgery import unwrap_model
 
 __all__ = ["Prediction", "mc_predict", "subnet_ensemble_predict", "PAIRINGS", "OUTPUTS"]
 
-PAIRINGS = ("auto", "trained", "index")
-OUTPUTS = ("logits", "probs")
+#: How subnetwork ``k`` pairs the layers' masks (see :func:`subnet_ensemble_predict`).
+Pairing = Literal["auto", "trained", "index"]
+PAIRINGS: tuple[Pairing, ...] = ("auto", "trained", "index")
+#: What the model returns: logits (softmaxed here) or probabilities.
+Output = Literal["logits", "probs"]
+OUTPUTS: tuple[Output, ...] = ("logits", "probs")
 
 _DROPOUTS = (
     nn.Dropout,
@@ -462,16 +467,14 @@ def _check_inputs(owner: str, model: Any, x: Any, output: str, pairing: str) -> 
     if not isinstance(model, nn.Module):
         raise ValueError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
     _batch_rows(owner, x)
-    if output not in OUTPUTS:
-        raise ValueError(f"{owner}: output must be one of {OUTPUTS}, got {output!r}")
-    if pairing not in PAIRINGS:
-        raise ValueError(f"{owner}: pairing must be one of {PAIRINGS}, got {pairing!r}")
+    check_choice(owner, "output", output, OUTPUTS)
+    check_choice(owner, "pairing", pairing, PAIRINGS)
 
 
 def _chunk_size(owner: str, batch: Any, total: int, rows: int) -> int:
     if batch is None:
         return max(1, min(total, _ROW_BUDGET // rows))
-    _check_int(owner, "batch_samples", batch, 1)
+    check_int(owner, "batch_samples", batch, 1)
     return min(int(batch), total)
 
 
@@ -600,8 +603,8 @@ def mc_predict(
     *,
     seed: int = 0,
     batch_samples: int | None = None,
-    output: str = "logits",
-    pairing: str = "auto",
+    output: Output = "logits",
+    pairing: Pairing = "auto",
     output_fn: Callable[[Any], Tensor] | None = None,
 ) -> Prediction:
     """Monte-Carlo dropout: ``samples`` stochastic passes with only the dropout family
@@ -653,7 +656,7 @@ def mc_predict(
     """
     owner = "mc_predict"
     _check_inputs(owner, model, x, output, pairing)
-    _check_int(owner, "samples", samples, 1)
+    check_int(owner, "samples", samples, 1)
     seed = check_seed(owner, seed)
     net = unwrap_model(model)
     chunk = _chunk_size(owner, batch_samples, samples, _batch_rows(owner, x))
@@ -731,8 +734,8 @@ def subnet_ensemble_predict(
     *,
     seed: int = 0,
     batch_subnets: int | None = None,
-    output: str = "logits",
-    pairing: str = "auto",
+    output: Output = "logits",
+    pairing: Pairing = "auto",
     output_fn: Callable[[Any], Tensor] | None = None,
 ) -> Prediction:
     """The ensemble of the gyro subnetworks the model trained: one pass per subnetwork
@@ -788,7 +791,7 @@ def subnet_ensemble_predict(
     if subnets is None:
         chosen = list(range(m_count))
     elif isinstance(subnets, int) and not isinstance(subnets, bool):
-        _check_int(owner, "subnets", subnets, 1, m_count)
+        check_int(owner, "subnets", subnets, 1, m_count)
         perm = masks.seeded_permutation(seed, _TAG_SUBSET, 0, m_count)
         chosen = sorted(perm[:subnets].tolist())
     elif isinstance(subnets, Sequence) and not isinstance(subnets, (str, bytes)):

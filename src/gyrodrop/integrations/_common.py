@@ -18,17 +18,17 @@ from typing import Any
 
 from torch import nn
 
+from gyrodrop._modules import unwrap_model
+from gyrodrop._validation import check_p, check_seed
 from gyrodrop.schedule import (
     TRAINER_SCHEDULED,
     ScheduledModule,
     SteppedModule,
-    check_p,
-    check_seed,
     set_stepping,
     step,
 )
 from gyrodrop.schedule import resolve_steps_per_set as _resolve
-from gyrodrop.surgery import apply_gyro_dropout, unwrap_model
+from gyrodrop.surgery import apply_gyro_dropout
 
 __all__ = [
     "TRAINER_SCHEDULED",
