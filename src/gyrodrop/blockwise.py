@@ -66,10 +66,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gyrodrop import blockwise_triton, distributed, masks
+from gyrodrop import blockwise_triton, masks
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p
 from gyrodrop.blockwise_triton import TritonPlan
-from gyrodrop.schedule import Schedule, ScheduledModule, SteppedModule, check_input
+from gyrodrop.schedule import Schedule, SteppedModule, check_input
+from gyrodrop.scheduled import ScheduledModule
 
 __all__ = [
     "BACKENDS",
@@ -767,9 +768,8 @@ class BlockGyroLinear(ScheduledModule):
                 self._buffers_to(self.weight.device)
         # Derived state (never in state_dict): the kept blocks of the active set and
         # the gather/scatter indices for the current batch layout.
-        self._kept_key: tuple[Any, ...] | None = None
-        self._kept: Tensor | None = None
         self._plan_key: tuple[Any, ...] | None = None
+        self._plan_kept: Tensor | None = None  # the kept blocks self._plan was built for
         self._plan: _Plan | TritonPlan | None = None
         self._workspace = _Workspace()
 
@@ -843,6 +843,12 @@ class BlockGyroLinear(ScheduledModule):
         return self.in_features if self.prune == "input" else self.out_features
 
     @property
+    def mask_side(self) -> Literal["input", "output"]:
+        """Where the masks apply: the ``"input"`` features or the ``"output"`` ones
+        (``prune``)."""
+        return self.prune
+
+    @property
     def effective_p(self) -> float:
         """The realized drop rate, ``n_dropped / n_blocks`` (the scaling uses it)."""
         return self.n_dropped / self.n_blocks
@@ -911,8 +917,7 @@ class BlockGyroLinear(ScheduledModule):
         ``F.linear(x * dense_mask(B)[:, None, ..., :], W, b)`` (``prune="input"``) or
         ``F.linear(x, W, b) * dense_mask(B)[...]`` (``prune="output"``)."""
         check_int(type(self).__name__, "batch", batch, 0)
-        start, global_batch = distributed.row_window(batch)
-        counts = distributed.local_group_counts(start, batch, global_batch, self.subnets_per_step)
+        counts = self.group_counts(batch)
         group = self.group_masks(step, dtype=dtype, device=device)
         rows = torch.repeat_interleave(
             torch.arange(len(counts), device=group.device),
@@ -925,28 +930,14 @@ class BlockGyroLinear(ScheduledModule):
     def _kept_blocks(self, device: torch.device, step: int) -> Tensor:
         """Sorted kept block ids of the set active at ``step``,
         ``(tau, n_blocks - n_dropped)``; cached until the set changes."""
-        seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
-        set_index = self.subnet_schedule.set_index(step)
-        key = (
-            set_index,
-            seed,
-            schedule_seed,
-            device,
-            self.num_subnets,
-            self.subnets_per_step,
-            self.steps_per_set,
-            self.schedule,
-            self.n_blocks,
-            self.n_dropped,
-        )
-        if key != self._kept_key or self._kept is None:
-            active = self.subnet_schedule.subnets(schedule_seed, set_index)
+
+        def build(seed: int, active: Tensor) -> Tensor:
             keep = masks.block_keep_mask(seed, active, self.n_blocks, self.n_dropped, device=device)
             order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-            self._kept = order[:, : self.n_blocks - self.n_dropped].contiguous()
-            self._kept_key = key
-            self._plan_key = None
-        return self._kept
+            return order[:, : self.n_blocks - self.n_dropped].contiguous()
+
+        kept: Tensor = self.for_active_set(step, device, build)
+        return kept
 
     def _use_triton(self, x: Tensor) -> bool:
         """Whether this forward runs the Triton kernels (see ``backend``)."""
@@ -969,13 +960,10 @@ class BlockGyroLinear(ScheduledModule):
         step = self.forward_step()
         if self.n_dropped > 0 and x.numel() > 0:
             kept = self._kept_blocks(x.device, step)
-            start, global_batch = distributed.row_window(batch)
-            counts = distributed.local_group_counts(
-                start, batch, global_batch, self.subnets_per_step
-            )
+            counts = self.group_counts(batch)
             rows_per_sample = x.numel() // (batch * self.in_features)
             key = (tuple(counts), rows_per_sample, use_triton)
-            if key != self._plan_key or self._plan is None:
+            if key != self._plan_key or self._plan is None or self._plan_kept is not kept:
                 if use_triton:
                     self._plan = blockwise_triton.build_plan(
                         kept,
@@ -990,6 +978,7 @@ class BlockGyroLinear(ScheduledModule):
                     out = self.out_features if self.prune == "input" else None
                     self._plan = _build_plan(kept, counts, rows_per_sample, self.n_blocks, out)
                 self._plan_key = key
+                self._plan_kept = kept
             plan = self._plan
         return plan
 

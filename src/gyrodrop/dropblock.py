@@ -43,12 +43,8 @@ from torch import Tensor
 from gyrodrop import distributed, masks
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p
 from gyrodrop.gyro import SCALES, Scale, apply_group_masks
-from gyrodrop.schedule import (
-    Schedule,
-    ScheduledModule,
-    SteppedModule,
-    SubnetSchedule,
-)
+from gyrodrop.schedule import Schedule, SteppedModule, SubnetSchedule, check_input
+from gyrodrop.scheduled import ScheduledModule
 
 __all__ = [
     "DropBlock2d",
@@ -409,6 +405,9 @@ class DropBlock2d(SteppedModule):
         _check_input(type(self).__name__, x)
         if not self.training:
             return x
+        check_input(type(self).__name__, x, rows=False)
+        if x.is_meta:
+            return x.clone()  # shapes only: no masks, no step
         m = self._masks(x)
         return x if m is None else x * m
 
@@ -476,8 +475,6 @@ class GyroDropBlock2d(ScheduledModule):
         self.block_size = block_size
         self.shared_channels = shared_channels
         self.scale = scale
-        self._cache_key: tuple[object, ...] | None = None
-        self._cache_masks: Tensor | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -496,24 +493,10 @@ class GyroDropBlock2d(ScheduledModule):
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, C or 1, H, W)``; cached until the set changes."""
         step = self.current_step() if step is None else step
-        seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
         shape = self._mask_shape(x)
-        set_index = self.subnet_schedule.set_index(step)
-        key = (
-            set_index,
-            seed,
-            schedule_seed,
-            shape,
-            x.dtype,
-            x.device,
-            self.p,
-            self.block_size,
-            self.scale,
-            self.subnet_schedule,
-        )
-        if key != self._cache_key or self._cache_masks is None:
-            active = self.subnet_schedule.subnets(schedule_seed, set_index)
-            self._cache_masks = subnet_block_masks(
+
+        def build(seed: int, active: Tensor) -> Tensor:
+            return subnet_block_masks(
                 seed,
                 active,
                 shape,
@@ -523,12 +506,14 @@ class GyroDropBlock2d(ScheduledModule):
                 dtype=_mask_dtype(x),
                 device=x.device,
             )
-            self._cache_key = key
-        return self._cache_masks
+
+        masks_: Tensor = self.for_active_set(step, (shape, x.dtype, x.device), build)
+        return masks_
 
     def subnet_mask(self, k: int, like: Tensor) -> Tensor:
         """The scaled mask of subnetwork ``k`` for inputs shaped like ``like``, shape
         ``(C or 1, H, W)`` (used by :func:`gyrodrop.subnet_ensemble_predict`)."""
+        check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
         return subnet_block_masks(
             self.current_seed(),
             torch.tensor([k], dtype=torch.int64),
@@ -543,10 +528,7 @@ class GyroDropBlock2d(ScheduledModule):
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
         group_masks = self.active_masks(x)
-        start, global_batch = distributed.row_window(x.shape[0])
-        counts = distributed.local_group_counts(
-            start, x.shape[0], global_batch, self.subnets_per_step
-        )
+        counts = self.group_counts(x.shape[0])
         if self.auto_step:
             self.advance()
         return group_masks, counts
@@ -555,6 +537,9 @@ class GyroDropBlock2d(ScheduledModule):
         _check_input(type(self).__name__, x)
         if not self.training:
             return x
+        check_input(type(self).__name__, x)
+        if x.is_meta:
+            return x.clone()  # shapes only: no masks, no step
         if self.p == 0.0:
             if self.auto_step:
                 self.advance()

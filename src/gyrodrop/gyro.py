@@ -20,13 +20,8 @@ from torch import Tensor
 
 from gyrodrop import distributed, masks
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
-from gyrodrop.schedule import (
-    Schedule,
-    ScheduledModule,
-    SubnetSchedule,
-    check_input,
-    check_schedule,
-)
+from gyrodrop.schedule import Schedule, SubnetSchedule, check_input, check_schedule
+from gyrodrop.scheduled import ScheduledModule
 
 __all__ = ["GyroDropout", "gyro_dropout", "subnet_masks", "apply_group_masks"]
 
@@ -336,10 +331,6 @@ class GyroDropout(ScheduledModule):
         self.dims = dims_t
         self.scale = scale
         self.unbatched_ndim = unbatched_ndim
-        self._cache_key: tuple[object, ...] | None = None
-        self._cache_masks: Tensor | None = None
-        self._counts_key: tuple[int, int, int, int] | None = None
-        self._counts: list[int] = []
 
     def extra_repr(self) -> str:
         dims = "" if self.dims is None else f", dims={self.dims}"
@@ -360,30 +351,15 @@ class GyroDropout(ScheduledModule):
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, *mask_shape)``; cached until the set changes."""
         step = self.current_step() if step is None else step
-        seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
         mshape = mask_shape_for(type(self).__name__, x.shape, self.dims)
-        set_index = self.subnet_schedule.set_index(step)
-        key = (
-            set_index,
-            seed,
-            schedule_seed,
-            mshape,
-            x.dtype,
-            x.device,
-            self.p,
-            self.scale,
-            self.schedule,
-            self.num_subnets,
-            self.subnets_per_step,
-            self.steps_per_set,
-        )
-        if key != self._cache_key or self._cache_masks is None:
-            active = self.subnet_schedule.subnets(schedule_seed, set_index)
-            self._cache_masks = subnet_masks(
+
+        def build(seed: int, active: Tensor) -> Tensor:
+            return subnet_masks(
                 seed, active, mshape, self.p, scale=self.scale, dtype=x.dtype, device=x.device
             )
-            self._cache_key = key
-        return self._cache_masks
+
+        masks_: Tensor = self.for_active_set(step, (mshape, x.dtype, x.device), build)
+        return masks_
 
     def subnet_mask(self, k: int, like: Tensor) -> Tensor:
         """The scaled mask of subnetwork ``k`` for inputs shaped like ``like``,
@@ -403,20 +379,10 @@ class GyroDropout(ScheduledModule):
             device=like.device,
         )[0]
 
-    def _group_counts(self, batch: int) -> list[int]:
-        start, global_batch = distributed.row_window(batch)
-        key = (start, batch, global_batch, self.subnets_per_step)
-        if key != self._counts_key:
-            self._counts = distributed.local_group_counts(
-                start, batch, global_batch, self.subnets_per_step
-            )
-            self._counts_key = key
-        return self._counts
-
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
         step = self.forward_step()
-        return self.active_masks(x, step), self._group_counts(x.shape[0])
+        return self.active_masks(x, step), self.group_counts(x.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:

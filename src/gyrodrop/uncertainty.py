@@ -51,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +60,8 @@ from gyrodrop import masks
 from gyrodrop._modules import unwrap_model
 from gyrodrop._validation import check_choice, check_int, check_seed
 from gyrodrop.gyro import apply_group_masks
-from gyrodrop.schedule import ScheduledModule, SteppedModule
+from gyrodrop.schedule import SteppedModule
+from gyrodrop.scheduled import ScheduledModule, SubnetLayer
 from gyrodrop.stochastic_depth import (
     StochasticDepth,
     StochasticDepthBlock,
@@ -152,26 +153,12 @@ class Prediction(_Summary):
 
 
 def _gyro_layers(net: nn.Module) -> list[ScheduledModule]:
-    """The gyro family: scheduled modules that can give the mask of one subnetwork,
-    ``subnet_mask(k, like)`` (GyroDropout, BlockGyroLinear)."""
+    """The gyro family: scheduled modules that give the mask of one subnetwork
+    (:class:`~gyrodrop.scheduled.SubnetLayer`: GyroDropout, BlockGyroLinear,
+    GyroDropBlock2d)."""
     return [
-        m
-        for m in net.modules()
-        if isinstance(m, ScheduledModule) and callable(getattr(m, "subnet_mask", None))
+        m for m in net.modules() if isinstance(m, ScheduledModule) and isinstance(m, SubnetLayer)
     ]
-
-
-def _mask_side(layer: ScheduledModule) -> str:
-    """Where a gyro layer's mask applies in eval mode: on its input or its output
-    (``BlockGyroLinear(prune="output")``)."""
-    return "output" if getattr(layer, "prune", "input") == "output" else "input"
-
-
-def _subnet_mask(layer: ScheduledModule, k: int, like: Tensor) -> Tensor:
-    """The scaled mask of subnetwork ``k`` of ``layer`` for a tensor shaped like ``like``
-    (broadcastable against one row)."""
-    mask: Tensor = layer.subnet_mask(k, like)  # type: ignore[operator]
-    return mask
 
 
 def _as_row_mask(mask: Tensor, rest: int) -> Tensor:
@@ -297,7 +284,10 @@ def _gyro_passes(
             key = (tuple(t.shape[1:]), t.dtype, t.device)
             if key not in cache:
                 stacked = [
-                    _as_row_mask(_subnet_mask(layer, members.layer_id(index, j), t), t.dim() - 1)
+                    _as_row_mask(
+                        cast(SubnetLayer, layer).subnet_mask(members.layer_id(index, j), t),
+                        t.dim() - 1,
+                    )
                     for j in chunk
                 ]
                 cache[key] = torch.stack(stacked)  # (passes, *row mask)
@@ -308,7 +298,7 @@ def _gyro_passes(
     try:
         for index, layer in enumerate(members.layers):
             fn = masked(index, layer)
-            if _mask_side(layer) == "input":
+            if layer.mask_side == "input":
                 handles.append(
                     layer.register_forward_pre_hook(
                         lambda _m, args, fn=fn: (fn(args[0]), *args[1:])

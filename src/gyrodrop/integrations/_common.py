@@ -20,14 +20,8 @@ from torch import nn
 
 from gyrodrop._modules import unwrap_model
 from gyrodrop._validation import check_p, check_seed
-from gyrodrop.schedule import (
-    TRAINER_SCHEDULED,
-    ScheduledModule,
-    SteppedModule,
-    set_stepping,
-    step,
-)
-from gyrodrop.schedule import resolve_steps_per_set as _resolve
+from gyrodrop.schedule import TRAINER_SCHEDULED, SteppedModule, set_stepping, step
+from gyrodrop.scheduled import ScheduledModule
 from gyrodrop.surgery import apply_gyro_dropout
 
 __all__ = [
@@ -146,7 +140,7 @@ def apply(model: nn.Module, options: GyroOptions) -> int:
             and id(module) not in before
             and isinstance(module, ScheduledModule)
         ):
-            setattr(module, TRAINER_SCHEDULED, True)
+            module.schedule_by_trainer()
     return count
 
 
@@ -173,12 +167,8 @@ def set_total_steps(model: nn.Module, total_steps: float, owner: str) -> int:
             stacklevel=3,
         )
         return 0
-    total = int(total_steps)
     for module in modules:
-        module.total_steps = total
-        module.steps_per_set = _resolve(
-            type(module).__name__, module.num_subnets, module.subnets_per_step, total, None
-        )
+        module.schedule_by_trainer(int(total_steps))
     return len(modules)
 
 
@@ -209,4 +199,4 @@ def load_gyro_steps(model: nn.Module, steps: Mapping[str, int], owner: str) -> N
             "hint: build the model and the callback exactly as in the run that was saved"
         )
     for name, module in modules.items():
-        module.step.fill_(int(steps[name]))
+        module.set_step(int(steps[name]))
