@@ -15,7 +15,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-OPTIONAL = ("sklearn", "matplotlib", "rich", "lightning", "transformers", "scipy")
+OPTIONAL = ("sklearn", "matplotlib", "rich", "lightning", "transformers", "scipy", "triton")
 
 
 def main(dist_dir: str) -> None:

@@ -1,5 +1,8 @@
 """Properties of the subnetwork schedule and the step counting."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -99,6 +102,12 @@ class TestStepsPerSet:
         with pytest.raises(ValueError, match="at most one of total_steps and steps_per_set"):
             resolve_steps_per_set("X", 8, 2, 10, 10)
 
+    def test_layers_keep_the_run_length_they_were_given(self):
+        # total_steps is public state (trainer callbacks set it, analysis reads it).
+        drop = gyrodrop.GyroDropout(0.5, 64, 4, total_steps=1000)
+        assert (drop.total_steps, drop.steps_per_set) == (1000, 62)
+        assert gyrodrop.GyroDropout(0.5, 64, 4, steps_per_set=7).total_steps is None
+
 
 class TestStepFunction:
     def test_advances_every_gyro_module_of_a_nested_model(self):
@@ -147,6 +156,21 @@ class TestStateDict:
         state = drop.state_dict() | {"step": torch.zeros(2, dtype=torch.int64)}
         with pytest.raises(RuntimeError, match="size mismatch for step"):
             drop.load_state_dict(state)
+
+    def test_copies_read_the_step_they_were_copied_with_after_several_writes(self):
+        # A copy's buffers are rebuilt at tensor version 1: a host value cached at
+        # version 1 in the original (after one in-place write) must not travel with it.
+        for module in (
+            gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1),
+            gyrodrop.StochasticDepth(0.5),
+        ):
+            with torch.no_grad():
+                module.step.fill_(5)
+            assert module.current_step() == 5
+            with torch.no_grad():
+                module.step.fill_(9)
+            for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+                assert clone.current_step() == 9
 
     def test_step_and_seed_are_restored_from_a_checkpoint(self):
         a = gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, seed=5)

@@ -35,6 +35,7 @@ contiguous row groups, one mask each, the set kept for ``steps_per_set`` steps.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,10 +116,12 @@ def drop_probabilities(p: float, block_size: int, h: int, w: int) -> Tensor:
     return 1.0 - (1.0 - gamma) ** n
 
 
+@functools.lru_cache(maxsize=64)
 def _inverted_factors(
     p: float, block_size: int, h: int, w: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """Per-pixel ``1 / P(keep)``, shape ``(h, w)``."""
+    """Per-pixel ``1 / P(keep)``, shape ``(h, w)``; cached (read-only: used in
+    ``torch.where`` only), so a step does not rebuild and copy it to the device."""
     keep = 1.0 - drop_probabilities(p, block_size, h, w)
     return (1.0 / keep.clamp_min(1e-12)).to(device=device, dtype=dtype)
 

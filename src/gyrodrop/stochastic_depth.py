@@ -700,7 +700,8 @@ class StochasticDepthBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self.block(x)
-        if not self._verified and isinstance(self._split, _MethodSplit):
+        meta = isinstance(x, Tensor) and x.is_meta  # shapes only: nothing to compare
+        if not self._verified and isinstance(self._split, _MethodSplit) and not meta:
             self._verify(x)
         block, split, sd = self.block, self._split, self.stochastic_depth
         if sd.training and sd.mode == "block" and sd._mc is None:
