@@ -256,7 +256,9 @@ def dropblock2d(
         x: feature maps, shape ``(B, C, H, W)``.
         p: target dropped fraction in ``[0, 1)`` (the paper's ``1 - keep_prob``).
         block_size: side of the dropped squares (clamped to the map).
-        step, seed: the masks are a hash of these and of each row's global index.
+        step: the step; the masks are a hash of ``step``, ``seed`` and each row's
+            global index.
+        seed: the seed of the masks.
         shared_channels: one mask per example for all channels (default: per channel).
         scale: ``"inverted"`` or ``"realized"`` (see the module docstring).
         training: ``False`` returns ``x``.
@@ -426,10 +428,10 @@ class GyroDropBlock2d(ScheduledModule):
     (consecutive scheduling, every mask once per cycle) or a fresh random set each step
     (``schedule="random"``). The tau active masks are cached until the set changes.
 
-    Args:
-        p, block_size, shared_channels, scale: as in :class:`DropBlock2d`.
-        num_subnets, subnets_per_step, total_steps, steps_per_set, schedule, seed,
-            auto_step, schedule_seed: as in :class:`gyrodrop.GyroDropout`.
+    Arguments: ``p``, ``block_size``, ``shared_channels`` and ``scale`` as in
+    :class:`DropBlock2d`; ``num_subnets``, ``subnets_per_step``, ``total_steps``,
+    ``steps_per_set``, ``schedule``, ``seed``, ``auto_step`` and ``schedule_seed`` as in
+    :class:`gyrodrop.GyroDropout`.
 
     Shape: input ``(B, C, H, W)``, output the same. ``eval()``: the identity.
     :func:`gyrodrop.subnet_ensemble_predict` averages over its subnetworks.

@@ -148,7 +148,12 @@ class StochasticDepthLayer(nn.Module):
 
     Args:
         layer: the layer.
-        p, mode, seed, auto_step, warmup_steps, per_rank: see :class:`StochasticDepth`.
+        p: drop probability (see :class:`StochasticDepth`, as for the next five).
+        mode: ``"block"`` or ``"sample"``.
+        seed: seeds the decisions.
+        auto_step: who advances the step.
+        warmup_steps: steps over which ``p`` ramps up from 0.
+        per_rank: independent decisions per data-parallel rank.
         name: the layer's name in the model, for error messages.
         split: what a probe at surgery learned about the layer's output.
     """

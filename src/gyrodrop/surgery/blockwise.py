@@ -41,7 +41,7 @@ def apply_block_gyro(
     ``prune="output"`` fuses ``Linear [-> ReLU/LeakyReLU/PReLU] -> Dropout`` (dropout
     after the Linear, the activation kept in place: it commutes with the mask).
     ``prune="auto"`` fuses every dropout it can, on the side that prunes the most GEMM
-    work (see :func:`gyrodrop.blockwise.find_block_sites`). The pairs are found in
+    work (see :func:`gyrodrop.surgery.find_block_sites`). The pairs are found in
     ``nn.Sequential`` containers and, through ``torch.fx`` symbolic tracing, anywhere
     in a traceable model; the model itself is changed in place (its own ``forward``
     still runs: fx only reads the dataflow), and its Linear parameters are kept (an
@@ -50,8 +50,8 @@ def apply_block_gyro(
     ``p=None`` keeps each Dropout's own ``p``; every fused layer gets its own mask seed
     derived from ``seed`` and its position, and all share the schedule seed ``seed``
     (network-level subnetworks, as in :func:`apply_gyro_dropout`). ``schedule``,
-    ``auto_step`` and ``backend`` (of :class:`~gyrodrop.BlockGyroLinear`) may be passed
-    as keywords; stepping is as in
+    ``auto_step``, ``backend`` and ``workspace`` (of :class:`~gyrodrop.BlockGyroLinear`)
+    may be passed as keywords; stepping is as in
     :func:`apply_gyro_dropout` (one step per training forward of ``model``). Every
     dropout that is not fused (followed by something else than a Linear, a module used
     twice, a functional ``F.dropout``,
@@ -83,7 +83,7 @@ def apply_block_gyro(
         p = check_p(owner, p)
     check_seed(owner, seed)
     check_choice(owner, "prune", prune, SURGERY_PRUNE)
-    allowed = {"schedule", "auto_step", "backend"}
+    allowed = {"schedule", "auto_step", "backend", "workspace"}
     unknown = set(kw) - allowed
     if unknown:
         raise TypeError(

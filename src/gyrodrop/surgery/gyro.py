@@ -182,7 +182,7 @@ def remove_gyro_dropout(model: nn.Module) -> int:
 
     The gyrodrop layers' ``step``/``seed`` buffers go away, so ``state_dict()`` has the
     keys of the model before surgery; ``eval()`` outputs are unchanged. Stochastic depth
-    is undone by :func:`gyrodrop.stochastic_depth.remove_stochastic_depth`.
+    is undone by :func:`gyrodrop.surgery.remove_stochastic_depth`.
 
     Returns the number of layers replaced (0 without a warning: nothing to undo).
 

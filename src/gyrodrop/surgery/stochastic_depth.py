@@ -95,7 +95,7 @@ def apply_stochastic_depth(
     ``x + keep * (f(x) - x) / (1 - p)``; a dropped layer is not computed. ``target``
     may select any layer whose forward takes the hidden states first and returns them
     first; one that changes their shape is refused here (see
-    :func:`~gyrodrop.stochastic_depth.find_residual_blocks` for how shapes are checked).
+    :func:`~gyrodrop.surgery.find_residual_blocks` for how shapes are checked).
 
     Returns the number of blocks wrapped, and warns when it is zero. Blocks already
     wrapped are left alone. ``eval()`` outputs are unchanged by the surgery.
