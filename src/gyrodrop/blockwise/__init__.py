@@ -15,10 +15,18 @@ Finding the ``Dropout -> Linear`` pairs of a model to fuse is surgery
 
 from typing import Any
 
-from gyrodrop.blockwise.layer import BACKENDS, PRUNE_MODES, Backend, BlockGyroLinear, Prune
+from gyrodrop.blockwise.layer import (
+    AUTO_PICKS_TRITON,
+    BACKENDS,
+    PRUNE_MODES,
+    Backend,
+    BlockGyroLinear,
+    Prune,
+)
 from gyrodrop.blockwise.plan import n_dropped_blocks
 
 __all__ = [
+    "AUTO_PICKS_TRITON",
     "BACKENDS",
     "Backend",
     "BlockGyroLinear",

@@ -73,7 +73,7 @@ from gyrodrop.blockwise.workspace import Workspace
 from gyrodrop.schedule import Schedule, check_input
 from gyrodrop.scheduled import ScheduledModule
 
-__all__ = ["BlockGyroLinear", "Prune", "PRUNE_MODES", "Backend", "BACKENDS"]
+__all__ = ["BlockGyroLinear", "Prune", "PRUNE_MODES", "Backend", "BACKENDS", "AUTO_PICKS_TRITON"]
 
 #: Which side of the weight a dropped block removes (input columns or output rows).
 Prune = Literal["input", "output"]
@@ -81,6 +81,10 @@ PRUNE_MODES: tuple[Prune, ...] = ("input", "output")
 #: Which kernels compute the pruned matmuls.
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+# Whether backend="auto" sends CUDA inputs to the Triton kernels. False until the
+# kernels have been validated and measured on a GPU (benchmarks/gpu_check.py): a default
+# must never run code that was only checked in Triton's interpreter.
+AUTO_PICKS_TRITON = False
 
 
 class BlockGyroLinear(ScheduledModule):
@@ -126,9 +130,12 @@ class BlockGyroLinear(ScheduledModule):
             read the kept blocks in place (:mod:`gyrodrop.blockwise.triton_backend`; CUDA,
             float16/bfloat16/float32; on CPU tensors only under
             ``TRITON_INTERPRET=1``, Triton's slow interpreter, else a ``RuntimeError``).
-            ``"auto"`` (default): ``"triton"`` for CUDA inputs of those dtypes when
-            triton is installed and the forward is not being compiled, else
-            ``"torch"``. Both compute the same function up to float rounding.
+            ``"auto"`` (default): ``"torch"`` in this release. The Triton kernels are
+            checked against the dense reference only in Triton's interpreter so far;
+            once ``benchmarks/gpu_check.py`` has passed on a GPU, ``"auto"`` will pick
+            ``"triton"`` for CUDA inputs of those dtypes when triton is installed and
+            the forward is not being compiled (:data:`AUTO_PICKS_TRITON`). Both compute
+            the same function up to float rounding.
         schedule_seed: seeds the order in which subnetworks become active (default:
             ``seed``); layers sharing it train the same network-level subnetworks
             together (:func:`gyrodrop.apply_block_gyro` shares it across layers).
@@ -449,7 +456,8 @@ class BlockGyroLinear(ScheduledModule):
         if self.backend != "auto":
             return self.backend == "triton"
         return (
-            x.is_cuda
+            AUTO_PICKS_TRITON
+            and x.is_cuda
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and not torch.compiler.is_compiling()
             and triton_backend.is_available()
