@@ -136,3 +136,14 @@ def test_core_never_imports_the_experiment_harness() -> None:
         m for m, deps in core.items() if any(d.startswith("gyrodrop.experiments") for d in deps)
     ]
     assert not offenders, f"core modules importing gyrodrop.experiments: {offenders}"
+
+
+def test_core_docstrings_never_import_the_experiment_harness() -> None:
+    """Doctests run as code too: a core example must not need the harness."""
+    core = [
+        p
+        for p in sorted(SRC.rglob("*.py"))
+        if _layer(_module_name(p)) < LAYERS["gyrodrop.experiments"]
+    ]
+    offenders = [str(p.relative_to(SRC)) for p in core if "gyrodrop.experiments" in p.read_text()]
+    assert not offenders, f"core files naming gyrodrop.experiments: {offenders}"

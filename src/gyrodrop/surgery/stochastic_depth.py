@@ -102,12 +102,22 @@ def apply_stochastic_depth(
 
     Example:
         >>> import torch, gyrodrop
-        >>> from gyrodrop.experiments.models import ResNet18
-        >>> net = ResNet18((3, 32, 32), (32,), 10, 0.0, base=8).eval()
-        >>> x = torch.randn(2, 3, 32, 32)
+        >>> from torch import nn
+        >>> class Block(nn.Module):  # torchvision-shaped: conv1, bn1, conv2, bn2
+        ...     def __init__(self, c):
+        ...         super().__init__()
+        ...         self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        ...         self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        ...         self.relu = nn.ReLU()
+        ...
+        ...     def forward(self, x):
+        ...         y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        ...         return self.relu(x + y)
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(8), Block(8)).eval()
+        >>> x = torch.randn(2, 3, 16, 16)
         >>> before = net(x)
         >>> gyrodrop.apply_stochastic_depth(net, drop_rate=0.5)
-        8
+        2
         >>> bool(torch.equal(net(x), before))
         True
     """
