@@ -165,6 +165,12 @@ class ScheduledModule(SteppedModule):
         self._counts_cache = (key, counts)
         return counts
 
+    @property
+    def trainer_scheduled(self) -> bool:
+        """Whether a trainer callback sets this layer's schedule length
+        (:meth:`schedule_by_trainer`)."""
+        return bool(getattr(self, TRAINER_SCHEDULED, False))
+
     def schedule_by_trainer(self, total_steps: int | None = None) -> None:
         """Let a trainer callback set this layer's schedule length (what
         :mod:`gyrodrop.integrations` calls): loading a checkpoint then no longer

@@ -154,7 +154,7 @@ def set_total_steps(model: nn.Module, total_steps: float, owner: str) -> int:
     modules = [
         m
         for m in stepped_modules(model).values()
-        if isinstance(m, ScheduledModule) and getattr(m, TRAINER_SCHEDULED, False)
+        if isinstance(m, ScheduledModule) and m.trainer_scheduled
     ]
     if not modules:
         return 0
