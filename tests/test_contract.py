@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import gyrodrop
 from gyrodrop.scheduled import ScheduledModule, SubnetLayer
@@ -51,7 +52,7 @@ CASES = [
         "BlockGyroLinear",
         lambda **kw: gyrodrop.BlockGyroLinear(
             12,
-            6,
+            12,
             p=0.5,
             num_subnets=8,
             subnets_per_step=2,
@@ -66,7 +67,7 @@ CASES = [
         "BlockGyroLinear(prune=output)",
         lambda **kw: gyrodrop.BlockGyroLinear(
             12,
-            6,
+            12,
             p=0.5,
             num_subnets=8,
             subnets_per_step=2,
@@ -193,6 +194,35 @@ class TestSteppedModuleContract:
         assert module.current_step() == 0
         gyrodrop.step(module, 3)
         assert module.current_step() == 3
+
+    def test_model_stepper_advances_once_per_forward_however_often_it_is_called(
+        self, case: Case
+    ) -> None:
+        layer = case.make(seed=0)
+
+        class Twice(nn.Module):  # one layer called twice per forward (weight sharing)
+            def __init__(self) -> None:
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.layer(self.layer(x))
+
+        model = Twice()
+        gyrodrop.schedule.attach_stepper(model)
+        with torch.no_grad():
+            model.train()(_input(case))
+        assert layer.current_step() == 1
+
+    def test_checkpoint_recompute_replays_the_forward_step(self, case: Case) -> None:
+        layer = case.make(seed=0).train()
+        reference = copy.deepcopy(layer)
+        x = _input(case).requires_grad_(True)
+        out = checkpoint(layer, x, use_reentrant=False)
+        expected = reference(x)
+        out.sum().backward()  # recomputes the forward during the backward
+        assert layer.current_step() == 1
+        assert torch.equal(out, expected)
 
     def test_set_step_writes_the_buffer_in_place(self, case: Case) -> None:
         module = case.make(seed=0)

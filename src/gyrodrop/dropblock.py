@@ -396,10 +396,8 @@ class DropBlock2d(SteppedModule):
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
-        step = self.current_step()
+        step = self.forward_step()
         p = self.rate(step)
-        if self.auto_step:
-            self.advance()
         if p == 0.0:
             return None
         return _fresh_masks(
@@ -532,11 +530,8 @@ class GyroDropBlock2d(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        group_masks = self.active_masks(x)
-        counts = self.group_counts(x.shape[0])
-        if self.auto_step:
-            self.advance()
-        return group_masks, counts
+        group_masks = self.active_masks(x, self.forward_step())
+        return group_masks, self.group_counts(x.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(type(self).__name__, x)
@@ -546,8 +541,7 @@ class GyroDropBlock2d(ScheduledModule):
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
         if self.p == 0.0:
-            if self.auto_step:
-                self.advance()
+            self.forward_step()
             return x
         group_masks, counts = self._prepare(x)
         return apply_group_masks(x, group_masks, counts)

@@ -11,6 +11,7 @@ from gyrodrop._modules import replace_modules
 from gyrodrop._validation import check_bool, check_p, check_seed
 from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
 from gyrodrop.masks import layer_seed
+from gyrodrop.schedule import attach_stepper
 from gyrodrop.surgery.common import SurgeryWarning
 from gyrodrop.surgery.gyro import ORIGIN
 
@@ -42,7 +43,8 @@ def apply_dropblock(
             share the schedule seed ``seed``: network-level subnetworks).
         seed: every layer gets its own mask seed derived from this and its position.
         **kw: ``shared_channels``, ``scale``, ``auto_step`` for both; ``warmup_steps``
-            (DropBlock2d only) and ``schedule`` (gyro only).
+            (DropBlock2d only) and ``schedule`` (gyro only). Stepping is as in
+            :func:`apply_gyro_dropout`: one step per training forward of ``model``.
 
     Returns the number of layers replaced, and warns when it is zero. Layers already
     replaced are left alone; :func:`remove_gyro_dropout` puts the ``Dropout2d`` back.
@@ -103,6 +105,8 @@ def apply_dropblock(
         return new
 
     count = replace_modules(model, {nn.Dropout2d: make})
+    if count and kw.get("auto_step", True):
+        attach_stepper(model)  # one step per training forward of the model
     if count == 0:
         warnings.warn(
             f"{owner}: no nn.Dropout2d found; the model is unchanged. Hint: insert "
