@@ -2,8 +2,8 @@
 
 Layers, bottom to top (docs/architecture.md explains each)::
 
-    utilities -> masks -> schedule -> distributed -> layers -> surgery -> uncertainty
-    -> integrations -> public API (gyrodrop/__init__) -> experiments -> python -m gyrodrop
+    utilities -> masks -> schedule/stepping -> distributed -> layers -> surgery
+    -> uncertainty -> integrations -> public API (gyrodrop/__init__) -> experiments -> python -m gyrodrop
 
 Function-level imports count too: a lazy import is still a dependency. One exception:
 a module-level ``__getattr__`` (PEP 562) that keeps the old import path of a name that
@@ -27,8 +27,8 @@ LAYERS: dict[str, int] = {
     "gyrodrop.masks": 1,
     "gyrodrop.schedule": 2,
     "gyrodrop.stepping": 2,
-    "gyrodrop.scheduled": 4,  # the base of the scheduled layers (needs distributed)
     "gyrodrop.distributed": 3,
+    "gyrodrop.scheduled": 4,  # the base of the scheduled layers (needs distributed)
     "gyrodrop.gyro": 4,
     "gyrodrop.blockwise": 4,
     "gyrodrop.blockwise_triton": 4,  # old import path of gyrodrop.blockwise.triton_backend
