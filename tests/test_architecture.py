@@ -3,7 +3,8 @@
 Layers, bottom to top (docs/architecture.md explains each)::
 
     utilities -> masks -> schedule/stepping -> distributed -> layers -> surgery
-    -> uncertainty -> integrations -> public API (gyrodrop/__init__) -> experiments -> python -m gyrodrop
+    -> uncertainty -> integrations -> public API (gyrodrop/__init__) -> experiments
+    -> python -m gyrodrop
 
 Function-level imports count too: a lazy import is still a dependency. One exception:
 a module-level ``__getattr__`` (PEP 562) that keeps the old import path of a name that

@@ -317,7 +317,10 @@ class TestValidation:
                 "at most one of total_steps and steps_per_set",
             ),
             ({"steps_per_set": 0}, r"steps_per_set must be >= 1, got 0"),
-            ({"schedule": "roundrobin"}, r"schedule must be one of \('consecutive', 'random'\)"),
+            (
+                {"schedule": "roundrobin"},
+                r"schedule must be one of \('consecutive', 'random', 'replacement'\)",
+            ),
             ({"scale": "none"}, r"scale must be one of \('inverted', 'realized'\)"),
             ({"dims": (0,)}, "dim 0 is the batch"),
             ({"dims": (1, 1)}, "must not repeat"),

@@ -192,7 +192,10 @@ class TestScheduledModuleArguments:
             ({"schedule_seed": 1.5}, r"schedule_seed must be an int, got 1.5"),
             ({"num_subnets": 0}, r"num_subnets must be >= 1, got 0"),
             ({"subnets_per_step": 9}, r"subnets_per_step must be in \[1, 8\], got 9"),
-            ({"schedule": "cyclic"}, r"schedule must be one of \('consecutive', 'random'\)"),
+            (
+                {"schedule": "cyclic"},
+                r"schedule must be one of \('consecutive', 'random', 'replacement'\)",
+            ),
             ({"auto_step": 0}, r"auto_step must be a bool, got 0"),
             ({"steps_per_set": 0}, r"steps_per_set must be >= 1, got 0"),
             ({"total_steps": 0}, r"total_steps must be >= 1, got 0"),
@@ -205,3 +208,29 @@ class TestScheduledModuleArguments:
         positional = (16, 4) if cls is gyrodrop.BlockGyroLinear else ()
         with pytest.raises(ValueError, match=rf"^{cls.__name__}: {message}"):
             cls(*positional, **args)
+
+
+class TestReplacementSchedule:
+    @given(sigma_tau, st.integers(0, 2**32), st.integers(0, 50))
+    @settings(max_examples=60, deadline=None)
+    def test_draws_tau_valid_ids_fixed_for_steps_per_set(self, st_, seed, index):
+        sigma, tau = st_
+        sched = SubnetSchedule(sigma, tau, steps_per_set=3, schedule="replacement")
+        ids = sched.at_step(seed, 3 * index)
+        assert ids.shape == (tau,) and ids.dtype == torch.int64
+        assert bool(((ids >= 0) & (ids < sigma)).all())
+        assert torch.equal(ids, sched.at_step(seed, 3 * index + 2))
+
+    def test_draws_with_replacement_uniformly(self):
+        # tau = sigma = 8 over many sets: repeats occur (a permutation would have none)
+        # and every id is drawn about equally often
+        sched = SubnetSchedule(8, 8, steps_per_set=1, schedule="replacement")
+        draws = torch.cat([sched.subnets(7, i) for i in range(2000)])
+        sets = draws.view(2000, 8)
+        assert any(len(set(s.tolist())) < 8 for s in sets)
+        counts = torch.bincount(draws, minlength=8).float()
+        assert float(counts.min()) > 0.9 * 2000 and float(counts.max()) < 1.1 * 2000
+
+    def test_different_seeds_give_different_sets(self):
+        sched = SubnetSchedule(256, 16, steps_per_set=1, schedule="replacement")
+        assert not torch.equal(sched.subnets(1, 0), sched.subnets(2, 0))

@@ -28,7 +28,10 @@ BAD = [
     ({"num_subnets": 2**63}, "num_subnets must be <= 2**62"),
     ({"num_subnets": 4.0}, "num_subnets must be an int, got 4.0"),
     ({"subnets_per_step": 17}, "subnets_per_step must be in [1, 16], got 17"),
-    ({"schedule": "foo"}, "schedule must be one of ('consecutive', 'random'), got 'foo'"),
+    (
+        {"schedule": "foo"},
+        "schedule must be one of ('consecutive', 'random', 'replacement'), got 'foo'",
+    ),
     ({"scale": "foo"}, "scale must be one of ('inverted', 'realized'), got 'foo'"),
     ({"dims": (0,)}, "dims must name non-batch dims"),
     ({"dims": "x"}, "dims must be None, an int or a tuple of ints, got 'x'"),

@@ -48,7 +48,32 @@ class TestApplyGyroDropout:
         gyrodrop.apply_gyro_dropout(model, total_steps=100)
         assert model.features[1].dims == (1,)
         assert model.heads["a"].dims == (1,) and model.heads["b"].dims == (1,)
-        assert model.drop.dims is None
+        assert model.drop.dims == (-1,)  # nn.Dropout: SEQUENCE_DIMS
+
+    def test_dropout_default_masks_are_shared_across_positions_of_a_sequence(self):
+        model = nn.Sequential(nn.Dropout(0.5))
+        gyrodrop.apply_gyro_dropout(model, num_subnets=4, subnets_per_step=1, total_steps=8)
+        x = torch.ones(3, 5, 16)  # (B, T, F)
+        y = model(x)
+        assert torch.equal(y, y[:, :1].expand_as(y))  # every position: the same mask
+        assert torch.equal(model(x[:, :2]), y[:, :2])  # independent of the length T
+
+    def test_dropout_default_on_2d_inputs_is_gyrodropouts_own_default_mask(self):
+        replaced = nn.Sequential(nn.Dropout(0.5))
+        gyrodrop.apply_gyro_dropout(
+            replaced, num_subnets=4, subnets_per_step=2, total_steps=8, seed=3, auto_step=False
+        )
+        own = gyrodrop.GyroDropout(
+            0.5,
+            num_subnets=4,
+            subnets_per_step=2,
+            total_steps=8,
+            seed=int(replaced[0].seed),
+            schedule_seed=3,
+            auto_step=False,
+        )
+        x = torch.ones(6, 16)
+        assert torch.equal(replaced(x), own(x))
 
     def test_every_layer_gets_its_own_seed_fixed_by_the_seed(self):
         a, b, c = Net(), Net(), Net()
@@ -294,3 +319,68 @@ class TestModuleChecks:
                 fn(model, total_steps=10) if fn is not gyrodrop.apply_stochastic_depth else fn(
                     model
                 )
+
+
+class TestPairing:
+    def _mlp(self):
+        return nn.Sequential(
+            nn.Linear(4, 8),
+            nn.Dropout(0.5),
+            nn.Linear(8, 8),
+            nn.Dropout(0.5),
+            nn.Linear(8, 2),
+        )
+
+    def test_shared_is_the_default_one_schedule_for_all_layers(self):
+        model = self._mlp()
+        gyrodrop.apply_gyro_dropout(model, num_subnets=16, subnets_per_step=4, total_steps=40)
+        a, b = gyro_layers(model)
+        assert a.schedule == b.schedule == "consecutive"
+        for step in (0, 10, 25):
+            assert torch.equal(a.active_subnets(step), b.active_subnets(step))
+
+    def test_independent_layers_draw_their_own_sets_with_replacement(self):
+        model = self._mlp()
+        n = gyrodrop.apply_gyro_dropout(
+            model, num_subnets=16, subnets_per_step=4, total_steps=400, pairing="independent"
+        )
+        a, b = gyro_layers(model)
+        assert n == 2 and a.schedule == b.schedule == "replacement"
+        assert int(a.schedule_seed) != int(b.schedule_seed)
+        differ = [
+            not torch.equal(a.active_subnets(s), b.active_subnets(s)) for s in range(0, 400, 100)
+        ]
+        assert any(differ)
+        assert a.steps_per_set == 100  # total_steps * tau // sigma, as with shared
+
+    def test_independent_keeps_an_explicit_schedule(self):
+        model = self._mlp()
+        gyrodrop.apply_gyro_dropout(
+            model,
+            total_steps=10,
+            pairing="independent",
+            schedule="consecutive",
+            num_subnets=4,
+            subnets_per_step=2,
+        )
+        assert {m.schedule for m in gyro_layers(model)} == {"consecutive"}
+
+    def test_unknown_pairing_is_a_clear_error(self):
+        with pytest.raises(ValueError, match="pairing must be one of"):
+            gyrodrop.apply_gyro_dropout(self._mlp(), total_steps=10, pairing="paired")
+
+    def test_independent_masks_scale_by_the_realized_keep_fraction(self):
+        model = self._mlp()
+        gyrodrop.apply_gyro_dropout(
+            model,
+            num_subnets=4,
+            subnets_per_step=2,
+            total_steps=10,
+            pairing="independent",
+            scale="realized",
+        )
+        layer = gyro_layers(model)[0]
+        masks = layer.active_masks(torch.ones(4, 8))
+        for m in masks:
+            kept = int((m > 0).sum())
+            assert kept == 0 or torch.allclose(m[m > 0], torch.full((kept,), 8 / kept))

@@ -245,6 +245,52 @@ class TestApplyBlockGyroThroughFx:
             assert apply(model) == 1
         assert isinstance(model.body[1], BlockGyroLinear)
 
+    def test_untraceable_model_fuses_inside_children_that_trace(self):
+        class Outer(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.block = Residual()  # traces on its own
+                self.drop = nn.Dropout(0.5)  # called by Outer itself: not traced
+                self.head = nn.Linear(16, 4)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                h = self.block(x)
+                if h.sum() > 0:  # data-dependent control flow
+                    h = -h
+                return self.head(self.drop(h))
+
+        sites, problems = find_block_sites(Outer(), "output")
+        assert sites == [
+            BlockSite("block.drop1", "block.fc1", "output"),
+            BlockSite("block.drop2", "block.fc2", "output"),
+        ]
+        assert problems[0].startswith("torch.fx could not trace the model")
+        assert any(p.startswith("drop: called by the model (Outer)") for p in problems)
+        assert any(p.startswith("block.drop3:") for p in problems)
+
+    def test_submodule_tracing_still_refuses_a_linear_shared_with_another_child(self):
+        class Child(nn.Module):
+            def __init__(self, fc: nn.Linear) -> None:
+                super().__init__()
+                self.fc = fc
+                self.drop = nn.Dropout(0.5)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.drop(self.fc(x))
+
+        class Outer(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                fc = nn.Linear(16, 16)
+                self.a, self.b = Child(fc), Child(fc)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.b(self.a(x)) if x.sum() > 0 else x
+
+        sites, problems = find_block_sites(Outer(), "output")
+        assert sites == []
+        assert any("a.drop: " in p and "used elsewhere" in p for p in problems)
+
     def test_models_with_gyrodrop_layers_still_trace(self):
         model = nn.Sequential(
             nn.Dropout(0.5),

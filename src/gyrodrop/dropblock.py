@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,7 +66,9 @@ _TAG_GYRO_DROPBLOCK = 0x77
 # Validation shared by the modules and the functions.
 
 
-def _check_input(owner: str, x: Tensor) -> None:
+def _check_input(owner: str, x: Tensor, *, training: bool = False) -> None:
+    if training:  # a tensor, floating point, not under vmap (its masks depend on rows)
+        check_input(owner, x)
     if x.dim() != 4:
         raise ValueError(
             f"{owner}: input must have shape (B, C, H, W), got {tuple(x.shape)}; "
@@ -270,7 +273,7 @@ def dropblock2d(
     p = check_p(owner, p)
     block_size = check_int(owner, "block_size", block_size, 1)
     check_choice(owner, "scale", scale, SCALES)
-    _check_input(owner, x)
+    _check_input(owner, x, training=training)
     if not training or p == 0.0:
         return x
     return x * _fresh_masks(x, p, block_size, seed, step, shared_channels, scale)
@@ -298,7 +301,7 @@ def gyro_dropblock2d(
     p = check_p(owner, p)
     block_size = check_int(owner, "block_size", block_size, 1)
     check_choice(owner, "scale", scale, SCALES)
-    _check_input(owner, x)
+    _check_input(owner, x, training=training)
     if not training or p == 0.0:
         return x
     sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
@@ -404,11 +407,20 @@ class DropBlock2d(SteppedModule):
             x, p, self.block_size, self.current_seed(), step, self.shared_channels, self.scale
         )
 
+    def hparams(self) -> dict[str, Any]:
+        """``p``, ``block_size``, ``shared_channels``, scale and ``warmup_steps``."""
+        return {
+            "p": self.p,
+            "block_size": self.block_size,
+            "shared_channels": self.shared_channels,
+            "scale": self.scale,
+            "warmup_steps": self.warmup_steps,
+        }
+
     def forward(self, x: Tensor) -> Tensor:
-        _check_input(type(self).__name__, x)
+        _check_input(type(self).__name__, x, training=self.training)
         if not self.training:
             return x
-        check_input(type(self).__name__, x, rows=False)
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
         m = self._masks(x)
@@ -533,11 +545,21 @@ class GyroDropBlock2d(ScheduledModule):
         group_masks = self.active_masks(x, self.forward_step())
         return group_masks, self.group_counts(x.shape[0])
 
+    def hparams(self) -> dict[str, Any]:
+        """Sigma, tau, ``steps_per_set``, schedule, ``p``, ``block_size``,
+        ``shared_channels`` and scale."""
+        return {
+            **super().hparams(),
+            "p": self.p,
+            "block_size": self.block_size,
+            "shared_channels": self.shared_channels,
+            "scale": self.scale,
+        }
+
     def forward(self, x: Tensor) -> Tensor:
-        _check_input(type(self).__name__, x)
+        _check_input(type(self).__name__, x, training=self.training)
         if not self.training:
             return x
-        check_input(type(self).__name__, x)
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
         if self.p == 0.0:

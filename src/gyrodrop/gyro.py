@@ -247,7 +247,9 @@ class GyroDropout(ScheduledModule):
         dims: non-batch dims the mask spans; other dims share it. ``None``: all.
             ``(-1,)`` for ``(B, T, F)`` sequences, ``(1,)`` for channel-wise masks
             on ``(B, C, H, W)``.
-        schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
+        schedule: ``"consecutive"`` (the paper's), ``"random"`` (a fresh set per step) or
+            ``"replacement"`` (like consecutive, ids drawn with replacement per set, as
+            in the authors' code).
         scale: ``"inverted"`` (``1/(1-p)``) or ``"realized"`` (``numel / kept`` per mask).
         seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
             buffer, so it is checkpointed.

@@ -22,6 +22,7 @@ __all__ = [
     "seeded_permutation",
     "feistel_permutation",
     "SORTED_PERMUTATION_MAX",
+    "seeded_draws",
     "element_keep_mask",
     "block_keep_mask",
     "block_bounds",
@@ -38,6 +39,7 @@ TAG_BLOCK = 0x22
 TAG_PERM = 0x33
 TAG_RANDOM_SET = 0x44
 TAG_DEPTH = 0x55
+TAG_REPLACE_SET = 0x66
 
 
 def hash_u32(x: Tensor) -> Tensor:
@@ -146,6 +148,24 @@ def feistel_permutation(seed: int, tag: int, counter: int, n: int, index: Tensor
         out = torch.where(outside, rounds(out), out)
         outside = out >= n
     return out
+
+
+def seeded_draws(seed: int, tag: int, counter: int, count: int, n: int) -> Tensor:
+    """``count`` draws from ``range(n)``, uniform with replacement, that depend only on
+    ``(seed, tag, counter)``; int64 on the CPU, shape ``(count,)``.
+
+    Each draw is a 32-bit hash reduced modulo ``n`` (bias below ``n / 2**32``).
+
+    Example:
+        >>> d = seeded_draws(0, TAG_REPLACE_SET, 3, 5, 4)
+        >>> d.shape, bool(((d >= 0) & (d < 4)).all())
+        (torch.Size([5]), True)
+    """
+    if n < 1 or count < 0:
+        raise ValueError(f"seeded_draws: need n >= 1 and count >= 0, got n={n}, count={count}")
+    idx = torch.arange(count, dtype=torch.int64)
+    h = hash_u32((idx * 0x165667B1 + mix_keys(seed, tag, counter)) & _M32)
+    return hash_u32((h + _GOLDEN) & _M32) % n
 
 
 def element_keep_mask(

@@ -7,6 +7,10 @@ endless stream of seeded shuffles of ``range(sigma)``; set ``i`` is stream entri
 window ``[c * sigma, (c + 1) * sigma)`` of the stream is one shuffle, so every
 subnetwork is used exactly once per cycle (sampling without replacement). Random
 scheduling (the paper's ablation) draws ``tau`` distinct subnetworks afresh every step.
+Replacement scheduling (what the authors' public code does) keeps each set for
+``steps_per_set`` steps like consecutive scheduling, but draws its ``tau`` ids uniformly
+*with* replacement, independently per set (a subnetwork may repeat in a set, or be
+skipped for a whole run).
 
 Everything is derived from ``(seed, step)``: no communication is needed to agree on the
 active set across processes, and saving the ``step`` and ``seed`` buffers is enough to
@@ -57,10 +61,10 @@ __all__ = [
     "TRAINER_SCHEDULED",
 ]
 
-#: How the active sets follow each other (the paper's ``consecutive``; ``random``: its
-#: ablation).
-Schedule = Literal["consecutive", "random"]
-SCHEDULES: tuple[Schedule, ...] = ("consecutive", "random")
+#: How the active sets follow each other: the paper's ``consecutive``; ``random``, its
+#: ablation; ``replacement``, the authors' code (ids drawn with replacement per set).
+Schedule = Literal["consecutive", "random", "replacement"]
+SCHEDULES: tuple[Schedule, ...] = ("consecutive", "random", "replacement")
 
 #: The largest ``num_subnets`` (sigma): subnetwork ids and the schedule's bijection
 #: work on 62-bit integers.
@@ -139,6 +143,8 @@ class SubnetSchedule:
             return self._subnets_bijective(seed, set_index)
         if self.schedule == "random":
             return masks.seeded_permutation(seed, masks.TAG_RANDOM_SET, set_index, sigma)[:tau]
+        if self.schedule == "replacement":
+            return masks.seeded_draws(seed, masks.TAG_REPLACE_SET, set_index, tau, sigma)
         first = set_index * tau
         c0, c1 = first // sigma, (first + tau - 1) // sigma
         stream = torch.cat(

@@ -400,3 +400,64 @@ class TestHelp:
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
         )
         assert res.stdout.strip() == "False", res.stderr
+
+
+class TestPaperRecipe:
+    def test_preset_sets_the_authors_settings_and_explicit_options_win(self) -> None:
+        from gyrodrop.experiments.cli import options
+
+        args = options.build_parser().parse_args(["compare", "--recipe", "paper", "--lr", "0.01"])
+        v = options.resolve(args, "compare")
+        assert v["recipe"] == "paper" and v["model"] == "paper-mlp"
+        assert v["optimizer"] == "rmsprop-tf1" and v["momentum"] == 0.9
+        assert v["batch_size"] == 256 and v["lr"] == 0.01
+        default = options.resolve(options.build_parser().parse_args(["compare"]), "compare")
+        assert default["recipe"] == "default" and default["optimizer"] == "rmsprop"
+
+    def test_compare_quick_paper_prints_best_epoch_and_paired_table(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        pytest.importorskip("scipy")
+        db = tmp_path / "P.db"
+        args = [
+            "compare",
+            "--quick",
+            "--recipe",
+            "paper",
+            "--dataset",
+            "digits",
+            "--widths",
+            "32,32,32",
+            "--methods",
+            "dropout,gyro-independent",
+            "--epochs",
+            "2",
+            "--db",
+            str(db),
+            "--no-plots",
+        ]
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert "Best-epoch test acc (%)" in out and "paper recipe" in out
+        assert "Paired by seed against dropout" in out
+        assert main(["report", "--db", str(db), "--paired", "dropout", "--format", "json"]) == 0
+        paired = json.loads(capsys.readouterr().out)["paired"]
+        assert {e["method"] for e in paired} == {"gyro-independent"}
+        assert {e["metric"] for e in paired} == {"test_acc", "best_test_acc"}
+        assert all(e["n"] == 2 for e in paired)
+        runs = _json_report(db, capsys)
+        assert {r["recipe"] for r in runs} == {"paper"}
+        assert all(0 <= r["best_test_acc"] <= 1 for r in runs)
+
+    def test_width_mult_needs_a_paper_conv_net(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["compare", "--quick", "--width-mult", "0.5", "--no-plots"]) == 2
+        assert "--width-mult applies to --model paper-lenet" in capsys.readouterr().err
+
+    def test_report_paired_csv(self, compared: tuple[Path, Path], capsys) -> None:
+        pytest.importorskip("scipy")
+        db, _ = compared
+        capsys.readouterr()
+        assert main(["report", "--db", str(db), "--paired", "none", "--format", "csv"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[0].startswith("experiment,section,method,variant,baseline,metric,n")
+        assert len(lines) == 1 + 2 * 2  # dropout and gyro, two metrics each

@@ -15,8 +15,12 @@ from hypothesis import strategies as st
 
 from gyrodrop.experiments.data import (
     DatasetError,
+    center_crop,
+    crop_size,
     data_identity,
     load_dataset,
+    per_image_standardize,
+    random_crop_flip,
     standardize,
     stratified_folds,
 )
@@ -307,3 +311,61 @@ class TestStratifiedFolds:
     def test_too_many_folds_for_the_smallest_class(self) -> None:
         with pytest.raises(ValueError, match="fewer than k=3"):
             stratified_folds(np.array([0, 0, 0, 1, 1]), 3, seed=0)
+
+
+class TestPaperPreprocessing:
+    def test_per_image_standardization_gives_zero_mean_unit_std_per_image(self) -> None:
+        x = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(0)) * 255
+        z = per_image_standardize(x)
+        flat = z.reshape(5, -1)
+        assert torch.allclose(flat.mean(1), torch.zeros(5), atol=1e-5)
+        assert torch.allclose(flat.std(1, correction=0), torch.ones(5), atol=1e-4)
+
+    def test_constant_image_uses_the_tensorflow_floor(self) -> None:
+        x = torch.full((1, 1, 2, 2), 7.0)
+        assert per_image_standardize(x).abs().max() == 0
+        # std floor 1/sqrt(n): a tiny spread is not blown up
+        y = torch.tensor([[0.0, 0.0, 0.0, 0.01]])
+        assert float(per_image_standardize(y).abs().max()) < 0.02
+
+    def test_is_invariant_to_a_positive_affine_map(self) -> None:
+        x = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(per_image_standardize(x), per_image_standardize(3 * x + 2), atol=1e-5)
+
+    def test_random_crop_flip_shapes_and_content(self) -> None:
+        x = torch.arange(2 * 3 * 28 * 28, dtype=torch.float32).reshape(2, 3, 28, 28)
+        out = random_crop_flip(x, 24, torch.Generator().manual_seed(0))
+        assert out.shape == (2, 3, 24, 24)
+        for i in range(2):
+            found = False
+            for top in range(5):
+                for left in range(5):
+                    window = x[i, :, top : top + 24, left : left + 24]
+                    if torch.equal(out[i], window) or torch.equal(out[i], window.flip(-1)):
+                        found = True
+            assert found, "every output is a (possibly flipped) window of its input"
+
+    def test_random_crop_flip_is_fixed_by_the_generator_and_flips_about_half(self) -> None:
+        x = torch.rand(400, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+        a = random_crop_flip(x, 8, torch.Generator().manual_seed(3))
+        b = random_crop_flip(x, 8, torch.Generator().manual_seed(3))
+        assert torch.equal(a, b)
+        flipped = sum(not torch.equal(a[i], x[i]) for i in range(400))
+        assert 150 < flipped < 250
+
+    def test_center_crop_takes_the_middle(self) -> None:
+        x = torch.arange(28 * 28, dtype=torch.float32).reshape(1, 1, 28, 28)
+        assert torch.equal(center_crop(x, 24), x[:, :, 2:26, 2:26])
+        assert crop_size(28, 28) == 24 and crop_size(32, 32) == 24 and crop_size(8, 8) == 6
+
+    def test_crop_larger_than_the_image_is_a_clear_error(self) -> None:
+        with pytest.raises(ValueError, match=r"size must be in \[1, 8\]"):
+            center_crop(torch.zeros(1, 1, 8, 8), 9)
+        with pytest.raises(ValueError, match=r"x must be \(N, C, H, W\)"):
+            random_crop_flip(torch.zeros(8, 8), 4, torch.Generator())
+
+    def test_raw_keeps_pixel_values(self, tmp_path: Path) -> None:
+        _fashion(tmp_path)
+        ds = load_dataset("fashion-mnist", tmp_path, raw=True)
+        assert ds.x_train.dtype == torch.float32
+        assert float(ds.x_train.min()) >= 0 and float(ds.x_train.max()) > 1

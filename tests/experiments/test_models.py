@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -23,7 +25,9 @@ def _dropouts(model: nn.Module) -> list[nn.Module]:
 
 
 class TestBuildModel:
-    @pytest.mark.parametrize("name", [m for m in MODELS if m != "resnet18"])
+    @pytest.mark.parametrize(
+        "name", [m for m in MODELS if m not in ("resnet18", "paper-lenet", "paper-alexnet")]
+    )
     @pytest.mark.parametrize("shape", SHAPES)
     def test_logits_and_features_have_expected_shapes(
         self, name: str, shape: tuple[int, ...]
@@ -114,3 +118,88 @@ class TestBasicBlock:
         branch = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
         shortcut = x if block.downsample is None else block.downsample(x)
         torch.testing.assert_close(block(x), torch.relu(branch + shortcut))
+
+
+class TestPaperModels:
+    """The authors' TensorFlow models: shapes, parameter counts, no bias, Xavier init."""
+
+    def test_paper_mlp_is_four_bias_free_fc_layers_of_1024(self) -> None:
+        net = build_model("paper-mlp", (1, 24, 24), 10, 0.5)
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        assert [tuple(m.weight.shape) for m in linears] == [
+            (1024, 576),
+            (1024, 1024),
+            (1024, 1024),
+            (10, 1024),
+        ]
+        assert all(m.bias is None for m in linears)
+        assert sum(p.numel() for p in net.parameters()) == 576 * 1024 + 2 * 1024**2 + 10240
+
+    def test_dropout_after_every_hidden_relu(self) -> None:
+        net = build_model("paper-mlp", (1, 8, 8), 10, 0.5, widths=(32, 32, 32))
+        kinds = [type(m).__name__ for m in net.modules() if not list(m.children())]
+        assert kinds == [
+            "Flatten",
+            *["Linear", "ReLU", "Dropout"] * 3,
+            "Linear",
+        ]
+
+    @pytest.mark.parametrize(
+        ("name", "convs", "flat"),
+        [
+            ("paper-lenet", [(96, 1, 5, 5), (256, 96, 5, 5)], 256 * 12 * 12),
+            (
+                "paper-alexnet",
+                [(96, 3, 5, 5), (256, 96, 5, 5), (384, 256, 5, 5)],
+                384 * 6 * 6,
+            ),
+        ],
+    )
+    def test_conv_shapes_and_parameter_count_on_24x24_crops(
+        self, name: str, convs: list, flat: int
+    ) -> None:
+        c = convs[0][1]
+        with torch.device("meta"):  # full size, no memory
+            net = build_model(name, (c, 24, 24), 10, 0.5, width_mult=1.0)
+            assert net(torch.zeros(2, c, 24, 24)).shape == (2, 10)
+        got = [tuple(m.weight.shape) for m in net.modules() if isinstance(m, nn.Conv2d)]
+        assert got == convs
+        conv_params = sum(math.prod(s) for s in convs)
+        fc_params = flat * 1024 + 1024 * 1024 + 1024 * 10
+        assert sum(p.numel() for p in net.parameters()) == conv_params + fc_params
+        assert all(getattr(m, "bias", None) is None for m in net.modules())
+
+    @pytest.mark.parametrize("name", ["paper-lenet", "paper-alexnet"])
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_scaled_conv_nets_run_on_every_input_shape(
+        self, name: str, shape: tuple[int, ...]
+    ) -> None:
+        net = build_model(name, shape, 10, 0.5, widths=(32, 32), width_mult=0.1)
+        x = torch.zeros(2, *shape)
+        assert net(x).shape == (2, 10)
+        assert net.features(x).shape == (2, 32)
+
+    def test_width_mult_scales_the_conv_channels(self) -> None:
+        net = build_model("paper-lenet", (1, 24, 24), 10, 0.5, widths=(64, 64), width_mult=0.25)
+        got = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
+        assert got == [24, 64]
+        assert net(torch.zeros(3, 1, 24, 24)).shape == (3, 10)
+
+    def test_width_mult_is_rejected_for_other_models(self) -> None:
+        with pytest.raises(ValueError, match="width_mult applies to paper-lenet"):
+            build_model("mlp", (64,), 10, 0.5, width_mult=0.5)
+
+    def test_xavier_uniform_bounds(self) -> None:
+        torch.manual_seed(0)
+        net = build_model("paper-mlp", (1, 8, 8), 10, 0.5, widths=(256, 256, 256))
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                bound = math.sqrt(6.0 / (m.in_features + m.out_features))
+                assert float(m.weight.detach().abs().max()) <= bound
+                assert float(m.weight.detach().abs().max()) > 0.9 * bound
+
+    def test_gyro_surgery_finds_every_dropout(self) -> None:
+        net = build_model("paper-mlp", (1, 8, 8), 10, 0.5, widths=(32, 32, 32))
+        assert (
+            gyrodrop.apply_gyro_dropout(net, total_steps=10, num_subnets=4, subnets_per_step=2) == 3
+        )

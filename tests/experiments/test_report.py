@@ -152,3 +152,78 @@ class TestPlots:
             "compare_digits_mlp_2.png",
         ]
         assert text.count("### digits / mlp") == 2
+
+
+class TestPaired:
+    """``paired_stats`` against a recomputation from the per-seed records."""
+
+    def _records(self) -> list[dict[str, Any]]:
+        base = [0.80, 0.82, 0.81, 0.79, 0.83, 0.80]
+        gyro = [0.81, 0.84, 0.81, 0.80, 0.86, 0.79]
+        recs = [_rec("dropout", s, a, best_test_acc=a + 0.01) for s, a in enumerate(base)]
+        recs += [_rec("gyro", s, a, best_test_acc=a + 0.02) for s, a in enumerate(gyro)]
+        recs.append(_rec("none", 0, 0.7, best_test_acc=0.71))  # one seed only
+        recs.append(_rec("gyro", 9, 0.99, best_test_acc=0.99))  # no dropout seed 9
+        return recs
+
+    def test_matches_a_recomputation_from_per_seed_records(self) -> None:
+        stats = pytest.importorskip("scipy.stats")
+        recs = self._records()
+        entries = report.paired_stats(recs, "dropout")
+        by = {(e["method"], e["metric"]): e for e in entries}
+        for metric in ("test_acc", "best_test_acc"):
+            base = {r["seed"]: r[metric] for r in recs if r["method"] == "dropout"}
+            diffs = [
+                r[metric] - base[r["seed"]]
+                for r in recs
+                if r["method"] == "gyro" and r["seed"] in base
+            ]
+            e = by[("gyro", metric)]
+            n = len(diffs)
+            mean = sum(diffs) / n
+            sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+            half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
+            assert e["n"] == 6 and e["baseline"] == "dropout"
+            assert e["mean_diff"] == pytest.approx(mean)
+            assert (e["ci_low"], e["ci_high"]) == pytest.approx((mean - half, mean + half))
+            assert e["p_value"] == pytest.approx(stats.wilcoxon(diffs).pvalue)
+
+    def test_a_single_pair_has_no_interval(self) -> None:
+        pytest.importorskip("scipy")
+        e = next(
+            e
+            for e in report.paired_stats(self._records(), "dropout")
+            if e["method"] == "none" and e["metric"] == "test_acc"
+        )
+        assert e["n"] == 1 and e["mean_diff"] == pytest.approx(0.7 - 0.8)
+        assert e["ci_low"] is None and e["p_value"] is None
+
+    def test_identical_runs_give_zero_difference_and_p_one(self) -> None:
+        pytest.importorskip("scipy")
+        s = report.paired_summary([0.0, 0.0, 0.0])
+        assert s["mean_diff"] == 0 and s["p_value"] == 1.0 and s["ci_low"] == 0
+
+    def test_json_shape_and_csv_rows(self) -> None:
+        pytest.importorskip("scipy")
+        entries = report.paired_stats(self._records(), "dropout")
+        out = json.loads(report.paired_json(entries))
+        assert set(out) == {"paired"}
+        keys = {"method", "baseline", "n", "mean_diff", "ci_low", "ci_high", "p_value"}
+        assert all(keys <= set(e) for e in out["paired"])
+        rows = list(csv.DictReader(io.StringIO(report.paired_csv(entries))))
+        assert len(rows) == len(entries) and rows[0]["method"] == entries[0]["method"]
+
+    def test_markdown_shows_both_metrics_in_points(self) -> None:
+        pytest.importorskip("scipy")
+        text = report.paired_table(report.paired_stats(self._records(), "dropout"))
+        assert "Δ final (pts)" in text and "Δ best-epoch (pts)" in text
+        assert "| gyro (σ=16, τ=4) | 6 | +1.00 |" in text
+
+    def test_sections_without_the_baseline_are_left_out(self) -> None:
+        assert report.paired_stats([_rec("gyro", 0, 0.9)], "dropout") == []
+
+    def test_compare_table_shows_best_epoch_accuracy_when_recorded(self) -> None:
+        table = report.compare_table(report.sections(self._records())[0])
+        assert "Best-epoch test acc (%)" in table
+        plain = report.compare_table(report.sections([_rec("gyro", 0, 0.9)])[0])
+        assert "Best-epoch" not in plain

@@ -148,3 +148,123 @@ class TestTrainRun:
     def test_extra_metrics_are_merged(self) -> None:
         m = train_run(_cfg(), _data(), extra=lambda model, data: {"custom": 1.0}).metrics
         assert m["custom"] == 1.0
+
+
+def _images(n: int = 64, classes: int = 2, side: int = 10) -> Dataset:
+    """Raw-pixel images (0..255): class 1 has a bright horizontal band (which survives
+    horizontal flips and small crops)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % classes
+    x = torch.rand(n, 1, side, side, generator=g) * 100
+    x[y == 1, :, side // 2 - 2 : side // 2 + 2, :] += 120
+    h = n // 2
+    return Dataset("img", x[:h], y[:h], x[h:], y[h:], classes, ("a", "b"))
+
+
+def _paper(method: str = "dropout", **kw: object) -> RunConfig:
+    base = {
+        "model": "paper-mlp",
+        "optimizer": "rmsprop-tf1",
+        "lr": 0.007,
+        "momentum": 0.9,
+        "recipe": "paper",
+        "batch_size": 8,
+        "num_subnets": 8,
+        "subnets_per_step": 2,
+        "widths": (16, 16, 16),
+        "epochs": 5,
+    }
+    return _cfg(method, **(base | kw))
+
+
+class TestPaperRecipe:
+    def test_recipe_and_width_mult_are_left_out_of_old_keys(self) -> None:
+        cfg = _cfg()
+        assert "recipe" not in cfg.canonical_json() and "width_mult" not in cfg.canonical_json()
+        assert dataclasses.replace(cfg, recipe="paper").key() != cfg.key()
+
+    def test_width_mult_only_for_paper_conv_nets(self) -> None:
+        with pytest.raises(ValueError, match="width_mult applies to"):
+            _cfg(width_mult=0.5).normalized()
+        with pytest.raises(ValueError, match="recipe must be one of"):
+            _cfg(recipe="fast").normalized()
+
+    def test_learning_rate_drops_at_40_and_80_percent(self) -> None:
+        res = train_run(_paper(epochs=5), _images())
+        assert [r["lr"] for r in res.epochs] == pytest.approx(
+            [0.007, 0.007, 0.0007, 0.0007, 0.00007]
+        )
+
+    def test_model_sees_center_crops_and_last_partial_batch_is_dropped(self) -> None:
+        res = train_run(_paper(batch_size=12, epochs=1), _images(), keep_model=True)
+        assert res.model is not None
+        first = next(m for m in res.model.modules() if isinstance(m, nn.Linear))
+        assert first.in_features == 7 * 7  # crop_size(10, 10) = 7
+        assert res.metrics["steps"] == 32 // 12  # 2 full batches of 12 out of 32
+
+    def test_too_few_examples_for_one_batch_is_a_clear_error(self) -> None:
+        with pytest.raises(ValueError, match="no full batch of 64"):
+            train_run(_paper(batch_size=64), _images())
+
+    def test_records_best_epoch_and_final_accuracy(self) -> None:
+        res = train_run(_paper(epochs=4), _images())
+        m = res.metrics
+        accs = [r["test_acc"] for r in res.epochs]
+        assert m["best_test_acc"] == max(accs)
+        assert accs[m["best_epoch"] - 1] == max(accs)
+        assert m["test_acc"] == accs[-1] and m["recipe"] == "paper"
+
+    def test_is_reproducible_and_methods_share_initial_weights(self) -> None:
+        a = train_run(_paper("gyro-independent"), _images())
+        b = train_run(_paper("gyro-independent"), _images())
+        assert [r["train_loss"] for r in a.epochs] == [r["train_loss"] for r in b.epochs]
+        weights = []
+        for method in ("none", "gyro"):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = make_model(_paper(method), _images(), 4, in_shape=(1, 7, 7))
+            weights.append(next(m for m in model.modules() if isinstance(m, nn.Linear)).weight)
+        assert torch.equal(weights[0], weights[1])
+
+    def test_learns_the_image_problem(self) -> None:
+        res = train_run(_paper("none", epochs=10), _images(n=128))
+        assert res.metrics["best_test_acc"] > 0.8
+
+    def test_gyro_independent_gives_each_layer_its_own_replacement_schedule(self) -> None:
+        model = make_model(_paper("gyro-independent"), _images(), 4, in_shape=(1, 7, 7))
+        layers = [m for m in model.modules() if isinstance(m, gyrodrop.GyroDropout)]
+        assert len(layers) == 3
+        assert {m.schedule for m in layers} == {"replacement"}
+        assert {m.scale for m in layers} == {"realized"}
+        assert len({int(m.schedule_seed) for m in layers}) == 3
+
+    def test_gyro_shared_keeps_one_schedule(self) -> None:
+        model = make_model(_paper("gyro"), _images(), 4, in_shape=(1, 7, 7))
+        layers = [m for m in model.modules() if isinstance(m, gyrodrop.GyroDropout)]
+        assert {m.schedule for m in layers} == {"consecutive"}
+        assert len({int(m.schedule_seed) for m in layers}) == 1
+
+    def test_tf1_rmsprop_is_the_optimizer(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from gyrodrop.experiments import optim
+
+        made: list[optim.TF1RMSprop] = []
+        real = optim.TF1RMSprop.__init__
+
+        def spy(self: optim.TF1RMSprop, *a: object, **k: object) -> None:
+            real(self, *a, **k)  # type: ignore[arg-type]
+            made.append(self)
+
+        monkeypatch.setattr(optim.TF1RMSprop, "__init__", spy)
+        train_run(_paper(epochs=1), _images())
+        assert len(made) == 1 and made[0].defaults["eps"] == 1.0
+
+    def test_extra_sees_the_images_as_the_model_does(self) -> None:
+        shapes: list[tuple[int, ...]] = []
+
+        def extra(model: nn.Module, data: Dataset) -> dict[str, float]:
+            shapes.append(tuple(data.x_test.shape[1:]))
+            model(data.x_test[:2])
+            return {}
+
+        train_run(_paper(epochs=1), _images(), extra=extra)
+        assert shapes == [(1, 7, 7)]

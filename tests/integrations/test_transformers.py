@@ -115,6 +115,18 @@ class TestGyroDropoutCallbackSurgery:
         assert all(m.dims == (-1,) and not m.auto_step for m in layers.values())
         assert model.classifier  # the model is still the user's object
 
+    def test_callback_and_apply_gyro_dropout_agree_on_the_sequence_mask_layout(self, tmp_path):
+        by_callback, by_surgery = tiny_bert(), tiny_bert()
+        callback = GyroDropoutCallback(num_subnets=SIGMA, subnets_per_step=TAU)
+        make_trainer(by_callback, tmp_path, 4, [callback])
+        gyrodrop.apply_gyro_dropout(
+            by_surgery, num_subnets=SIGMA, subnets_per_step=TAU, total_steps=4
+        )
+        dims_callback = {k: m.dims for k, m in gyro_layers(by_callback).items()}
+        dims_surgery = {k: m.dims for k, m in gyro_layers(by_surgery).items()}
+        assert dims_callback == dims_surgery
+        assert set(dims_surgery.values()) == {gyrodrop.surgery.SEQUENCE_DIMS} == {(-1,)}
+
     def test_total_steps_come_from_max_steps(self, tmp_path):
         model = tiny_bert()
         callback = GyroDropoutCallback(num_subnets=SIGMA, subnets_per_step=TAU)

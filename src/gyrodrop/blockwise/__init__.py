@@ -40,7 +40,13 @@ __all__ = [
 
 # Old import paths of names that moved up to gyrodrop.surgery (site finding is model
 # analysis). Resolved on first use: a lazy alias, not a dependency of this layer.
-_MOVED_TO_SURGERY = ("BlockSite", "find_block_sites", "SURGERY_PRUNE", "SurgeryPrune")
+_MOVED_TO_SURGERY = (
+    "BlockSite",
+    "find_block_sites",
+    "SURGERY_PRUNE",
+    "SurgeryPrune",
+    "CONV1D_NOT_FUSED",
+)
 
 
 def __getattr__(name: str) -> Any:

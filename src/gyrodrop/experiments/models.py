@@ -37,12 +37,25 @@ __all__ = [
     "AlexNet",
     "BasicBlock",
     "ResNet18",
+    "PaperMLP",
+    "PaperConvNet",
+    "PAPER_CONV",
     "build_model",
     "image_shape",
 ]
 
 #: Model names accepted by :func:`build_model` and ``--model``.
-MODELS: tuple[str, ...] = ("mlp", "mlp1", "mlp2", "lenet", "alexnet", "resnet18")
+MODELS: tuple[str, ...] = (
+    "mlp",
+    "mlp1",
+    "mlp2",
+    "lenet",
+    "alexnet",
+    "resnet18",
+    "paper-mlp",
+    "paper-lenet",
+    "paper-alexnet",
+)
 
 #: Hidden FC widths per model (the input of every FC layer but the first).
 DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {
@@ -52,6 +65,17 @@ DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {
     "lenet": (128, 96),  # 2 x conv + 3 x FC (classic 120/84 rounded up to 32s)
     "alexnet": (1024, 512),  # 3 x conv + 3 x FC
     "resnet18": (512,),  # 17 x conv + 2 x FC
+    # the authors' TensorFlow models (mlsys-seo/gyro-dropout): FC width 1024
+    "paper-mlp": (1024, 1024, 1024),  # 4 x FC
+    "paper-lenet": (1024, 1024),  # 2 x conv + 3 x FC
+    "paper-alexnet": (1024, 1024),  # 3 x conv + 3 x FC
+}
+
+#: Conv layers of the authors' models: ``(out_channels, max-pool 2x2 after it)``, all
+#: 5x5, stride 1, 'SAME' padding, ReLU, no bias.
+PAPER_CONV: dict[str, tuple[tuple[int, bool], ...]] = {
+    "paper-lenet": ((96, True), (256, False)),
+    "paper-alexnet": ((96, True), (256, True), (384, False)),
 }
 
 
@@ -59,14 +83,16 @@ def _dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-def _fc_stack(in_features: int, widths: Sequence[int], p: float) -> list[nn.Module]:
+def _fc_stack(
+    in_features: int, widths: Sequence[int], p: float, bias: bool = True
+) -> list[nn.Module]:
     """Linear+ReLU layers through ``widths``, dropout before every Linear but the first."""
     layers: list[nn.Module] = []
     dims = [in_features, *widths]
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
         if i > 0:
             layers.append(_dropout(p))
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(a, b, bias=bias), nn.ReLU()]
     return layers
 
 
@@ -103,9 +129,9 @@ class _Classifier(nn.Module):
 
     features: nn.Module
 
-    def _head(self, width: int, num_classes: int, p: float) -> None:
+    def _head(self, width: int, num_classes: int, p: float, bias: bool = True) -> None:
         self.dropout = _dropout(p)
-        self.classifier = nn.Linear(width, num_classes)
+        self.classifier = nn.Linear(width, num_classes, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits, ``(B, num_classes)``."""
@@ -305,6 +331,93 @@ class ResNet18(_Classifier):
         return self.fc(self.avgpool(x))
 
 
+def _xavier_no_bias(model: nn.Module) -> None:
+    """Xavier-uniform (Glorot) init of every conv and linear weight, like TensorFlow's
+    ``xavier_initializer`` (fans include the kernel area)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)
+            assert m.bias is None
+
+
+class PaperMLP(_Classifier):
+    """The authors' MLP: ``len(widths) + 1`` bias-free Linear layers, ReLU, dropout after
+    every hidden ReLU, Xavier-uniform init (4 FC of width 1024 by default).
+
+    Example:
+        >>> import torch
+        >>> net = PaperMLP((1, 24, 24), (1024, 1024, 1024), 10, 0.5)
+        >>> sum(p.numel() for p in net.parameters()) == 576 * 1024 + 2 * 1024**2 + 10240
+        True
+    """
+
+    def __init__(
+        self, in_shape: Sequence[int], widths: Sequence[int], num_classes: int, p: float
+    ) -> None:
+        if not widths:
+            raise ValueError("PaperMLP: widths must name at least one hidden layer, got ()")
+        super().__init__()
+        in_features = math.prod(int(s) for s in in_shape)
+        self.features = nn.Sequential(nn.Flatten(), *_fc_stack(in_features, widths, p, bias=False))
+        self._head(widths[-1], num_classes, p, bias=False)
+        _xavier_no_bias(self)
+
+
+class PaperConvNet(_Classifier):
+    """The authors' LeNet or AlexNet: 5x5 'SAME' convs with ReLU (and 2x2 'SAME' max
+    pools) from :data:`PAPER_CONV`, flatten, bias-free FC layers with dropout after
+    every hidden ReLU, Xavier-uniform init.
+
+    Args:
+        kind: ``"paper-lenet"`` or ``"paper-alexnet"``.
+        in_shape: one example's shape (``(C, H, W)`` or a flat square image).
+        widths: hidden FC widths (default 1024, 1024).
+        num_classes: output size.
+        p: dropout rate.
+        width_mult: multiplies every conv's channel count (rounded, at least 1) to make
+            the net affordable on a CPU; 1.0 is the authors' net.
+
+    Example:
+        >>> import torch
+        >>> net = PaperConvNet("paper-lenet", (1, 24, 24), (1024, 1024), 10, 0.5)
+        >>> [tuple(m.weight.shape) for m in net.modules() if isinstance(m, nn.Conv2d)]
+        [(96, 1, 5, 5), (256, 96, 5, 5)]
+        >>> net(torch.zeros(2, 1, 24, 24)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        in_shape: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int,
+        p: float,
+        *,
+        width_mult: float = 1.0,
+    ) -> None:
+        if kind not in PAPER_CONV:
+            raise ValueError(f"PaperConvNet: kind must be one of {list(PAPER_CONV)}, got {kind!r}")
+        if not width_mult > 0:
+            raise ValueError(f"PaperConvNet: width_mult must be > 0, got {width_mult}")
+        super().__init__()
+        c, h, w = image_shape(kind, in_shape)
+        layers: list[nn.Module] = []
+        if len(tuple(in_shape)) != 3:
+            layers.append(nn.Unflatten(1, (c, h, w)))
+        for channels, pool in PAPER_CONV[kind]:
+            out = max(1, int(round(channels * width_mult)))
+            layers += [nn.Conv2d(c, out, 5, padding=2, bias=False), nn.ReLU()]
+            if pool:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+                h, w = -(-h // 2), -(-w // 2)
+            c = out
+        layers.append(nn.Flatten())
+        self.features = nn.Sequential(*layers, *_fc_stack(c * h * w, widths, p, bias=False))
+        self._head(widths[-1], num_classes, p, bias=False)
+        _xavier_no_bias(self)
+
+
 def build_model(
     name: str,
     in_shape: Sequence[int],
@@ -312,17 +425,23 @@ def build_model(
     p: float,
     *,
     widths: Sequence[int] | None = None,
+    width_mult: float | None = None,
 ) -> nn.Module:
     """Build model ``name`` (one of :data:`MODELS`) for examples of shape ``in_shape``.
 
     Args:
         name: ``mlp`` (small default), ``mlp1`` (3 FC), ``mlp2`` (4 FC), ``lenet``,
-            ``alexnet``, ``resnet18``.
+            ``alexnet``, ``resnet18``; or the authors' bias-free, Xavier-initialized
+            models ``paper-mlp`` (4 FC of 1024), ``paper-lenet`` (conv 5x5/96, pool,
+            conv 5x5/256, FC 1024, FC 1024, FC) and ``paper-alexnet`` (conv 5x5/96,
+            pool, conv 5x5/256, pool, conv 5x5/384, FC 1024, FC 1024, FC).
         in_shape: one example's shape, without the batch dim, e.g. ``(64,)``,
             ``(1, 28, 28)``, ``(3, 32, 32)``.
         num_classes: number of classes (>= 2).
         p: dropout rate in ``[0, 1)``; 0 builds no dropout layers at all.
         widths: hidden FC widths; default :data:`DEFAULT_WIDTHS` ``[name]``.
+        width_mult: conv channel multiplier of ``paper-lenet`` and ``paper-alexnet``
+            (default 1.0, the authors' width); not allowed for other models.
 
     Parameters are initialised from torch's global generator: wrap the call in
     ``torch.random.fork_rng()`` with a seed for a reproducible init (the trainer does).
@@ -348,6 +467,16 @@ def build_model(
     if not w or any(v < 1 for v in w):
         raise ValueError(f"build_model: widths must be positive ints, got {w}")
     p = float(p)
+    if width_mult is not None and name not in PAPER_CONV:
+        raise ValueError(
+            f"build_model: width_mult applies to {', '.join(PAPER_CONV)} only, got it for {name!r}"
+        )
+    if name == "paper-mlp":
+        return PaperMLP(shape, w, num_classes, p)
+    if name in PAPER_CONV:
+        return PaperConvNet(
+            name, shape, w, num_classes, p, width_mult=1.0 if width_mult is None else width_mult
+        )
     if name.startswith("mlp"):
         return MLP(shape, w, num_classes, p)
     if name == "lenet":

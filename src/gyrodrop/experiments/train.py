@@ -5,7 +5,22 @@ draws come from torch's generator inside :func:`torch.random.fork_rng` seeded wi
 ``seed`` (the caller's global RNG state is restored afterwards), the data order from a
 local ``torch.Generator`` seeded with ``seed``, and gyro masks from ``seed`` through
 :func:`gyrodrop.apply_gyro_dropout`. Runs that differ only in ``method`` share the
-initial weights and the data order, so method comparisons are paired.
+initial weights, the data order and (paper recipe) the augmentations, so method
+comparisons are paired.
+
+Two training recipes (``RunConfig.recipe``):
+
+- ``"default"``: features standardized with training statistics, every example every
+  epoch (a last partial batch too), constant learning rate.
+- ``"paper"``: the authors' TensorFlow recipe (mlsys-seo/gyro-dropout ``main.py``).
+  Image data (``(N, C, H, W)``, best loaded raw: ``load_dataset(..., raw=True)``) is
+  augmented per batch with a random ``crop_size`` crop and horizontal flip, tested on
+  the center crop, and every image is standardized on its own; the learning rate drops
+  x0.1 at 40% and 80% of the epochs (epochs 40 and 80 of 100); the last partial batch
+  of an epoch is dropped; gyro masks are scaled by ``scale="realized"``. The optimizer
+  (``rmsprop-tf1``: :class:`~gyrodrop.experiments.optim.TF1RMSprop`), learning rate
+  0.007, momentum 0.9, batch 256 and the ``paper-*`` models are ordinary fields that
+  the command line's ``--recipe paper`` presets.
 """
 
 from __future__ import annotations
@@ -25,27 +40,51 @@ from torch import Tensor, nn
 
 import gyrodrop
 from gyrodrop.experiments import metrics as M
-from gyrodrop.experiments.data import Dataset
-from gyrodrop.experiments.models import MLP, build_model
+from gyrodrop.experiments.data import (
+    Dataset,
+    center_crop,
+    crop_size,
+    per_image_standardize,
+    random_crop_flip,
+)
+from gyrodrop.experiments.models import MLP, PAPER_CONV, build_model
+from gyrodrop.experiments.optim import TF1RMSprop, step_lr_factor, step_milestones
 
 __all__ = [
     "METHODS",
     "OPTIMIZERS",
+    "RECIPES",
     "RunConfig",
     "RunResult",
     "EpochCallback",
     "make_model",
+    "input_shape",
     "predict_proba",
     "train_run",
     "resolve_device",
 ]
 
 #: Regularizers ``--methods`` accepts.
-METHODS: tuple[str, ...] = ("none", "dropout", "gyro", "gyro-random", "blockwise")
-OPTIMIZERS: tuple[str, ...] = ("rmsprop", "sgd")
-_GYRO = ("gyro", "gyro-random")
+METHODS: tuple[str, ...] = (
+    "none",
+    "dropout",
+    "gyro",
+    "gyro-random",
+    "gyro-independent",
+    "blockwise",
+)
+OPTIMIZERS: tuple[str, ...] = ("rmsprop", "sgd", "rmsprop-tf1")
+RECIPES: tuple[str, ...] = ("default", "paper")
+_GYRO = ("gyro", "gyro-random", "gyro-independent")
 _SUBNET_METHODS = (*_GYRO, "blockwise")  # trained a fixed set of subnetworks
-_LATE_FIELDS = ("data_id", "subnetworks", "eval_size")
+#: Fields added after schema 1 and their defaults (left out of the key at them).
+_LATE_FIELDS: dict[str, Any] = {
+    "data_id": None,
+    "subnetworks": None,
+    "eval_size": None,
+    "recipe": "default",
+    "width_mult": None,
+}
 
 
 @dataclass(frozen=True)
@@ -83,10 +122,13 @@ class RunConfig:
     fold: int | None = None
     # evaluation
     mc_samples: int | None = None
-    # added after schema 1: left out of the key while None, so older keys still match
+    # added after schema 1: left out of the key at their defaults (None, "default"), so
+    # older keys still match
     data_id: str | None = None  # content hash of the data files (csv, fashion-mnist, ...)
     subnetworks: int | None = None  # diversity: subnetworks compared
     eval_size: int | None = None  # diversity: test examples used
+    recipe: str = "default"  # training recipe: "default" or "paper"
+    width_mult: float | None = None  # conv channel multiplier of the paper-* conv nets
 
     def normalized(self) -> RunConfig:
         """A copy with fields irrelevant to ``method`` set to ``None``; validates."""
@@ -95,6 +137,18 @@ class RunConfig:
             raise ValueError(
                 f"{owner}: method must be one of {', '.join(METHODS)}, got {self.method!r}"
             )
+        if self.recipe not in RECIPES:
+            raise ValueError(
+                f"{owner}: recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}"
+            )
+        if self.width_mult is not None:
+            if self.model not in PAPER_CONV:
+                raise ValueError(
+                    f"{owner}: width_mult applies to {', '.join(PAPER_CONV)} only, "
+                    f"got it for model {self.model!r}"
+                )
+            if not self.width_mult > 0:
+                raise ValueError(f"{owner}: width_mult must be > 0, got {self.width_mult}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"{owner}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
@@ -133,6 +187,8 @@ class RunConfig:
             changes["input_p"] = None
         if self.widths is not None:
             changes["widths"] = tuple(int(w) for w in self.widths)
+        if self.width_mult is not None:
+            changes["width_mult"] = float(self.width_mult)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,10 +200,10 @@ class RunConfig:
 
     def canonical_json(self) -> str:
         """Canonical JSON of the normalized configuration: sorted keys, no spaces (the
-        fields added after schema 1 only when set)."""
+        fields added after schema 1 only when not at their defaults)."""
         d = self.normalized().to_dict()
-        for name in _LATE_FIELDS:
-            if d[name] is None:
+        for name, default in _LATE_FIELDS.items():
+            if d[name] == default:
                 del d[name]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
@@ -196,17 +252,37 @@ def _insert_input_dropout(model: nn.Module, p: float) -> None:
     model.features = nn.Sequential(feats[0], nn.Dropout(p), *list(feats)[1:])
 
 
-def make_model(cfg: RunConfig, data: Dataset, steps_per_epoch: int) -> nn.Module:
+def make_model(
+    cfg: RunConfig,
+    data: Dataset,
+    steps_per_epoch: int,
+    in_shape: tuple[int, ...] | None = None,
+) -> nn.Module:
     """Build ``cfg.model`` and apply ``cfg.method`` (uses torch's global RNG for init:
-    call inside a seeded ``fork_rng``)."""
+    call inside a seeded ``fork_rng``). ``in_shape`` overrides ``data.in_shape`` (the
+    paper recipe's crops are smaller than the images)."""
     cfg = cfg.normalized()
     p = cfg.p or 0.0
-    model = build_model(cfg.model, data.in_shape, data.num_classes, p, widths=cfg.widths)
+    model = build_model(
+        cfg.model,
+        data.in_shape if in_shape is None else in_shape,
+        data.num_classes,
+        p,
+        widths=cfg.widths,
+        width_mult=cfg.width_mult,
+    )
     if cfg.input_p:
         _insert_input_dropout(model, cfg.input_p)
     total = cfg.epochs * steps_per_epoch
     if cfg.method in _GYRO:
         assert cfg.num_subnets is not None and cfg.subnets_per_step is not None
+        options: dict[str, Any] = {}
+        if cfg.method == "gyro-independent":
+            options["pairing"] = "independent"  # schedule "replacement", as the authors
+        else:
+            options["schedule"] = "random" if cfg.method == "gyro-random" else "consecutive"
+        if cfg.recipe == "paper":
+            options["scale"] = "realized"
         gyrodrop.apply_gyro_dropout(
             model,
             p=None,
@@ -214,7 +290,7 @@ def make_model(cfg: RunConfig, data: Dataset, steps_per_epoch: int) -> nn.Module
             subnets_per_step=cfg.subnets_per_step,
             total_steps=total,
             seed=cfg.seed,
-            schedule="random" if cfg.method == "gyro-random" else "consecutive",
+            **options,
         )
     elif cfg.method == "blockwise":
         apply_block = getattr(gyrodrop, "apply_block_gyro", None)
@@ -262,7 +338,7 @@ def _uncertainty(model: nn.Module, cfg: RunConfig, data: Dataset) -> dict[str, A
         out.update(M.summary(probs, y, "mc_"))
         out["reliability_mc"] = M.reliability_bins(probs, y)
     ens = getattr(gyrodrop, "subnet_ensemble_predict", None)
-    if ens is not None and cfg.method in _SUBNET_METHODS:
+    if ens is not None and cfg.method in _SUBNET_METHODS and cfg.method != "gyro-independent":
         probs = _chunked_prediction(lambda xb: ens(model, xb), x)
         out.update(M.summary(probs, y, "ens_"))
         out["reliability_ens"] = M.reliability_bins(probs, y)
@@ -278,6 +354,65 @@ def _apply_max_norm(model: nn.Module, c: float) -> None:
             ):
                 assert isinstance(w, Tensor)
                 w.copy_(torch.renorm(w, 2, 0, c))
+
+
+def input_shape(cfg: RunConfig, data: Dataset) -> tuple[int, ...]:
+    """The shape of one example as the model sees it: ``data.in_shape``, or the crop
+    ``(C, s, s)`` of image data under the paper recipe (``s = crop_size(H, W)``)."""
+    shape = tuple(data.x_train.shape[1:])
+    if cfg.recipe == "paper" and len(shape) == 3:
+        side = crop_size(shape[1], shape[2])
+        return (shape[0], side, side)
+    return shape
+
+
+def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "rmsprop-tf1":
+        return TF1RMSprop(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+
+class _View:
+    """What the model sees: training batches and evaluation inputs under ``cfg.recipe``.
+
+    Default recipe, or paper recipe on non-image data: the dataset's tensors as they
+    are. Paper recipe on images ``(N, C, H, W)``: a random crop + flip of each training
+    image, the center crop at evaluation, each image standardized on its own.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, data: Dataset, dev: torch.device, gen: torch.Generator
+    ) -> None:
+        self.augment = cfg.recipe == "paper" and data.x_train.dim() == 4
+        self.gen = gen
+        self.data = data
+        self.x_train = data.x_train.to(dev)
+        self.in_shape = input_shape(cfg, data)
+        if self.augment:
+            self.size = self.in_shape[-1]
+            self.x_test = per_image_standardize(center_crop(data.x_test, self.size)).to(dev)
+        else:
+            self.x_test = data.x_test.to(dev)
+
+    def train_batch(self, idx: Tensor) -> Tensor:
+        """The (augmented) training inputs of rows ``idx``."""
+        if not self.augment:
+            return self.x_train[idx]
+        return per_image_standardize(random_crop_flip(self.x_train[idx], self.size, self.gen))
+
+    def eval_data(self) -> Dataset:
+        """``data`` as the model sees it at evaluation (for ``extra`` analyses)."""
+        if not self.augment:
+            return self.data
+        return dataclasses.replace(self.data, x_train=self.x_train_eval(), x_test=self.x_test)
+
+    def x_train_eval(self) -> Tensor:
+        """The training inputs as evaluated (center crop under the paper recipe)."""
+        if not self.augment:
+            return self.x_train
+        return per_image_standardize(center_crop(self.x_train, self.size))
 
 
 def train_run(
@@ -297,43 +432,56 @@ def train_run(
         device: where to train.
         on_epoch: called after each epoch with its index and row.
         extra: ``extra(model, data) -> dict`` merged into the final metrics (e.g. the
-            diversity analysis), called in eval mode after training.
+            diversity analysis), called in eval mode after training; under the paper
+            recipe ``data`` holds the center-cropped, standardized images.
         keep_model: return the trained model in the result.
 
     Returns:
         :class:`RunResult`: ``metrics`` has ``test_acc, train_acc, gap`` (train minus
-        test accuracy), ``test_nll, test_ece, test_brier``, ``epoch_time`` (median
+        test accuracy) after the last epoch, ``best_test_acc`` and ``best_epoch`` (the
+        best epoch's test accuracy: the number the authors' code reports),
+        ``recipe``, ``test_nll, test_ece, test_brier``, ``epoch_time`` (median
         training seconds per epoch, robust to a busy machine), ``params`` and, with
         ``mc_samples``, ``mc_*`` and ``ens_*``; ``epochs`` has one row per epoch
-        (``train_loss, train_acc`` in training mode, ``test_loss, test_acc``,
+        (``train_loss, train_acc`` in training mode, ``test_loss, test_acc``, ``lr``,
         ``seconds``).
     """
     cfg = cfg.normalized()
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     n = len(data.y_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    paper = cfg.recipe == "paper"
+    if paper and n < cfg.batch_size:
+        raise ValueError(
+            f"run {cfg.method} seed {cfg.seed}: the paper recipe drops the last partial "
+            f"batch, and {n} training examples make no full batch of {cfg.batch_size}; "
+            "lower --batch-size or raise --limit"
+        )
+    steps_per_epoch = n // cfg.batch_size if paper else math.ceil(n / cfg.batch_size)
     cuda = [dev.index or 0] if dev.type == "cuda" else []
     data_gen = torch.Generator().manual_seed(cfg.seed)
-    xtr, ytr = data.x_train.to(dev), data.y_train.to(dev)
-    xte, yte = data.x_test.to(dev), data.y_test.to(dev)
+    view = _View(cfg, data, dev, data_gen)
+    ytr = data.y_train.to(dev)
+    xte, yte = view.x_test, data.y_test.to(dev)
+    milestones = step_milestones(cfg.epochs) if paper else []
     rows: list[dict[str, float]] = []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)
-        model = make_model(cfg, data, steps_per_epoch).to(dev)
-        if cfg.optimizer == "rmsprop":
-            opt: torch.optim.Optimizer = torch.optim.RMSprop(
-                model.parameters(), lr=cfg.lr, momentum=cfg.momentum
-            )
-        else:
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        model = make_model(cfg, data, steps_per_epoch, in_shape=view.in_shape).to(dev)
+        opt = _optimizer(cfg, model)
         loss_fn = nn.CrossEntropyLoss()
         for epoch in range(cfg.epochs):
             model.train()
+            lr = cfg.lr * step_lr_factor(epoch, milestones)
+            for group in opt.param_groups:
+                group["lr"] = lr
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.int64)
+            seen = 0
             for idx in torch.randperm(n, generator=data_gen).to(dev).split(cfg.batch_size):
-                xb, yb = xtr[idx], ytr[idx]
+                if paper and len(idx) < cfg.batch_size:
+                    continue  # the authors' loop runs n // batch steps per epoch
+                xb, yb = view.train_batch(idx), ytr[idx]
                 opt.zero_grad(set_to_none=True)
                 logits = model(xb)
                 loss = loss_fn(logits, yb)
@@ -343,16 +491,18 @@ def train_run(
                     _apply_max_norm(model, cfg.max_norm)
                 loss_sum += loss.detach() * len(yb)
                 correct += (logits.detach().argmax(1) == yb).sum()
+                seen += len(yb)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             seconds = time.perf_counter() - t0
             probs = predict_proba(model, xte)
             row = {
                 "epoch": epoch + 1,
-                "train_loss": float(loss_sum) / n,
-                "train_acc": int(correct) / n,
+                "train_loss": float(loss_sum) / seen,
+                "train_acc": int(correct) / seen,
                 "test_loss": M.nll(probs, yte),
                 "test_acc": M.accuracy(probs, yte),
+                "lr": lr,
                 "seconds": seconds,
             }
             if not math.isfinite(row["train_loss"]):
@@ -365,7 +515,7 @@ def train_run(
                 on_epoch(epoch, row)
         model.eval()
         test = predict_proba(model, xte)
-        train = predict_proba(model, xtr)
+        train = predict_proba(model, view.x_train_eval())
         result: dict[str, Any] = {
             "test_acc": M.accuracy(test, yte),
             "train_acc": M.accuracy(train, ytr),
@@ -380,10 +530,14 @@ def train_run(
             "n_test": len(data.y_test),
         }
         result["gap"] = result["train_acc"] - result["test_acc"]
+        best = max(range(len(rows)), key=lambda i: rows[i]["test_acc"])  # first maximum
+        result["best_test_acc"] = rows[best]["test_acc"]
+        result["best_epoch"] = best + 1
+        result["recipe"] = cfg.recipe
         if cfg.mc_samples:
             result["reliability"] = M.reliability_bins(test, yte)
             result.update(_uncertainty(model, cfg, data))
         if extra is not None:
             model.eval()
-            result.update(extra(model, data))
+            result.update(extra(model, view.eval_data()))
     return RunResult(metrics=result, epochs=rows, model=model if keep_model else None)

@@ -51,7 +51,9 @@ class GyroDropoutCallback(TrainerCallback, ExportableState):
         seed: seeds every layer (each layer derives its own seed from it).
         dims: non-batch dims a mask spans. Default ``(-1,)``: one mask per example over
             the hidden features, shared by all positions of a ``(B, T, H)`` sequence
-            (so masks do not depend on the padded length). ``None``: all dims.
+            (so masks do not depend on the padded length); the same default as
+            :func:`gyrodrop.apply_gyro_dropout` (``gyrodrop.surgery.SEQUENCE_DIMS``).
+            ``None``: all dims.
         **kw: ``schedule``, ``scale``; ``total_steps`` or ``steps_per_set`` to fix the
             schedule yourself instead of taking ``state.max_steps``.
 

@@ -26,7 +26,12 @@ from gyrodrop.surgery.blockwise import apply_block_gyro
 from gyrodrop.surgery.blockwise_sites import SURGERY_PRUNE, BlockSite, find_block_sites
 from gyrodrop.surgery.common import SurgeryWarning
 from gyrodrop.surgery.dropblock import apply_dropblock
-from gyrodrop.surgery.gyro import apply_gyro_dropout, builtin_dropouts, remove_gyro_dropout
+from gyrodrop.surgery.gyro import (
+    SEQUENCE_DIMS,
+    apply_gyro_dropout,
+    builtin_dropouts,
+    remove_gyro_dropout,
+)
 from gyrodrop.surgery.residual import find_residual_blocks, layer_list_candidates
 from gyrodrop.surgery.stochastic_depth import (
     DROP_DISTRIBUTIONS,
@@ -56,4 +61,5 @@ __all__ = [
     "SurgeryWarning",
     "SURGERY_PRUNE",
     "DROP_DISTRIBUTIONS",
+    "SEQUENCE_DIMS",
 ]

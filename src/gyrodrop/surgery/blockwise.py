@@ -43,7 +43,12 @@ def apply_block_gyro(
     ``prune="auto"`` fuses every dropout it can, on the side that prunes the most GEMM
     work (see :func:`gyrodrop.surgery.find_block_sites`). The pairs are found in
     ``nn.Sequential`` containers and, through ``torch.fx`` symbolic tracing, anywhere
-    in a traceable model; the model itself is changed in place (its own ``forward``
+    in a traceable model; a model that does not trace whole (Hugging Face models) is
+    traced submodule by submodule, so BERT's attention-output and FFN-output
+    projections (``dense -> dropout``) are fused with ``prune="output"`` or
+    ``"auto"``. GPT-2's ``Conv1D`` (a Linear with a transposed weight) is not fused
+    and is named with the reason (:data:`gyrodrop.surgery.blockwise_sites.CONV1D_NOT_FUSED`).
+    The model itself is changed in place (its own ``forward``
     still runs: fx only reads the dataflow), and its Linear parameters are kept (an
     optimizer built before keeps working).
 
@@ -190,7 +195,7 @@ def _left_alone(
                 "(its forward calls the dropout itself)"
             )
         elif not traced:
-            left.append(f"{name}: not in an nn.Sequential next to an nn.Linear")
+            left.append(f"{name}: not called by the forward of any submodule that traces")
         else:
             left.append(f"{name}: not called by the model's traced forward")
     # functional dropout calls and other named problems that are no module

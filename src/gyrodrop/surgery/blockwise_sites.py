@@ -9,12 +9,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from gyrodrop._validation import check_choice
 from gyrodrop.stepping import SteppedModule
 
-__all__ = ["BlockSite", "find_block_sites", "SurgeryPrune", "SURGERY_PRUNE"]
+__all__ = ["BlockSite", "find_block_sites", "SurgeryPrune", "SURGERY_PRUNE", "CONV1D_NOT_FUSED"]
 
 #: ``prune`` of the surgery: a side, or ``"auto"`` (what each site allows).
 SurgeryPrune = Literal["input", "output", "auto"]
@@ -43,7 +43,31 @@ class _LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps gyrodrop modules whole (their forward reads buffers)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, SteppedModule) or super().is_leaf_module(m, module_qualified_name)
+        return (
+            isinstance(m, SteppedModule)
+            or _is_hf_conv1d(m)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D`` (GPT-2 and relatives): a Linear whose weight is stored
+    transposed, ``(in_features, out_features)``; recognized without importing
+    transformers."""
+    return (
+        type(m).__name__ == "Conv1D"
+        and type(m).__module__.startswith("transformers")
+        and isinstance(m._parameters.get("weight"), Tensor)  # not getattr: fx patches it
+    )
+
+
+#: Why a Hugging Face ``Conv1D`` next to a dropout is not fused.
+CONV1D_NOT_FUSED = (
+    "a Hugging Face Conv1D (a Linear with its weight stored transposed, (in, out)): "
+    "BlockGyroLinear needs nn.Linear's (out, in) weight, and fusing would replace the "
+    "parameter by its transpose (another state-dict shape, and an optimizer built before "
+    "would train a stale tensor), so it is not fused; apply_gyro_dropout handles this dropout"
+)
 
 
 def _module_uses(model: nn.Module) -> dict[int, int]:
@@ -75,8 +99,14 @@ def find_block_sites(
 
     The dataflow comes from ``torch.fx`` symbolic tracing (any model it can trace:
     nested containers, custom modules, functional code between layers). Where tracing
-    fails, only ``nn.Sequential`` containers are searched (their order is their
-    dataflow) and the first reason says so.
+    the whole model fails (Hugging Face models, data-dependent control flow), every
+    child module is traced on its own, and the children of those that fail in turn, so
+    the pairs inside traceable submodules are still found (BERT's ``BertSelfOutput``
+    and ``BertOutput``: ``dense -> dropout``, output fusion); an ``nn.Sequential``
+    that does not trace is searched in its order; a dropout directly inside a module
+    that does not trace is named with that module and the tracing error. The first
+    reason says the whole model did not trace. A Hugging Face ``Conv1D`` (GPT-2) next
+    to a dropout is not fused: see :data:`CONV1D_NOT_FUSED`.
 
     ``prune``: ``"input"`` fuses ``Dropout -> Linear``; ``"output"`` fuses
     ``Linear [-> ReLU/LeakyReLU/PReLU] -> Dropout`` (these activations commute with a
@@ -92,17 +122,19 @@ def find_block_sites(
     nothing else.
     """
     check_choice("find_block_sites", "prune", prune, SURGERY_PRUNE)
+    uses = _module_uses(model)
     try:
         graph = _LeafTracer().trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to Sequential
-        candidates, problems = _sequential_candidates(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: submodule by submodule
+        candidates, problems = _piecewise_candidates(model, uses, _short(exc))
         problems.insert(
             0,
-            f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); only "
-            "nn.Sequential containers were searched",
+            f"torch.fx could not trace the model ({_short(exc)}); its submodules were "
+            "traced one by one instead (nn.Sequential containers that do not trace: in "
+            "their order)",
         )
     else:
-        candidates, problems = _graph_candidates(model, graph)
+        candidates, problems = _graph_candidates(model, graph, uses)
     weights = {
         name: m.in_features * m.out_features
         for name, m in model.named_modules()
@@ -190,11 +222,64 @@ def _best_chain(chain: list[_Candidate], weights: dict[str, int]) -> list[str | 
     return max(best.values(), key=lambda v: v[0])[1]
 
 
-def _graph_candidates(
-    model: nn.Module, graph: torch.fx.Graph
+def _short(exc: BaseException) -> str:
+    """``"Type: first line of the message"`` (at most 160 characters)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _piecewise_candidates(
+    model: nn.Module, uses: dict[int, int], why: str
 ) -> tuple[list[_Candidate], list[str]]:
+    """Candidates of a model that does not trace whole: each child traced on its own,
+    recursing into the children of those that fail too; names are qualified in
+    ``model``."""
+    candidates: list[_Candidate] = []
+    problems: list[str] = []
+
+    def visit(module: nn.Module, prefix: str, why: str) -> None:
+        covered: set[str] = set()
+        if isinstance(module, nn.Sequential):
+            found = _sequence_candidates(module, prefix, uses)
+            candidates.extend(found)
+            covered = {c.dropout for c in found}
+        for name, child in module.named_children():
+            path = prefix + name
+            if isinstance(child, SteppedModule) or _is_hf_conv1d(child):
+                continue
+            if not child._modules:  # a leaf: only the module around it can place it
+                if type(child) is nn.Dropout and path not in covered:
+                    owner = prefix[:-1] or "the model"
+                    problems.append(
+                        f"{path}: called by {owner} ({type(module).__name__}), which "
+                        f"torch.fx could not trace ({why})"
+                    )
+                continue
+            if type(child).__module__.startswith("torch.nn") and not isinstance(
+                child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+            ):
+                continue  # torch.nn layers (nn.TransformerEncoderLayer...) are not entered
+            try:
+                graph = _LeafTracer().trace(child)
+            except Exception as exc:  # noqa: BLE001 - any failure: one level deeper
+                visit(child, path + ".", _short(exc))
+            else:
+                found, notes = _graph_candidates(child, graph, uses, path + ".")
+                candidates.extend(found)
+                problems.extend(notes)
+
+    visit(model, "", why)
+    return candidates, problems
+
+
+def _graph_candidates(
+    model: nn.Module, graph: torch.fx.Graph, uses: dict[int, int], prefix: str = ""
+) -> tuple[list[_Candidate], list[str]]:
+    """Candidates of ``model`` from its traced ``graph``; names get ``prefix`` (the
+    qualified name of ``model`` in the root, with a trailing dot); ``uses`` counts
+    names in the root, so a module shared outside ``model`` is seen as shared."""
     modules = dict(model.named_modules())
-    uses = _module_uses(model)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -209,6 +294,9 @@ def _graph_candidates(
         name = str(node.target)
         return calls.get(name, 0) == 1 and uses[id(modules[name])] == 1
 
+    def conv1d(node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and _is_hf_conv1d(modules[str(node.target)])
+
     def homogeneous(node: torch.fx.Node) -> bool:
         return (
             is_module(node, _HOMOGENEOUS_MODULES)
@@ -222,11 +310,13 @@ def _graph_candidates(
         if (node.op == "call_function" and node.target in _FUNCTIONAL_DROPOUT) or (
             node.op == "call_method" and node.target == "dropout"
         ):
-            problems.append(f"{node.name}: a functional dropout call cannot be swapped in place")
+            problems.append(
+                f"{prefix}{node.name}: a functional dropout call cannot be swapped in place"
+            )
             continue
         if not is_module(node, (nn.Dropout,)):
             continue
-        c = _Candidate(str(node.target), None, None, "", "")
+        c = _Candidate(prefix + str(node.target), None, None, "", "")
         candidates.append(c)
         if not once(node):
             c.blocked = "the Dropout is registered or called more than once"
@@ -236,56 +326,62 @@ def _graph_candidates(
         nxt = users[0] if len(users) == 1 else None
         if nxt is None:
             c.why_not_after = f"its output has {len(users)} consumers"
+        elif conv1d(nxt):
+            c.why_not_after = f"followed by {prefix}{nxt.target}, {CONV1D_NOT_FUSED}"
         elif not (is_module(nxt, (nn.Linear,)) and nxt.args[:1] == (node,)):
-            what = nxt.target if nxt.op == "call_module" else nxt.name
+            what = prefix + str(nxt.target) if nxt.op == "call_module" else nxt.name
             c.why_not_after = f"followed by {what}, not an nn.Linear"
         elif not once(nxt):
-            c.why_not_after = f"the Linear after it ({nxt.target}) is called more than once"
+            c.why_not_after = f"the Linear after it ({prefix}{nxt.target}) is called more than once"
         else:
-            c.after = str(nxt.target)
+            c.after = prefix + str(nxt.target)
         # output side: back through ReLU-like activations to a Linear that feeds only it
         prev = node.args[0] if node.args else None
         while isinstance(prev, torch.fx.Node) and homogeneous(prev) and len(prev.users) == 1:
             prev = prev.args[0] if prev.args else None
-        if not (isinstance(prev, torch.fx.Node) and is_module(prev, (nn.Linear,))):
+        if isinstance(prev, torch.fx.Node) and conv1d(prev):
+            c.why_not_before = f"the layer before it ({prefix}{prev.target}) is {CONV1D_NOT_FUSED}"
+        elif not (isinstance(prev, torch.fx.Node) and is_module(prev, (nn.Linear,))):
             c.why_not_before = "no nn.Linear before it (through ReLU-like activations only)"
         elif len(prev.users) != 1 or not once(prev):
-            c.why_not_before = f"the Linear before it ({prev.target}) is used elsewhere too"
+            c.why_not_before = f"the Linear before it ({prefix}{prev.target}) is used elsewhere too"
         else:
-            c.before = str(prev.target)
+            c.before = prefix + str(prev.target)
     return candidates, problems
 
 
-def _sequential_candidates(model: nn.Module) -> tuple[list[_Candidate], list[str]]:
-    uses = _module_uses(model)
+def _sequence_candidates(seq: nn.Sequential, prefix: str, uses: dict[int, int]) -> list[_Candidate]:
+    """Candidates among the direct children of one ``nn.Sequential`` (its order is
+    its dataflow); names get ``prefix``."""
     candidates: list[_Candidate] = []
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+    names = [prefix + k for k in seq._modules]
+    children = list(seq._modules.values())
+    for i, child in enumerate(children):
+        if type(child) is not nn.Dropout:
             continue
-        names = [f"{seq_name}.{k}" if seq_name else k for k in seq._modules]
-        children = list(seq._modules.values())
-        for i, child in enumerate(children):
-            if type(child) is not nn.Dropout:
-                continue
-            c = _Candidate(names[i], None, None, "", "")
-            candidates.append(c)
-            if uses[id(child)] != 1:
-                c.blocked = "the Dropout is registered more than once"
-                continue
-            nxt = children[i + 1] if i + 1 < len(children) else None
-            if type(nxt) is not nn.Linear:
-                c.why_not_after = "not followed by an nn.Linear in its Sequential"
-            elif uses[id(nxt)] != 1:
-                c.why_not_after = f"the Linear after it ({names[i + 1]}) is shared"
-            else:
-                c.after = names[i + 1]
-            j = i - 1
-            while j >= 0 and type(children[j]) in _HOMOGENEOUS_MODULES:
-                j -= 1
-            if j < 0 or type(children[j]) is not nn.Linear:
-                c.why_not_before = "no nn.Linear before it in its Sequential"
-            elif uses[id(children[j])] != 1:
-                c.why_not_before = f"the Linear before it ({names[j]}) is shared"
-            else:
-                c.before = names[j]
-    return candidates, []
+        c = _Candidate(names[i], None, None, "", "")
+        candidates.append(c)
+        if uses[id(child)] != 1:
+            c.blocked = "the Dropout is registered more than once"
+            continue
+        nxt = children[i + 1] if i + 1 < len(children) else None
+        if nxt is not None and _is_hf_conv1d(nxt):
+            c.why_not_after = f"followed by {names[i + 1]}, {CONV1D_NOT_FUSED}"
+        elif type(nxt) is not nn.Linear:
+            c.why_not_after = "not followed by an nn.Linear in its Sequential"
+        elif uses[id(nxt)] != 1:
+            c.why_not_after = f"the Linear after it ({names[i + 1]}) is shared"
+        else:
+            c.after = names[i + 1]
+        j = i - 1
+        while j >= 0 and type(children[j]) in _HOMOGENEOUS_MODULES:
+            j -= 1
+        if j >= 0 and _is_hf_conv1d(children[j]):
+            c.why_not_before = f"the layer before it ({names[j]}) is {CONV1D_NOT_FUSED}"
+        elif j < 0 or type(children[j]) is not nn.Linear:
+            c.why_not_before = "no nn.Linear before it in its Sequential"
+        elif uses[id(children[j])] != 1:
+            c.why_not_before = f"the Linear before it ({names[j]}) is shared"
+        else:
+            c.before = names[j]
+    return candidates

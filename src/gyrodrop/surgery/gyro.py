@@ -4,12 +4,12 @@ becomes a :class:`~gyrodrop.GyroDropout`, and back."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from torch import nn
 
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
-from gyrodrop._validation import check_p, check_seed
+from gyrodrop._validation import check_choice, check_p, check_seed
 from gyrodrop.blockwise import BlockGyroLinear
 from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
 from gyrodrop.gyro import GyroDropout
@@ -17,13 +17,26 @@ from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.surgery.common import SurgeryWarning
 
-__all__ = ["apply_gyro_dropout", "builtin_dropouts", "remove_gyro_dropout", "ORIGIN"]
+__all__ = [
+    "apply_gyro_dropout",
+    "builtin_dropouts",
+    "remove_gyro_dropout",
+    "ORIGIN",
+    "SEQUENCE_DIMS",
+    "PAIRINGS",
+    "LayerPairing",
+]
 
 #: Attribute a surgery function sets on a module it built: the type it replaced
 #: (what :func:`remove_gyro_dropout` puts back).
 ORIGIN = "_gyrodrop_replaced"
 
 _CHANNELWISE = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+#: Default ``dims`` of the ``GyroDropout`` that replaces an ``nn.Dropout`` (in
+#: :func:`apply_gyro_dropout` and the trainer callbacks): the last (feature) dim, so a
+#: ``(B, T, F)`` sequence shares one mask per example across its positions.
+SEQUENCE_DIMS: tuple[int, ...] = (-1,)
 # Input dims of an unbatched input to each channel-wise dropout, as torch reads them:
 # Dropout1d (C, L), Dropout3d (C, D, H, W). Dropout2d reads a 3-D input as (N, C, L)
 # (batched, torch's behavior with its deprecation warning), so it has none.
@@ -33,6 +46,11 @@ _UNBATCHED_NDIM: dict[type, int | None] = {
     nn.Dropout3d: 4,
 }
 DROPOUT_FAMILY = (nn.Dropout, *_CHANNELWISE, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+#: How the layers' masks form subnetworks (``pairing`` of :func:`apply_gyro_dropout`).
+LayerPairing = Literal["shared", "independent"]
+#: ``pairing`` values of :func:`apply_gyro_dropout`.
+PAIRINGS: tuple[LayerPairing, ...] = ("shared", "independent")
 
 
 def apply_gyro_dropout(
@@ -44,11 +62,18 @@ def apply_gyro_dropout(
     total_steps: int | None = None,
     steps_per_set: int | None = None,
     seed: int = 0,
+    pairing: LayerPairing = "shared",
     **kw: Any,
 ) -> int:
     """Replace ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in ``model`` with
     :class:`~gyrodrop.GyroDropout`, in place.
 
+    ``nn.Dropout`` becomes ``GyroDropout(dims=(-1,))`` unless ``dims`` is given: one
+    mask per example over the last (feature) dim, shared by every other dim, so a
+    ``(B, T, F)`` sequence gets the same subnetwork mask at every position and the masks
+    do not depend on the padded length ``T`` (for ``(B, F)`` inputs this is exactly
+    ``GyroDropout``'s own default mask; pass ``dims=None`` for masks over all non-batch
+    dims). The trainer callbacks use the same default.
     ``Dropout1d/2d/3d`` become channel-wise masks (``dims=(1,)``); unbatched inputs keep
     torch's meaning (``Dropout1d``: ``(C, L)``, ``Dropout3d``: ``(C, D, H, W)``, whole
     channels; ``Dropout2d`` reads a 3-D input as ``(N, C, L)``, as torch does).
@@ -68,6 +93,16 @@ def apply_gyro_dropout(
     :func:`gyrodrop.bind_to_optimizer`. ``auto_step=False``: call
     :func:`gyrodrop.step` yourself.
 
+    ``pairing`` says how the layers' masks form subnetworks:
+
+    - ``"shared"`` (default): one schedule for the whole network (schedule seed
+      ``seed`` in every layer), so the active ids are the same in every layer;
+    - ``"independent"``: every layer gets its own schedule seed, so each layer picks its
+      active masks independently of the others; the schedule defaults to
+      ``"replacement"`` (ids drawn with replacement, as the authors' TensorFlow code
+      does) unless ``schedule`` is given. The model then trains no fixed set of
+      network-level subnetworks.
+
     Returns the number of layers replaced, and warns when it is zero. All-or-nothing:
     when any layer is refused (``p=1.0``, say) the model is left unchanged. Dropout built
     into other modules (``nn.LSTM(dropout=p)``, ``nn.MultiheadAttention(dropout=p)``,
@@ -86,6 +121,9 @@ def apply_gyro_dropout(
     if p is not None:
         p = check_p("apply_gyro_dropout", p)
     check_seed("apply_gyro_dropout", seed)
+    check_choice("apply_gyro_dropout", "pairing", pairing, PAIRINGS)
+    if pairing == "independent":
+        kw.setdefault("schedule", "replacement")
     allowed = {"dims", "schedule", "scale", "auto_step"}
     unknown = set(kw) - allowed
     if unknown:
@@ -100,6 +138,8 @@ def apply_gyro_dropout(
             options.setdefault("dims", (1,))
             if options["dims"] == (1,) or options["dims"] == 1:
                 options.setdefault("unbatched_ndim", _UNBATCHED_NDIM[type(module)])
+        else:
+            options.setdefault("dims", SEQUENCE_DIMS)
         new = GyroDropout(
             p=cast(float, module.p) if p is None else p,
             num_subnets=num_subnets,
@@ -107,7 +147,7 @@ def apply_gyro_dropout(
             total_steps=total_steps,
             steps_per_set=steps_per_set,
             seed=layer_seed(seed, index),
-            schedule_seed=seed,
+            schedule_seed=seed if pairing == "shared" else layer_seed(seed, index),
             **options,
         )
         object.__setattr__(new, ORIGIN, type(module))  # what remove_gyro_dropout restores

@@ -143,6 +143,9 @@ class TestClaims:
         """Another live process holds a claim with a short lease: this one trains the
         other run, waits, and takes the claimed one over only when the lease runs out."""
         monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)
+        # Long enough that the other run (one tiny epoch) ends before the lease does,
+        # even on a loaded machine.
+        LEASE = 4.0
         argv = ["compare", *TINY, *paths(tmp_path), "--methods", "none,dropout"]
         with Store(tmp_path / "r.db") as store:
             cfg = RunConfig(
@@ -152,11 +155,11 @@ class TestClaims:
             other = os.getppid()  # alive, not us
             store._con.execute(
                 "INSERT INTO claims (key, pid, host, expires) VALUES (?, ?, ?, ?)",
-                (key, other, __import__("socket").gethostname(), time.time() + 1.5),
+                (key, other, __import__("socket").gethostname(), time.time() + LEASE),
             )
         t0 = time.monotonic()
         assert main(argv) == 0
-        assert trained == ["dropout", "none"] and time.monotonic() - t0 >= 1.0
+        assert trained == ["dropout", "none"] and time.monotonic() - t0 >= LEASE - 0.5
         with Store(tmp_path / "r.db") as store:
             assert store._con.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
 

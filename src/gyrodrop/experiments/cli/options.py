@@ -19,12 +19,13 @@ import torch
 
 import gyrodrop
 from gyrodrop.experiments.data import DATASETS
-from gyrodrop.experiments.models import MODELS
-from gyrodrop.experiments.train import METHODS, OPTIMIZERS
+from gyrodrop.experiments.models import MODELS, PAPER_CONV
+from gyrodrop.experiments.train import METHODS, OPTIMIZERS, RECIPES
 
 __all__ = [
     "DEFAULTS",
     "QUICK",
+    "PAPER",
     "EXAMPLES",
     "CommandError",
     "GRID_METHODS",
@@ -40,7 +41,7 @@ __all__ = [
 LAYER_DROPS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)
 
 #: Methods trained over the sigma x tau grid (a fixed set of subnetworks).
-GRID_METHODS: tuple[str, ...] = ("gyro", "gyro-random", "blockwise")
+GRID_METHODS: tuple[str, ...] = ("gyro", "gyro-random", "gyro-independent", "blockwise")
 
 # --------------------------------------------------------------------------- defaults
 
@@ -100,6 +101,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "subnets_per_step": [4],
     },
 }
+#: ``--recipe paper``: the authors' settings (mlsys-seo/gyro-dropout ``main.py``), over
+#: the command defaults and under ``--quick`` and explicit options.
+PAPER: dict[str, Any] = {
+    "model": "paper-mlp",
+    "optimizer": "rmsprop-tf1",
+    "lr": 0.007,
+    "momentum": 0.9,
+    "batch_size": 256,
+    "p": 0.5,
+    "num_subnets": [256],
+    "subnets_per_step": [16],
+}
+
 QUICK: dict[str, dict[str, Any]] = {
     "common": {
         "epochs": 5,
@@ -148,7 +162,8 @@ EXAMPLES = {
     "report": """examples:
   gyrodrop report --db results.db
   gyrodrop report --db results.db --format json > runs.json
-  gyrodrop report --db results.db --format csv --experiment compare""",
+  gyrodrop report --db results.db --format csv --experiment compare
+  gyrodrop report --db results.db --paired dropout --format json""",
 }
 
 
@@ -223,6 +238,8 @@ def _common(p: argparse.ArgumentParser, cmd: str) -> None:
     )
     data.add_argument("--limit", type=int, help="use at most N train and N test examples")
     train = p.add_argument_group("training")
+    if cmd in ("compare", "sweep", "diversity"):
+        _recipe(train)
     train.add_argument("--epochs", type=int, help=f"(default {d['epochs']})")
     train.add_argument("--batch-size", type=int, help=f"(default {d['batch_size']})")
     train.add_argument("--lr", type=float, help=f"learning rate (default {d['lr']:g})")
@@ -264,6 +281,23 @@ def _common(p: argparse.ArgumentParser, cmd: str) -> None:
     out.add_argument("--quiet", action="store_true", help="no progress output")
     out.add_argument("--no-plots", action="store_true", help="tables only")
     _debug(out)
+
+
+def _recipe(train: Any) -> None:
+    train.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        help="default (this project's): standardized features, constant learning rate; "
+        "paper: the authors' (TF1-style RMSProp lr 0.007, decay 0.9, momentum 0.9, "
+        "epsilon 1; lr x0.1 at 40%% and 80%% of the epochs; batch 256; --model paper-mlp; "
+        "per-image standardization; random 24x24 crop + flip, center crop at test)",
+    )
+    train.add_argument(
+        "--width-mult",
+        type=float,
+        help="conv channel multiplier of paper-lenet / paper-alexnet (default 1: the "
+        "authors' widths; e.g. 0.25 for a CPU)",
+    )
 
 
 def _debug(p: argparse.ArgumentParser | Any) -> None:
@@ -321,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sweep, "sweep")
     sweep.add_argument(
         "--methods",
-        type=_name_list(("gyro", "gyro-random", "blockwise")),
-        help="gridded methods (default gyro)",
+        type=_name_list(GRID_METHODS),
+        help=f"gridded methods: {', '.join(GRID_METHODS)} (default gyro)",
     )
     sweep.add_argument(
         "--baselines",
@@ -405,6 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("compare", "sweep", "diversity", "cv", "bench"),
         help="only this experiment (default all)",
     )
+    report.add_argument(
+        "--paired",
+        metavar="BASELINE",
+        choices=METHODS,
+        help="instead of the tables: every method against BASELINE (e.g. dropout), paired "
+        "by seed: n, mean difference, 95%% t interval, Wilcoxon signed-rank p; for the "
+        'final and the best-epoch test accuracy (JSON: {"paired": [...]}, fractions)',
+    )
     report.add_argument("--no-plots", action="store_true", help="do not write files to --out")
     report.add_argument("--quiet", action="store_true", help="no notes on stderr")
     _debug(report)
@@ -414,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
     """Option values: explicit > --quick defaults > command defaults."""
     values = {**DEFAULTS["common"], **DEFAULTS[cmd]}
+    if getattr(args, "recipe", None) == "paper":
+        values.update(PAPER)
+    values.setdefault("recipe", "default")
     if getattr(args, "quick", False):
         values.update(QUICK["common"])
         values.update(QUICK[cmd])
@@ -578,6 +623,11 @@ def validate(cmd: str, v: dict[str, Any]) -> None:
     _finite(v, "p", "a finite number in [0, 1)", lambda x: 0 <= x < 1)
     _finite(v, "input_p", "a finite number in [0, 1) (0 = none)", lambda x: 0 <= x < 1)
     _finite(v, "max_norm", "a finite number >= 0 (0 = none)", lambda x: x >= 0)
+    _finite(v, "width_mult", "a finite number > 0", lambda x: x > 0)
+    if v.get("width_mult") is not None and v["model"] not in PAPER_CONV:
+        raise CommandError(
+            f"--width-mult applies to --model {' or '.join(PAPER_CONV)}, got --model {v['model']}"
+        )
     if v.get("input_p") and not v["model"].startswith("mlp"):
         raise CommandError(
             f"--input-p needs an mlp model (got --model {v['model']}); pass --input-p 0"

@@ -21,6 +21,17 @@ def run(args: argparse.Namespace) -> int:
             records = store.bench_records()
         else:
             records = store.records(experiment=args.experiment)
+        if args.paired is not None:
+            entries = report.paired_stats(records, args.paired)
+            if not entries:
+                progress.note(f"no run in {args.db} has a {args.paired} run with the same seed")
+            if args.format == "json":
+                emit(report.paired_json(entries))
+            elif args.format == "csv":
+                emit(report.paired_csv(entries))
+            else:
+                emit(report.paired_table(entries))
+            return 0
         if args.format == "json":
             emit(report.records_json(records))
             return 0

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import gyrodrop
-from gyrodrop.experiments.cli.options import CommandError, check_device
+from gyrodrop.experiments.cli.options import GRID_METHODS, CommandError, check_device
 from gyrodrop.experiments.data import (
     Dataset,
     data_identity,
@@ -30,7 +30,7 @@ from gyrodrop.experiments.data import (
     stratified_folds,
 )
 from gyrodrop.experiments.store import Store
-from gyrodrop.experiments.train import RunConfig, RunResult, make_model, train_run
+from gyrodrop.experiments.train import RunConfig, RunResult, input_shape, make_model, train_run
 
 __all__ = [
     "DataCache",
@@ -144,8 +144,13 @@ class Progress:
 # --------------------------------------------------------------------------- running
 
 
+#: Image datasets the paper recipe loads raw (it standardizes each crop on its own).
+RAW_IMAGES = ("fashion-mnist", "cifar10", "svhn")
+
+
 class DataCache:
-    """Loads each (dataset, limit, fold) once per command."""
+    """Loads each (dataset, limit, fold) once per command; image datasets raw (pixel
+    values) for the paper recipe."""
 
     def __init__(self, data_dir: str | None) -> None:
         self.data_dir = data_dir
@@ -153,11 +158,16 @@ class DataCache:
         self._arrays: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     def __call__(self, cfg: RunConfig) -> Dataset:
-        key = (cfg.dataset, cfg.limit, cfg.split_seed, cfg.folds, cfg.fold)
+        raw = cfg.recipe == "paper" and cfg.dataset in RAW_IMAGES
+        key = (cfg.dataset, cfg.limit, cfg.split_seed, cfg.folds, cfg.fold, raw)
         if key not in self._cache:
             if cfg.folds is None:
                 self._cache[key] = load_dataset(
-                    cfg.dataset, self.data_dir, limit=cfg.limit, split_seed=cfg.split_seed
+                    cfg.dataset,
+                    self.data_dir,
+                    limit=cfg.limit,
+                    split_seed=cfg.split_seed,
+                    raw=raw,
                 )
             else:
                 self._cache[key] = self._fold(cfg)
@@ -322,7 +332,7 @@ def preflight(
         try:
             with warnings.catch_warnings(record=True) as caught, torch.random.fork_rng():
                 warnings.simplefilter("always")
-                model = make_model(cfg, ds, steps)
+                model = make_model(cfg, ds, steps, in_shape=input_shape(cfg, ds))
         except (ValueError, RuntimeError, TypeError) as e:
             raise CommandError(f"{what}: {e}") from e
         for w in caught:
@@ -344,7 +354,7 @@ def make_configs(
     for method in methods:
         grid = (
             itertools.product(v["num_subnets"], v["subnets_per_step"])
-            if method in ("gyro", "gyro-random", "blockwise")
+            if method in GRID_METHODS
             else [(None, None)]
         )
         for sigma, tau in grid:
@@ -370,6 +380,8 @@ def make_configs(
                     "block_size": v["block_size"],
                     "widths": tuple(v["widths"]) if v.get("widths") else None,
                     "limit": v["limit"],
+                    "recipe": v.get("recipe") or "default",
+                    "width_mult": v.get("width_mult"),
                 }
                 base.update(fixed)
                 out.append(RunConfig(**base))
@@ -391,8 +403,15 @@ def render(
     from gyrodrop.experiments import report
 
     out = None if v.get("no_plots") else Path(v["out"])
+    methods = v.get("methods") or []
+    baseline = "dropout" if "dropout" in methods else None
     text, files = report.render_experiment(
-        cmd, store.records(keys=keys), store.epochs, out or Path(v["out"]), plots=out is not None
+        cmd,
+        store.records(keys=keys),
+        store.epochs,
+        out or Path(v["out"]),
+        plots=out is not None,
+        paired=baseline if cmd == "compare" and len(methods) > 1 else None,
     )
     emit(text)
     if files:
