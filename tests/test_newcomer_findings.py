@@ -156,3 +156,50 @@ def test_apply_dropblock_reused_module_steps_once_per_forward(gyro):
     gyrodrop.apply_dropblock(net, block_size=3, **(kw if gyro else {}))
     net.train()(torch.randn(4, 2, 8, 8))
     assert int(net.d.step) == int(net.e.step) == 1
+
+
+def test_gyro_checkpoint_with_other_unbatched_ndim_warns():
+    kw = {"dims": (1,), "num_subnets": 16, "subnets_per_step": 4, "steps_per_set": 2}
+    sd = gyrodrop.GyroDropout(0.5, unbatched_ndim=4, **kw).state_dict()
+    with pytest.warns(UserWarning, match="unbatched_ndim=4"):
+        gyrodrop.GyroDropout(0.5, **kw).load_state_dict(sd)
+
+
+# -- kind: bad arguments accepted at construction (validation up front) ------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the trainer callbacks (lightning and transformers) accept num_subnets=0, True, "
+    "tau > sigma, total_steps=0, schedule='x' at construction; the error only comes when the "
+    "trainer applies them; expected ValueError at construction naming the argument",
+)
+@pytest.mark.parametrize("integration", ["lightning", "transformers"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"num_subnets": 0},
+        {"num_subnets": True},
+        {"subnets_per_step": 0},
+        {"num_subnets": 4, "subnets_per_step": 8},
+        {"total_steps": 0},
+        {"schedule": "x"},
+    ],
+    ids=["sigma0", "sigma-bool", "tau0", "tau-gt-sigma", "total0", "schedule"],
+)
+def test_trainer_callbacks_validate_arguments_at_construction(integration, kw):
+    if integration == "lightning":
+        pytest.importorskip("lightning.pytorch")
+        from gyrodrop.integrations.lightning import GyroDropoutCallback
+    else:
+        pytest.importorskip("transformers")
+        from gyrodrop.integrations.transformers import GyroDropoutCallback
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        GyroDropoutCallback(**kw)
+
+
+def test_functional_dropblock_meta_gives_shapes():
+    x = torch.ones(4, 2, 6, 6, device="meta")
+    assert dropblock2d(x, 0.3, 3, step=0).shape == x.shape
+    y = gyro_dropblock2d(x, 0.3, 3, step=0, num_subnets=8, subnets_per_step=2)
+    assert y.shape == x.shape and y.is_meta

@@ -276,6 +276,8 @@ def dropblock2d(
     _check_input(owner, x, training=training)
     if not training or p == 0.0:
         return x
+    if x.is_meta:
+        return x.clone()  # shapes only
     return x * _fresh_masks(x, p, block_size, seed, step, shared_channels, scale)
 
 
@@ -304,6 +306,8 @@ def gyro_dropblock2d(
     _check_input(owner, x, training=training)
     if not training or p == 0.0:
         return x
+    if x.is_meta:
+        return x.clone()  # shapes only
     sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
     active = sched.at_step(seed if schedule_seed is None else schedule_seed, step)
     _, c, h, w = x.shape

@@ -345,9 +345,16 @@ class GyroDropout(ScheduledModule):
         )
 
     def hparams(self) -> dict[str, Any]:
-        """Sigma, tau, ``steps_per_set``, schedule, ``p``, scale and dims."""
+        """Sigma, tau, ``steps_per_set``, schedule, ``p``, scale, dims and
+        ``unbatched_ndim``."""
         dims = None if self.dims is None else list(self.dims)
-        return {**super().hparams(), "p": self.p, "scale": self.scale, "dims": dims}
+        return {
+            **super().hparams(),
+            "p": self.p,
+            "scale": self.scale,
+            "dims": dims,
+            "unbatched_ndim": self.unbatched_ndim,
+        }
 
     def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,

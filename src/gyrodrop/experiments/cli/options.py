@@ -610,6 +610,13 @@ def _check_blocks(v: dict[str, Any]) -> None:
                 f"--block-size {block} is too large for hidden width {w} at --p {p:g} "
                 f"(every block would be dropped); {hint} or wider --widths"
             )
+        n_blocks = -(-int(w) // block)
+        if p > 0 and n_dropped_blocks(p, n_blocks) == 0:
+            raise CommandError(
+                f"--p {p:g} drops no block at hidden width {w} ({n_blocks} blocks of "
+                f"--block-size {block}): the run would have no dropout; raise --p to >= "
+                f"{0.5 / n_blocks:g} or lower --block-size"
+            )
 
 
 def validate(cmd: str, v: dict[str, Any]) -> None:
