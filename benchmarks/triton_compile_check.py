@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of gyrodrop.blockwise_triton for a GPU, without a GPU.
+"""Compile every Triton kernel of gyrodrop.blockwise.triton_backend for a GPU, without a GPU.
 
     python benchmarks/triton_compile_check.py                  # sm_90 (H100/H200), all dtypes
     python benchmarks/triton_compile_check.py --arch 80 --dtypes bf16
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 INDEX_ARGS = ("kept_ptr", "keep_ptr", "kept_before_ptr", "row_start_ptr", "row_count_ptr")
-# Every use of a kernel (see gyrodrop.blockwise_triton): its unit-stride arguments for
+# Every use of a kernel (see gyrodrop.blockwise.triton_backend): its unit-stride arguments for
 # row-major x, W and dy, and its flag.
 USES = [
     ("input fwd", "gathered_k_gemm", ("stride_ak", "stride_bk", "stride_cn"), "HAS_BIAS", True),
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("triton_compile_check: triton is not installed")
         return 0
-    from gyrodrop import _triton_kernels as kernels
-    from gyrodrop.blockwise_triton import _autotune_configs, _contiguity_hint
+    from gyrodrop.blockwise import _triton_kernels as kernels
+    from gyrodrop.blockwise.triton_backend import _autotune_configs, _contiguity_hint
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0

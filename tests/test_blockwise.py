@@ -675,9 +675,9 @@ class TestDoubleBackward:
 
     @pytest.mark.parametrize("prune", ["input", "output"])
     def test_first_order_backward_keeps_the_pruned_fast_path(self, prune, monkeypatch):
-        from gyrodrop import blockwise
+        from gyrodrop.blockwise import kernels
 
-        cls = blockwise._InputPrunedLinear if prune == "input" else blockwise._OutputPrunedLinear
+        cls = kernels.InputPrunedLinear if prune == "input" else kernels.OutputPrunedLinear
 
         def refuse(ctx, dy):
             raise AssertionError("first-order backward took the differentiable path")

@@ -5,8 +5,14 @@ from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.schedule import bind_to_optimizer, set_stepping, step
 from gyrodrop.stochastic_depth import StochasticDepth
-from gyrodrop.surgery import apply_block_gyro, apply_gyro_dropout, apply_stochastic_depth
-from gyrodrop.surgery_family import apply_dropblock, remove_gyro_dropout
+from gyrodrop.surgery import (
+    SurgeryWarning,
+    apply_block_gyro,
+    apply_dropblock,
+    apply_gyro_dropout,
+    apply_stochastic_depth,
+    remove_gyro_dropout,
+)
 from gyrodrop.uncertainty import Prediction, mc_predict, subnet_ensemble_predict
 
 __version__ = "0.1.0"
@@ -28,5 +34,6 @@ __all__ = [
     "GyroDropBlock2d",
     "apply_dropblock",
     "remove_gyro_dropout",
+    "SurgeryWarning",
     "__version__",
 ]

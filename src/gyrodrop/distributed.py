@@ -35,12 +35,14 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from gyrodrop._modules import unwrap_model
+from gyrodrop._validation import check_choice
 from gyrodrop.schedule import SteppedModule
 
 __all__ = [
@@ -57,7 +59,9 @@ __all__ = [
     "sync_steps",
 ]
 
-ROW_MODES = ("global", "local")
+#: Rows of the global batch (``global``) or of each rank's own batch (``local``).
+RowMode = Literal["global", "local"]
+ROW_MODES: tuple[RowMode, ...] = ("global", "local")
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,7 @@ def local_group_counts(start: int, local_batch: int, global_batch: int, groups: 
     return counts
 
 
-def set_row_mode(mode: str = "global", *, group: Any = None) -> None:
+def set_row_mode(mode: RowMode = "global", *, group: Any = None) -> None:
     """Set the process-wide row mode: ``"global"`` (the default: row groups span the
     batches of all ranks of ``group``, the default group when ``None``) or ``"local"``
     (each rank groups only its own rows, for ranks that are not data-parallel replicas).
@@ -216,8 +220,7 @@ def set_row_mode(mode: str = "global", *, group: Any = None) -> None:
     managers :func:`independent_ranks` and :func:`batch_layout` override it in a scope.
     """
     global _default_layout
-    if mode not in ROW_MODES:
-        raise ValueError(f"set_row_mode: mode must be one of {ROW_MODES}, got {mode!r}")
+    check_choice("set_row_mode", "mode", mode, ROW_MODES)
     _default_layout = _Layout(mode=mode, group=group)
 
 
@@ -300,8 +303,6 @@ def batch_layout(
 
 
 def _stepped_modules(model: nn.Module) -> list[tuple[str, SteppedModule]]:
-    from gyrodrop.surgery import unwrap_model  # surgery imports gyro, which imports us
-
     return [
         (name, module)
         for name, module in unwrap_model(model).named_modules()

@@ -43,15 +43,10 @@ import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks
-from gyrodrop.gyro import SCALES, apply_group_masks
-from gyrodrop.schedule import (
-    ScheduledModule,
-    SteppedModule,
-    SubnetSchedule,
-    _check_int,
-    check_input,
-    check_p,
-)
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p
+from gyrodrop.gyro import SCALES, Scale, apply_group_masks
+from gyrodrop.schedule import Schedule, SteppedModule, SubnetSchedule, check_input
+from gyrodrop.scheduled import ScheduledModule
 
 __all__ = [
     "DropBlock2d",
@@ -69,23 +64,6 @@ _TAG_GYRO_DROPBLOCK = 0x77
 
 # --------------------------------------------------------------------------------------
 # Validation shared by the modules and the functions.
-
-
-def _check_block_size(owner: str, block_size: Any) -> int:
-    _check_int(owner, "block_size", block_size, 1)
-    return int(block_size)
-
-
-def _check_scale(owner: str, scale: Any) -> str:
-    if scale not in SCALES:
-        raise ValueError(f"{owner}: scale must be one of {SCALES}, got {scale!r}")
-    return str(scale)
-
-
-def _check_bool(owner: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: {name} must be a bool, got {value!r}")
-    return value
 
 
 def _check_input(owner: str, x: Tensor, *, training: bool = False) -> None:
@@ -207,7 +185,7 @@ def _drop_maps(streams: Tensor, key: int, p: float, block_size: int, h: int, w: 
     return _grow(seeds.reshape(-1, hv, wv), block_size, h, w)
 
 
-def _scaled(drop: Tensor, p: float, block_size: int, scale: str, dtype: torch.dtype) -> Tensor:
+def _scaled(drop: Tensor, p: float, block_size: int, scale: Scale, dtype: torch.dtype) -> Tensor:
     """Scaled masks ``(N, h, w)`` from drop maps (see the module docstring): 0 where
     dropped, the kept pixels' factor elsewhere."""
     h, w = drop.shape[-2:]
@@ -224,7 +202,7 @@ def _mask_dtype(x: Tensor) -> torch.dtype:
 
 
 def _fresh_masks(
-    x: Tensor, p: float, block_size: int, seed: int, step: int, shared: bool, scale: str
+    x: Tensor, p: float, block_size: int, seed: int, step: int, shared: bool, scale: Scale
 ) -> Tensor:
     """DropBlock2d's masks for ``x`` at ``step``, shape ``(B, C or 1, H, W)``, each row
     keyed by its index in the global batch."""
@@ -245,7 +223,7 @@ def subnet_block_masks(
     p: float,
     block_size: int,
     *,
-    scale: str = "inverted",
+    scale: Scale = "inverted",
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
 ) -> Tensor:
@@ -272,7 +250,7 @@ def dropblock2d(
     step: int,
     seed: int = 0,
     shared_channels: bool = False,
-    scale: str = "inverted",
+    scale: Scale = "inverted",
     training: bool = True,
 ) -> Tensor:
     """Functional DropBlock: stateless, the step is passed in. See :class:`DropBlock2d`.
@@ -281,7 +259,9 @@ def dropblock2d(
         x: feature maps, shape ``(B, C, H, W)``.
         p: target dropped fraction in ``[0, 1)`` (the paper's ``1 - keep_prob``).
         block_size: side of the dropped squares (clamped to the map).
-        step, seed: the masks are a hash of these and of each row's global index.
+        step: the step; the masks are a hash of ``step``, ``seed`` and each row's
+            global index.
+        seed: the seed of the masks.
         shared_channels: one mask per example for all channels (default: per channel).
         scale: ``"inverted"`` or ``"realized"`` (see the module docstring).
         training: ``False`` returns ``x``.
@@ -291,8 +271,8 @@ def dropblock2d(
     """
     owner = "dropblock2d"
     p = check_p(owner, p)
-    block_size = _check_block_size(owner, block_size)
-    _check_scale(owner, scale)
+    block_size = check_int(owner, "block_size", block_size, 1)
+    check_choice(owner, "scale", scale, SCALES)
     _check_input(owner, x, training=training)
     if not training or p == 0.0:
         return x
@@ -311,9 +291,9 @@ def gyro_dropblock2d(
     num_subnets: int = 64,
     subnets_per_step: int = 4,
     steps_per_set: int = 1,
-    schedule: str = "consecutive",
+    schedule: Schedule = "consecutive",
     shared_channels: bool = False,
-    scale: str = "inverted",
+    scale: Scale = "inverted",
     training: bool = True,
     schedule_seed: int | None = None,
 ) -> Tensor:
@@ -321,8 +301,8 @@ def gyro_dropblock2d(
     :class:`GyroDropBlock2d`. Rebuilds the active masks on every call."""
     owner = "gyro_dropblock2d"
     p = check_p(owner, p)
-    block_size = _check_block_size(owner, block_size)
-    _check_scale(owner, scale)
+    block_size = check_int(owner, "block_size", block_size, 1)
+    check_choice(owner, "scale", scale, SCALES)
     _check_input(owner, x, training=training)
     if not training or p == 0.0:
         return x
@@ -389,20 +369,20 @@ class DropBlock2d(SteppedModule):
         block_size: int = 7,
         *,
         shared_channels: bool = False,
-        scale: str = "inverted",
+        scale: Scale = "inverted",
         warmup_steps: int = 0,
         seed: int = 0,
         auto_step: bool = True,
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
-        block_size = _check_block_size(owner, block_size)
-        _check_scale(owner, scale)
-        _check_int(owner, "warmup_steps", warmup_steps, 0)
+        block_size = check_int(owner, "block_size", block_size, 1)
+        check_choice(owner, "scale", scale, SCALES)
+        check_int(owner, "warmup_steps", warmup_steps, 0)
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         self.p = p
         self.block_size = block_size
-        self.shared_channels = _check_bool(owner, "shared_channels", shared_channels)
+        self.shared_channels = check_bool(owner, "shared_channels", shared_channels)
         self.scale = scale
         self.warmup_steps = int(warmup_steps)
 
@@ -423,7 +403,7 @@ class DropBlock2d(SteppedModule):
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
-        step = self.forward_step()  # replays the step under checkpoint recompute
+        step = self.forward_step()
         p = self.rate(step)
         if p == 0.0:
             return None
@@ -462,10 +442,10 @@ class GyroDropBlock2d(ScheduledModule):
     (consecutive scheduling, every mask once per cycle) or a fresh random set each step
     (``schedule="random"``). The tau active masks are cached until the set changes.
 
-    Args:
-        p, block_size, shared_channels, scale: as in :class:`DropBlock2d`.
-        num_subnets, subnets_per_step, total_steps, steps_per_set, schedule, seed,
-            auto_step, schedule_seed: as in :class:`gyrodrop.GyroDropout`.
+    Arguments: ``p``, ``block_size``, ``shared_channels`` and ``scale`` as in
+    :class:`DropBlock2d`; ``num_subnets``, ``subnets_per_step``, ``total_steps``,
+    ``steps_per_set``, ``schedule``, ``seed``, ``auto_step`` and ``schedule_seed`` as in
+    :class:`gyrodrop.GyroDropout`.
 
     Shape: input ``(B, C, H, W)``, output the same. ``eval()``: the identity.
     :func:`gyrodrop.subnet_ensemble_predict` averages over its subnetworks.
@@ -487,18 +467,18 @@ class GyroDropBlock2d(ScheduledModule):
         *,
         total_steps: int | None = None,
         steps_per_set: int | None = None,
-        schedule: str = "consecutive",
+        schedule: Schedule = "consecutive",
         shared_channels: bool = False,
-        scale: str = "inverted",
+        scale: Scale = "inverted",
         seed: int = 0,
         auto_step: bool = True,
         schedule_seed: int | None = None,
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
-        block_size = _check_block_size(owner, block_size)
-        _check_scale(owner, scale)
-        shared_channels = _check_bool(owner, "shared_channels", shared_channels)
+        block_size = check_int(owner, "block_size", block_size, 1)
+        check_choice(owner, "scale", scale, SCALES)
+        shared_channels = check_bool(owner, "shared_channels", shared_channels)
         super().__init__(
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
@@ -514,8 +494,6 @@ class GyroDropBlock2d(ScheduledModule):
         self.block_size = block_size
         self.shared_channels = shared_channels
         self.scale = scale
-        self._cache_key: tuple[object, ...] | None = None
-        self._cache_masks: Tensor | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -534,24 +512,10 @@ class GyroDropBlock2d(ScheduledModule):
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, C or 1, H, W)``; cached until the set changes."""
         step = self.current_step() if step is None else step
-        seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
         shape = self._mask_shape(x)
-        set_index = self.subnet_schedule.set_index(step)
-        key = (
-            set_index,
-            seed,
-            schedule_seed,
-            shape,
-            x.dtype,
-            x.device,
-            self.p,
-            self.block_size,
-            self.scale,
-            self.subnet_schedule,
-        )
-        if key != self._cache_key or self._cache_masks is None:
-            active = self.subnet_schedule.subnets(schedule_seed, set_index)
-            self._cache_masks = subnet_block_masks(
+
+        def build(seed: int, active: Tensor) -> Tensor:
+            return subnet_block_masks(
                 seed,
                 active,
                 shape,
@@ -561,12 +525,14 @@ class GyroDropBlock2d(ScheduledModule):
                 dtype=_mask_dtype(x),
                 device=x.device,
             )
-            self._cache_key = key
-        return self._cache_masks
+
+        masks_: Tensor = self.for_active_set(step, (shape, x.dtype, x.device), build)
+        return masks_
 
     def subnet_mask(self, k: int, like: Tensor) -> Tensor:
         """The scaled mask of subnetwork ``k`` for inputs shaped like ``like``, shape
         ``(C or 1, H, W)`` (used by :func:`gyrodrop.subnet_ensemble_predict`)."""
+        check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
         return subnet_block_masks(
             self.current_seed(),
             torch.tensor([k], dtype=torch.int64),
@@ -581,11 +547,7 @@ class GyroDropBlock2d(ScheduledModule):
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
         group_masks = self.active_masks(x, self.forward_step())
-        start, global_batch = distributed.row_window(x.shape[0])
-        counts = distributed.local_group_counts(
-            start, x.shape[0], global_batch, self.subnets_per_step
-        )
-        return group_masks, counts
+        return group_masks, self.group_counts(x.shape[0])
 
     def hparams(self) -> dict[str, Any]:
         """Sigma, tau, ``steps_per_set``, schedule, ``p``, ``block_size``,

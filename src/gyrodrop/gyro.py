@@ -13,25 +13,21 @@ rebuilt when the set changes, so there is no per-element random number generatio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks
-from gyrodrop.schedule import (
-    ScheduledModule,
-    SubnetSchedule,
-    _check_int,
-    check_input,
-    check_p,
-    check_schedule,
-    check_seed,
-)
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
+from gyrodrop.schedule import Schedule, SubnetSchedule, check_input, check_schedule
+from gyrodrop.scheduled import ScheduledModule
 
 __all__ = ["GyroDropout", "gyro_dropout", "subnet_masks", "apply_group_masks"]
 
-SCALES = ("inverted", "realized")
+#: How kept values are scaled: ``1/(1-p)`` (inverted) or by the realized keep rate.
+Scale = Literal["inverted", "realized"]
+SCALES: tuple[Scale, ...] = ("inverted", "realized")
 
 
 def _normalize_dims(owner: str, dims: int | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -70,8 +66,7 @@ def check_gyro_args(
     the argument and what is allowed."""
     p = check_p(owner, p)
     check_schedule(owner, num_subnets, subnets_per_step, schedule)
-    if scale not in SCALES:
-        raise ValueError(f"{owner}: scale must be one of {SCALES}, got {scale!r}")
+    check_choice(owner, "scale", scale, SCALES)
     check_seed(owner, seed)
     if schedule_seed is not None:
         check_seed(owner, schedule_seed, "schedule_seed")
@@ -112,7 +107,7 @@ def subnet_masks(
     mask_shape: tuple[int, ...],
     p: float,
     *,
-    scale: str = "inverted",
+    scale: Scale = "inverted",
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
 ) -> Tensor:
@@ -199,8 +194,8 @@ def gyro_dropout(
     subnets_per_step: int = 16,
     steps_per_set: int = 1,
     dims: int | Sequence[int] | None = None,
-    schedule: str = "consecutive",
-    scale: str = "inverted",
+    schedule: Schedule = "consecutive",
+    scale: Scale = "inverted",
     training: bool = True,
     schedule_seed: int | None = None,
 ) -> Tensor:
@@ -220,10 +215,9 @@ def gyro_dropout(
     p, dims_t = check_gyro_args(
         owner, p, num_subnets, subnets_per_step, schedule, scale, dims, seed, schedule_seed
     )
-    _check_int(owner, "steps_per_set", steps_per_set, 1)
-    _check_int(owner, "step", step, 0)
-    if not isinstance(training, bool):
-        raise ValueError(f"{owner}: training must be a bool, got {training!r}")
+    check_int(owner, "steps_per_set", steps_per_set, 1)
+    check_int(owner, "step", step, 0)
+    check_bool(owner, "training", training)
     if not training:
         return x
     check_input(owner, x)
@@ -305,8 +299,8 @@ class GyroDropout(ScheduledModule):
         total_steps: int | None = None,
         steps_per_set: int | None = None,
         dims: int | Sequence[int] | None = None,
-        schedule: str = "consecutive",
-        scale: str = "inverted",
+        schedule: Schedule = "consecutive",
+        scale: Scale = "inverted",
         seed: int = 0,
         auto_step: bool = True,
         schedule_seed: int | None = None,
@@ -339,10 +333,6 @@ class GyroDropout(ScheduledModule):
         self.dims = dims_t
         self.scale = scale
         self.unbatched_ndim = unbatched_ndim
-        self._cache_key: tuple[object, ...] | None = None
-        self._cache_masks: Tensor | None = None
-        self._counts_key: tuple[int, int, int, int] | None = None
-        self._counts: list[int] = []
 
     def extra_repr(self) -> str:
         dims = "" if self.dims is None else f", dims={self.dims}"
@@ -370,37 +360,22 @@ class GyroDropout(ScheduledModule):
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, *mask_shape)``; cached until the set changes."""
         step = self.current_step() if step is None else step
-        seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
         mshape = mask_shape_for(type(self).__name__, x.shape, self.dims)
-        set_index = self.subnet_schedule.set_index(step)
-        key = (
-            set_index,
-            seed,
-            schedule_seed,
-            mshape,
-            x.dtype,
-            x.device,
-            self.p,
-            self.scale,
-            self.schedule,
-            self.num_subnets,
-            self.subnets_per_step,
-            self.steps_per_set,
-        )
-        if key != self._cache_key or self._cache_masks is None:
-            active = self.subnet_schedule.subnets(schedule_seed, set_index)
-            self._cache_masks = subnet_masks(
+
+        def build(seed: int, active: Tensor) -> Tensor:
+            return subnet_masks(
                 seed, active, mshape, self.p, scale=self.scale, dtype=x.dtype, device=x.device
             )
-            self._cache_key = key
-        return self._cache_masks
+
+        masks_: Tensor = self.for_active_set(step, (mshape, x.dtype, x.device), build)
+        return masks_
 
     def subnet_mask(self, k: int, like: Tensor) -> Tensor:
         """The scaled mask of subnetwork ``k`` for inputs shaped like ``like``,
         shape ``mask_shape`` (used by ensembles and diversity analysis).
 
         Raises ``ValueError`` unless ``k`` is an int in ``[0, num_subnets)``."""
-        _check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
+        check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
         mshape = mask_shape_for(type(self).__name__, like.shape, self.dims)
         ids = torch.tensor([k], dtype=torch.int64)
         return subnet_masks(
@@ -413,20 +388,10 @@ class GyroDropout(ScheduledModule):
             device=like.device,
         )[0]
 
-    def _group_counts(self, batch: int) -> list[int]:
-        start, global_batch = distributed.row_window(batch)
-        key = (start, batch, global_batch, self.subnets_per_step)
-        if key != self._counts_key:
-            self._counts = distributed.local_group_counts(
-                start, batch, global_batch, self.subnets_per_step
-            )
-            self._counts_key = key
-        return self._counts
-
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
         step = self.forward_step()
-        return self.active_masks(x, step), self._group_counts(x.shape[0])
+        return self.active_masks(x, step), self.group_counts(x.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:

@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "hash_u32",
     "mix_keys",
+    "layer_seed",
     "seeded_permutation",
     "feistel_permutation",
     "SORTED_PERMUTATION_MAX",
@@ -67,6 +68,13 @@ def mix_keys(*keys: int) -> int:
     for key in keys:
         h = _mix_int(h, int(key))
     return h
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """Seed of the ``index``-th layer a surgery function builds from the user's
+    ``seed``: distinct per layer, fixed by ``seed`` (a 62-bit int, so it fits the
+    int64 ``seed`` buffer)."""
+    return (mix_keys(seed, 0xD5, index) << 31) | (index & 0x7FFFFFFF)
 
 
 def drop_threshold(p: float) -> int:

@@ -1,4 +1,5 @@
-"""Which subnetworks are active at a step, and the stepped base module that owns it.
+"""Which subnetworks are active at a step: the schedule rule (pure functions of
+``(schedule_seed, step)``).
 
 Consecutive scheduling (the paper's): the ``num_subnets`` (sigma) subnetworks form an
 endless stream of seeded shuffles of ``range(sigma)``; set ``i`` is stream entries
@@ -15,55 +16,59 @@ Everything is derived from ``(seed, step)``: no communication is needed to agree
 active set across processes, and saving the ``step`` and ``seed`` buffers is enough to
 resume the exact mask sequence.
 
-Who advances the step (:class:`SteppedModule`): the ``step`` buffer counts completed
-training steps and the next training forward uses the masks of ``step``. A model
-rewritten by the ``apply_*`` surgery functions carries one model-level stepper
-(:func:`attach_stepper`): after each training-mode forward of the model every gyrodrop
-module inside advances by one, however often each was called (0, 1 or many times), so
-all calls of one forward share the masks. :func:`bind_to_optimizer` moves that step to
-``optimizer.step()`` (gradient accumulation); :func:`set_stepping` switches between the
-rules; a layer outside such a model steps on each of its own training calls. A forward
-that runs while autograd executes a backward (activation-checkpoint recompute) replays
-the step of the layer's last training forward and never advances.
+Who advances the step lives in :mod:`gyrodrop.stepping` (re-exported here, its names
+keep their old import path); the base of the scheduled layers in
+:mod:`gyrodrop.scheduled`.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gyrodrop import masks
+from gyrodrop._validation import check_choice, check_int
+from gyrodrop.stepping import (
+    TRAINER_SCHEDULED,
+    SteppedModule,
+    attach_stepper,
+    bind_to_optimizer,
+    check_input,
+    in_backward,
+    set_stepping,
+    step,
+)
 
 __all__ = [
     "SubnetSchedule",
+    "Schedule",
+    "SCHEDULES",
+    "resolve_steps_per_set",
+    "check_schedule",
+    "MAX_SUBNETS",
+    # re-exported from gyrodrop.stepping (their old import path)
     "SteppedModule",
-    "ScheduledModule",
     "step",
     "set_stepping",
     "bind_to_optimizer",
     "attach_stepper",
-    "resolve_steps_per_set",
-    "check_schedule",
     "check_input",
     "in_backward",
-    "MAX_SUBNETS",
+    "TRAINER_SCHEDULED",
 ]
 
-SCHEDULES = ("consecutive", "random", "replacement")
+#: How the active sets follow each other: the paper's ``consecutive``; ``random``, its
+#: ablation; ``replacement``, the authors' code (ids drawn with replacement per set).
+Schedule = Literal["consecutive", "random", "replacement"]
+SCHEDULES: tuple[Schedule, ...] = ("consecutive", "random", "replacement")
 
 #: The largest ``num_subnets`` (sigma): subnetwork ids and the schedule's bijection
 #: work on 62-bit integers.
 MAX_SUBNETS = 2**62
-
-#: Attribute set (to ``True``) on modules whose ``steps_per_set`` a trainer callback sets
-#: after a checkpoint is loaded (:mod:`gyrodrop.integrations`): their checkpoint check
-#: skips ``steps_per_set``.
-TRAINER_SCHEDULED = "_gyrodrop_trainer_scheduled"
 
 
 def resolve_steps_per_set(
@@ -81,10 +86,10 @@ def resolve_steps_per_set(
             f"total_steps={total_steps} and steps_per_set={steps_per_set}"
         )
     if steps_per_set is not None:
-        _check_int(owner, "steps_per_set", steps_per_set, 1)
+        check_int(owner, "steps_per_set", steps_per_set, 1)
         return int(steps_per_set)
     if total_steps is not None:
-        _check_int(owner, "total_steps", total_steps, 1)
+        check_int(owner, "total_steps", total_steps, 1)
         return max(1, int(total_steps) * subnets_per_step // num_subnets)
     warnings.warn(
         f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1. "
@@ -96,80 +101,15 @@ def resolve_steps_per_set(
     return 1
 
 
-def _check_int(owner: str, name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{owner}: {name} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{owner}: {name} must be {allowed}, got {value}")
-
-
-def check_p(owner: str, p: Any) -> float:
-    """Validate a drop probability: a real number in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise ValueError(f"{owner}: p must be a float in [0, 1), got {p!r}")
-    if not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{owner}: p must be in [0, 1), got {p}")
-    return float(p)
-
-
-def check_seed(owner: str, seed: Any, name: str = "seed") -> int:
-    """Validate a seed: an int in [0, 2**63)."""
-    _check_int(owner, name, seed, 0, 2**63 - 1)
-    return int(seed)
-
-
 def check_schedule(owner: str, num_subnets: Any, subnets_per_step: Any, schedule: Any) -> None:
     """Validate sigma (``num_subnets`` in ``[1, 2**62]``), tau (``subnets_per_step`` in
     ``[1, num_subnets]``) and the schedule name: the one check shared by the modules
     and the functional forms."""
-    _check_int(owner, "num_subnets", num_subnets, 1)
+    check_int(owner, "num_subnets", num_subnets, 1)
     if num_subnets > MAX_SUBNETS:
         raise ValueError(f"{owner}: num_subnets must be <= 2**62, got {num_subnets}")
-    _check_int(owner, "subnets_per_step", subnets_per_step, 1, num_subnets)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"{owner}: schedule must be one of {SCHEDULES}, got {schedule!r}")
-
-
-def in_backward() -> bool:
-    """Is the autograd engine executing a backward on this thread? True while
-    activation checkpointing (``torch.utils.checkpoint``, reentrant or not) recomputes
-    a forward, so the recompute can replay the step of the original forward."""
-    return bool(torch._C._current_graph_task_id() != -1)
-
-
-def _vmapped(x: Tensor) -> bool:
-    """Is ``x`` batched by ``torch.func.vmap`` (at any level)?"""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(x):
-        if functorch.is_batchedtensor(x):
-            return True
-        x = functorch.get_unwrapped(x)
-    return False
-
-
-def check_input(owner: str, x: Any, *, rows: bool = True) -> None:
-    """Refuse what a gyrodrop layer cannot compute right, with an error naming it: a
-    non-tensor, an integer or bool tensor (masks are scaled by ``1/(1-p)``, which such
-    a tensor cannot hold; ``nn.Dropout`` refuses it too), and, when the layer's masks
-    depend on the row of the batch (``rows=True``), an input batched by
-    ``torch.func.vmap`` (each call would see one row and give every sample the first
-    row's mask; ``nn.Dropout`` refuses vmap too)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(
-            f"{owner}: input must be a floating-point tensor, got dtype {x.dtype}; dropout "
-            "scales kept values by 1/(1-p), which an integer or bool tensor cannot hold "
-            "(nn.Dropout refuses it too); hint: x.float()"
-        )
-    if rows and not torch.compiler.is_compiling() and _vmapped(x):
-        raise RuntimeError(
-            f"{owner}: cannot run in training mode under torch.func.vmap: its masks "
-            "depend on each example's row in the batch, which vmap hides (every example "
-            "would get the first row's mask). Hint: compute per-sample gradients with the "
-            "model in eval(), or call the layer on the whole batch outside vmap"
-        )
+    check_int(owner, "subnets_per_step", subnets_per_step, 1, num_subnets)
+    check_choice(owner, "schedule", schedule, SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -179,7 +119,11 @@ class SubnetSchedule:
     num_subnets: int
     subnets_per_step: int
     steps_per_set: int
-    schedule: str = "consecutive"
+    schedule: Schedule = "consecutive"
+
+    def __post_init__(self) -> None:
+        check_schedule("SubnetSchedule", self.num_subnets, self.subnets_per_step, self.schedule)
+        check_int("SubnetSchedule", "steps_per_set", self.steps_per_set, 1)
 
     def set_index(self, step: int) -> int:
         """Index of the set active at ``step`` (changes only when the set changes)."""
@@ -228,504 +172,3 @@ class SubnetSchedule:
     def at_step(self, seed: int, step: int) -> Tensor:
         """Ids of the subnetworks active at ``step``."""
         return self.subnets(seed, self.set_index(step))
-
-
-_COUNTER_BUFFERS = ("step", "seed", "schedule_seed")
-
-
-class _ModelStepper:
-    """The model-level stepper (:func:`attach_stepper`), kept on the model's root module
-    as ``_gyrodrop_stepper`` and referenced by the modules it advances. ``when`` is
-    ``"forward"`` (after each training forward of the root) or ``"optimizer"`` (after
-    each ``optimizer.step()``, :func:`bind_to_optimizer`)."""
-
-    def __init__(self) -> None:
-        self.when = "forward"
-        self.in_forward = False  # between the root's forward pre-hook and post-hook
-        self.used = False  # a module it owns ran a training forward in this root forward
-        self.warned = False
-        self.optimizer_hook: Any = None  # RemovableHandle of the optimizer's post-hook
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy of the model is not bound to the original's optimizer.
-        state = dict(self.__dict__)
-        state["optimizer_hook"] = None
-        state["in_forward"] = False
-        state["used"] = False
-        return state
-
-    def advance(self, root: nn.Module) -> None:
-        """Advance by one every module of ``root`` that this stepper owns."""
-        for module in root.modules():
-            if isinstance(module, SteppedModule) and module._stepper is self and module.auto_step:
-                module.advance()
-
-    def outside_forward(self, module: SteppedModule) -> None:
-        """A module it owns ran a training forward outside the root's forward."""
-        if not self.warned:
-            self.warned = True
-            warnings.warn(
-                f"{type(module).__name__}: a training forward ran outside the forward of "
-                "the model gyrodrop steps with (the module given to apply_*): such calls "
-                "advance their own layer's step on every call. Hint: apply gyrodrop to the "
-                "module you call, or gyrodrop.bind_to_optimizer(model, optimizer)",
-                UserWarning,
-                stacklevel=4,
-            )
-
-
-def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    return any(isinstance(a, Tensor) and a.is_meta for a in (*args, *kwargs.values()))
-
-
-@torch.compiler.disable
-def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-    stepper = module.__dict__.get("_gyrodrop_stepper")
-    if isinstance(stepper, _ModelStepper):
-        stepper.in_forward = True
-        stepper.used = False
-
-
-@torch.compiler.disable
-def _root_post_hook(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-) -> None:
-    stepper = module.__dict__.get("_gyrodrop_stepper")
-    if not isinstance(stepper, _ModelStepper):
-        return
-    stepper.in_forward = False
-    if (
-        stepper.when == "forward"
-        # a training forward of the model, or one that ran gyrodrop layers in training
-        # mode (say MC dropout on a model in eval with its dropouts switched on)
-        and (module.training or stepper.used)
-        and output is not None  # None: the forward raised (the hook is always called)
-        and not in_backward()  # an activation-checkpoint recompute of the whole model
-        and not _has_meta_tensor(args, kwargs)  # shape inference, not a training step
-    ):
-        stepper.advance(module)
-
-
-def attach_stepper(model: nn.Module) -> None:
-    """Give ``model`` (DDP / ``torch.compile`` wrappers looked through) its model-level
-    stepper, once, and hand it every gyrodrop module inside with ``auto_step=True``.
-
-    From then on those modules do not step on their own calls; the stepper advances
-    each of them by exactly one after every training-mode forward of ``model`` (or after
-    every ``optimizer.step()`` once :func:`bind_to_optimizer` was called). What the
-    ``apply_*`` surgery functions call; a second call (another ``apply_*``) only hands
-    over the new modules. Modules with ``auto_step=False`` stay with
-    :func:`gyrodrop.step`.
-    """
-    root = _unwrap(model)
-    stepper = root.__dict__.get("_gyrodrop_stepper")
-    if not isinstance(stepper, _ModelStepper):
-        stepper = _ModelStepper()
-        root.__dict__["_gyrodrop_stepper"] = stepper
-    if _root_post_hook not in root._forward_hooks.values():
-        root.register_forward_pre_hook(_root_pre_hook)
-        root.register_forward_hook(_root_post_hook, with_kwargs=True, always_call=True)
-    for module in root.modules():
-        if isinstance(module, SteppedModule) and module.auto_step:
-            module._stepper = stepper
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
-
-
-STEPPING = ("forward", "manual")
-
-
-def set_stepping(model: nn.Module, when: Literal["forward", "manual"]) -> None:
-    """Choose who advances the step of every gyrodrop module in ``model``.
-
-    - ``"forward"`` (what the ``apply_*`` functions set up): one step after each
-      training-mode forward of ``model``, however often each layer is called.
-    - ``"manual"``: only :func:`gyrodrop.step` advances them (``auto_step=False``;
-      what the trainer callbacks use, they step once per optimizer step).
-
-    For one step per ``optimizer.step()`` use :func:`bind_to_optimizer`.
-
-    Example:
-        >>> import torch, gyrodrop
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5))
-        >>> _ = gyrodrop.apply_gyro_dropout(
-        ...     model, num_subnets=8, subnets_per_step=2, steps_per_set=1
-        ... )
-        >>> gyrodrop.set_stepping(model, "manual")
-        >>> _ = model(torch.ones(4, 4))
-        >>> int(model[1].step)
-        0
-        >>> gyrodrop.step(model)
-        >>> int(model[1].step)
-        1
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``when`` is not ``"forward"`` or ``"manual"``.
-    """
-    root = _unwrap(model)
-    if when not in STEPPING:
-        raise ValueError(
-            f"set_stepping: when must be one of {STEPPING}, got {when!r}; "
-            "for one step per optimizer step use gyrodrop.bind_to_optimizer(model, optimizer)"
-        )
-    stepped = [m for m in root.modules() if isinstance(m, SteppedModule)]
-    for module in stepped:
-        module.auto_step = when == "forward"
-        if when == "manual":
-            module._stepper = None
-    stepper = root.__dict__.get("_gyrodrop_stepper")
-    if isinstance(stepper, _ModelStepper) and stepper.optimizer_hook is not None:
-        stepper.optimizer_hook.remove()
-        stepper.optimizer_hook = None
-    if when == "forward":
-        attach_stepper(root)
-        root.__dict__["_gyrodrop_stepper"].when = "forward"
-
-
-def bind_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Advance every gyrodrop module of ``model`` by one after each
-    ``optimizer.step()``, instead of after each forward: the way to keep the schedule
-    with gradient accumulation (several forwards per optimizer step) in plain PyTorch.
-
-    All forwards between two optimizer steps use the same masks. Binding again (to
-    another optimizer) replaces the binding; :func:`set_stepping` undoes it. A copy of
-    the model (``copy.deepcopy``, pickling) is not bound: bind it again. Do not also
-    call :func:`gyrodrop.step`.
-
-    Example:
-        >>> import torch, gyrodrop
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5))
-        >>> _ = gyrodrop.apply_gyro_dropout(
-        ...     model, num_subnets=8, subnets_per_step=2, steps_per_set=1
-        ... )
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> gyrodrop.bind_to_optimizer(model, opt)
-        >>> for _ in range(3):  # three micro-batches of one optimizer step
-        ...     model(torch.ones(4, 4)).sum().backward()
-        >>> int(model[1].step)
-        0
-        >>> opt.step()
-        >>> int(model[1].step)
-        1
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not a
-            ``torch.optim.Optimizer``.
-    """
-    root = _unwrap(model)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"bind_to_optimizer: optimizer must be a torch.optim.Optimizer, "
-            f"got {type(optimizer).__name__}"
-        )
-    for module in root.modules():
-        if isinstance(module, SteppedModule):
-            module.auto_step = True
-    attach_stepper(root)
-    stepper: _ModelStepper = root.__dict__["_gyrodrop_stepper"]
-    if stepper.optimizer_hook is not None:
-        stepper.optimizer_hook.remove()
-    stepper.when = "optimizer"
-
-    def after_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
-        if root.__dict__.get("_gyrodrop_stepper") is stepper and stepper.when == "optimizer":
-            stepper.advance(root)
-
-    stepper.optimizer_hook = optimizer.register_step_post_hook(after_step)
-
-
-class SteppedModule(nn.Module):
-    """Base of every gyrodrop module whose randomness follows a step counter.
-
-    Holds the ``step`` and ``seed`` buffers (so ``state_dict`` resumes exactly) and the
-    stepping rule. ``step`` counts completed training steps; a training forward uses
-    the masks of ``step`` (:meth:`forward_step`). Who advances it:
-
-    - ``auto_step=True`` inside a model rewritten by an ``apply_*`` function (or given
-      to :func:`attach_stepper` / :func:`set_stepping` / :func:`bind_to_optimizer`):
-      the model-level stepper, once per training forward of the model (or per
-      optimizer step);
-    - ``auto_step=True`` on its own: each training call of the layer;
-    - ``auto_step=False``: only :func:`gyrodrop.step`.
-
-    A forward run by autograd during a backward (activation-checkpoint recompute)
-    replays the step of the layer's last training forward and never advances.
-
-    Hyperparameters that shape the masks (:meth:`hparams`) are saved in ``state_dict``
-    (``_extra_state``); loading a checkpoint saved with other values warns, naming them.
-
-    The buffers move with the module (to an accelerator too); host-side copies of their
-    values avoid one device synchronization per layer per step. A copy is trusted only
-    while the buffer is the same tensor at the same version: any in-place write
-    (``load_state_dict``, :func:`gyrodrop.step`, a DDP buffer broadcast) bumps the
-    version and the value is read again.
-    """
-
-    step: Tensor
-    seed: Tensor
-    # Class-level defaults: modules pickled by 0.1.0 have no such attributes.
-    _stepper: _ModelStepper | None = None
-    _replay_step: int | None = None  # the step of the last training forward (a cache)
-    _loading_prefix: str = ""
-
-    def __init__(self, *, seed: int, auto_step: bool, owner: str) -> None:
-        super().__init__()
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("seed", torch.tensor(check_seed(owner, seed), dtype=torch.int64))
-        if not isinstance(auto_step, bool):
-            raise ValueError(f"{owner}: auto_step must be a bool, got {auto_step!r}")
-        self.auto_step = auto_step
-        self._mirrors: dict[str, tuple[Tensor, int, int]] = {}
-
-    def _host(self, name: str) -> int:
-        """The value of the scalar buffer ``name`` as a Python int, cached on the host."""
-        t: Tensor = getattr(self, name)
-        if t.is_meta:
-            return 0  # a module on the meta device has shapes, not values
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors track no version
-            return int(t)
-        cached = self._mirrors.get(name)
-        if cached is not None and cached[0] is t and cached[1] == version:
-            return cached[2]
-        value = int(t)
-        self._mirrors[name] = (t, version, value)
-        return value
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy (deepcopy, pickle) gets fresh tensors whose version restarts at 0:
-        # cached host values must not travel with it.
-        state = dict(self.__dict__)
-        state["_mirrors"] = {}
-        return state
-
-    def advance(self, n: int = 1) -> None:
-        """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
-        _check_int(type(self).__name__ + ".advance", "n", n, 0)
-        if self.step.is_meta:
-            return
-        value = self.current_step()
-        self.step.add_(n)  # a buffer: never requires grad
-        try:
-            self._mirrors["step"] = (self.step, self.step._version, value + n)
-        except RuntimeError:
-            self._mirrors.pop("step", None)
-
-    def current_step(self) -> int:
-        """The step counter as a Python int."""
-        return self._host("step")
-
-    @torch.compiler.disable
-    def forward_step(self) -> int:
-        """The step whose masks this training forward uses; call once per training
-        forward, before drawing masks (every gyrodrop layer's forward does).
-
-        Returns ``step`` and, for a layer that steps on its own calls, advances it. A
-        forward run while autograd executes a backward (activation-checkpoint
-        recompute) gets the step of this layer's last training forward instead and
-        advances nothing, so the recompute builds the same masks and graph. (So run
-        each backward before the next training forward that steps, as training loops
-        do; with several forwards per backward use :func:`bind_to_optimizer`.)
-        """
-        if in_backward():
-            replay = self._replay_step
-            return self.current_step() if replay is None else replay
-        step = self.current_step()
-        self._replay_step = step
-        if self.auto_step:
-            stepper = self._stepper
-            if stepper is None:
-                self.advance()
-            elif stepper.in_forward:
-                stepper.used = True
-            elif stepper.when == "forward":
-                stepper.outside_forward(self)
-                self.advance()
-        return step
-
-    def hparams(self) -> dict[str, Any]:
-        """The hyperparameters that shape this layer's masks (JSON types), saved with
-        its state; subclasses extend it."""
-        return {}
-
-    def get_extra_state(self) -> Tensor:
-        """:meth:`hparams` as UTF-8 JSON in a uint8 tensor (a tensor, so safetensors
-        and ``torch.load(weights_only=True)`` keep it)."""
-        data = json.dumps(self.hparams(), sort_keys=True).encode()
-        return torch.tensor(list(data), dtype=torch.uint8)
-
-    def set_extra_state(self, state: Any) -> None:
-        """Warn when the checkpoint's hyperparameters differ from this layer's (the
-        layer keeps its own; the loaded step and seed then continue another
-        sequence of masks)."""
-        try:
-            if isinstance(state, Tensor):
-                state = json.loads(bytes(state.detach().cpu().tolist()).decode())
-        except (ValueError, UnicodeDecodeError):
-            state = None
-        if not isinstance(state, dict):
-            return
-        current = json.loads(json.dumps(self.hparams()))
-        if getattr(self, TRAINER_SCHEDULED, False):
-            current.pop("steps_per_set", None)  # a trainer callback sets it after loading
-        diffs = [
-            f"{key}={state[key]!r} (this layer: {value!r})"
-            for key, value in current.items()
-            if key in state and state[key] != value
-        ]
-        if diffs:
-            name = self._loading_prefix.rstrip(".")
-            where = f" {name!r}" if name else ""
-            warnings.warn(
-                f"{type(self).__name__}{where}: the checkpoint was saved with "
-                + ", ".join(diffs)
-                + "; this layer keeps its own settings, so from here on its masks differ "
-                "from the saved run's. Hint: build the layer with the saved settings",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    def current_seed(self) -> int:
-        """The seed as a Python int."""
-        return self._host("seed")
-
-    def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self,
-        state_dict,
-        prefix,
-        local_metadata,
-        strict,
-        missing_keys,
-        unexpected_keys,
-        error_msgs,
-    ) -> None:
-        # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed, one from
-        # before schedule seeds no schedule_seed: keep the module's own values.
-        absent = [n for n in (*_COUNTER_BUFFERS, "_extra_state") if prefix + n not in state_dict]
-        self._loading_prefix = prefix
-        super()._load_from_state_dict(
-            state_dict,
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-        )
-        for name in absent:
-            if prefix + name in missing_keys:
-                missing_keys.remove(prefix + name)
-
-
-class ScheduledModule(SteppedModule):
-    """A :class:`SteppedModule` that trains ``num_subnets`` subnetworks on a schedule.
-
-    ``seed`` draws this layer's masks; ``schedule_seed`` (default: ``seed``) draws the
-    order in which subnetwork ids become active. Layers sharing the schedule seed (and
-    sigma, tau, ``steps_per_set``) activate the same ids at the same steps, so the
-    model's subnetwork ``k`` is the tuple of every layer's mask ``k``: the paper's sigma
-    network-level subnetworks. The surgery functions give every layer its own ``seed``
-    and one shared ``schedule_seed``.
-    """
-
-    schedule_seed: Tensor
-
-    def __init__(
-        self,
-        *,
-        num_subnets: int,
-        subnets_per_step: int,
-        total_steps: int | None,
-        steps_per_set: int | None,
-        schedule: str,
-        seed: int,
-        auto_step: bool,
-        owner: str,
-        schedule_seed: int | None = None,
-    ) -> None:
-        super().__init__(seed=seed, auto_step=auto_step, owner=owner)
-        schedule_seed = seed if schedule_seed is None else schedule_seed
-        self.register_buffer(
-            "schedule_seed",
-            torch.tensor(check_seed(owner, schedule_seed, "schedule_seed"), dtype=torch.int64),
-        )
-        check_schedule(owner, num_subnets, subnets_per_step, schedule)
-        self.num_subnets = num_subnets
-        self.subnets_per_step = subnets_per_step
-        self.total_steps = total_steps
-        self.steps_per_set = resolve_steps_per_set(
-            owner, num_subnets, subnets_per_step, total_steps, steps_per_set
-        )
-        self.schedule = schedule
-
-    def hparams(self) -> dict[str, Any]:
-        """Sigma, tau, ``steps_per_set`` and the schedule (and, in subclasses, more)."""
-        return {
-            "num_subnets": self.num_subnets,
-            "subnets_per_step": self.subnets_per_step,
-            "steps_per_set": self.steps_per_set,
-            "schedule": self.schedule,
-        }
-
-    @property
-    def subnet_schedule(self) -> SubnetSchedule:
-        """The schedule object for the current hyperparameters."""
-        return SubnetSchedule(
-            self.num_subnets, self.subnets_per_step, self.steps_per_set, self.schedule
-        )
-
-    def active_subnets(self, step: int | None = None) -> Tensor:
-        """Ids of the subnetworks active at ``step`` (default: the current step)."""
-        step = self.current_step() if step is None else step
-        return self.subnet_schedule.at_step(self.current_schedule_seed(), step)
-
-    def current_schedule_seed(self) -> int:
-        """The schedule seed as a Python int."""
-        return self._host("schedule_seed")
-
-
-def step(model: nn.Module, n: int = 1) -> None:
-    """Advance every gyrodrop module in ``model`` by ``n`` steps.
-
-    Call after each optimizer step when the modules step manually (built with
-    ``auto_step=False``, or after ``set_stepping(model, "manual")``). With the default
-    settings the model steps itself (see :func:`attach_stepper`); for gradient
-    accumulation prefer :func:`bind_to_optimizer`.
-
-    Args:
-        model: any module; every gyrodrop module inside it (``GyroDropout``,
-            ``BlockGyroLinear``, ``StochasticDepth``, ...) advances, nothing else changes.
-        n: steps to advance, an int ``>= 0``, default 1.
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``n`` is not an int ``>= 0``.
-
-    Example:
-        >>> import torch, gyrodrop
-        >>> drop = gyrodrop.GyroDropout(0.5, 16, 4, steps_per_set=10, auto_step=False)
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), drop)
-        >>> _ = model(torch.ones(8, 4))  # two forwards of one accumulated step ...
-        >>> _ = model(torch.ones(8, 4))
-        >>> gyrodrop.step(model)  # ... then one optimizer step
-        >>> int(drop.step)
-        1
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"gyrodrop.step: model must be an nn.Module, got {type(model).__name__}")
-    _check_int("gyrodrop.step", "n", n, 0)
-    for module in model.modules():
-        if isinstance(module, SteppedModule):
-            module.advance(n)

@@ -18,18 +18,12 @@ from typing import Any
 
 from torch import nn
 
+from gyrodrop._modules import unwrap_model
+from gyrodrop._validation import check_p, check_seed
 from gyrodrop.gyro import GyroDropout
-from gyrodrop.schedule import (
-    TRAINER_SCHEDULED,
-    ScheduledModule,
-    SteppedModule,
-    check_p,
-    check_seed,
-    set_stepping,
-    step,
-)
-from gyrodrop.schedule import resolve_steps_per_set as _resolve
-from gyrodrop.surgery import apply_gyro_dropout, unwrap_model
+from gyrodrop.schedule import TRAINER_SCHEDULED, SteppedModule, set_stepping, step
+from gyrodrop.scheduled import ScheduledModule
+from gyrodrop.surgery import apply_gyro_dropout
 
 __all__ = [
     "TRAINER_SCHEDULED",
@@ -168,7 +162,7 @@ def apply(model: nn.Module, options: GyroOptions) -> int:
             and id(module) not in before
             and isinstance(module, ScheduledModule)
         ):
-            setattr(module, TRAINER_SCHEDULED, True)
+            module.schedule_by_trainer()
     return count
 
 
@@ -182,7 +176,7 @@ def set_total_steps(model: nn.Module, total_steps: float, owner: str) -> int:
     modules = [
         m
         for m in stepped_modules(model).values()
-        if isinstance(m, ScheduledModule) and getattr(m, TRAINER_SCHEDULED, False)
+        if isinstance(m, ScheduledModule) and m.trainer_scheduled
     ]
     if not modules:
         return 0
@@ -195,12 +189,8 @@ def set_total_steps(model: nn.Module, total_steps: float, owner: str) -> int:
             stacklevel=3,
         )
         return 0
-    total = int(total_steps)
     for module in modules:
-        module.total_steps = total
-        module.steps_per_set = _resolve(
-            type(module).__name__, module.num_subnets, module.subnets_per_step, total, None
-        )
+        module.schedule_by_trainer(int(total_steps))
     return len(modules)
 
 
@@ -231,4 +221,4 @@ def load_gyro_steps(model: nn.Module, steps: Mapping[str, int], owner: str) -> N
             "hint: build the model and the callback exactly as in the run that was saved"
         )
     for name, module in modules.items():
-        module.step.fill_(int(steps[name]))
+        module.set_step(int(steps[name]))

@@ -1,9 +1,9 @@
 """Triton kernels of block-wise gyro dropout's pruned GEMMs (undecorated sources).
 
-This module imports ``triton`` and is only imported by :mod:`gyrodrop.blockwise_triton`
+This module imports ``triton`` and is only imported by :mod:`gyrodrop.blockwise.triton_backend`
 when a Triton backend is used; the library itself imports without Triton. The kernel
 functions below are plain Python functions written in Triton's language:
-:func:`gyrodrop.blockwise_triton.kernels` wraps them with ``triton.jit`` (and
+:func:`gyrodrop.blockwise.triton_backend.kernels` wraps them with ``triton.jit`` (and
 ``triton.autotune`` over tile sizes) for GPUs, or with Triton's interpreter for CPU
 tensors (``TRITON_INTERPRET=1``), deciding at build time rather than at import time.
 

@@ -1,0 +1,193 @@
+"""The base of every layer that trains ``num_subnets`` subnetworks on a schedule.
+
+:class:`ScheduledModule` owns what the gyro layers (``GyroDropout``,
+``BlockGyroLinear``, ``GyroDropBlock2d``) share: sigma, tau, ``steps_per_set`` and the
+schedule (validated once), the active set at a step, the cache of whatever a layer
+derives from the active set (rebuilt only when the set, a seed or a hyperparameter
+changes), and the rows of the local batch each active subnetwork gets
+(:meth:`ScheduledModule.group_counts`, over the global batch under DDP).
+:class:`SubnetLayer` is the protocol the prediction and analysis code read one
+subnetwork's mask through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from gyrodrop import distributed
+from gyrodrop._validation import check_seed
+from gyrodrop.schedule import (
+    Schedule,
+    SubnetSchedule,
+    check_schedule,
+    resolve_steps_per_set,
+)
+from gyrodrop.stepping import TRAINER_SCHEDULED, SteppedModule
+
+__all__ = ["ScheduledModule", "SubnetLayer"]
+
+
+@runtime_checkable
+class SubnetLayer(Protocol):
+    """A layer that can give the mask of any one of its subnetworks (``GyroDropout``,
+    ``BlockGyroLinear``, ``GyroDropBlock2d``): what subnetwork ensembles and the
+    diversity analysis use.
+
+    ``subnet_mask(k, like)`` returns the scaled mask of subnetwork ``k`` (an int in
+    ``[0, num_subnets)``) in ``like``'s dtype and device, broadcastable against one
+    row of the tensor it applies to; ``mask_side`` says which: the layer's ``"input"``
+    or its ``"output"``.
+    """
+
+    num_subnets: int
+
+    @property
+    def mask_side(self) -> Literal["input", "output"]: ...
+
+    def subnet_mask(self, k: int, like: Tensor) -> Tensor: ...
+
+
+class ScheduledModule(SteppedModule):
+    """A :class:`SteppedModule` that trains ``num_subnets`` subnetworks on a schedule.
+
+    ``seed`` draws this layer's masks; ``schedule_seed`` (default: ``seed``) draws the
+    order in which subnetwork ids become active. Layers sharing the schedule seed (and
+    sigma, tau, ``steps_per_set``) activate the same ids at the same steps, so the
+    model's subnetwork ``k`` is the tuple of every layer's mask ``k``: the paper's sigma
+    network-level subnetworks. The surgery functions give every layer its own ``seed``
+    and one shared ``schedule_seed``.
+    """
+
+    schedule_seed: Tensor
+    # Class-level defaults: modules pickled before these caches existed lack them.
+    _set_cache: tuple[Any, Any] | None = None
+    _counts_cache: tuple[tuple[int, int, int, int], list[int]] | None = None
+
+    def __init__(
+        self,
+        *,
+        num_subnets: int,
+        subnets_per_step: int,
+        total_steps: int | None,
+        steps_per_set: int | None,
+        schedule: Schedule,
+        seed: int,
+        auto_step: bool,
+        owner: str,
+        schedule_seed: int | None = None,
+    ) -> None:
+        super().__init__(seed=seed, auto_step=auto_step, owner=owner)
+        schedule_seed = seed if schedule_seed is None else schedule_seed
+        self.register_buffer(
+            "schedule_seed",
+            torch.tensor(check_seed(owner, schedule_seed, "schedule_seed"), dtype=torch.int64),
+        )
+        check_schedule(owner, num_subnets, subnets_per_step, schedule)
+        self.num_subnets = num_subnets
+        self.subnets_per_step = subnets_per_step
+        self.total_steps = total_steps
+        self.steps_per_set = resolve_steps_per_set(
+            owner, num_subnets, subnets_per_step, total_steps, steps_per_set
+        )
+        self.schedule = schedule
+
+    def hparams(self) -> dict[str, Any]:
+        """Sigma, tau, ``steps_per_set`` and the schedule (and, in subclasses, more)."""
+        return {
+            "num_subnets": self.num_subnets,
+            "subnets_per_step": self.subnets_per_step,
+            "steps_per_set": self.steps_per_set,
+            "schedule": self.schedule,
+        }
+
+    @property
+    def subnet_schedule(self) -> SubnetSchedule:
+        """The schedule object for the current hyperparameters."""
+        return SubnetSchedule(
+            self.num_subnets, self.subnets_per_step, self.steps_per_set, self.schedule
+        )
+
+    def active_subnets(self, step: int | None = None) -> Tensor:
+        """Ids of the subnetworks active at ``step`` (default: the current step)."""
+        step = self.current_step() if step is None else step
+        return self.subnet_schedule.at_step(self.current_schedule_seed(), step)
+
+    def current_schedule_seed(self) -> int:
+        """The schedule seed as a Python int."""
+        return self._host("schedule_seed")
+
+    @property
+    def mask_side(self) -> Literal["input", "output"]:
+        """Where this layer's masks apply: on its ``"input"`` (dropout layers) or its
+        ``"output"`` (``BlockGyroLinear(prune="output")``)."""
+        return "input"
+
+    def for_active_set(
+        self,
+        step: int,
+        like: Hashable,
+        build: Callable[[int, Tensor], Any],
+    ) -> Any:
+        """What this layer derives from the set active at ``step``, built once per set.
+
+        ``build(seed, active_ids)`` gets the mask seed and the ids of the active
+        subnetworks (int64 on the CPU, shape ``(tau,)``) and returns the masks (or any
+        value) the forward needs. The result is kept until the active set, either seed,
+        a hyperparameter (:meth:`hparams`) or ``like`` (what the value depends on in the
+        input: shape, dtype, device) changes. Derived state: never saved nor pickled.
+        """
+        schedule = self.subnet_schedule
+        set_index = schedule.set_index(step)
+        seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
+        key = (set_index, seed, schedule_seed, like, tuple(sorted(self.hparams().items(), key=str)))
+        cached = self._set_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = build(seed, schedule.subnets(schedule_seed, set_index))
+        self._set_cache = (key, value)
+        return value
+
+    def group_counts(self, batch: int) -> list[int]:
+        """Rows of a local batch of ``batch`` samples that each active subnetwork gets,
+        in order (``len == subnets_per_step``; zeros where the batch is short): the
+        local share of the global batch's ``subnets_per_step`` contiguous groups (see
+        :func:`gyrodrop.distributed.row_window`)."""
+        start, global_batch = distributed.row_window(batch)
+        key = (start, batch, global_batch, self.subnets_per_step)
+        cached = self._counts_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        counts = distributed.local_group_counts(start, batch, global_batch, self.subnets_per_step)
+        self._counts_cache = (key, counts)
+        return counts
+
+    @property
+    def trainer_scheduled(self) -> bool:
+        """Whether a trainer callback sets this layer's schedule length
+        (:meth:`schedule_by_trainer`)."""
+        return bool(getattr(self, TRAINER_SCHEDULED, False))
+
+    def schedule_by_trainer(self, total_steps: int | None = None) -> None:
+        """Let a trainer callback set this layer's schedule length (what
+        :mod:`gyrodrop.integrations` calls): loading a checkpoint then no longer
+        compares ``steps_per_set``, and, given ``total_steps`` (an int >= 1, the run's
+        optimizer steps), ``steps_per_set`` becomes ``max(1, total_steps * tau //
+        sigma)``."""
+        setattr(self, TRAINER_SCHEDULED, True)
+        if total_steps is not None:
+            owner = type(self).__name__
+            self.steps_per_set = resolve_steps_per_set(
+                owner, self.num_subnets, self.subnets_per_step, total_steps, None
+            )
+            self.total_steps = total_steps
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Caches of derived tensors do not travel with copies (deepcopy, pickle).
+        state = super().__getstate__()
+        state["_set_cache"] = None
+        state["_counts_cache"] = None
+        return state

@@ -1,0 +1,225 @@
+"""Stochastic depth on a whole layer (a transformer layer): the layer is the residual
+branch plus identity, ``x + keep * (f(x) - x) / (1 - p)``; :class:`StochasticDepthLayer`
+skips a dropped layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gyrodrop.stochastic_depth.module import Mode, StochasticDepth
+
+__all__ = [
+    "StochasticDepthLayer",
+    "LayerSplit",
+    "Structure",
+    "LAYER_LIST_NAMES",
+    "hidden_of",
+    "first_output",
+    "shape_error",
+]
+
+# --------------------------------------------------------------------------------------
+# Whole layers (transformer layers): the layer is the residual branch plus identity.
+
+#: Names of the ``nn.ModuleList`` attributes that hold a model's stack of layers
+#: (Hugging Face ``encoder.layer``, ``model.layers``, GPT-2 ``transformer.h``, ViT/Swin
+#: ``blocks``, T5 ``block``; ``nn.TransformerEncoder/Decoder.layers``).
+LAYER_LIST_NAMES = ("layer", "layers", "h", "blocks", "block")
+
+#: Keyword names under which a layer may receive its hidden states.
+_HIDDEN_KWARGS = ("hidden_states", "src", "tgt", "x", "hidden")
+
+
+class LayerSplit:
+    """Marks a module wrapped as a whole layer (:class:`StochasticDepthLayer`), with
+    what it returns when a probe at surgery could run it (``structure``)."""
+
+    def __init__(self, structure: Structure | None = None) -> None:
+        self.structure = structure
+
+
+def hidden_of(owner: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The hidden states a layer was called with: its first positional argument, or
+    the first of :data:`_HIDDEN_KWARGS` given as a keyword."""
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    for name in _HIDDEN_KWARGS:
+        value = kwargs.get(name)
+        if isinstance(value, Tensor):
+            return value
+    raise ValueError(
+        f"{owner}: the layer was called without hidden states first (a tensor as the "
+        f"first positional argument or one of the keywords {_HIDDEN_KWARGS}); got "
+        f"{len(args)} positional and keywords {sorted(kwargs)}"
+    )
+
+
+def first_output(out: Any) -> Any:
+    """The hidden states a layer returned: the tensor itself, or the first element of
+    a tuple/list or of a ``ModelOutput``-like mapping."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    if hasattr(out, "to_tuple") and callable(out.to_tuple):
+        items = out.to_tuple()
+        return items[0] if items else None
+    return None
+
+
+def _with_first(out: Any, hidden: Tensor) -> Any:
+    """``out`` with its hidden states replaced by ``hidden`` (same structure)."""
+    if isinstance(out, Tensor):
+        return hidden
+    if isinstance(out, (tuple, list)):
+        return type(out)([hidden, *out[1:]]) if isinstance(out, list) else (hidden, *out[1:])
+    first_key = next(iter(out.keys()))
+    copy = type(out)(**dict(out.items()))
+    copy[first_key] = hidden
+    return copy
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a layer returns, learned from one call: to rebuild a pass-through output
+    without calling it (other outputs: ``None``, e.g. attention weights)."""
+
+    kind: str  # "tensor" | "tuple" | "list" | "mapping"
+    length: int = 1
+    cls: type | None = None
+    first_key: str | None = None
+
+    @classmethod
+    def of(cls, out: Any) -> Structure:
+        if isinstance(out, Tensor):
+            return cls("tensor")
+        if isinstance(out, (tuple, list)):
+            return cls("list" if isinstance(out, list) else "tuple", len(out))
+        return cls("mapping", cls=type(out), first_key=next(iter(out.keys())))
+
+    def passthrough(self, hidden: Tensor) -> Any:
+        if self.kind == "tensor":
+            return hidden
+        if self.kind in ("tuple", "list"):
+            items = [hidden, *([None] * (self.length - 1))]
+            return items if self.kind == "list" else tuple(items)
+        assert self.cls is not None and self.first_key is not None
+        return self.cls(**{self.first_key: hidden})
+
+
+def shape_error(owner: str, name: str, in_shape: Any, out: Any) -> ValueError:
+    first = first_output(out)
+    got = tuple(first.shape) if isinstance(first, Tensor) else type(out).__name__
+    return ValueError(
+        f"{owner}: layer {name!r} returns hidden states of shape {got} from "
+        f"hidden states of shape {tuple(in_shape)}; stochastic depth drops a layer by "
+        "passing its input through, so the layer must keep the shape. Hint: select "
+        "the shape-keeping layers with target= (e.g. the blocks inside a stage, not "
+        "the stage that downsamples)"
+    )
+
+
+class StochasticDepthLayer(nn.Module):
+    """A whole layer with stochastic depth: ``y = x + keep * (f(x) - x) / (1 - p)``.
+
+    For layers whose output is their input plus a residual (transformer layers:
+    Hugging Face ``BertLayer``, ``ViTLayer``, ``LlamaDecoderLayer``, ...,
+    ``nn.TransformerEncoderLayer``). ``forward`` takes the hidden states first (or as
+    ``hidden_states=``) and any other arguments (attention masks, position ids or
+    embeddings, caches), passed on unchanged; the layer returns the hidden states
+    first: a tensor, a tuple/list or a ``ModelOutput``.
+
+    - ``eval()``: exactly ``layer(*args, **kwargs)`` (bitwise).
+    - training, ``mode="block"``: when dropped, the layer is not computed and the hidden
+      states pass through (other outputs, e.g. attention weights, are ``None``); when
+      kept, ``x + (f(x) - x) / (1 - p)``.
+    - training, ``mode="sample"``: the layer is computed for every row; row ``b`` gets
+      ``x_b + keep_b * (f(x)_b - x_b) / (1 - p)``.
+
+    The first computed output is checked to have the input's shape (``ValueError``
+    naming the layer otherwise). Attributes the wrapper lacks are read from the layer
+    (model code such as ``nn.TransformerEncoder`` reads its layers' attributes). Made
+    by :func:`gyrodrop.apply_stochastic_depth`; the layer is kept as the child
+    ``layer`` (state-dict keys gain a ``layer.`` prefix).
+
+    Args:
+        layer: the layer.
+        p: drop probability (see :class:`StochasticDepth`, as for the next five).
+        mode: ``"block"`` or ``"sample"``.
+        seed: seeds the decisions.
+        auto_step: who advances the step.
+        warmup_steps: steps over which ``p`` ramps up from 0.
+        per_rank: independent decisions per data-parallel rank.
+        name: the layer's name in the model, for error messages.
+        split: what a probe at surgery learned about the layer's output.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        p: float,
+        mode: Mode = "block",
+        *,
+        seed: int = 0,
+        auto_step: bool = True,
+        warmup_steps: int = 0,
+        per_rank: bool = False,
+        name: str = "",
+        split: LayerSplit | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.stochastic_depth = StochasticDepth(
+            p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
+        )
+        self._name = name
+        self._structure: Structure | None = None if split is None else split.structure
+        self.training = self.stochastic_depth.training = layer.training
+
+    def extra_repr(self) -> str:
+        return f"name={self._name!r}" if self._name else ""
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes the model's own code reads from its layers (nn.TransformerEncoder
+        # reads ``layers[0].self_attn``, some Hugging Face models ``attention_type``)
+        # come from the wrapped layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer" or "layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["layer"], name)
+
+    def _hidden_out(self, out: Any, x: Tensor) -> Tensor:
+        """The output's hidden states, checked against the input's shape; learns the
+        output structure on the first call."""
+        h = first_output(out)
+        if not isinstance(h, Tensor) or h.shape != x.shape:
+            raise shape_error("StochasticDepthLayer", self._name, x.shape, out)
+        if self._structure is None:
+            self._structure = Structure.of(out)
+        return h
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.training:
+            return self.layer(*args, **kwargs)
+        x = hidden_of("StochasticDepthLayer", args, kwargs)
+        sd = self.stochastic_depth
+        if sd.training and sd.mode == "block" and not sd.mc_active:
+            scale = sd.draw_scale()
+            if scale == 0.0 and self._structure is not None:
+                return self._structure.passthrough(x)
+            out = self.layer(*args, **kwargs)
+            h = self._hidden_out(out, x)
+            if scale == 0.0:  # dropped before the structure was known: computed once
+                return _with_first(out, x)
+            if scale == 1.0:
+                return out
+            return _with_first(out, torch.add(x, h - x, alpha=scale))
+        out = self.layer(*args, **kwargs)
+        h = self._hidden_out(out, x)
+        return _with_first(out, x + sd(h - x))

@@ -1,0 +1,315 @@
+"""The stochastic-depth decision and its module: :func:`stochastic_depth` (a pure
+function of ``(seed, step)`` and the input) and :class:`StochasticDepth` (the module
+that keeps ``p``, the mode and the step). See :mod:`gyrodrop.stochastic_depth`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from gyrodrop import distributed, masks
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p
+from gyrodrop.schedule import SteppedModule, check_input
+
+__all__ = [
+    "Mode",
+    "MODES",
+    "block_keep",
+    "stochastic_depth",
+    "StochasticDepth",
+    "MCDraws",
+    "MCLayoutError",
+]
+
+#: What one decision drops: the whole batch's branch (``block``) or one sample's.
+Mode = Literal["block", "sample"]
+MODES: tuple[Mode, ...] = ("block", "sample")
+
+# Sub-streams of masks.TAG_DEPTH.
+_STREAM_BLOCK = 1
+_STREAM_SAMPLE = 2
+_STREAM_MC = 3
+_STREAM_RANK = 4
+
+
+# --------------------------------------------------------------------------------------
+# Decisions: pure functions of integers.
+
+
+def block_keep(seed: int, step: int, p: float) -> bool:
+    """Block-mode decision: is the branch kept at ``step``? A pure function of
+    ``(seed, step, p)``, identical on every process and device."""
+    return masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_BLOCK, step) >= masks.drop_threshold(p)
+
+
+def _keep_indices(key: int, first: int, n: int, p: float, device: torch.device) -> Tensor:
+    """Keep decisions of indices ``[first, first + n)`` under ``key``, bool, shape (n,)."""
+    index = torch.arange(first, first + n, dtype=torch.int64, device=device)
+    return masks.hash_grid(key, index) >= masks.drop_threshold(p)
+
+
+def _row_factors(keep: Tensor, ndim: int, p: float, dtype: torch.dtype) -> Tensor:
+    """Per-row factors ``keep / (1 - p)``, shaped ``(B, 1, ..., 1)`` to broadcast."""
+    factor = keep.to(dtype) * (1.0 / (1.0 - p))
+    return factor.reshape(-1, *([1] * (ndim - 1)))
+
+
+def stochastic_depth(
+    x: Tensor,
+    p: float,
+    mode: Mode = "block",
+    training: bool = True,
+    *,
+    seed: int = 0,
+    step: int = 0,
+) -> Tensor:
+    """Functional stochastic depth on a residual branch's output. See :class:`StochasticDepth`.
+
+    Args:
+        x: the residual branch's output, shape ``(B, *)``.
+        p: drop probability in ``[0, 1)``.
+        mode: ``"block"`` (one decision for the batch) or ``"sample"`` (one per row).
+        training: ``False`` returns ``x`` unchanged.
+        seed, step: the decision is a hash of these (and, in sample mode, of the row's
+            index in the global batch).
+
+    Returns:
+        ``x * keep / (1 - p)``: the same shape and dtype as ``x``. In block mode a
+        dropped branch returns ``x * 0`` (the graph is kept; to skip computing the
+        branch use :class:`StochasticDepthBlock` or :meth:`StochasticDepth.draw_scale`).
+
+    Example:
+        >>> import torch
+        >>> y = stochastic_depth(torch.ones(4, 3), 0.5, "block", seed=0, step=0)
+        >>> sorted(set(y.flatten().tolist())) in ([0.0], [2.0])
+        True
+    """
+    p = check_p("stochastic_depth", p)
+    check_choice("stochastic_depth", "mode", mode, MODES)
+    if not training or p == 0.0:
+        return x
+    return x * _factors(x, p, mode, seed, step)
+
+
+def _factors(x: Tensor, p: float, mode: str, seed: int, step: int) -> Tensor | float:
+    """What the branch ``x`` is multiplied by: a float (block mode: 0 or ``1/(1-p)``)
+    or per-row factors shaped ``(B, 1, ..., 1)`` (sample mode)."""
+    if mode == "block":
+        return 1.0 / (1.0 - p) if block_keep(seed, step, p) else 0.0
+    if x.dim() == 0:
+        raise ValueError(
+            "stochastic_depth: sample mode needs a batch dim, shape (B, *), got a 0-d tensor"
+        )
+    start, _ = distributed.row_window(x.shape[0])
+    key = masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_SAMPLE, step)
+    keep = _keep_indices(key, start, x.shape[0], p, x.device)
+    return _row_factors(keep, x.dim(), p, x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The module.
+
+
+class MCLayoutError(ValueError):
+    """A module saw rows that are not ``passes * rows`` pass-major rows during Monte-Carlo
+    passes (:mod:`gyrodrop.uncertainty` then runs one pass per forward)."""
+
+
+@dataclass(frozen=True)
+class MCDraws:
+    """Monte-Carlo sampling state (set by :mod:`gyrodrop.uncertainty` only): the batch
+    holds ``rows`` rows per MC sample, the first being sample ``first``; decisions are
+    keyed by ``key`` and the (sample, row) index instead of the step. ``passes``: MC
+    samples in this forward (``None``: not known); ``single``: the rows each module saw
+    in a one-sample forward (by ``id``), to tell examples from other rows."""
+
+    rows: int
+    first: int
+    key: int
+    passes: int | None = None
+    single: dict[int, int] | None = None
+
+
+class StochasticDepth(SteppedModule):
+    """Stochastic depth on a residual branch's output: ``forward(branch) -> dropped or
+    scaled branch``; add the result to the shortcut.
+
+    Args:
+        p: drop probability of the branch, in ``[0, 1)``.
+        mode: ``"block"``: the whole batch drops the branch together (one decision per
+            step; identical on every DDP rank). ``"sample"``: each example decides
+            alone (keyed by its row in the global batch, so DDP matches one process).
+        seed: seeds the decisions; a buffer, so it is checkpointed.
+        auto_step: ``True``: the step advances by itself, once per training step (per
+            training forward of the model after :func:`gyrodrop.apply_stochastic_depth`,
+            per call for a module on its own; see :class:`~gyrodrop.GyroDropout`).
+            ``False``: call :func:`gyrodrop.step` after each optimizer step.
+        warmup_steps: the drop rate ramps linearly from 0 at step 0 to ``p`` at step
+            ``warmup_steps`` and stays there (0: no warm-up). Kept branches are scaled
+            by the current rate, so the expectation is exact at every step.
+        per_rank: block mode under data parallelism: ``False`` (default): every rank
+            makes the same decision; ``True``: each rank decides alone (its rank mixed
+            into the seed; Composer's ``use_same_gpu_seed=False``). Sample mode already
+            decides per example.
+
+    Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
+
+    Used alone it multiplies (a dropped branch was still computed). To skip the work,
+    let :func:`gyrodrop.apply_stochastic_depth` wrap the block, or call
+    :meth:`draw_scale` before computing the branch.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> sd = gyrodrop.StochasticDepth(0.5, "sample", seed=1)
+        >>> y = sd(torch.ones(6, 2))
+        >>> sorted(set(y.flatten().tolist())) <= [0.0, 2.0]
+        True
+        >>> int(sd.step)
+        1
+        >>> bool(torch.equal(sd.eval()(torch.ones(6, 2)), torch.ones(6, 2)))
+        True
+    """
+
+    def __init__(
+        self,
+        p: float,
+        mode: Mode = "block",
+        *,
+        seed: int = 0,
+        auto_step: bool = True,
+        warmup_steps: int = 0,
+        per_rank: bool = False,
+    ) -> None:
+        owner = type(self).__name__
+        p = check_p(owner, p)
+        check_choice(owner, "mode", mode, MODES)
+        check_int(owner, "warmup_steps", warmup_steps, 0)
+        check_bool(owner, "per_rank", per_rank)
+        super().__init__(seed=seed, auto_step=auto_step, owner=owner)
+        self.p = p
+        self.mode = mode
+        self.warmup_steps = int(warmup_steps)
+        self.per_rank = per_rank
+        self._mc: MCDraws | None = None
+
+    def extra_repr(self) -> str:
+        warm = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
+        rank = ", per_rank=True" if self.per_rank else ""
+        return f"p={self.p}, mode={self.mode}{warm}{rank}"
+
+    def decision_seed(self) -> int:
+        """The seed of the block-mode decisions: the ``seed`` buffer, mixed with this
+        process's rank when ``per_rank`` (rank 0 without a process group)."""
+        seed = self.current_seed()
+        if not self.per_rank:
+            return seed
+        place = distributed._rank_and_world(None)
+        return masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_RANK, 0 if place is None else place[0])
+
+    def hparams(self) -> dict[str, Any]:
+        """``p``, mode and ``warmup_steps``."""
+        return {"p": self.p, "mode": self.mode, "warmup_steps": self.warmup_steps}
+
+    def rate(self, step: int | None = None) -> float:
+        """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
+        from 0 over the first ``warmup_steps`` steps."""
+        step = self.current_step() if step is None else step
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.p * max(step, 0) / self.warmup_steps
+        return self.p
+
+    @torch.compiler.disable
+    def draw_scale(self) -> float:
+        """Block mode: this step's factor for the branch, ``0.0`` (dropped: do not
+        compute the branch) or ``1/(1-rate)`` (kept); advances the step when
+        ``auto_step`` (see :meth:`forward_step`: an activation-checkpoint recompute
+        gets the same decision). Call once per training forward, before computing the
+        branch::
+
+            scale = self.drop_path.draw_scale()
+            out = shortcut if scale == 0.0 else shortcut + scale * self.branch(x)
+        """
+        if self.mode != "block":
+            raise ValueError(
+                f"{type(self).__name__}: draw_scale() is for mode='block', got "
+                f"mode={self.mode!r}; call the module on the branch output instead"
+            )
+        if self.step.is_meta:
+            return 1.0  # shapes only
+        step = self.forward_step()
+        p = self.rate(step)
+        if p == 0.0:
+            return 1.0
+        return 1.0 / (1.0 - p) if block_keep(self.decision_seed(), step, p) else 0.0
+
+    @property
+    def mc_active(self) -> bool:
+        """Whether Monte-Carlo sampling is on (:meth:`set_mc_draws`)."""
+        return self._mc is not None
+
+    def set_mc_draws(self, draws: MCDraws | None) -> MCDraws | None:
+        """Switch Monte-Carlo sampling on (``draws``) or off (``None``); returns the
+        previous state. While on, each Monte-Carlo sample gets its own decision keyed by
+        ``draws.key`` instead of the step (what :func:`gyrodrop.mc_predict` uses)."""
+        previous, self._mc = self._mc, draws
+        return previous
+
+    def _mc_forward(self, x: Tensor, mc: MCDraws) -> Tensor:
+        """Monte-Carlo sampling: block mode decides per MC sample (its ``rows`` rows
+        together), sample mode per (sample, row); independent of the step."""
+        p = self.p
+        if p == 0.0:
+            return x
+        key = masks.mix_keys(self.current_seed(), masks.TAG_DEPTH, _STREAM_MC, mc.key)
+        n = x.shape[0]
+        if mc.single is not None and mc.passes == 1:
+            mc.single.setdefault(id(self), n)
+        examples = mc.single is None or mc.single.get(id(self), mc.rows) == mc.rows
+        if mc.passes is not None and (n != mc.passes * mc.rows or not examples):
+            # the rows are not the passes' examples (a (B*T, H) flattening, windows)
+            if mc.passes != 1:  # the caller then runs one pass per forward
+                raise MCLayoutError(
+                    f"{type(self).__name__}: {x.shape[0]} rows for {mc.passes} "
+                    f"passes of {mc.rows} examples"
+                )
+            # one pass: all its rows, keys disjoint from other passes'
+            if self.mode == "block":
+                keep = _keep_indices(key, mc.first, 1, p, x.device).expand(n)
+            else:
+                keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * n, n, p, x.device)
+        elif self.mode == "block":
+            if x.shape[0] % mc.rows:
+                raise ValueError(
+                    f"{type(self).__name__}: Monte-Carlo batch of {x.shape[0]} rows is not "
+                    f"a multiple of {mc.rows} rows per sample"
+                )
+            keep = _keep_indices(key, mc.first, x.shape[0] // mc.rows, p, x.device)
+            keep = keep.repeat_interleave(mc.rows)
+        else:
+            keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * mc.rows, x.shape[0], p, x.device)
+        return x * _row_factors(keep, x.dim(), p, x.dtype)
+
+    @torch.compiler.disable
+    def _draw(self, x: Tensor) -> Tensor | float:
+        """This step's factors for ``x`` (see :func:`stochastic_depth`); advances the
+        step when ``auto_step``. Bookkeeping runs eagerly under ``torch.compile``."""
+        step = self.forward_step()
+        p = self.rate(step)
+        if p == 0.0:
+            return 1.0
+        seed = self.decision_seed() if self.mode == "block" else self.current_seed()
+        return _factors(x, p, self.mode, seed, step)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        check_input(type(self).__name__, x, rows=self.mode == "sample" or self._mc is not None)
+        if self._mc is not None:
+            return self._mc_forward(x, self._mc)
+        if x.is_meta:
+            return x.clone()  # shapes only: no decision, no step
+        factor = self._draw(x)
+        return x if isinstance(factor, float) and factor == 1.0 else x * factor

@@ -1,0 +1,264 @@
+"""Stochastic-depth surgery: wrap a model's residual blocks or transformer layers
+(:func:`apply_stochastic_depth`), unwrap them (:func:`remove_stochastic_depth`), and
+turn a model's own ``DropPath`` modules into seeded :class:`~gyrodrop.StochasticDepth`
+(:func:`replace_drop_paths`)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+from torch import nn
+
+from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
+from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
+from gyrodrop.masks import layer_seed
+from gyrodrop.schedule import attach_stepper
+from gyrodrop.stochastic_depth import (
+    MODES,
+    LayerSplit,
+    Mode,
+    StochasticDepth,
+    StochasticDepthBlock,
+    StochasticDepthLayer,
+)
+from gyrodrop.surgery.common import SurgeryWarning
+from gyrodrop.surgery.residual import find_residual_blocks
+
+__all__ = [
+    "apply_stochastic_depth",
+    "remove_stochastic_depth",
+    "replace_drop_paths",
+    "linear_rates",
+    "warmup_steps_for",
+    "DropDistribution",
+    "DROP_DISTRIBUTIONS",
+]
+
+#: How ``drop_rate`` spreads over depth: the same everywhere, or growing linearly.
+DropDistribution = Literal["uniform", "linear"]
+DROP_DISTRIBUTIONS: tuple[DropDistribution, ...] = ("uniform", "linear")
+
+
+def apply_stochastic_depth(
+    model: nn.Module,
+    drop_rate: float = 0.2,
+    drop_distribution: DropDistribution = "linear",
+    mode: Mode = "block",
+    drop_warmup: float = 0.0,
+    *,
+    total_steps: int | None = None,
+    target: type | tuple[type, ...] | Callable[[nn.Module], bool] | None = None,
+    seed: int = 0,
+    auto_step: bool = True,
+    per_rank: bool = False,
+    example_inputs: Any = None,
+) -> int:
+    """Wrap the residual blocks of ``model`` in
+    :class:`~gyrodrop.stochastic_depth.StochasticDepthBlock`, in place.
+
+    Found without ``target``: torchvision-shaped ``BasicBlock``/``Bottleneck`` blocks
+    (children ``conv1, bn1, conv2, bn2[, conv3, bn3]``, optional ``downsample`` (or
+    ``shortcut``) and ``relu``; each checked once against its own forward on a probe
+    input), gyrodrop's ResNet blocks, and blocks whose class defines ``branch(x)`` and
+    ``shortcut(x)`` (:class:`~gyrodrop.stochastic_depth.ResidualBlock`). ``target`` (a
+    type, tuple of types or predicate) selects blocks instead.
+
+    Args:
+        model: the network (DDP / ``torch.compile`` wrappers are looked through).
+        drop_rate: drop probability of the last block, in ``[0, 1)``.
+        drop_distribution: ``"linear"``: block ``i`` of ``L`` (in ``named_modules``
+            order) gets ``drop_rate * (i + 1) / L``; ``"uniform"``: every block
+            ``drop_rate``.
+        mode: ``"block"`` (the whole batch skips a dropped branch; it is not computed)
+            or ``"sample"`` (per example).
+        drop_warmup: fraction of ``total_steps`` over which every rate ramps linearly
+            from 0; the full rate is reached at step ``round(drop_warmup * total_steps)``.
+        total_steps: optimizer steps of the run; required when ``drop_warmup > 0``.
+        target: which modules are residual blocks (see above).
+        seed: every block gets its own seed derived from this and its index.
+        auto_step: ``True`` (default): the model steps every block once per training
+            forward of ``model`` (the model-level stepper of
+            :func:`apply_gyro_dropout`; :func:`gyrodrop.bind_to_optimizer` for one step
+            per optimizer step); ``False``: call :func:`gyrodrop.step` yourself.
+        per_rank: block mode under data parallelism: ``True`` lets each rank draw its
+            own decisions (default ``False``: identical decisions on every rank).
+        example_inputs: inputs of one forward of ``model`` (a tensor, a tuple of
+            positional arguments or a dict of keywords), used once to check that the
+            layers to wrap keep the shape of their hidden states.
+
+    Transformer layers: the layers of a model's layer stack (Hugging Face
+    ``encoder.layer``, ``model.layers``, ``transformer.h``, ``blocks``;
+    ``nn.TransformerEncoder/Decoder.layers``) are found too and wrapped whole in
+    :class:`~gyrodrop.stochastic_depth.StochasticDepthLayer`:
+    ``x + keep * (f(x) - x) / (1 - p)``; a dropped layer is not computed. ``target``
+    may select any layer whose forward takes the hidden states first and returns them
+    first; one that changes their shape is refused here (see
+    :func:`~gyrodrop.surgery.find_residual_blocks` for how shapes are checked).
+
+    Returns the number of blocks wrapped, and warns when it is zero. Blocks already
+    wrapped are left alone. ``eval()`` outputs are unchanged by the surgery.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> from torch import nn
+        >>> class Block(nn.Module):  # torchvision-shaped: conv1, bn1, conv2, bn2
+        ...     def __init__(self, c):
+        ...         super().__init__()
+        ...         self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        ...         self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        ...         self.relu = nn.ReLU()
+        ...
+        ...     def forward(self, x):
+        ...         y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        ...         return self.relu(x + y)
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(8), Block(8)).eval()
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> before = net(x)
+        >>> gyrodrop.apply_stochastic_depth(net, drop_rate=0.5)
+        2
+        >>> bool(torch.equal(net(x), before))
+        True
+    """
+    owner = "apply_stochastic_depth"
+    check_model(owner, model)
+    drop_rate = check_p(owner, drop_rate)
+    check_choice(owner, "drop_distribution", drop_distribution, DROP_DISTRIBUTIONS)
+    check_choice(owner, "mode", mode, MODES)
+    warmup = warmup_steps_for(owner, drop_warmup, total_steps)
+    check_seed(owner, seed)
+    check_bool(owner, "auto_step", auto_step)
+
+    check_bool(owner, "per_rank", per_rank)
+
+    root = unwrap_model(model)
+    blocks = find_residual_blocks(root, target, example_inputs)
+    if drop_distribution == "linear":
+        rates = linear_rates(drop_rate, len(blocks))
+    else:
+        rates = [drop_rate] * len(blocks)
+    chosen = {id(block): (i, split) for i, (_, block, split) in enumerate(blocks)}
+    names = [name for name, _, _ in blocks]
+
+    def make(module: nn.Module, _: int) -> nn.Module | None:
+        if id(module) not in chosen:
+            return None
+        i, split = chosen[id(module)]
+        if isinstance(split, LayerSplit):
+            return StochasticDepthLayer(
+                module,
+                rates[i],
+                mode,
+                seed=layer_seed(seed, i),
+                auto_step=auto_step,
+                warmup_steps=warmup,
+                per_rank=per_rank,
+                name=names[i],
+                split=split,
+            )
+        return StochasticDepthBlock(
+            module,
+            rates[i],
+            mode,
+            seed=layer_seed(seed, i),
+            auto_step=auto_step,
+            warmup_steps=warmup,
+            split=split,
+            per_rank=per_rank,
+        )
+
+    policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
+    count = replace_modules(root, policy) if blocks else 0
+    if count and auto_step:
+        attach_stepper(root)
+    if count == 0:
+        warnings.warn(
+            f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck, "
+            "a class with branch/shortcut methods or a transformer layer stack, not "
+            "already wrapped); the model is "
+            "unchanged. Hint: pass target= (a block type or predicate) for other blocks",
+            SurgeryWarning,
+            stacklevel=2,
+        )
+    return count
+
+
+def remove_stochastic_depth(model: nn.Module) -> int:
+    """Undo :func:`gyrodrop.apply_stochastic_depth`: put every wrapped block back in
+    place (e.g. to export a plain model after training). Returns the count."""
+
+    def unwrap(module: nn.Module, _: int) -> nn.Module:
+        if isinstance(module, StochasticDepthLayer):
+            return module.layer
+        assert isinstance(module, StochasticDepthBlock)  # the policy matches only these
+        return module.block
+
+    return replace_modules(model, {StochasticDepthBlock: unwrap, StochasticDepthLayer: unwrap})
+
+
+def linear_rates(drop_rate: float, count: int) -> list[float]:
+    """Rates of ``count`` blocks under the linear rule: block ``i`` gets
+    ``drop_rate * (i + 1) / count`` (the last block ``drop_rate``)."""
+    return [drop_rate * (i + 1) / count for i in range(count)]
+
+
+def warmup_steps_for(owner: str, drop_warmup: Any, total_steps: Any) -> int:
+    """Steps of warm-up for a fraction ``drop_warmup`` of ``total_steps``."""
+    if isinstance(drop_warmup, bool) or not isinstance(drop_warmup, (int, float)):
+        raise ValueError(f"{owner}: drop_warmup must be a float in [0, 1], got {drop_warmup!r}")
+    if not 0.0 <= float(drop_warmup) <= 1.0:
+        raise ValueError(f"{owner}: drop_warmup must be in [0, 1], got {drop_warmup}")
+    if total_steps is not None:
+        check_int(owner, "total_steps", total_steps, 1)
+    if drop_warmup == 0:
+        return 0
+    if total_steps is None:
+        raise ValueError(
+            f"{owner}: drop_warmup={drop_warmup} needs total_steps (the number of "
+            "optimizer steps of the run) to know when the warm-up ends, got None"
+        )
+    return max(1, round(float(drop_warmup) * total_steps))
+
+
+def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0) -> int:
+    """Swap a model's own DropPath modules for :class:`StochasticDepth`, in place.
+
+    Matches modules whose class is named ``DropPath`` or ends in ``DropPath`` (timm's
+    ``DropPath``, Hugging Face ``ConvNextDropPath``, ``SwinDropPath``, ...) and that
+    have a float ``drop_prob``; each becomes ``StochasticDepth(drop_prob, mode)`` with
+    its own seed derived from ``seed``: the same per-sample rule (``mode="sample"``,
+    the default, as in timm) with seeded, resumable, DDP-consistent decisions. The
+    model's blocks still compute the branch (``StochasticDepth`` used alone
+    multiplies); to skip dropped work, wrap the blocks or layers with
+    :func:`gyrodrop.apply_stochastic_depth` instead. Returns the count (0: nothing
+    matched, no warning).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> class DropPath(nn.Module):
+        ...     def __init__(self, drop_prob):
+        ...         super().__init__()
+        ...         self.drop_prob = drop_prob
+        >>> net = nn.Sequential(nn.Linear(2, 2), DropPath(0.1))
+        >>> replace_drop_paths(net)
+        1
+        >>> net[1]
+        StochasticDepth(p=0.1, mode=sample)
+    """
+    check_choice("replace_drop_paths", "mode", mode, MODES)
+    check_seed("replace_drop_paths", seed)
+    root = unwrap_model(model)
+    types = {
+        type(m)
+        for m in root.modules()
+        if type(m).__name__.endswith("DropPath")
+        and isinstance(getattr(m, "drop_prob", None), float)
+    }
+
+    def make(module: nn.Module, index: int) -> nn.Module:
+        rate = float(getattr(module, "drop_prob"))  # noqa: B009 - typed as Tensor | Module
+        return StochasticDepth(rate, mode, seed=layer_seed(seed, index))
+
+    policy: Policy = dict.fromkeys(types, make)
+    return replace_modules(root, policy) if types else 0

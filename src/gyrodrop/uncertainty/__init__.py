@@ -1,0 +1,29 @@
+"""Predictive uncertainty from the dropout family: Monte-Carlo dropout
+(:func:`mc_predict`) and the deterministic ensemble of gyro subnetworks
+(:func:`subnet_ensemble_predict`), summarized as a :class:`Prediction`.
+
+- :mod:`~gyrodrop.uncertainty.predict`: the two functions and their summary;
+- :mod:`~gyrodrop.uncertainty.passes`: batches, chunks of passes, running sums;
+- :mod:`~gyrodrop.uncertainty.hooks`: what is switched on in the model during the
+  passes (subnetwork masks, per-sample stochastic depth, seeded random state).
+"""
+
+from gyrodrop.uncertainty.predict import (
+    OUTPUTS,
+    PAIRINGS,
+    Output,
+    Pairing,
+    Prediction,
+    mc_predict,
+    subnet_ensemble_predict,
+)
+
+__all__ = [
+    "Prediction",
+    "mc_predict",
+    "subnet_ensemble_predict",
+    "PAIRINGS",
+    "OUTPUTS",
+    "Pairing",
+    "Output",
+]

@@ -1,0 +1,268 @@
+"""The contract every stepped gyrodrop module keeps, checked once over all of them.
+
+Each layer's own file tests what is particular to it (its masks, its rates, its
+shapes); this file runs the same checks over every module that follows a step counter
+(:class:`gyrodrop.stepping.SteppedModule`):
+
+- a saved ``state_dict`` resumes the exact same outputs (bitwise);
+- ``torch.compile`` computes what eager mode computes, at the same step;
+- autocast (bfloat16 on the CPU) and float64 inputs keep working, in the input's dtype
+  (or autocast's);
+- shapes-only (meta) inputs give meta outputs of the right shape and consume no step;
+- integer inputs and bad seeds are refused with an error naming the layer;
+- eval mode is the identity of the layer's deterministic part and never steps;
+
+and the gyro layers (:class:`gyrodrop.scheduled.SubnetLayer`) give one subnetwork's
+mask the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gyrodrop
+from gyrodrop.scheduled import ScheduledModule, SubnetLayer
+from gyrodrop.stepping import SteppedModule
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[..., nn.Module]  # keyword arguments: seed, auto_step
+    shape: tuple[int, ...]  # a training input
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+CASES = [
+    Case(
+        "GyroDropout",
+        lambda **kw: gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, **kw),
+        (8, 12),
+    ),
+    Case(
+        "BlockGyroLinear",
+        lambda **kw: gyrodrop.BlockGyroLinear(
+            12,
+            12,
+            p=0.5,
+            num_subnets=8,
+            subnets_per_step=2,
+            block_size=3,
+            steps_per_set=1,
+            backend="torch",
+            **kw,
+        ),
+        (8, 12),
+    ),
+    Case(
+        "BlockGyroLinear(prune=output)",
+        lambda **kw: gyrodrop.BlockGyroLinear(
+            12,
+            12,
+            p=0.5,
+            num_subnets=8,
+            subnets_per_step=2,
+            block_size=3,
+            steps_per_set=1,
+            prune="output",
+            backend="torch",
+            **kw,
+        ),
+        (8, 12),
+    ),
+    Case(
+        "StochasticDepth(sample)",
+        lambda **kw: gyrodrop.StochasticDepth(0.5, "sample", **kw),
+        (8, 5),
+    ),
+    Case(
+        "StochasticDepth(block)", lambda **kw: gyrodrop.StochasticDepth(0.5, "block", **kw), (8, 5)
+    ),
+    Case("DropBlock2d", lambda **kw: gyrodrop.DropBlock2d(0.3, 3, **kw), (4, 2, 8, 8)),
+    Case(
+        "GyroDropBlock2d",
+        lambda **kw: gyrodrop.GyroDropBlock2d(0.3, 3, 8, 2, steps_per_set=1, **kw),
+        (4, 2, 8, 8),
+    ),
+]
+
+GYRO_LAYERS = [c for c in CASES if isinstance(c.make(), ScheduledModule)]
+
+
+def _input(case: Case, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(case.shape, generator=g).to(dtype)
+
+
+def _steps(module: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    outs = []
+    for _ in range(n):
+        with torch.no_grad():
+            outs.append(module(x))
+    return outs
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+class TestSteppedModuleContract:
+    def test_is_a_stepped_module_with_step_and_seed_buffers(self, case: Case) -> None:
+        module = case.make(seed=3)
+        assert isinstance(module, SteppedModule)
+        names = dict(module.named_buffers())
+        assert int(names["step"]) == 0 and int(names["seed"]) == 3
+
+    def test_training_call_advances_one_step_and_eval_none(self, case: Case) -> None:
+        module = case.make(seed=1)
+        _steps(module.train(), _input(case), 2)
+        assert module.current_step() == 2
+        _steps(module.eval(), _input(case), 2)
+        assert module.current_step() == 2
+
+    def test_state_dict_resumes_bitwise(self, case: Case) -> None:
+        x = _input(case)
+        a = case.make(seed=5).train()
+        _steps(a, x, 3)
+        b = case.make(seed=0).train()
+        b.load_state_dict(copy.deepcopy(a.state_dict()))
+        for out_a, out_b in zip(_steps(a, x, 3), _steps(b, x, 3), strict=True):
+            assert torch.equal(out_a, out_b)
+
+    def test_deepcopy_and_pickle_continue_the_same_masks(self, case: Case) -> None:
+        x = _input(case)
+        a = case.make(seed=7).train()
+        _steps(a, x, 2)
+        b = copy.deepcopy(a)
+        assert all(torch.equal(p, q) for p, q in zip(_steps(a, x, 2), _steps(b, x, 2), strict=True))
+
+    def test_compiled_forward_equals_eager_at_the_same_step(self, case: Case) -> None:
+        x = _input(case)
+        eager = case.make(seed=2).train()
+        compiled_module = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_module, backend="eager", fullgraph=False)
+        for _ in range(2):
+            with torch.no_grad():
+                assert torch.equal(eager(x), compiled(x))
+        assert compiled_module.current_step() == eager.current_step() == 2
+
+    def test_autocast_bfloat16_runs_and_steps(self, case: Case) -> None:
+        module = case.make(seed=4).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            out = module(_input(case))
+        assert out.dtype in (torch.float32, torch.bfloat16)
+        assert bool(torch.isfinite(out.float()).all())
+        assert module.current_step() == 1
+
+    def test_float64_input_gives_float64_output(self, case: Case) -> None:
+        module = case.make(seed=4).double().train()
+        with torch.no_grad():
+            assert module(_input(case, torch.float64)).dtype == torch.float64
+
+    def test_meta_input_gives_meta_output_and_takes_no_step(self, case: Case) -> None:
+        with torch.device("meta"):
+            module = case.make(seed=0).train()
+        out = module(torch.empty(case.shape, device="meta"))
+        assert out.is_meta and out.shape[0] == case.shape[0]
+
+    def test_integer_input_is_refused_naming_the_layer(self, case: Case) -> None:
+        module = case.make(seed=0).train()
+        owner = type(module).__name__
+        with pytest.raises(TypeError, match=owner):
+            module(torch.ones(case.shape, dtype=torch.int64))
+
+    @pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
+    def test_bad_seed_is_refused_naming_the_layer(self, case: Case, seed: object) -> None:
+        owner = type(case.make()).__name__
+        with pytest.raises(ValueError, match=f"{owner}: seed must be"):
+            case.make(seed=seed)
+
+    def test_auto_step_must_be_a_bool(self, case: Case) -> None:
+        owner = type(case.make()).__name__
+        with pytest.raises(ValueError, match=f"{owner}: auto_step must be a bool"):
+            case.make(auto_step=1)
+
+    def test_manual_stepping_leaves_the_step_to_gyrodrop_step(self, case: Case) -> None:
+        module = case.make(seed=0, auto_step=False).train()
+        _steps(module, _input(case), 2)
+        assert module.current_step() == 0
+        gyrodrop.step(module, 3)
+        assert module.current_step() == 3
+
+    def test_model_stepper_advances_once_per_forward_however_often_it_is_called(
+        self, case: Case
+    ) -> None:
+        layer = case.make(seed=0)
+
+        class Twice(nn.Module):  # one layer called twice per forward (weight sharing)
+            def __init__(self) -> None:
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.layer(self.layer(x))
+
+        model = Twice()
+        gyrodrop.schedule.attach_stepper(model)
+        with torch.no_grad():
+            model.train()(_input(case))
+        assert layer.current_step() == 1
+
+    def test_checkpoint_recompute_replays_the_forward_step(self, case: Case) -> None:
+        layer = case.make(seed=0).train()
+        reference = copy.deepcopy(layer)
+        x = _input(case).requires_grad_(True)
+        out = checkpoint(layer, x, use_reentrant=False)
+        expected = reference(x)
+        out.sum().backward()  # recomputes the forward during the backward
+        assert layer.current_step() == 1
+        assert torch.equal(out, expected)
+
+    def test_set_step_writes_the_buffer_in_place(self, case: Case) -> None:
+        module = case.make(seed=0)
+        buffer = module.step
+        module.set_step(9)
+        assert module.step is buffer and module.current_step() == 9
+        with pytest.raises(ValueError, match="set_step: value must be >= 0"):
+            module.set_step(-1)
+
+
+@pytest.mark.parametrize("case", GYRO_LAYERS, ids=repr)
+class TestSubnetLayerContract:
+    def test_is_a_subnet_layer(self, case: Case) -> None:
+        assert isinstance(case.make(), SubnetLayer)
+
+    def test_subnet_mask_takes_like_dtype_and_broadcasts_over_one_row(self, case: Case) -> None:
+        module = case.make(seed=1)
+        like = _input(case, torch.float64)
+        if module.mask_side == "output":
+            like = torch.zeros(case.shape[0], module.out_features, dtype=torch.float64)
+        mask = module.subnet_mask(3, like)
+        assert mask.dtype == torch.float64
+        assert torch.broadcast_shapes(mask.shape, like.shape[1:]) == like.shape[1:]
+
+    def test_subnet_mask_refuses_k_out_of_range(self, case: Case) -> None:
+        module = case.make()
+        with pytest.raises(ValueError, match="k must be in"):
+            module.subnet_mask(module.num_subnets, _input(case))
+
+    def test_active_set_cache_follows_the_seed(self, case: Case) -> None:
+        x = _input(case)
+        module = case.make(seed=1).train()
+        with torch.no_grad():
+            first = module(x)
+            module.seed.fill_(2)
+            module.set_step(0)
+            second = module(x)
+        assert not torch.equal(first, second)
+
+    def test_group_counts_split_the_batch_in_subnets_per_step_groups(self, case: Case) -> None:
+        module = case.make()
+        assert module.group_counts(8) == [4, 4]
+        assert module.group_counts(1) == [1, 0]
