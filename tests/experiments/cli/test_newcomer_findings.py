@@ -28,18 +28,14 @@ def test_blockwise_p_that_drops_no_block_is_refused(
     refused([cmd, *TINY, *paths(tmp_path), *extra], capsys, "--p")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cv --methods blockwise: the input dropout (--input-p 0.2) over the 30 features of "
-    "breast_cancer rounds to 0 of 1 block of 32, so the run has no input dropout but is "
-    "labelled 'input 0.2' (a UserWarning per fold, even with --quiet); expected exit 2 naming "
-    "--input-p / --block-size before training",
-)
 @pytest.mark.usefixtures("no_training")
 def test_cv_blockwise_input_dropout_that_drops_no_block_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    refused(["cv", *TINY, *paths(tmp_path), "--methods", "blockwise"], capsys, "--input-p")
+    # --p 0.5 drops hidden blocks; the input dropout (0.2 of 1 block of 32) drops none
+    argv = ["cv", *TINY, *paths(tmp_path), "--methods", "blockwise", "--p", "0.5"]
+    argv += ["--widths", "64,64"]
+    refused(argv, capsys, "--input-p")
 
 
 @pytest.mark.usefixtures("no_training")

@@ -339,11 +339,24 @@ def preflight(
             text = str(w.message)
             if ("dropout(s) as they were" in text) or ("model is unchanged" in text):
                 raise CommandError(f"{what}: {text}")
+        _refuse_blocks_that_drop_nothing(what, model)
         if inspect is not None:
             try:
                 inspect(cfg, model)
             except ValueError as e:
                 raise CommandError(str(e)) from e
+
+
+def _refuse_blocks_that_drop_nothing(what: str, model: torch.nn.Module) -> None:
+    """A block-wise layer whose p rounds to 0 dropped blocks trains without dropout
+    while the table would say p: refused, naming the options that fix it."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, gyrodrop.BlockGyroLinear) and layer.p > 0 and layer.n_dropped == 0:
+            raise CommandError(
+                f"{what}: block-wise layer {name} drops 0 of its {layer.n_blocks} block(s) "
+                f"of {layer.block_size} features at p={layer.p:g}, so it would train without "
+                "dropout; raise --p / --input-p or lower --block-size"
+            )
 
 
 def make_configs(
