@@ -13,7 +13,7 @@ subnetwork's mask through.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -106,10 +106,15 @@ class ScheduledModule(SteppedModule):
 
     @property
     def subnet_schedule(self) -> SubnetSchedule:
-        """The schedule object for the current hyperparameters."""
-        return SubnetSchedule(
-            self.num_subnets, self.subnets_per_step, self.steps_per_set, self.schedule
-        )
+        """The schedule object for the current hyperparameters (built, and validated,
+        once per change of them: this runs on every training forward)."""
+        key = (self.num_subnets, self.subnets_per_step, self.steps_per_set, self.schedule)
+        cached = self.__dict__.get("_schedule_cache")
+        if cached is not None and cached[0] == key:
+            return cast(SubnetSchedule, cached[1])
+        schedule = SubnetSchedule(*key)
+        self.__dict__["_schedule_cache"] = (key, schedule)
+        return schedule
 
     def active_subnets(self, step: int | None = None) -> Tensor:
         """Ids of the subnetworks active at ``step`` (default: the current step)."""
@@ -143,7 +148,8 @@ class ScheduledModule(SteppedModule):
         schedule = self.subnet_schedule
         set_index = schedule.set_index(step)
         seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
-        key = (set_index, seed, schedule_seed, like, tuple(sorted(self.hparams().items(), key=str)))
+        # hparams() keeps its order per class: its values identify the settings.
+        key = (set_index, seed, schedule_seed, like, tuple(self.hparams().values()))
         cached = self._set_cache
         if cached is not None and cached[0] == key:
             return cached[1]
