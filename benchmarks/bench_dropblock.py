@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gyrodrop  # noqa: E402
 from gyrodrop.experiments.data import load_dataset  # noqa: E402
 from timing import interleaved_medians, markdown_table  # noqa: E402
+from training import accuracy, train_step  # noqa: E402
 
 METHODS = ("none", "dropout2d", "dropblock", "gyro-dropblock")
 
@@ -99,23 +99,6 @@ def build(method: str, base: nn.Sequential, cfg: Config, total_steps: int, seed:
     return net
 
 
-def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(net(x), y).backward()
-    opt.step()
-
-
-def accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
-    net.eval()
-    with torch.no_grad():
-        correct = sum(
-            int((net(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum())
-            for i in range(0, len(y), 1000)
-        )
-    net.train()
-    return correct / len(y)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny subset, one epoch, one seed")
@@ -157,7 +140,7 @@ def main() -> None:
                 for s in range(steps_per_epoch):
                     idx = order[s * cfg.batch : (s + 1) * cfg.batch]
                     train_step(net, opt, data.x_train[idx], data.y_train[idx])
-            acc[method].append(accuracy(net, data.x_test, data.y_test))
+            acc[method].append(accuracy(net, data.x_test, data.y_test, chunk=1000))
             print(f"seed {seed} {method:15s} test accuracy {acc[method][-1]:.4f}", flush=True)
 
     # Step time: the methods in interleaved rounds on one fixed batch.

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +36,7 @@ import gyrodrop  # noqa: E402
 from gyrodrop.experiments.data import load_dataset  # noqa: E402
 from gyrodrop.stochastic_depth import StochasticDepthLayer, block_keep  # noqa: E402
 from timing import interleaved_medians, markdown_table  # noqa: E402
+from training import accuracy, train_step  # noqa: E402
 
 VARIANTS = {
     "none": None,
@@ -88,23 +88,6 @@ def computed_share(net: nn.Module) -> float:
     return kept / max(total, 1)
 
 
-def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(net(x), y).backward()
-    opt.step()
-
-
-def accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
-    net.eval()
-    with torch.no_grad():
-        correct = sum(
-            int((net(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum())
-            for i in range(0, len(y), 500)
-        )
-    net.train()
-    return correct / len(y)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny subset, one epoch, one seed")
@@ -137,7 +120,7 @@ def main() -> None:
                 for s in range(steps_per_epoch):
                     idx = order[s * args.batch : (s + 1) * args.batch]
                     train_step(net, opt, data.x_train[idx], data.y_train[idx])
-            acc[name].append(accuracy(net, data.x_test, data.y_test))
+            acc[name].append(accuracy(net, data.x_test, data.y_test, chunk=500))
             print(f"seed {seed} {name:15s} test accuracy {acc[name][-1]:.4f}", flush=True)
 
     torch.manual_seed(0)
