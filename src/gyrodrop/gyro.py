@@ -102,7 +102,7 @@ def mask_shape_for(owner: str, shape: torch.Size, dims: tuple[int, ...] | None) 
 
 
 def subnet_masks(
-    seed: int,
+    seed: int | Tensor,
     subnets: Tensor,
     mask_shape: tuple[int, ...],
     p: float,
@@ -403,8 +403,23 @@ class GyroDropout(ScheduledModule):
         mask_shape_for(owner, x.shape, self.dims)
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
+        if self.traces_schedule():
+            return self._traced_forward(x)
         if self.p == 0.0:
             self.forward_step()
             return x
         group_masks, counts = self._prepare(x)
         return apply_group_masks(x, group_masks, counts)
+
+    def _traced_forward(self, x: Tensor) -> Tensor:
+        """The compiled training path: the step is a tensor and the active masks are
+        computed from it in the graph (the same bits as the cached eager masks)."""
+        step = self.forward_step_tensor()
+        if self.p == 0.0:
+            return x
+        active = self.active_subnets_tensor(step)
+        mshape = mask_shape_for(type(self).__name__, x.shape, self.dims)
+        m = subnet_masks(
+            self.seed, active, mshape, self.p, scale=self.scale, dtype=x.dtype, device=x.device
+        )
+        return apply_group_masks(x, m, self.group_counts(x.shape[0]))

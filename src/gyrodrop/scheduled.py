@@ -20,6 +20,7 @@ from torch import Tensor
 
 from gyrodrop import distributed
 from gyrodrop._validation import check_seed
+from gyrodrop.masks import SORTED_PERMUTATION_MAX
 from gyrodrop.schedule import (
     Schedule,
     SubnetSchedule,
@@ -113,13 +114,26 @@ class ScheduledModule(SteppedModule):
         if cached is not None and cached[0] == key:
             return cast(SubnetSchedule, cached[1])
         schedule = SubnetSchedule(*key)
-        self.__dict__["_schedule_cache"] = (key, schedule)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_schedule_cache"] = (key, schedule)
         return schedule
 
     def active_subnets(self, step: int | None = None) -> Tensor:
         """Ids of the subnetworks active at ``step`` (default: the current step)."""
         step = self.current_step() if step is None else step
         return self.subnet_schedule.at_step(self.current_schedule_seed(), step)
+
+    def active_subnets_tensor(self, step: Tensor) -> Tensor:
+        """Ids of the subnetworks active at ``step`` (a 0-d int64 tensor), int64 on its
+        device, shape ``(tau,)``: what the compiled training path computes in the graph
+        (see :meth:`gyrodrop.schedule.SubnetSchedule.at_step_tensor`)."""
+        return self.subnet_schedule.at_step_tensor(self.schedule_seed, step)
+
+    def traces_schedule(self) -> bool:
+        """Whether the compiled training path computes this layer's active set in the
+        graph: ``True`` while being compiled, with ``num_subnets <= 2**20`` (the
+        Feistel permutations of larger sigma keep the eager path, a graph break)."""
+        return torch.compiler.is_compiling() and self.num_subnets <= SORTED_PERMUTATION_MAX
 
     def current_schedule_seed(self) -> int:
         """The schedule seed as a Python int."""
@@ -163,6 +177,10 @@ class ScheduledModule(SteppedModule):
         local share of the global batch's ``subnets_per_step`` contiguous groups (see
         :func:`gyrodrop.distributed.row_window`)."""
         start, global_batch = distributed.row_window(batch)
+        if torch.compiler.is_compiling():  # traced once: a cache would only add guards
+            return distributed.local_group_counts(
+                start, batch, global_batch, self.subnets_per_step
+            )
         key = (start, batch, global_batch, self.subnets_per_step)
         cached = self._counts_cache
         if cached is not None and cached[0] == key:

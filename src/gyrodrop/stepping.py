@@ -131,7 +131,6 @@ def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(a, Tensor) and a.is_meta for a in (*args, *kwargs.values()))
 
 
-@torch.compiler.disable
 def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
     stepper = module.__dict__.get("_gyrodrop_stepper")
     if isinstance(stepper, _ModelStepper):
@@ -139,7 +138,6 @@ def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         stepper.used = False
 
 
-@torch.compiler.disable
 def _root_post_hook(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
 ) -> None:
@@ -153,7 +151,9 @@ def _root_post_hook(
         # mode (say MC dropout on a model in eval with its dropouts switched on)
         and (module.training or stepper.used)
         and output is not None  # None: the forward raised (the hook is always called)
-        and not in_backward()  # an activation-checkpoint recompute of the whole model
+        # an activation-checkpoint recompute of the whole model (a compiled model is
+        # recomputed inside its own graph, never by calling it again)
+        and (torch.compiler.is_compiling() or not in_backward())
         and not _has_meta_tensor(args, kwargs)  # shape inference, not a training step
     ):
         stepper.advance(module)
@@ -363,6 +363,9 @@ class SteppedModule(nn.Module):
         check_int(type(self).__name__ + ".advance", "n", n, 0)
         if self.step.is_meta:
             return
+        if torch.compiler.is_compiling():  # in the graph: no host copy to keep
+            self.step.add_(n)
+            return
         value = self.current_step()
         self.step.add_(n)  # a buffer: never requires grad
         try:
@@ -407,6 +410,28 @@ class SteppedModule(nn.Module):
             elif stepper.when == "forward":
                 stepper.outside_forward(self)
                 self.advance()
+        return step
+
+    def forward_step_tensor(self) -> Tensor:
+        """:meth:`forward_step` for the compiled training path: the step whose masks
+        this training forward uses, as a 0-d int64 tensor on the buffers' device, and,
+        for a layer that steps on its own calls, the buffer advanced in place. Tensor
+        ops only, so ``torch.compile`` traces it into the graph: the masks are computed
+        from the step inside the graph (no recompile per step, no graph break).
+
+        An activation-checkpoint recompute inside a compiled graph is the graph's own
+        recompute of the saved step (nothing to replay); a compiled module called again
+        by a checkpoint outside the graph is not told apart (run the checkpoint inside
+        the compiled model).
+        """
+        step = self.step
+        if self.auto_step:
+            stepper = self._stepper
+            if stepper is None or (not stepper.in_forward and stepper.when == "forward"):
+                step = step.clone()
+                self.step.add_(1)  # a buffer: never requires grad
+            elif stepper.in_forward and not stepper.used:
+                stepper.used = True
         return step
 
     def hparams(self) -> dict[str, Any]:

@@ -5,13 +5,14 @@ the wrapper :class:`StochasticDepthBlock` that skips a dropped branch."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Protocol, overload, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from gyrodrop.stochastic_depth.module import Mode, StochasticDepth
+from gyrodrop.stochastic_depth.module import Mode, StochasticDepth, row_coupling
 
 __all__ = [
     "ResidualBlock",
@@ -252,6 +253,8 @@ class StochasticDepthBlock(nn.Module):
         split: how to split the block; found from the block when omitted.
     """
 
+    _warned_rows = False  # said once why sample mode multiplies (class default: old pickles)
+
     def __init__(
         self,
         block: nn.Module,
@@ -320,5 +323,40 @@ class StochasticDepthBlock(nn.Module):
             if scale == 1.0:
                 return split.post(block, shortcut + branch)
             return split.post(block, torch.add(shortcut, branch, alpha=scale))
+        if sd.training and sd.mode == "sample" and not sd.mc_active and self._skippable(x):
+            shortcut = split.shortcut(block, x)
+            draw = sd.draw_rows(x.shape[0], x.device)
+            if draw is not None and draw.index is not None:
+                index = draw.index
+                if index.shape[0] == 0:
+                    if shortcut is x and split.has_post(block):
+                        shortcut = x.clone()  # post may work in place
+                    return split.post(block, shortcut)
+                branch = split.branch(block, x.index_select(0, index))
+                assert isinstance(draw.scale, float)
+                return split.post(block, shortcut.index_add(0, index, branch, alpha=draw.scale))
+            branch = split.branch(block, x)
+            return split.post(block, shortcut + (branch if draw is None else branch * draw.factors(branch)))
         shortcut = split.shortcut(block, x)
         return split.post(block, shortcut + sd(split.branch(block, x)))
+
+    def _skippable(self, x: Tensor) -> bool:
+        """Can sample mode compute the branch on the kept rows only? Not when the block
+        couples rows (BatchNorm in training, as in every torchvision-shaped block) or
+        draws by row position (:func:`~gyrodrop.stochastic_depth.module.row_coupling`):
+        then it multiplies, and says so once naming the block."""
+        if not isinstance(x, Tensor) or x.is_meta or x.dim() == 0:
+            return False
+        reason = row_coupling(self.block)
+        if reason is None:
+            return True
+        if not self._warned_rows and not torch.compiler.is_compiling():
+            self._warned_rows = True
+            warnings.warn(
+                f"StochasticDepthBlock ({type(self.block).__name__}): sample mode computes "
+                f"the branch on every row and multiplies the dropped rows by 0 (no "
+                f"saving): {reason}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return False

@@ -4,11 +4,12 @@ that keeps ``p``, the mode and the step). See :mod:`gyrodrop.stochastic_depth`."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gyrodrop import distributed, masks
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p
@@ -22,11 +23,18 @@ __all__ = [
     "StochasticDepth",
     "MCDraws",
     "MCLayoutError",
+    "KeptRows",
+    "KEPT_ROWS",
+    "RowDraw",
+    "draw_rows",
 ]
 
 #: What one decision drops: the whole batch's branch (``block``) or one sample's.
 Mode = Literal["block", "sample"]
 MODES: tuple[Mode, ...] = ("block", "sample")
+#: Sample mode: each row kept alone (``random``) or a fixed number of rows per step.
+KeptRows = Literal["random", "fixed"]
+KEPT_ROWS: tuple[KeptRows, ...] = ("random", "fixed")
 
 # Sub-streams of masks.TAG_DEPTH.
 _STREAM_BLOCK = 1
@@ -55,6 +63,85 @@ def _row_factors(keep: Tensor, ndim: int, p: float, dtype: torch.dtype) -> Tenso
     """Per-row factors ``keep / (1 - p)``, shaped ``(B, 1, ..., 1)`` to broadcast."""
     factor = keep.to(dtype) * (1.0 / (1.0 - p))
     return factor.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _n_dropped_rows(rate: float | Tensor, n: int) -> int | Tensor:
+    """Rows a ``kept_rows="fixed"`` draw drops from ``n``: ``rate * n`` to the nearest
+    integer, halves up."""
+    if isinstance(rate, Tensor):
+        return torch.floor(rate * n + 0.5).to(torch.int64)
+    return int(math.floor(rate * n + 0.5))
+
+
+@dataclass(frozen=True)
+class RowDraw:
+    """One step's sample-mode decision for ``B`` local rows (:meth:`StochasticDepth.draw_rows`).
+
+    ``keep``: bool ``(B,)``; ``scale``: what a kept row's branch is multiplied by
+    (``1/(1-rate)`` for ``kept_rows="random"``, the count-exact ``B / kept`` for
+    ``"fixed"``; a float, or a 0-d tensor when the rate comes from the step tensor);
+    ``index``: the kept rows' indices, sorted, int64 ``(kept,)``, or ``None`` when a
+    compiled graph cannot have their number as a shape (random rows under
+    ``torch.compile``: the caller then multiplies).
+    """
+
+    keep: Tensor
+    scale: float | Tensor
+    index: Tensor | None
+
+    def factors(self, like: Tensor) -> Tensor:
+        """Per-row factors ``keep * scale``, shape ``(B, 1, ..., 1)``, ``like``'s dtype."""
+        factor = self.keep.to(like.dtype) * self.scale
+        return factor.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def draw_rows(
+    seed: int | Tensor,
+    step: int | Tensor,
+    rate: float | Tensor,
+    batch: int,
+    device: torch.device,
+    kept_rows: KeptRows = "random",
+) -> RowDraw:
+    """Sample-mode decisions of the ``batch`` local rows at ``step``: a pure function of
+    ``(seed, step, rate)`` and each row's index in the global batch
+    (:func:`gyrodrop.distributed.row_window`).
+
+    ``kept_rows="random"``: each row is kept alone with probability ``1 - rate`` (the
+    bits of 0.1.0). ``"fixed"``: exactly ``batch - round(rate * batch)`` rows are kept
+    per local batch, those of the largest hash values (every row equally likely), so
+    the kept count, hence the shapes of a branch computed on the kept rows only, is
+    the same every step. ``seed``, ``step`` and ``rate`` may be tensors (the compiled
+    path): the same decisions, with tensor ops only.
+    """
+    start, _ = distributed.row_window(batch)
+    key: int | Tensor
+    if isinstance(seed, Tensor) or isinstance(step, Tensor):
+        key = masks.mix_keys_tensor(seed, masks.TAG_DEPTH, _STREAM_SAMPLE, step)
+    else:
+        key = masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_SAMPLE, step)
+    index = torch.arange(start, start + batch, dtype=torch.int64, device=device)
+    h = masks.hash_grid(key if isinstance(key, int) else key.to(device), index)
+    if kept_rows == "random":
+        if isinstance(rate, Tensor):
+            keep = h >= masks.drop_threshold_tensor(rate).to(device)
+            scale: float | Tensor = 1.0 / (1.0 - rate)
+        else:
+            keep = h >= masks.drop_threshold(rate)
+            scale = 1.0 / (1.0 - rate)
+        kept = None if torch.compiler.is_compiling() else keep.nonzero().squeeze(1)
+        return RowDraw(keep, scale, kept)
+    n_drop = _n_dropped_rows(rate, batch)
+    local = torch.arange(batch, dtype=torch.int64, device=device)
+    order = torch.argsort((h << 31) | local)  # smallest hashes first: the dropped rows
+    if isinstance(n_drop, Tensor):  # a rate that depends on the step tensor
+        rank = torch.empty_like(order).scatter_(0, order, local)
+        keep = rank >= n_drop.to(device)
+        scale = batch / (batch - n_drop).clamp_min(1).to(torch.float64)
+        return RowDraw(keep, scale, None)
+    kept_index = order[n_drop:].sort().values
+    keep = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, kept_index, True)
+    return RowDraw(keep, batch / max(batch - n_drop, 1), kept_index)
 
 
 def stochastic_depth(
@@ -107,6 +194,20 @@ def _factors(x: Tensor, p: float, mode: str, seed: int, step: int) -> Tensor | f
     key = masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_SAMPLE, step)
     keep = _keep_indices(key, start, x.shape[0], p, x.device)
     return _row_factors(keep, x.dim(), p, x.dtype)
+
+
+def row_coupling(branch: nn.Module) -> str | None:
+    """Why ``branch`` cannot be computed on the kept rows only, or ``None``: a module
+    inside couples the rows of a batch (BatchNorm in training: its statistics are over
+    the batch) or draws by row position (a gyrodrop layer: its masks follow each row's
+    place in the batch, which dropping rows would shift)."""
+    for name, module in branch.named_modules():
+        where = f" {name!r}" if name else ""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            return f"{type(module).__name__}{where} in training couples the rows"
+        if isinstance(module, SteppedModule) and module.training:
+            return f"{type(module).__name__}{where} draws its masks by row position"
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -182,10 +283,12 @@ class StochasticDepth(SteppedModule):
         auto_step: bool = True,
         warmup_steps: int = 0,
         per_rank: bool = False,
+        kept_rows: KeptRows = "random",
     ) -> None:
         owner = type(self).__name__
         p = check_p(owner, p)
         check_choice(owner, "mode", mode, MODES)
+        check_choice(owner, "kept_rows", kept_rows, KEPT_ROWS)
         check_int(owner, "warmup_steps", warmup_steps, 0)
         check_bool(owner, "per_rank", per_rank)
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
@@ -193,12 +296,14 @@ class StochasticDepth(SteppedModule):
         self.mode = mode
         self.warmup_steps = int(warmup_steps)
         self.per_rank = per_rank
+        self.kept_rows = kept_rows
         self._mc: MCDraws | None = None
 
     def extra_repr(self) -> str:
         warm = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
         rank = ", per_rank=True" if self.per_rank else ""
-        return f"p={self.p}, mode={self.mode}{warm}{rank}"
+        rows = ", kept_rows=fixed" if self.kept_rows == "fixed" else ""
+        return f"p={self.p}, mode={self.mode}{warm}{rank}{rows}"
 
     def decision_seed(self) -> int:
         """The seed of the block-mode decisions: the ``seed`` buffer, mixed with this
@@ -210,8 +315,12 @@ class StochasticDepth(SteppedModule):
         return masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_RANK, 0 if place is None else place[0])
 
     def hparams(self) -> dict[str, Any]:
-        """``p``, mode and ``warmup_steps``."""
-        return {"p": self.p, "mode": self.mode, "warmup_steps": self.warmup_steps}
+        """``p``, mode and ``warmup_steps`` (and ``kept_rows`` when ``"fixed"``: a
+        checkpoint of the default keeps the keys of 0.1.0)."""
+        out: dict[str, Any] = {"p": self.p, "mode": self.mode, "warmup_steps": self.warmup_steps}
+        if getattr(self, "kept_rows", "random") == "fixed":
+            out["kept_rows"] = "fixed"
+        return out
 
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
@@ -220,6 +329,41 @@ class StochasticDepth(SteppedModule):
         if self.warmup_steps and step < self.warmup_steps:
             return self.p * max(step, 0) / self.warmup_steps
         return self.p
+
+    def rate_tensor(self, step: Tensor) -> float | Tensor:
+        """:meth:`rate` of a step tensor (the compiled path): ``p`` (a float) without
+        warm-up, else a float64 0-d tensor with the same value as :meth:`rate`."""
+        if not self.warmup_steps:
+            return self.p
+        ramp = (self.p * step.clamp_min(0).to(torch.float64)) / self.warmup_steps
+        return torch.where(step < self.warmup_steps, ramp, torch.full_like(ramp, self.p))
+
+    def _step_and_rate(self) -> tuple[int | Tensor, float | Tensor]:
+        """This training forward's step (advanced when ``auto_step``) and rate: Python
+        values in eager mode, tensors while compiled."""
+        if torch.compiler.is_compiling():
+            step_t = self.forward_step_tensor()
+            return step_t, self.rate_tensor(step_t)
+        step = self.forward_step()
+        return step, self.rate(step)
+
+    def draw_rows(self, batch: int, device: torch.device) -> RowDraw | None:
+        """Sample mode: this step's decisions for ``batch`` local rows (see
+        :func:`draw_rows`), or ``None`` when the rate is 0 (every row kept, unscaled);
+        advances the step when ``auto_step`` (an activation-checkpoint recompute gets the
+        same decisions). What :class:`StochasticDepthLayer` and
+        :class:`StochasticDepthBlock` call to compute a branch on the kept rows only."""
+        if self.mode != "sample":
+            raise ValueError(
+                f"{type(self).__name__}: draw_rows() is for mode='sample', got "
+                f"mode={self.mode!r}; use draw_scale()"
+            )
+        step, rate = self._step_and_rate()
+        if isinstance(rate, float) and rate == 0.0:
+            return None
+        seed = self.seed if torch.compiler.is_compiling() else self.current_seed()
+        kept_rows = getattr(self, "kept_rows", "random")
+        return draw_rows(seed, step, rate, batch, device, kept_rows)
 
     @torch.compiler.disable
     def draw_scale(self) -> float:
@@ -295,7 +439,8 @@ class StochasticDepth(SteppedModule):
     @torch.compiler.disable
     def _draw(self, x: Tensor) -> Tensor | float:
         """This step's factors for ``x`` (see :func:`stochastic_depth`); advances the
-        step when ``auto_step``. Bookkeeping runs eagerly under ``torch.compile``."""
+        step when ``auto_step``. Block mode's bookkeeping runs eagerly under
+        ``torch.compile`` (a graph break); sample mode is traced (:meth:`forward`)."""
         step = self.forward_step()
         p = self.rate(step)
         if p == 0.0:
@@ -311,5 +456,13 @@ class StochasticDepth(SteppedModule):
             return self._mc_forward(x, self._mc)
         if x.is_meta:
             return x.clone()  # shapes only: no decision, no step
+        if self.mode == "sample":
+            if x.dim() == 0:
+                raise ValueError(
+                    f"{type(self).__name__}: sample mode needs a batch dim, shape (B, *), "
+                    "got a 0-d tensor"
+                )
+            draw = self.draw_rows(x.shape[0], x.device)
+            return x if draw is None else x * draw.factors(x)
         factor = self._draw(x)
         return x if isinstance(factor, float) and factor == 1.0 else x * factor
