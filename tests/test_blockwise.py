@@ -415,7 +415,9 @@ class TestCompile:
             assert torch.equal(y1, y2)
             y1.sum().backward()
             y2.sum().backward()
-        torch.testing.assert_close(twin.weight.grad, eager.weight.grad, atol=0, rtol=0)
+        # the compiled path derives its backward (the same pruned GEMMs, summed in
+        # another order): equal to float rounding
+        torch.testing.assert_close(twin.weight.grad, eager.weight.grad, atol=1e-5, rtol=1e-5)
         assert int(twin.step) == int(eager.step) == 4
 
     def test_inductor_model_matches_eager_outputs_and_gradients(self):

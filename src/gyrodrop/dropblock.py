@@ -147,7 +147,7 @@ def _grow(seeds: Tensor, block_size: int, h: int, w: int) -> Tensor:
     return out
 
 
-def _seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
+def _seed_maps(streams: Tensor, key: int | Tensor, n: int, gamma: float) -> Tensor:
     """Bernoulli(``gamma``) seed maps, bool ``(len(streams), n)``, True at seeds.
 
     Stream ``s`` (an int64 id) is a Bernoulli process over ``n`` positions drawn as
@@ -155,7 +155,9 @@ def _seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
     is proportional to the number of seeds (about ``gamma * n`` per stream), not to
     ``n``. Every stream is a pure function of ``(key, s)``. The gaps are computed in
     float64, so a CPU and an accelerator agree except, rarely, where their ``log``
-    differs in the last bit.
+    differs in the last bit. Under ``torch.compile`` the number of gaps drawn is
+    ``n + 1`` (enough for any stream: every gap is at least 1), a static shape instead
+    of the doubling loop: the same first gaps, so the same maps, at O(n) work.
     """
     m = len(streams)
     out = torch.zeros(m, n + 1, dtype=torch.bool, device=streams.device)
@@ -164,20 +166,22 @@ def _seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
     base = masks.hash_u32((streams * 0x2545F491 + key) & 0xFFFFFFFF).unsqueeze(1)  # (m, 1)
     log_q = math.log1p(-gamma)
     mean = n * gamma
-    k = int(mean + 5.0 * math.sqrt(mean) + 8.0)
+    k = n + 1 if torch.compiler.is_compiling() else int(mean + 5.0 * math.sqrt(mean) + 8.0)
+    if isinstance(key, Tensor):
+        key = key.to(streams.device)
     while True:
         j = torch.arange(k, dtype=torch.int64, device=streams.device)
         u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
         gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
         pos = gaps.to(torch.int64).cumsum(dim=1) - 1  # (m, k) seed positions
-        if bool((pos[:, -1] >= n).all()):
+        if k > n or bool((pos[:, -1] >= n).all()):
             break
         k *= 2  # a stream has more seeds than were drawn; its first gaps stay the same
     out.scatter_(1, pos.clamp_max(n), True)
     return out[:, :n]
 
 
-def _drop_maps(streams: Tensor, key: int, p: float, block_size: int, h: int, w: int) -> Tensor:
+def _drop_maps(streams: Tensor, key: int | Tensor, p: float, block_size: int, h: int, w: int) -> Tensor:
     """Drop maps (True dropped), bool ``(len(streams), h, w)``, one per stream."""
     bh, bw = _block_dims(block_size, h, w)
     hv, wv = h - bh + 1, w - bw + 1
@@ -202,7 +206,13 @@ def _mask_dtype(x: Tensor) -> torch.dtype:
 
 
 def _fresh_masks(
-    x: Tensor, p: float, block_size: int, seed: int, step: int, shared: bool, scale: Scale
+    x: Tensor,
+    p: float,
+    block_size: int,
+    seed: int | Tensor,
+    step: int | Tensor,
+    shared: bool,
+    scale: Scale,
 ) -> Tensor:
     """DropBlock2d's masks for ``x`` at ``step``, shape ``(B, C or 1, H, W)``, each row
     keyed by its index in the global batch."""
@@ -210,14 +220,18 @@ def _fresh_masks(
     cm = 1 if shared else c
     start, _ = distributed.row_window(b)
     streams = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
-    key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
+    key: int | Tensor
+    if isinstance(seed, Tensor) or isinstance(step, Tensor):
+        key = masks.mix_keys_tensor(seed, _TAG_DROPBLOCK, step)
+    else:
+        key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
     with torch.no_grad():
         drop = _drop_maps(streams, key, p, block_size, h, w)
         return _scaled(drop, p, block_size, scale, _mask_dtype(x)).reshape(b, cm, h, w)
 
 
 def subnet_block_masks(
-    seed: int,
+    seed: int | Tensor,
     subnets: Tensor,
     shape: tuple[int, int, int],
     p: float,
@@ -232,7 +246,11 @@ def subnet_block_masks(
     cm, h, w = shape
     subnets = subnets.to(device=device, dtype=torch.int64)
     streams = (subnets[:, None] * cm + torch.arange(cm, device=subnets.device)).reshape(-1)
-    key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
+    key: int | Tensor
+    if isinstance(seed, Tensor):
+        key = masks.mix_keys_tensor(seed, _TAG_GYRO_DROPBLOCK)
+    else:
+        key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
     with torch.no_grad():
         drop = _drop_maps(streams, key, p, block_size, h, w)
         return _scaled(drop, p, block_size, scale, dtype).reshape(len(subnets), cm, h, w)
@@ -427,6 +445,13 @@ class DropBlock2d(SteppedModule):
             return x
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
+        if torch.compiler.is_compiling() and not self.warmup_steps:
+            # traced: the step is a tensor, the masks are drawn from it in the graph
+            step = self.forward_step_tensor()
+            if self.p == 0.0:
+                return x
+            seed, shared = self.seed, self.shared_channels
+            return x * _fresh_masks(x, self.p, self.block_size, seed, step, shared, self.scale)
         m = self._masks(x)
         return x if m is None else x * m
 
@@ -566,6 +591,22 @@ class GyroDropBlock2d(ScheduledModule):
             return x
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
+        if self.traces_schedule():
+            # traced: the active masks are computed from the step tensor in the graph
+            step = self.forward_step_tensor()
+            if self.p == 0.0:
+                return x
+            group_masks = subnet_block_masks(
+                self.seed,
+                self.active_subnets_tensor(step),
+                self._mask_shape(x),
+                self.p,
+                self.block_size,
+                scale=self.scale,
+                dtype=_mask_dtype(x),
+                device=x.device,
+            )
+            return apply_group_masks(x, group_masks, self.group_counts(x.shape[0]))
         if self.p == 0.0:
             self.forward_step()
             return x

@@ -24,6 +24,7 @@ __all__ = [
     "InputPrunedLinear",
     "OutputPrunedLinear",
     "pruned_linear",
+    "pruned_linear_traced",
     "compute_dtype",
     "autocast_off",
 ]
@@ -443,3 +444,58 @@ def pruned_linear(
         ws,
     )
     return y
+
+
+def pruned_linear_traced(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    plan: Plan,
+    *,
+    prune: Literal["input", "output"],
+    block_size: int,
+    scale: float,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    """:func:`pruned_linear` written with differentiable out-of-place ops only (gathers,
+    batched GEMMs, an ``index_copy``), for ``torch.compile``: the compiler traces it
+    and derives the backward, which is pruned too (the gradient of a gather is an
+    ``index_add`` into the kept blocks: dropped blocks are never multiplied). No
+    workspace (the compiler plans memory). The same function as the autograd kernels
+    up to float rounding."""
+    g, n, bs = plan.groups, plan.rows_per_group, block_size
+    if prune == "input":
+        out = weight.shape[0]
+        k = plan.kept_blocks * bs
+        wg = weight.reshape(-1, bs).index_select(0, plan.w_rows).view(out, g, k)
+        xk = x.reshape(-1, bs).index_select(0, plan.gather).view(g, n, k)
+        if dtype is not None:
+            wg, xk = wg.to(dtype), xk.to(dtype)
+        with autocast_off(x):
+            xk, wt = xk * scale, wg.permute(1, 2, 0)  # (G, n, k), (G, k, O)
+            if bias is None:
+                yk = torch.bmm(xk, wt)
+            else:
+                b = (bias if dtype is None else bias.to(dtype)).view(1, 1, out)
+                yk = torch.baddbmm(b.expand(g, n, out), xk, wt)
+        y = yk.reshape(g * n, out)
+        return y if plan.real_pos is None else y.index_select(0, plan.real_pos)
+    rows, fin = x.shape
+    op = weight.shape[0]
+    nb, ko = op // bs, plan.kept_blocks * bs
+    wg = weight.reshape(-1, bs * fin).index_select(0, plan.blocks).view(g, ko, fin)
+    xg = x if plan.row_src is None else x.index_select(0, plan.row_src)
+    xg = xg.reshape(g, n, fin)
+    if dtype is not None:
+        wg, xg = wg.to(dtype), xg.to(dtype)
+    with autocast_off(x):
+        wt = wg.transpose(1, 2)  # (G, I, ko)
+        if bias is None:
+            yk = torch.bmm(xg, wt) * scale  # (G, n, ko)
+        else:
+            bg = bias.reshape(nb, bs).index_select(0, plan.blocks).view(g, 1, ko)
+            bg = bg if dtype is None else bg.to(dtype)
+            yk = torch.baddbmm(bg, xg, wt, beta=scale, alpha=scale)
+    index = plan.gather if plan.scatter is None else plan.scatter
+    y = yk.new_zeros(rows * nb + 1, bs).index_copy(0, index, yk.reshape(-1, bs))
+    return y[: rows * nb].view(rows, op)
