@@ -131,11 +131,29 @@ def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(a, Tensor) and a.is_meta for a in (*args, *kwargs.values()))
 
 
+def _compiled_training(root: nn.Module, stepper: _ModelStepper) -> bool:
+    """Under ``torch.compile`` the layers set no ``used`` flag: a model in eval whose
+    gyrodrop layers are in training mode (MC dropout) counts as a training forward."""
+    if not torch.compiler.is_compiling():
+        return False
+    return any(
+        isinstance(m, SteppedModule) and m._stepper is stepper and m.training
+        for m in root.modules()
+    )
+
+
 def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
     stepper = module.__dict__.get("_gyrodrop_stepper")
     if isinstance(stepper, _ModelStepper):
         stepper.in_forward = True
         stepper.used = False
+        if torch.compiler.is_compiling():
+            # The steps of this forward, read before anything runs: a layer inside an
+            # activation-checkpointed region then reads this copy, not the buffer that
+            # the post-hook advances in place (the recompute must not see it move).
+            for m in module.modules():
+                if isinstance(m, SteppedModule) and m._stepper is stepper and m.auto_step:
+                    m.__dict__["_step_snapshot"] = m.step.clone()
 
 
 def _root_post_hook(
@@ -145,11 +163,14 @@ def _root_post_hook(
     if not isinstance(stepper, _ModelStepper):
         return
     stepper.in_forward = False
+    if torch.compiler.is_compiling():
+        for m in module.modules():
+            m.__dict__.pop("_step_snapshot", None)
     if (
         stepper.when == "forward"
         # a training forward of the model, or one that ran gyrodrop layers in training
         # mode (say MC dropout on a model in eval with its dropouts switched on)
-        and (module.training or stepper.used)
+        and (module.training or stepper.used or _compiled_training(module, stepper))
         and output is not None  # None: the forward raised (the hook is always called)
         # an activation-checkpoint recompute of the whole model (a compiled model is
         # recomputed inside its own graph, never by calling it again)
@@ -427,11 +448,14 @@ class SteppedModule(nn.Module):
         step = self.step
         if self.auto_step:
             stepper = self._stepper
+            snapshot = self.__dict__.get("_step_snapshot")
+            if stepper is not None and stepper.in_forward and snapshot is not None:
+                return snapshot
             if stepper is None or (not stepper.in_forward and stepper.when == "forward"):
                 step = step.clone()
                 self.step.add_(1)  # a buffer: never requires grad
-            elif stepper.in_forward and not stepper.used:
-                stepper.used = True
+            # inside the model's forward: the root's post-hook advances (no flag set
+            # here: a checkpointed region may not mutate outer state; see the hook)
         return step
 
     def hparams(self) -> dict[str, Any]:
