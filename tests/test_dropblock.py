@@ -344,3 +344,40 @@ class TestGyroDropBlock2dSubnetworkStreams:
         drop = gyrodrop.DropBlock2d(0.3, 3, seed=5, auto_step=False)
         drop.set_step(11)
         assert _drop_bits_digest(drop(torch.ones(6, 5, 9, 9))) == "f945dea7dabb3bef"
+
+
+class TestEmptyFeatureMaps:
+    """An empty map (H or W = 0, or no rows / channels) comes back empty, as
+    ``nn.Dropout2d`` does (shared/cases/round3/case_dropblock_empty_map.py)."""
+
+    SHAPES = [(2, 3, 0, 8), (2, 3, 8, 0), (2, 3, 0, 0), (0, 3, 8, 8), (2, 0, 8, 8)]
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    @pytest.mark.parametrize(
+        "layer",
+        [
+            lambda: gyrodrop.DropBlock2d(0.3, 3),
+            lambda: gyrodrop.DropBlock2d(0.3, 3, shared_channels=True, scale="realized"),
+            lambda: gyrodrop.GyroDropBlock2d(0.3, 3, 8, 2, steps_per_set=1),
+            lambda: gyrodrop.GyroDropBlock2d(0.3, 7, 8, 2, steps_per_set=1, scale="realized"),
+        ],
+    )
+    def test_modules_return_the_empty_tensor_like_dropout2d(self, layer, shape):
+        x = torch.randn(shape)
+        assert layer()(x).shape == torch.nn.Dropout2d(0.3)(x).shape == shape
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_functionals_return_the_empty_tensor(self, shape):
+        x = torch.randn(shape)
+        assert dropblock2d(x, 0.3, 3, step=0).shape == shape
+        assert gyro_dropblock2d(x, 0.3, 3, step=0, num_subnets=8, subnets_per_step=2).shape == shape
+
+    def test_empty_maps_have_no_seed_rate_and_no_drop_probabilities(self):
+        assert seed_rate(0.3, 3, 0, 8) == 0.0 and seed_rate(0.3, 3, 8, 0) == 0.0
+        assert drop_probabilities(0.3, 3, 0, 8).shape == (0, 8)
+
+    def test_gyro_masks_of_an_empty_map_are_empty(self):
+        drop = gyrodrop.GyroDropBlock2d(0.3, 3, 8, 2, steps_per_set=1)
+        like = torch.ones(4, 3, 0, 5)
+        assert drop.active_masks(like, step=0).shape == (2, 3, 0, 5)
+        assert drop.subnet_mask(1, like).shape == (3, 0, 5)

@@ -99,6 +99,8 @@ def seed_rate(p: float, block_size: int, h: int, w: int) -> float:
         >>> round(seed_rate(0.1, 3, 8, 8), 6)  # 0.1 / 9 * 64 / 36
         0.019753
     """
+    if h <= 0 or w <= 0:
+        return 0.0  # an empty map has no block position (and no pixel to drop)
     bh, bw = _block_dims(block_size, h, w)
     gamma = p * (h * w) / (bh * bw * (h - bh + 1) * (w - bw + 1))
     return min(max(gamma, 0.0), 1.0)
@@ -200,6 +202,9 @@ def _seed_maps(streams: Streams, key: int, n: int, gamma: float) -> Tensor:
 
 def _drop_maps(streams: Streams, key: int, p: float, block_size: int, h: int, w: int) -> Tensor:
     """Drop maps (True dropped), bool ``(m, h, w)``, one per stream."""
+    if h == 0 or w == 0:  # an empty map: nothing to drop (as nn.Dropout2d)
+        first = streams[0] if isinstance(streams, tuple) else streams
+        return torch.zeros(len(first), h, w, dtype=torch.bool, device=first.device)
     bh, bw = _block_dims(block_size, h, w)
     hv, wv = h - bh + 1, w - bw + 1
     seeds = _seed_maps(streams, key, hv * wv, seed_rate(p, block_size, h, w))
@@ -423,7 +428,7 @@ class DropBlock2d(SteppedModule):
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
         from 0 over the first ``warmup_steps`` steps."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "rate")
         if self.warmup_steps and step < self.warmup_steps:
             return self.p * max(step, 0) / self.warmup_steps
         return self.p
@@ -538,7 +543,7 @@ class GyroDropBlock2d(ScheduledModule):
     def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, C or 1, H, W)``; cached until the set changes."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "active_masks")
         shape = self._mask_shape(x)
 
         def build(seed: int, active: Tensor) -> Tensor:

@@ -86,6 +86,23 @@ def check_input(owner: str, x: Any, *, rows: bool = True) -> None:
 _COUNTER_BUFFERS = ("step", "seed", "schedule_seed")
 
 
+def _bad_counter(name: str, value: Any) -> str | None:
+    """Why a checkpoint's ``step`` / ``seed`` / ``schedule_seed`` cannot be loaded (a
+    value below 0, a fraction), or ``None`` (fine, or not a one-element tensor: torch
+    reports a wrong shape itself)."""
+    if not isinstance(value, Tensor) or value.numel() != 1 or value.is_meta:
+        return None
+    if value.dtype == torch.bool or value.is_complex():
+        return f"the checkpoint's {name} must be an integer, got dtype {value.dtype}"
+    number = value.item()
+    if number < 0 or number != int(number):
+        return (
+            f"the checkpoint's {name} must be an int >= 0, got {number}; "
+            "hint: the checkpoint was edited or comes from other software"
+        )
+    return None
+
+
 class _ModelStepper:
     """The model-level stepper (:func:`attach_stepper`), kept on the model's root module
     as ``_gyrodrop_stepper`` and referenced by the modules it advances. ``when`` is
@@ -381,6 +398,20 @@ class SteppedModule(nn.Module):
         """The step counter as a Python int."""
         return self._host("step")
 
+    def _step_arg(self, step: Any, method: str) -> Any:
+        """``step`` as given to the public method ``method`` (``active_masks``,
+        ``rate``, ...): the current step for ``None``, else an int ``>= 0`` (a 0-d
+        integer tensor passes as it is: the compiled path's step).
+
+        Raises:
+            ValueError: e.g. ``"GyroDropout.active_masks: step must be an int, got 1.5"``.
+        """
+        if step is None:
+            return self.current_step()
+        if isinstance(step, Tensor) and step.dim() == 0 and not step.is_floating_point():
+            return step
+        return check_int(f"{type(self).__name__}.{method}", "step", step, 0)
+
     @torch.compiler.disable
     def forward_step(self) -> int:
         """The step whose masks this training forward uses; call once per training
@@ -465,6 +496,14 @@ class SteppedModule(nn.Module):
         unexpected_keys,
         error_msgs,
     ) -> None:
+        # A counter that no layer could hold (a negative step or seed, a fraction) is
+        # refused, as torch refuses a wrong shape: named in the error, not loaded.
+        for name in _COUNTER_BUFFERS:
+            problem = _bad_counter(name, state_dict.get(prefix + name))
+            if problem is not None:
+                del state_dict[prefix + name]  # (load_state_dict reads a copy)
+                where = f" {prefix.rstrip('.')!r}" if prefix else ""
+                error_msgs.append(f"{type(self).__name__}{where}: {problem}")
         # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed, one from
         # before schedule seeds no schedule_seed: keep the module's own values.
         absent = [n for n in (*_COUNTER_BUFFERS, "_extra_state") if prefix + n not in state_dict]
