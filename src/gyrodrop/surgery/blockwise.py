@@ -59,8 +59,8 @@ def apply_block_gyro(
     may be passed as keywords; stepping is as in
     :func:`apply_gyro_dropout` (one step per training forward of ``model``). Every
     dropout that is not fused (followed by something else than a Linear, a module used
-    twice, a functional ``F.dropout``,
-    too few blocks for ``p``, a ``p`` that rounds to 0 dropped blocks, inside a ``torch.nn`` layer such as
+    twice, a functional ``F.dropout``, too few blocks for ``p``, a ``p`` that rounds to
+    0 dropped blocks, inside a ``torch.nn`` layer such as
     ``nn.TransformerEncoderLayer`` that tracing does not enter, ``Dropout2d`` and the
     like) is left as it is and named, with the reason, in one warning that counts
     the dropouts left alone. All-or-nothing: when building a fused layer fails, the
