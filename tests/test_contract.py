@@ -322,3 +322,33 @@ def test_methods_taking_a_step_refuse_what_is_not_a_step(case: Case, step: objec
     for method, call in calls.items():
         with pytest.raises(ValueError, match=rf"{owner}\.{method}: step must be"):
             call()
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+class TestExportOfALayer:
+    """A layer used on its own: scripting is refused (TorchScript cannot run it), tracing
+    and ``torch.export`` in training mode are refused (the graph would freeze one
+    step's masks), each saying what to do; in eval mode both record the eval output."""
+
+    def test_script_trace_and_export_in_training_mode_say_what_to_do(self, case: Case) -> None:
+        module = case.make(seed=0).train()
+        x = _input(case)
+        with pytest.raises(RuntimeError, match=r"torch\.jit\.script cannot compile") as e:
+            torch.jit.script(module)
+        assert "remove_gyro_dropout" in str(e.value)
+        for record, name in [
+            (lambda: torch.jit.trace(module, x, check_trace=False), "torch.jit.trace"),
+            (lambda: torch.export.export(module, (x,)), "torch.export"),
+        ]:
+            with pytest.raises(RuntimeError, match=rf"{name} in training mode") as e:
+                record()
+            assert "model.eval()" in str(e.value) and "remove_gyro_dropout" in str(e.value)
+        assert module.current_step() == 0  # nothing recorded, nothing stepped
+
+    def test_trace_and_export_in_eval_mode_record_the_eval_output(self, case: Case) -> None:
+        module = case.make(seed=0).eval()
+        x = _input(case)
+        expected = module(x)
+        traced = torch.jit.trace(module, x, check_trace=False)
+        torch.testing.assert_close(traced(x), expected)
+        torch.testing.assert_close(torch.export.export(module, (x,)).module()(x), expected)

@@ -30,6 +30,8 @@ __all__ = [
     "set_stepping",
     "bind_to_optimizer",
     "attach_stepper",
+    "detach_stepper",
+    "refuse_export",
     "check_input",
     "in_backward",
     "Stepping",
@@ -144,6 +146,33 @@ class _ModelStepper:
             )
 
 
+_EXPORT_HINT = (
+    "undo the surgery first with gyrodrop.remove_gyro_dropout(model) (and "
+    "gyrodrop.surgery.remove_stochastic_depth(model)), which leaves eval() outputs "
+    "unchanged, or export the model in eval mode (model.eval(): gyrodrop layers are then "
+    "the identity, BlockGyroLinear a Linear) with torch.export.export or torch.jit.trace"
+)
+
+
+def refuse_export(owner: str) -> None:
+    """Refuse a training forward that ``torch.jit.trace`` or ``torch.export`` records:
+    the graph would freeze this step's masks (and never advance the step)."""
+    tracer = (
+        "torch.jit.trace"
+        if torch.jit.is_tracing()
+        else "torch.export"
+        if torch.compiler.is_exporting()
+        else None
+    )
+    if tracer is not None:
+        raise RuntimeError(
+            f"{owner}: cannot be recorded by {tracer} in training mode: the graph would "
+            "freeze this step's masks and never advance the step. Hint: call model.eval() "
+            "before exporting, or undo the surgery first with gyrodrop.remove_gyro_dropout"
+            "(model) (and gyrodrop.surgery.remove_stochastic_depth(model))"
+        )
+
+
 def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(a, Tensor) and a.is_meta for a in (*args, *kwargs.values()))
 
@@ -198,6 +227,36 @@ def attach_stepper(model: nn.Module) -> None:
     for module in root.modules():
         if isinstance(module, SteppedModule) and module.auto_step:
             module._stepper = stepper
+
+
+def detach_stepper(model: nn.Module) -> bool:
+    """Take the model-level stepper off ``model`` (wrappers looked through) once no
+    gyrodrop module inside is stepped by it: its forward hooks, its optimizer hook and
+    the attribute go, so the model has exactly the hooks it had before
+    :func:`attach_stepper` (what the undo functions call after putting the plain
+    modules back). Returns whether it was taken off; a stepper still in use stays."""
+    root = _unwrap("detach_stepper", model)
+    stepper = root.__dict__.get("_gyrodrop_stepper")
+    if not isinstance(stepper, _ModelStepper):
+        return False
+    if any(isinstance(m, SteppedModule) and m._stepper is stepper for m in root.modules()):
+        return False
+    if stepper.optimizer_hook is not None:
+        stepper.optimizer_hook.remove()
+        stepper.optimizer_hook = None
+    hooks = (
+        (root._forward_pre_hooks, _root_pre_hook),
+        (root._forward_hooks, _root_post_hook),
+    )
+    for registry, fn in hooks:
+        for key in [k for k, hook in registry.items() if hook is fn]:
+            # what RemovableHandle.remove() does, for handles not kept (copies, pickles)
+            del registry[key]
+            root._forward_pre_hooks_with_kwargs.pop(key, None)
+            root._forward_hooks_with_kwargs.pop(key, None)
+            root._forward_hooks_always_called.pop(key, None)
+    del root.__dict__["_gyrodrop_stepper"]
+    return True
 
 
 def _unwrap(owner: str, model: Any) -> nn.Module:
@@ -424,6 +483,7 @@ class SteppedModule(nn.Module):
         each backward before the next training forward that steps, as training loops
         do; with several forwards per backward use :func:`bind_to_optimizer`.)
         """
+        refuse_export(type(self).__name__)
         if in_backward():
             replay = self._replay_step
             return self.current_step() if replay is None else replay
@@ -444,6 +504,14 @@ class SteppedModule(nn.Module):
         """The hyperparameters that shape this layer's masks (JSON types), saved with
         its state; subclasses extend it."""
         return {}
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` asks this first: refused with what to do instead (the
+        masks follow a step counter kept in Python, which TorchScript cannot run)."""
+        raise RuntimeError(
+            f"{type(self).__name__}: torch.jit.script cannot compile gyrodrop layers (their "
+            f"masks follow a step counter kept in Python). Hint: {_EXPORT_HINT}"
+        )
 
     def get_extra_state(self) -> Tensor:
         """:meth:`hparams` as UTF-8 JSON in a uint8 tensor (a tensor, so safetensors

@@ -15,6 +15,7 @@ from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
+from gyrodrop.stepping import detach_stepper
 from gyrodrop.stochastic_depth import (
     MODES,
     LayerSplit,
@@ -186,7 +187,9 @@ def apply_stochastic_depth(
 
 def remove_stochastic_depth(model: nn.Module) -> int:
     """Undo :func:`gyrodrop.apply_stochastic_depth`: put every wrapped block back in
-    place (e.g. to export a plain model after training). Returns the count."""
+    place (e.g. to export a plain model after training). Returns the count. Once no
+    gyrodrop layer is left, the model-level stepper goes too: the model has exactly
+    the hooks it had before surgery."""
 
     def unwrap(module: nn.Module, _: int) -> nn.Module:
         if isinstance(module, StochasticDepthLayer):
@@ -194,7 +197,9 @@ def remove_stochastic_depth(model: nn.Module) -> int:
         assert isinstance(module, StochasticDepthBlock)  # the policy matches only these
         return module.block
 
-    return replace_modules(model, {StochasticDepthBlock: unwrap, StochasticDepthLayer: unwrap})
+    count = replace_modules(model, {StochasticDepthBlock: unwrap, StochasticDepthLayer: unwrap})
+    detach_stepper(model)
+    return count
 
 
 def linear_rates(drop_rate: float, count: int) -> list[float]:
