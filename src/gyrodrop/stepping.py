@@ -159,7 +159,7 @@ def refuse_export(owner: str) -> None:
     the graph would freeze this step's masks (and never advance the step)."""
     tracer = (
         "torch.jit.trace"
-        if torch.jit.is_tracing()
+        if torch.jit.is_tracing()  # type: ignore[attr-defined]
         else "torch.export"
         if torch.compiler.is_exporting()
         else None
