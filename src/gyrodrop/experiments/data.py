@@ -92,6 +92,8 @@ class Dataset:
         y_test: ``(M,)`` int64.
         num_classes: number of classes.
         classes: class names (strings), index = label.
+        x_val, y_val: an optional validation split held out of the training split
+            (``gyrodrop study``), standardized like ``x_test``; ``None`` otherwise.
     """
 
     name: str
@@ -101,6 +103,8 @@ class Dataset:
     y_test: Tensor
     num_classes: int
     classes: tuple[str, ...]
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
 
     @property
     def in_shape(self) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 import gyrodrop
+from gyrodrop.experiments.cli.study_options import add_study_parser
 from gyrodrop.experiments.data import DATASETS
 from gyrodrop.experiments.models import MODELS, PAPER_CONV
 from gyrodrop.experiments.train import METHODS, OPTIMIZERS, RECIPES
@@ -450,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plots", action="store_true", help="do not write files to --out")
     report.add_argument("--quiet", action="store_true", help="no notes on stderr")
     _debug(report)
+    add_study_parser(sub, **kw)
     return parser
 
 
