@@ -92,8 +92,7 @@ class Dataset:
         y_test: ``(M,)`` int64.
         num_classes: number of classes.
         classes: class names (strings), index = label.
-        x_val, y_val: an optional validation split held out of the training split
-            (``gyrodrop study``), standardized like ``x_test``; ``None`` otherwise.
+        x_val, y_val: a validation split held out of the training split (study runs).
     """
 
     name: str

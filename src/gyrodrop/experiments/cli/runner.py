@@ -195,7 +195,7 @@ class DataCache:
                 val_size=cfg.val_size or 1,
                 seed=cfg.seed,
                 split_seed=cfg.split_seed,
-                arrays=self._arrays[akey],  # type: ignore[arg-type]
+                arrays=self._arrays[akey],
             )
         return self._cache[key]
 

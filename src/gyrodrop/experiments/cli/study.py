@@ -57,10 +57,13 @@ def _steps(cfg: RunConfig, n: int | None = None) -> int:
     return cfg.epochs * -(-size // cfg.batch_size)
 
 
-def estimate_seconds(configs: Sequence[RunConfig], finished: Sequence[dict[str, Any]]) -> float:
-    """Estimated seconds to train ``configs`` one after the other: per run the median
-    ``wall_seconds`` of finished runs of the same model, method and size (else model and
-    method, else model), scaled by steps; else :data:`STEP_SECONDS` per step."""
+def estimate_seconds(
+    configs: Sequence[RunConfig], finished: Sequence[dict[str, Any]]
+) -> tuple[float, int]:
+    """Estimated seconds to train ``configs`` one after the other, and how many of the
+    runs were estimated from the database: per run the median ``wall_seconds`` per step
+    of finished runs of the same model, method and size (else model and method, else
+    model) times its steps; else :data:`STEP_SECONDS` per step."""
     rate: dict[tuple[Any, ...], list[float]] = {}
     for r in finished:
         secs, steps = r.get("wall_seconds"), r.get("steps")
@@ -73,15 +76,16 @@ def estimate_seconds(configs: Sequence[RunConfig], finished: Sequence[dict[str, 
             (r["model"],),
         ):
             rate.setdefault(k, []).append(per_step)
-    total = 0.0
+    total, measured = 0.0, 0
     for c in configs:
         for k in ((c.model, c.method, c.train_size), (c.model, c.method), (c.model,)):
             if k in rate:
                 total += statistics.median(rate[k]) * _steps(c)
+                measured += 1
                 break
         else:
             total += STEP_SECONDS.get(c.model, 0.1) * _steps(c)
-    return total
+    return total, measured
 
 
 def _hms(seconds: float) -> str:
@@ -179,16 +183,17 @@ def run(args: argparse.Namespace) -> int:
                 finished = store.records(experiment="study")
                 done = store.finished_keys()
         pending = [c for c in configs if c.key() not in done]
-        secs = estimate_seconds(pending, finished)
+        secs, measured = estimate_seconds(pending, finished)
         emit(plan.summary())
         emit(
             f"runs: {len(configs)} ({len(configs) - len(pending)} already in {args.db}, "
             f"{len(pending)} to train)"
         )
-        source = "finished runs in the database" if finished else "STEP_SECONDS (measured)"
         emit(
             f"estimated time: {_hms(secs)} with one process, {_hms(secs / 2)} with two "
-            f"(one thread each; from {source})"
+            f"(one thread each; {measured} of {len(pending)} runs from the wall time of "
+            "finished runs in the database, the others from STEP_SECONDS, measured on a "
+            "shared 2-core CPU)"
         )
         return 0
     progress = _StudyProgress(args.quiet)

@@ -303,7 +303,7 @@ def _toml() -> Any:
 
         return tomllib
     try:
-        import tomli
+        import tomli  # type: ignore[import-not-found, unused-ignore]
     except ImportError:  # pragma: no cover - Python 3.10 without the experiments extra
         raise PlanError(
             'TOML plans need Python 3.11+ or tomli (pip install "gyrodrop[experiments]"); '
@@ -347,9 +347,9 @@ def expand(plan: Plan, seeds: int | None = None) -> list[RunConfig]:
             for size, method in itertools.product(cell.sizes, cell.methods):
                 grid: list[tuple[int | None, int | None]] = [(None, None)]
                 if method in _GRID and (cell.num_subnets or cell.subnets_per_step):
-                    sig = cell.num_subnets or (recipe.get("num_subnets", 256),)
-                    tau = cell.subnets_per_step or (recipe.get("subnets_per_step", 16),)
-                    grid = [(s, t) for s, t in itertools.product(sig, tau) if t <= s]
+                    sigmas = cell.num_subnets or (int(recipe.get("num_subnets", 256)),)
+                    taus = cell.subnets_per_step or (int(recipe.get("subnets_per_step", 16)),)
+                    grid = [(s, t) for s, t in itertools.product(sigmas, taus) if t <= s]
                 for sigma, tau in grid:
                     kw = dict(recipe)
                     if sigma is not None:

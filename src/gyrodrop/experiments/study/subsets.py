@@ -38,7 +38,7 @@ def study_indices(
     Example:
         >>> small, val = study_indices(100, 10, 20, seed=3)
         >>> large, val2 = study_indices(100, 50, 20, seed=3)
-        >>> set(small) <= set(large), (val == val2).all(), set(large).isdisjoint(val)
+        >>> set(small) <= set(large), bool((val == val2).all()), set(large).isdisjoint(val)
         (True, True, True)
     """
     if train_size < 1 or val_size < 1:
