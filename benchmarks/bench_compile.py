@@ -159,10 +159,16 @@ def compile_models(quick: bool) -> dict[str, tuple[nn.Module, Tensor]]:
     block = gyrodrop.BlockGyroLinear(d, d, p=0.5, block_size=16, subnets_per_step=2, **kw)
     models = {
         "GyroDropout": (_mlp(gyrodrop.GyroDropout(0.5, subnets_per_step=4, **kw), d), None),
-        "BlockGyroLinear": (nn.Sequential(nn.Linear(d, d), nn.ReLU(), block, nn.Linear(d, 10)), None),
+        "BlockGyroLinear": (
+            nn.Sequential(nn.Linear(d, d), nn.ReLU(), block, nn.Linear(d, 10)),
+            None,
+        ),
         "DropBlock2d": (convnet(gyrodrop.DropBlock2d(0.1, 3)), img),
         "GyroDropBlock2d": (convnet(gyrodrop.GyroDropBlock2d(0.1, 3, 16, 4, steps_per_set=3)), img),
-        "StochasticDepth (sample, fixed rows)": (stack, torch.randn(b // 4, 16, 64 if quick else 128)),
+        "StochasticDepth (sample, fixed rows)": (
+            stack,
+            torch.randn(b // 4, 16, 64 if quick else 128),
+        ),
     }
     out = {}
     for name, (net, x) in models.items():
@@ -186,8 +192,8 @@ def compile_table(args: argparse.Namespace) -> str:
         opt_e = torch.optim.SGD(eager.parameters(), lr=1e-3)
         opt_c = torch.optim.SGD(compiled_module.parameters(), lr=1e-3)
         steps: dict[str, Callable[[], object]] = {
-            "eager": lambda e=eager, o=opt_e: train_step(e, o, x, y),
-            "compiled": lambda c=compiled, o=opt_c: train_step(c, o, x, y),
+            "eager": lambda e=eager, o=opt_e, x=x, y=y: train_step(e, o, x, y),
+            "compiled": lambda c=compiled, o=opt_c, x=x, y=y: train_step(c, o, x, y),
         }
         steps["compiled"]()  # compiles
         repeats, inner = (3, 1) if args.quick else (7, 3)

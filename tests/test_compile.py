@@ -95,6 +95,7 @@ def test_every_layer_compiles_fullgraph_equal_to_eager_in_one_graph() -> None:
 
 def test_compiled_steps_resume_into_eager_and_back() -> None:
     """A checkpoint of the compiled model resumes the eager sequence exactly."""
+
     def make() -> nn.Module:
         kw = {"num_subnets": 8, "steps_per_set": 2}
         net = nn.Sequential(
@@ -167,7 +168,9 @@ def test_block_mode_stochastic_depth_compiles_with_a_graph_break_per_layer() -> 
 # Sample mode computes the branch on the kept rows only.
 
 
-def _skip_and_multiply(kept_rows: str, make: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
+def _skip_and_multiply(
+    kept_rows: str, make: Callable[[], nn.Module]
+) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     skip = StochasticDepthLayer(make(), 0.5, "sample", seed=3)
     skip.stochastic_depth.kept_rows = kept_rows

@@ -204,7 +204,9 @@ def _seed_maps(streams: Streams, key: int | Tensor, n: int, gamma: float) -> Ten
     return out[:, :n]
 
 
-def _drop_maps(streams: Streams, key: int | Tensor, p: float, block_size: int, h: int, w: int) -> Tensor:
+def _drop_maps(
+    streams: Streams, key: int | Tensor, p: float, block_size: int, h: int, w: int
+) -> Tensor:
     """Drop maps (True dropped), bool ``(m, h, w)``, one per stream."""
     if h == 0 or w == 0:  # an empty map: nothing to drop (as nn.Dropout2d)
         first = streams[0] if isinstance(streams, tuple) else streams

@@ -240,7 +240,11 @@ def element_keep_mask(
 
 
 def block_keep_mask(
-    seed: int | Tensor, subnets: Tensor, n_blocks: int, n_drop: int, device: torch.device | None = None
+    seed: int | Tensor,
+    subnets: Tensor,
+    n_blocks: int,
+    n_drop: int,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Block keep masks, shape ``(len(subnets), n_blocks)``, with exactly ``n_drop``
     blocks dropped in every mask (the ``n_drop`` blocks of smallest hash)."""

@@ -178,9 +178,7 @@ class ScheduledModule(SteppedModule):
         :func:`gyrodrop.distributed.row_window`)."""
         start, global_batch = distributed.row_window(batch)
         if torch.compiler.is_compiling():  # traced once: a cache would only add guards
-            return distributed.local_group_counts(
-                start, batch, global_batch, self.subnets_per_step
-            )
+            return distributed.local_group_counts(start, batch, global_batch, self.subnets_per_step)
         key = (start, batch, global_batch, self.subnets_per_step)
         cached = self._counts_cache
         if cached is not None and cached[0] == key:

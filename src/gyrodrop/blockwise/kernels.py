@@ -467,6 +467,7 @@ def pruned_linear_traced(
     if prune == "input":
         out = weight.shape[0]
         k = plan.kept_blocks * bs
+        assert plan.w_rows is not None  # built with out_features for input pruning
         wg = weight.reshape(-1, bs).index_select(0, plan.w_rows).view(out, g, k)
         xk = x.reshape(-1, bs).index_select(0, plan.gather).view(g, n, k)
         if dtype is not None:

@@ -338,7 +338,9 @@ class StochasticDepthBlock(nn.Module):
                 assert isinstance(draw.scale, float)
                 return split.post(block, shortcut.index_add(0, index, branch, alpha=draw.scale))
             branch = split.branch(block, x)
-            return split.post(block, shortcut + (branch if draw is None else branch * draw.factors(branch)))
+            return split.post(
+                block, shortcut + (branch if draw is None else branch * draw.factors(branch))
+            )
         shortcut = split.shortcut(block, x)
         return split.post(block, shortcut + sd(split.branch(block, x)))
 

@@ -4,15 +4,14 @@ skips a dropped layer."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
-
-import warnings
 
 import torch
 from torch import Tensor, nn
 
-from gyrodrop.stochastic_depth.module import KeptRows, Mode, StochasticDepth, row_coupling
+from gyrodrop.stochastic_depth.module import Mode, StochasticDepth, row_coupling
 
 __all__ = [
     "StochasticDepthLayer",
@@ -225,7 +224,12 @@ class StochasticDepthLayer(nn.Module):
             if scale == 1.0:
                 return out
             return _with_first(out, torch.add(x, h - x, alpha=scale))
-        if sd.training and sd.mode == "sample" and not sd.mc_active and self._skippable(x, args, kwargs):
+        if (
+            sd.training
+            and sd.mode == "sample"
+            and not sd.mc_active
+            and self._skippable(x, args, kwargs)
+        ):
             draw = sd.draw_rows(x.shape[0], x.device)
             if draw is not None and draw.index is not None:
                 return self._kept_rows_forward(x, args, kwargs, draw.index, draw.scale)
@@ -253,8 +257,11 @@ class StochasticDepthLayer(nn.Module):
             batch = x.shape[0]
             others = [*enumerate(args[1:], 1), *kwargs.items()]
             for key, value in others:
-                if isinstance(value, Tensor) and value is not x and value.dim() and (
-                    value.shape[0] == batch and batch > 1
+                if (
+                    isinstance(value, Tensor)
+                    and value is not x
+                    and value.dim()
+                    and (value.shape[0] == batch and batch > 1)
                 ):
                     reason = f"argument {key!r} has the batch dim"
                     break

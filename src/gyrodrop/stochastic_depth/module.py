@@ -362,7 +362,7 @@ class StochasticDepth(SteppedModule):
         if isinstance(rate, float) and rate == 0.0:
             return None
         seed = self.seed if torch.compiler.is_compiling() else self.current_seed()
-        kept_rows = getattr(self, "kept_rows", "random")
+        kept_rows: KeptRows = getattr(self, "kept_rows", "random")
         return draw_rows(seed, step, rate, batch, device, kept_rows)
 
     @torch.compiler.disable
