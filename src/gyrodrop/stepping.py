@@ -115,6 +115,7 @@ class _ModelStepper:
         self.when = "forward"
         self.in_forward = False  # between the root's forward pre-hook and post-hook
         self.used = False  # a module it owns ran a training forward in this root forward
+        self.advanced = False  # a compiled forward advanced at its start (pre-hook)
         self.warned = False
         self.optimizer_hook: Any = None  # RemovableHandle of the optimizer's post-hook
 
@@ -124,6 +125,7 @@ class _ModelStepper:
         state["optimizer_hook"] = None
         state["in_forward"] = False
         state["used"] = False
+        state["advanced"] = False
         return state
 
     def advance(self, root: nn.Module) -> None:
@@ -177,15 +179,32 @@ def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(a, Tensor) and a.is_meta for a in (*args, *kwargs.values()))
 
 
-def _compiled_training(root: nn.Module, stepper: _ModelStepper) -> bool:
-    """Under ``torch.compile`` the layers set no ``used`` flag: a model in eval whose
-    gyrodrop layers are in training mode (MC dropout) counts as a training forward."""
-    if not torch.compiler.is_compiling():
-        return False
-    return any(
-        isinstance(m, SteppedModule) and m._stepper is stepper and m.training
+def _compiled_pre_step(root: nn.Module, stepper: _ModelStepper, args: tuple[Any, ...]) -> None:
+    """The model-level step of a compiled forward, taken at its start: every owned
+    module's step is copied (``_step_snapshot``: what its layers read) and then the
+    buffers advance. Taking it here, not in the post-hook, keeps the in-place advance out
+    of the forward graph, so an activation-checkpointed region (whose recompute reads
+    the saved step) never sees its input move; and a compiled user model then makes two
+    graphs at most (this hook's, the forward's): the post-hook does no tensor work.
+    Unlike eager mode, a compiled forward that raises has advanced the step."""
+    owned = [
+        m
         for m in root.modules()
-    )
+        if isinstance(m, SteppedModule) and m._stepper is stepper and m.auto_step
+    ]
+    for m in owned:
+        m.__dict__["_step_snapshot"] = m.step.clone()
+    if (
+        stepper.when == "forward"
+        # a training forward, or one that runs gyrodrop layers in training mode (MC
+        # dropout on a model in eval with its dropouts switched on)
+        and (root.training or any(m.training for m in owned))
+        and not _has_meta_tensor(args, {})  # shape inference, not a training step
+    ):
+        for m in owned:
+            if not m.step.is_meta:
+                m.step.add_(1)  # a buffer: never requires grad
+        stepper.advanced = True
 
 
 def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -193,13 +212,9 @@ def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
     if isinstance(stepper, _ModelStepper):
         stepper.in_forward = True
         stepper.used = False
+        stepper.advanced = False
         if torch.compiler.is_compiling():
-            # The steps of this forward, read before anything runs: a layer inside an
-            # activation-checkpointed region then reads this copy, not the buffer that
-            # the post-hook advances in place (the recompute must not see it move).
-            for m in module.modules():
-                if isinstance(m, SteppedModule) and m._stepper is stepper and m.auto_step:
-                    m.__dict__["_step_snapshot"] = m.step.clone()
+            _compiled_pre_step(module, stepper, args)
 
 
 def _root_post_hook(
@@ -209,18 +224,18 @@ def _root_post_hook(
     if not isinstance(stepper, _ModelStepper):
         return
     stepper.in_forward = False
-    if torch.compiler.is_compiling():
+    if getattr(stepper, "advanced", False):  # a compiled forward: stepped at its start
+        stepper.advanced = False
         for m in module.modules():
             m.__dict__.pop("_step_snapshot", None)
+        return
     if (
         stepper.when == "forward"
         # a training forward of the model, or one that ran gyrodrop layers in training
         # mode (say MC dropout on a model in eval with its dropouts switched on)
-        and (module.training or stepper.used or _compiled_training(module, stepper))
+        and (module.training or stepper.used)
         and output is not None  # None: the forward raised (the hook is always called)
-        # an activation-checkpoint recompute of the whole model (a compiled model is
-        # recomputed inside its own graph, never by calling it again)
-        and (torch.compiler.is_compiling() or not in_backward())
+        and not in_backward()  # an activation-checkpoint recompute of the whole model
         and not _has_meta_tensor(args, kwargs)  # shape inference, not a training step
     ):
         stepper.advance(module)
@@ -511,10 +526,16 @@ class SteppedModule(nn.Module):
         if in_backward():
             replay = self._replay_step
             return self.current_step() if replay is None else replay
+        snapshot = self.__dict__.get("_step_snapshot")
+        stepper = self._stepper
+        if snapshot is not None and stepper is not None and stepper.in_forward:
+            # a compiled model advanced at its start: this forward's step is the copy
+            # (an eager piece of it, e.g. a block-mode decision behind a graph break)
+            self._replay_step = int(snapshot)
+            return self._replay_step
         step = self.current_step()
         self._replay_step = step
         if self.auto_step:
-            stepper = self._stepper
             if stepper is None:
                 self.advance()
             elif stepper.in_forward:
