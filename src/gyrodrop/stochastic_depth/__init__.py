@@ -14,8 +14,11 @@ Two granularities:
   rank makes the same decision without communicating.
 - ``mode="sample"``: one decision per example (dim 0), keyed by the example's row in the
   *global* batch (:func:`gyrodrop.distributed.row_window`), so a DDP run draws exactly
-  what one process with the concatenated batch would. The branch is computed for all
-  rows (regularization, no saving).
+  what one process with the concatenated batch would. The wrappers compute a branch
+  whose rows are independent on the kept rows only and add it back (``index_add``):
+  the dropped rows' work is saved; a branch that couples rows (BatchNorm in training)
+  is computed for every row and multiplied. ``kept_rows="fixed"`` keeps exactly
+  ``B - round(p * B)`` rows per step (static shapes, for ``torch.compile``).
 
 Randomness is counter-based (:mod:`gyrodrop.masks`): no generator state, nothing to
 synchronize, and the ``step``/``seed`` buffers resume the exact sequence from a
@@ -55,18 +58,28 @@ from gyrodrop.stochastic_depth.layer import (
     shape_error,
 )
 from gyrodrop.stochastic_depth.module import (
+    KEPT_ROWS,
     MODES,
+    KeptRows,
     MCDraws,
     MCLayoutError,
     Mode,
+    RowDraw,
     StochasticDepth,
     block_keep,
+    draw_rows,
+    row_coupling,
     stochastic_depth,
 )
 
 __all__ = [
     "MODES",
     "Mode",
+    "KEPT_ROWS",
+    "KeptRows",
+    "RowDraw",
+    "draw_rows",
+    "row_coupling",
     "ResidualBlock",
     "StochasticDepth",
     "StochasticDepthBlock",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gyrodrop.stepping import refuse_export
-from gyrodrop.stochastic_depth.module import Mode, StochasticDepth, row_coupling
+from gyrodrop.stochastic_depth.module import KeptRows, Mode, StochasticDepth, row_coupling
 
 __all__ = [
     "ResidualBlock",
@@ -242,15 +242,18 @@ class StochasticDepthBlock(nn.Module):
     - training, ``mode="block"``: when the branch is dropped it is not computed, so its
       parameters get no gradient that step (under DDP use
       ``find_unused_parameters=True``).
-    - training, ``mode="sample"``: the branch is computed for every row and multiplied
-      by per-row factors.
+    - training, ``mode="sample"``: per-row decisions; a branch whose rows are
+      independent is computed on the kept rows only and added back into the shortcut
+      (``index_add``); a block that couples rows (BatchNorm in training, as every
+      torchvision-shaped block) computes every row and multiplies, saying so once.
     - a block with its own ``branch``/``shortcut`` methods is checked once, on its first
       training input, against its ``forward`` (eval mode, no gradients): ``ValueError``
       when they differ. torchvision-shaped blocks are checked at surgery.
 
     Args:
         block: the residual block.
-        p, mode, seed, auto_step, warmup_steps, per_rank: see :class:`StochasticDepth`.
+        p, mode, seed, auto_step, warmup_steps, per_rank, kept_rows: see
+            :class:`StochasticDepth`.
         split: how to split the block; found from the block when omitted.
     """
 
@@ -267,13 +270,20 @@ class StochasticDepthBlock(nn.Module):
         warmup_steps: int = 0,
         split: Split | None = None,
         per_rank: bool = False,
+        kept_rows: KeptRows = "random",
     ) -> None:
         super().__init__()
         if split is None:
             split = targeted_split(block)
         self.block = block
         self.stochastic_depth = StochasticDepth(
-            p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
+            p,
+            mode,
+            seed=seed,
+            auto_step=auto_step,
+            warmup_steps=warmup_steps,
+            per_rank=per_rank,
+            kept_rows=kept_rows,
         )
         self._split = split
         self._verified = False  # a user's branch/shortcut, checked on the first input

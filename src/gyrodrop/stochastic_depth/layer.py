@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gyrodrop.stochastic_depth.module import Mode, StochasticDepth, row_coupling
+from gyrodrop.stochastic_depth.module import KeptRows, Mode, StochasticDepth, row_coupling
 
 __all__ = [
     "StochasticDepthLayer",
@@ -138,8 +138,16 @@ class StochasticDepthLayer(nn.Module):
     - training, ``mode="block"``: when dropped, the layer is not computed and the hidden
       states pass through (other outputs, e.g. attention weights, are ``None``); when
       kept, ``x + (f(x) - x) / (1 - p)``.
-    - training, ``mode="sample"``: the layer is computed for every row; row ``b`` gets
-      ``x_b + keep_b * (f(x)_b - x_b) / (1 - p)``.
+    - training, ``mode="sample"``: row ``b`` gets ``x_b + keep_b * (f(x)_b - x_b) /
+      (1 - p)`` (``B / kept`` for ``kept_rows="fixed"``). The layer is computed on the
+      kept rows only (``index_select``, then ``index_add`` back into ``x``: dropped rows
+      are the input, exactly) when its rows are independent: no BatchNorm in training
+      and no gyrodrop layer inside (:func:`~gyrodrop.stochastic_depth.row_coupling`), no
+      other tensor argument with the batch dim, and it returns its hidden states alone
+      (learned on the first call, which computes every row). Otherwise every row is
+      computed and multiplied, and a ``UserWarning`` says why once, naming the layer.
+      Under ``torch.compile`` random rows use the multiply form (their count is not a
+      static shape); fixed rows skip.
 
     The first computed output is checked to have the input's shape (``ValueError``
     naming the layer otherwise). Attributes the wrapper lacks are read from the layer
@@ -155,6 +163,8 @@ class StochasticDepthLayer(nn.Module):
         auto_step: who advances the step.
         warmup_steps: steps over which ``p`` ramps up from 0.
         per_rank: independent decisions per data-parallel rank.
+        kept_rows: sample mode's rows: ``"random"`` or ``"fixed"`` (see
+            :class:`StochasticDepth`).
         name: the layer's name in the model, for error messages.
         split: what a probe at surgery learned about the layer's output.
     """
@@ -173,11 +183,18 @@ class StochasticDepthLayer(nn.Module):
         per_rank: bool = False,
         name: str = "",
         split: LayerSplit | None = None,
+        kept_rows: KeptRows = "random",
     ) -> None:
         super().__init__()
         self.layer = layer
         self.stochastic_depth = StochasticDepth(
-            p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
+            p,
+            mode,
+            seed=seed,
+            auto_step=auto_step,
+            warmup_steps=warmup_steps,
+            per_rank=per_rank,
+            kept_rows=kept_rows,
         )
         self._name = name
         self._structure: Structure | None = None if split is None else split.structure

@@ -255,8 +255,19 @@ class StochasticDepth(SteppedModule):
             makes the same decision; ``True``: each rank decides alone (its rank mixed
             into the seed; Composer's ``use_same_gpu_seed=False``). Sample mode already
             decides per example.
+        kept_rows: sample mode: ``"random"`` (default, the draws of 0.1.0): each example
+            is kept alone with probability ``1 - rate``, kept rows scaled by
+            ``1/(1 - rate)``; ``"fixed"``: exactly ``B - round(rate * B)`` of the ``B``
+            local rows are kept every step (every row equally likely), scaled by the
+            count-exact ``B / kept``, so a branch computed on the kept rows has the
+            same shape every step (``torch.compile`` without recompiles; DINOv2's and
+            torchtune's layer dropout do the same).
 
     Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
+
+    Under ``torch.compile`` sample mode is traced: the step is a tensor and the
+    decisions are computed from it in the graph (no graph break, no recompile per
+    step). Block mode decides on the host (:meth:`draw_scale`): a graph break.
 
     Used alone it multiplies (a dropped branch was still computed). To skip the work,
     let :func:`gyrodrop.apply_stochastic_depth` wrap the block, or call

@@ -17,7 +17,9 @@ from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.stepping import detach_stepper
 from gyrodrop.stochastic_depth import (
+    KEPT_ROWS,
     MODES,
+    KeptRows,
     LayerSplit,
     Mode,
     StochasticDepth,
@@ -55,6 +57,7 @@ def apply_stochastic_depth(
     auto_step: bool = True,
     per_rank: bool = False,
     example_inputs: Any = None,
+    kept_rows: KeptRows = "random",
 ) -> int:
     """Wrap the residual blocks of ``model`` in
     :class:`~gyrodrop.stochastic_depth.StochasticDepthBlock`, in place.
@@ -85,6 +88,11 @@ def apply_stochastic_depth(
             per optimizer step); ``False``: call :func:`gyrodrop.step` yourself.
         per_rank: block mode under data parallelism: ``True`` lets each rank draw its
             own decisions (default ``False``: identical decisions on every rank).
+        kept_rows: sample mode: ``"random"`` (default: each example kept alone with
+            probability ``1 - p``) or ``"fixed"`` (exactly ``B - round(p * B)`` rows
+            kept per step, scaled by ``B / kept``: static shapes, for
+            ``torch.compile``). Either way a layer or branch whose rows are independent
+            is computed on the kept rows only (see :class:`~gyrodrop.StochasticDepth`).
         example_inputs: inputs of one forward of ``model`` (a tensor, a tuple of
             positional arguments or a dict of keywords), used once to check that the
             layers to wrap keep the shape of their hidden states.
@@ -132,6 +140,7 @@ def apply_stochastic_depth(
     check_bool(owner, "auto_step", auto_step)
 
     check_bool(owner, "per_rank", per_rank)
+    check_choice(owner, "kept_rows", kept_rows, KEPT_ROWS)
 
     root = unwrap_model(model)
     blocks = find_residual_blocks(root, target, example_inputs)
@@ -157,6 +166,7 @@ def apply_stochastic_depth(
                 per_rank=per_rank,
                 name=names[i],
                 split=split,
+                kept_rows=kept_rows,
             )
         return StochasticDepthBlock(
             module,
@@ -167,6 +177,7 @@ def apply_stochastic_depth(
             warmup_steps=warmup,
             split=split,
             per_rank=per_rank,
+            kept_rows=kept_rows,
         )
 
     policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
