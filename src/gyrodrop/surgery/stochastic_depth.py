@@ -123,7 +123,7 @@ def apply_stochastic_depth(
     """
     owner = "apply_stochastic_depth"
     check_model(owner, model)
-    drop_rate = check_p(owner, drop_rate)
+    drop_rate = check_p(owner, drop_rate, "drop_rate")
     check_choice(owner, "drop_distribution", drop_distribution, DROP_DISTRIBUTIONS)
     check_choice(owner, "mode", mode, MODES)
     warmup = warmup_steps_for(owner, drop_warmup, total_steps)
