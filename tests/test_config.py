@@ -241,6 +241,15 @@ class TestEveryConfig:
         config = method.config(**{**method.base, "p": 0})  # an int p
         assert isinstance(config.p, float)
 
+    def test_a_module_pickled_before_configs_loads_its_settings(self, method):
+        module = method.module(**method.base)
+        state = module.__getstate__()
+        del state["config"]
+        state.update(module.hparams())  # settings as plain attributes, as 0.1.0 kept them
+        old = type(module).__new__(type(module))
+        old.__setstate__(state)
+        assert old.config == module.config
+
     def test_replace_checks_the_change(self, method):
         config = method.config(**method.base)
         assert config.replace(p=0.25).p == 0.25

@@ -182,14 +182,13 @@ class LayerConfig:
         }
 
     def describe(self) -> str:
-        """``"p=0.5, num_subnets=256, ..."``: the fields for ``extra_repr`` (``None``
-        and ``False`` fields that default to them are left out)."""
+        """``"p=0.5, num_subnets=256, ..."``: every field for ``extra_repr``, ``p``
+        first (fields that are ``None`` are left out)."""
         parts = []
-        for f in sorted(fields(self), key=lambda f: f.name != "p"):  # p first
+        for f in sorted(fields(self), key=lambda f: f.name != "p"):
             value = getattr(self, f.name)
-            if value == f.default and not isinstance(value, str) and not value:
-                continue  # an option left off (None, False, 0)
-            parts.append(f"{f.name}={value}")
+            if value is not None:
+                parts.append(f"{f.name}={value}")
         return ", ".join(parts)
 
 

@@ -14,6 +14,7 @@ the step of the layer's last training forward and never advances.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from typing import Any, Literal
@@ -381,6 +382,14 @@ class SteppedModule(nn.Module):
         state = dict(self.__dict__)
         state["_mirrors"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A module pickled before configs held its settings as attributes.
+        if "config" not in state and type(self).config_class is not LayerConfig:
+            names = {f.name for f in dataclasses.fields(self.config_class)}
+            settings = {name: state.pop(name) for name in list(state) if name in names}
+            state["config"] = self.config_class(**settings, owner=type(self).__name__)
+        super().__setstate__(state)
 
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
