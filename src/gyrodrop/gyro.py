@@ -340,7 +340,7 @@ class GyroDropout(ScheduledModule):
     ) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, *mask_shape)``; cached until the set changes."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "active_masks")
         config = self.config
         if mshape is None:
             mshape = mask_shape_for(type(self).__name__, x.shape, config.dims)

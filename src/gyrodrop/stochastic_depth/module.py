@@ -219,7 +219,7 @@ class StochasticDepth(SteppedModule):
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
         from 0 over the first ``warmup_steps`` steps."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "rate")
         return warmup_rate(self.config.p, self.config.warmup_steps, step)
 
     @torch.compiler.disable
