@@ -477,7 +477,8 @@ class DropBlock2d(SteppedModule):
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
-        return _dropblock_masks(x, self.config, self.current_seed(), self.forward_step())
+        step = self.forward_step()
+        return _dropblock_masks(x, self.config, self.current_seed(), step)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(type(self).__name__, x, training=self.training)
