@@ -4,13 +4,14 @@ from gyrodrop.blockwise import BlockGyroLinear
 from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.schedule import bind_to_optimizer, set_stepping, step
-from gyrodrop.stochastic_depth import StochasticDepth
+from gyrodrop.stochastic_depth import StochasticDepth, depth_rates
 from gyrodrop.surgery import (
     SurgeryWarning,
     apply_block_gyro,
     apply_dropblock,
     apply_gyro_dropout,
     apply_stochastic_depth,
+    prune_layers,
     remove_gyro_dropout,
 )
 from gyrodrop.uncertainty import Prediction, mc_predict, subnet_ensemble_predict
@@ -27,6 +28,8 @@ __all__ = [
     "apply_gyro_dropout",
     "StochasticDepth",
     "apply_stochastic_depth",
+    "depth_rates",
+    "prune_layers",
     "Prediction",
     "mc_predict",
     "subnet_ensemble_predict",

@@ -30,6 +30,7 @@ __all__ = [
     "set_stepping",
     "bind_to_optimizer",
     "attach_stepper",
+    "detach_stepper",
     "check_input",
     "in_backward",
     "Stepping",
@@ -181,6 +182,28 @@ def attach_stepper(model: nn.Module) -> None:
     for module in root.modules():
         if isinstance(module, SteppedModule) and module.auto_step:
             module._stepper = stepper
+
+
+def detach_stepper(model: nn.Module) -> None:
+    """Undo :func:`attach_stepper` on ``model`` (wrappers looked through): its forward
+    hooks and stepper go (the optimizer hook of :func:`bind_to_optimizer` too), so a
+    model left without gyrodrop modules carries nothing of gyrodrop. A model without a
+    stepper is left as it is."""
+    root = _unwrap("detach_stepper", model)
+    stepper = root.__dict__.pop("_gyrodrop_stepper", None)
+    if isinstance(stepper, _ModelStepper) and stepper.optimizer_hook is not None:
+        stepper.optimizer_hook.remove()
+    for hooks, hook in (
+        (root._forward_pre_hooks, _root_pre_hook),
+        (root._forward_hooks, _root_post_hook),
+    ):
+        for key in [k for k, v in hooks.items() if v is hook]:
+            del hooks[key]
+            root._forward_hooks_with_kwargs.pop(key, None)
+            root._forward_hooks_always_called.pop(key, None)
+    for module in root.modules():
+        if isinstance(module, SteppedModule) and module._stepper is stepper:
+            module._stepper = None
 
 
 def _unwrap(owner: str, model: Any) -> nn.Module:

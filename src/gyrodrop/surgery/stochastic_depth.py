@@ -6,7 +6,7 @@ turn a model's own ``DropPath`` modules into seeded :class:`~gyrodrop.Stochastic
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from torch import nn
@@ -43,7 +43,7 @@ DROP_DISTRIBUTIONS: tuple[DropDistribution, ...] = ("uniform", "linear")
 
 def apply_stochastic_depth(
     model: nn.Module,
-    drop_rate: float = 0.2,
+    drop_rate: float | Sequence[float] | Sequence[Sequence[float]] = 0.2,
     drop_distribution: DropDistribution = "linear",
     mode: Mode = "block",
     drop_warmup: float = 0.0,
@@ -67,7 +67,11 @@ def apply_stochastic_depth(
 
     Args:
         model: the network (DDP / ``torch.compile`` wrappers are looked through).
-        drop_rate: drop probability of the last block, in ``[0, 1)``.
+        drop_rate: drop probability of the last block, in ``[0, 1)``; or the rate of
+            every block found, in order (a flat sequence, or per stage as
+            :func:`gyrodrop.depth_rates` returns them), used as given
+            (``drop_distribution`` does not apply); its length must equal the number
+            of blocks found.
         drop_distribution: ``"linear"``: block ``i`` of ``L`` (in ``named_modules``
             order) gets ``drop_rate * (i + 1) / L``; ``"uniform"``: every block
             ``drop_rate``.
@@ -123,7 +127,7 @@ def apply_stochastic_depth(
     """
     owner = "apply_stochastic_depth"
     check_model(owner, model)
-    drop_rate = check_p(owner, drop_rate)
+    given = _given_rates(owner, drop_rate)
     check_choice(owner, "drop_distribution", drop_distribution, DROP_DISTRIBUTIONS)
     check_choice(owner, "mode", mode, MODES)
     warmup = warmup_steps_for(owner, drop_warmup, total_steps)
@@ -134,10 +138,18 @@ def apply_stochastic_depth(
 
     root = unwrap_model(model)
     blocks = find_residual_blocks(root, target, example_inputs)
-    if drop_distribution == "linear":
-        rates = linear_rates(drop_rate, len(blocks))
+    if isinstance(given, list):
+        if len(given) != len(blocks):
+            raise ValueError(
+                f"{owner}: drop_rate has {len(given)} rates but {len(blocks)} blocks were "
+                "found; hint: one rate per block, in named_modules order (see "
+                "gyrodrop.surgery.find_residual_blocks)"
+            )
+        rates = given
+    elif drop_distribution == "linear":
+        rates = linear_rates(given, len(blocks))
     else:
-        rates = [drop_rate] * len(blocks)
+        rates = [given] * len(blocks)
     chosen = {id(block): (i, split) for i, (_, block, split) in enumerate(blocks)}
     names = [name for name, _, _ in blocks]
 
@@ -182,6 +194,20 @@ def apply_stochastic_depth(
             stacklevel=2,
         )
     return count
+
+
+def _given_rates(owner: str, drop_rate: Any) -> float | list[float]:
+    """``drop_rate`` checked: one rate, or the flat list of per-block rates (nested
+    per-stage sequences flattened)."""
+    if isinstance(drop_rate, (str, bytes)) or not isinstance(drop_rate, Sequence):
+        return check_p(owner, drop_rate, "drop_rate")
+    flat: list[float] = []
+    for i, item in enumerate(drop_rate):
+        if isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
+            flat.extend(check_p(owner, r, f"drop_rate[{i}][{j}]") for j, r in enumerate(item))
+        else:
+            flat.append(check_p(owner, item, f"drop_rate[{i}]"))
+    return flat
 
 
 def remove_stochastic_depth(model: nn.Module) -> int:
