@@ -36,6 +36,7 @@ from training import accuracy, train_step  # noqa: E402
 VARIANTS = {
     "none": None,
     "SD 0.5 linear": ("linear", 0.5),
+    "SD 0.2 uniform": ("uniform", 0.2),
     "SD 0.5 uniform": ("uniform", 0.5),
 }
 

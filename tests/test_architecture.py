@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "gyrodrop._validation": 0,
     "gyrodrop._modules": 0,
     "gyrodrop.masks": 1,
+    "gyrodrop.spatial_masks": 1,  # DropBlock's block masks over 2-d and 3-d maps
     "gyrodrop.schedule": 2,
     "gyrodrop.stepping": 2,
     "gyrodrop.distributed": 3,

@@ -35,18 +35,17 @@ contiguous row groups, one mask each, the set kept for ``steps_per_set`` steps.
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from gyrodrop import distributed, masks
+from gyrodrop import distributed, masks, spatial_masks
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p
 from gyrodrop.gyro import SCALES, Scale, apply_group_masks
 from gyrodrop.schedule import Schedule, SteppedModule, SubnetSchedule, check_input
 from gyrodrop.scheduled import ScheduledModule
+from gyrodrop.spatial_masks import drop_probabilities, seed_rate
 
 __all__ = [
     "DropBlock2d",
@@ -78,123 +77,11 @@ def _check_input(owner: str, x: Tensor, *, training: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Pure mask arithmetic.
-
-
-def _block_dims(block_size: int, h: int, w: int) -> tuple[int, int]:
-    """The block's height and width on an ``h x w`` map (clamped to the map)."""
-    return min(block_size, h), min(block_size, w)
-
-
-def seed_rate(p: float, block_size: int, h: int, w: int) -> float:
-    """The paper's gamma for an ``h x w`` map: the probability that a valid position
-    (one where a whole block fits) seeds a block. Clamped to ``[0, 1]``.
-
-    Example:
-        >>> round(seed_rate(0.1, 3, 8, 8), 6)  # 0.1 / 9 * 64 / 36
-        0.019753
-    """
-    bh, bw = _block_dims(block_size, h, w)
-    gamma = p * (h * w) / (bh * bw * (h - bh + 1) * (w - bw + 1))
-    return min(max(gamma, 0.0), 1.0)
-
-
-def _cover_counts(block_size: int, h: int, w: int) -> Tensor:
-    """``n(i, j)``: how many valid block positions cover pixel ``(i, j)``, int64 (h, w)."""
-    bh, bw = _block_dims(block_size, h, w)
-
-    def along(n: int, b: int) -> Tensor:
-        i = torch.arange(n, dtype=torch.int64)
-        return torch.minimum(i, torch.tensor(n - b)) - torch.clamp(i - b + 1, min=0) + 1
-
-    return along(h, bh)[:, None] * along(w, bw)[None, :]
-
-
-def drop_probabilities(p: float, block_size: int, h: int, w: int) -> Tensor:
-    """The exact probability that each pixel of an ``h x w`` map is dropped,
-    ``1 - (1 - gamma) ** n(i, j)``, float64, shape ``(h, w)``. Its mean is the expected
-    dropped fraction (a little under ``p``: blocks overlap)."""
-    gamma = seed_rate(p, block_size, h, w)
-    n = _cover_counts(block_size, h, w).to(torch.float64)
-    return 1.0 - (1.0 - gamma) ** n
-
-
-@functools.lru_cache(maxsize=64)
-def _inverted_factors(
-    p: float, block_size: int, h: int, w: int, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """Per-pixel ``1 / P(keep)``, shape ``(h, w)``; cached (read-only: used in
-    ``torch.where`` only), so a step does not rebuild and copy it to the device."""
-    keep = 1.0 - drop_probabilities(p, block_size, h, w)
-    return (1.0 / keep.clamp_min(1e-12)).to(device=device, dtype=dtype)
-
-
-def _grow(seeds: Tensor, block_size: int, h: int, w: int) -> Tensor:
-    """Seed maps (True at a block's top-left corner), bool ``(N, hv, wv)`` over the valid
-    region, to drop maps, bool ``(N, h, w)``: every seed grown into its block.
-
-    This is the max-pool (a dilation) of the zero-padded seed map by the block, done as
-    ``bw + bh`` in-place ORs of shifted slices (no padding copy, no float pooling).
-    """
-    bh, bw = _block_dims(block_size, h, w)
-    n, hv, wv = seeds.shape
-    rows = torch.zeros(n, hv, w, dtype=torch.bool, device=seeds.device)
-    for k in range(bw):  # a loop over the block's width, not over pixels
-        rows[:, :, k : k + wv] |= seeds
-    out = torch.zeros(n, h, w, dtype=torch.bool, device=seeds.device)
-    for k in range(bh):
-        out[:, k : k + hv, :] |= rows
-    return out
-
-
-def _seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
-    """Bernoulli(``gamma``) seed maps, bool ``(len(streams), n)``, True at seeds.
-
-    Stream ``s`` (an int64 id) is a Bernoulli process over ``n`` positions drawn as
-    geometric gaps between seeds, gap ``j`` from the hash of ``(key, s, j)``: the work
-    is proportional to the number of seeds (about ``gamma * n`` per stream), not to
-    ``n``. Every stream is a pure function of ``(key, s)``. The gaps are computed in
-    float64, so a CPU and an accelerator agree except, rarely, where their ``log``
-    differs in the last bit.
-    """
-    m = len(streams)
-    out = torch.zeros(m, n + 1, dtype=torch.bool, device=streams.device)
-    if gamma <= 0.0 or m == 0 or n == 0:
-        return out[:, :n]
-    base = masks.hash_u32((streams * 0x2545F491 + key) & 0xFFFFFFFF).unsqueeze(1)  # (m, 1)
-    log_q = math.log1p(-gamma)
-    mean = n * gamma
-    k = int(mean + 5.0 * math.sqrt(mean) + 8.0)
-    while True:
-        j = torch.arange(k, dtype=torch.int64, device=streams.device)
-        u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
-        gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
-        pos = gaps.to(torch.int64).cumsum(dim=1) - 1  # (m, k) seed positions
-        if bool((pos[:, -1] >= n).all()):
-            break
-        k *= 2  # a stream has more seeds than were drawn; its first gaps stay the same
-    out.scatter_(1, pos.clamp_max(n), True)
-    return out[:, :n]
-
-
-def _drop_maps(streams: Tensor, key: int, p: float, block_size: int, h: int, w: int) -> Tensor:
-    """Drop maps (True dropped), bool ``(len(streams), h, w)``, one per stream."""
-    bh, bw = _block_dims(block_size, h, w)
-    hv, wv = h - bh + 1, w - bw + 1
-    seeds = _seed_maps(streams, key, hv * wv, seed_rate(p, block_size, h, w))
-    return _grow(seeds.reshape(-1, hv, wv), block_size, h, w)
+# Masks (the arithmetic is in gyrodrop.spatial_masks).
 
 
 def _scaled(drop: Tensor, p: float, block_size: int, scale: Scale, dtype: torch.dtype) -> Tensor:
-    """Scaled masks ``(N, h, w)`` from drop maps (see the module docstring): 0 where
-    dropped, the kept pixels' factor elsewhere."""
-    h, w = drop.shape[-2:]
-    if scale == "realized":
-        kept = (~drop).sum(dim=(-2, -1), keepdim=True).clamp_min(1)
-        factor = (h * w / kept.to(torch.float64)).to(dtype)  # (N, 1, 1)
-    else:
-        factor = _inverted_factors(p, block_size, h, w, dtype, drop.device)  # (h, w)
-    return torch.where(drop, torch.zeros((), dtype=dtype, device=drop.device), factor)
+    return spatial_masks.scaled(drop, p, block_size, scale == "realized", dtype)
 
 
 def _mask_dtype(x: Tensor) -> torch.dtype:
@@ -206,20 +93,20 @@ def _fresh_masks(
 ) -> Tensor:
     """DropBlock2d's masks for ``x`` at ``step``, shape ``(B, C or 1, H, W)``, each row
     keyed by its index in the global batch."""
-    b, c, h, w = x.shape
+    b, c, *sizes = x.shape
     cm = 1 if shared else c
     start, _ = distributed.row_window(b)
     streams = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
     key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
     with torch.no_grad():
-        drop = _drop_maps(streams, key, p, block_size, h, w)
-        return _scaled(drop, p, block_size, scale, _mask_dtype(x)).reshape(b, cm, h, w)
+        drop = spatial_masks.drop_maps(streams, key, p, block_size, sizes)
+        return _scaled(drop, p, block_size, scale, _mask_dtype(x)).reshape(b, cm, *sizes)
 
 
 def subnet_block_masks(
     seed: int,
     subnets: Tensor,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     p: float,
     block_size: int,
     *,
@@ -228,14 +115,15 @@ def subnet_block_masks(
     device: torch.device | None = None,
 ) -> Tensor:
     """Scaled block masks of the given gyro subnetworks, shape ``(len(subnets), *shape)``
-    with ``shape = (C or 1, H, W)``; mask ``k`` is a pure function of ``(seed, k)``."""
-    cm, h, w = shape
+    with ``shape = (C or 1, H, W)`` or ``(C or 1, D, H, W)``; mask ``k`` is a pure
+    function of ``(seed, k)``."""
+    cm, *sizes = shape
     subnets = subnets.to(device=device, dtype=torch.int64)
     streams = (subnets[:, None] * cm + torch.arange(cm, device=subnets.device)).reshape(-1)
     key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
     with torch.no_grad():
-        drop = _drop_maps(streams, key, p, block_size, h, w)
-        return _scaled(drop, p, block_size, scale, dtype).reshape(len(subnets), cm, h, w)
+        drop = spatial_masks.drop_maps(streams, key, p, block_size, sizes)
+        return _scaled(drop, p, block_size, scale, dtype).reshape(len(subnets), cm, *sizes)
 
 
 # --------------------------------------------------------------------------------------
