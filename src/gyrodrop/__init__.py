@@ -1,7 +1,7 @@
 """gyrodrop: gyro dropout and its family of structured-dropout regularizers for PyTorch."""
 
 from gyrodrop.blockwise import BlockGyroLinear
-from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
+from gyrodrop.dropblock import DropBlock2d, DropBlock3d, GyroDropBlock2d, GyroDropBlock3d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.schedule import bind_to_optimizer, set_stepping, step
 from gyrodrop.stochastic_depth import StochasticDepth, depth_rates
@@ -35,6 +35,8 @@ __all__ = [
     "subnet_ensemble_predict",
     "DropBlock2d",
     "GyroDropBlock2d",
+    "DropBlock3d",
+    "GyroDropBlock3d",
     "apply_dropblock",
     "remove_gyro_dropout",
     "SurgeryWarning",

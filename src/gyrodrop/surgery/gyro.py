@@ -11,7 +11,7 @@ from torch import nn
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
 from gyrodrop._validation import check_choice, check_p, check_seed
 from gyrodrop.blockwise import BlockGyroLinear
-from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
+from gyrodrop.dropblock import DropBlock2d, DropBlock3d, GyroDropBlock2d, GyroDropBlock3d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
@@ -201,6 +201,8 @@ def _plain_type(module: nn.Module) -> type[nn.Module]:
     origin = getattr(module, ORIGIN, None)
     if isinstance(origin, type) and issubclass(origin, nn.Module):
         return origin
+    if isinstance(module, (DropBlock3d, GyroDropBlock3d)):
+        return nn.Dropout3d
     if isinstance(module, (DropBlock2d, GyroDropBlock2d)):
         return nn.Dropout2d
     if isinstance(module, GyroDropout) and module.dims == (1,):
@@ -215,7 +217,7 @@ def remove_gyro_dropout(model: nn.Module) -> int:
       ``Dropout1d/2d/3d`` it replaced when :func:`gyrodrop.apply_gyro_dropout` made it
       channel-wise (``dims=(1,)``; ``Dropout2d`` when the original type is unknown);
     - :class:`~gyrodrop.DropBlock2d` and :class:`~gyrodrop.GyroDropBlock2d` become
-      ``nn.Dropout2d(p)``;
+      ``nn.Dropout2d(p)``, their 3-d versions ``nn.Dropout3d(p)``;
     - :class:`~gyrodrop.BlockGyroLinear` becomes an ``nn.Linear`` sharing its weight
       and bias (the fused dropout stays the ``nn.Identity`` that
       :func:`gyrodrop.apply_block_gyro` left in its place).
@@ -254,6 +256,14 @@ def remove_gyro_dropout(model: nn.Module) -> int:
         return _plain_type(module)(p=cast(float, module.p))
 
     policy: Policy = dict.fromkeys(
-        (GyroDropout, DropBlock2d, GyroDropBlock2d, BlockGyroLinear), plain
+        (
+            GyroDropout,
+            DropBlock2d,
+            GyroDropBlock2d,
+            DropBlock3d,
+            GyroDropBlock3d,
+            BlockGyroLinear,
+        ),
+        plain,
     )
     return replace_modules(model, policy)

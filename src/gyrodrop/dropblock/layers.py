@@ -1,221 +1,26 @@
-"""DropBlock (Ghiasi, Lin, Le, NeurIPS 2018) and gyro DropBlock.
-
-DropBlock zeroes contiguous ``block_size x block_size`` squares of a feature map
-instead of independent pixels: neighbouring activations of a conv net are correlated,
-so a dropped pixel is recovered from its neighbours, a dropped square is not.
-
-Masks are made without a Python loop over pixels: block *seeds* (top-left corners) are
-drawn in the region where a whole block fits, ``(H - bs + 1) x (W - bs + 1)`` (as the
-geometric gaps of a Bernoulli process, so the work is proportional to the number of
-seeds), then a max-pool of the zero-padded seed map (a dilation by the block, done as
-``2 * bs`` shifted ORs) grows every seed into its square. The seed rate is the paper's
-
-    gamma = p / bs**2 * (H * W) / ((H - bs + 1) * (W - bs + 1)),
-
-so the seeded area is ``p`` of the map on average; overlapping squares make the dropped
-fraction slightly lower (exactly: :func:`drop_probabilities`). A block larger than the
-map is clamped to it.
-
-Scaling (``scale=``):
-
-- ``"inverted"`` (default): a kept pixel is divided by its exact keep probability
-  ``(1 - gamma) ** n(i, j)``, where ``n(i, j)`` is the number of block positions that
-  cover it, so ``E[output] == input`` pixel by pixel and ``eval()`` needs no rescaling
-  (pixels near the border are covered by fewer blocks, dropped less and scaled less).
-- ``"realized"``: each mask is scaled by ``numel / kept`` (the paper's count
-  normalization), so every mask preserves the sum of a constant input exactly.
-
-Randomness is counter-based (:mod:`gyrodrop.masks`): ``DropBlock2d`` hashes
-``(seed, step, global row, channel, position)``, so a data-parallel run draws what one
-process with the concatenated batch would, and the ``step``/``seed`` buffers resume the
-exact sequence. ``GyroDropBlock2d`` keeps ``num_subnets`` fixed block masks (a pure
-function of ``(seed, k)``) and trains them on the gyro schedule: ``subnets_per_step``
-contiguous row groups, one mask each, the set kept for ``steps_per_set`` steps.
-"""
+"""The DropBlock modules: :class:`DropBlock2d` and :class:`GyroDropBlock2d` for
+``(B, C, H, W)`` feature maps, :class:`DropBlock3d` and :class:`GyroDropBlock3d` for
+``(B, C, D, H, W)`` volumes (the 3-d classes are the 2-d ones with three spatial dims)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from gyrodrop import distributed, masks, spatial_masks
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p
+from gyrodrop.dropblock.functional import (
+    _check_input,
+    _fresh_masks,
+    _mask_dtype,
+    subnet_block_masks,
+)
 from gyrodrop.gyro import SCALES, Scale, apply_group_masks
-from gyrodrop.schedule import Schedule, SteppedModule, SubnetSchedule, check_input
+from gyrodrop.schedule import Schedule, SteppedModule
 from gyrodrop.scheduled import ScheduledModule
-from gyrodrop.spatial_masks import drop_probabilities, seed_rate
 
-__all__ = [
-    "DropBlock2d",
-    "GyroDropBlock2d",
-    "dropblock2d",
-    "gyro_dropblock2d",
-    "seed_rate",
-    "drop_probabilities",
-]
-
-# Hash stream tags of this module (distinct from those in gyrodrop.masks).
-_TAG_DROPBLOCK = 0x66
-_TAG_GYRO_DROPBLOCK = 0x77
-
-
-# --------------------------------------------------------------------------------------
-# Validation shared by the modules and the functions.
-
-
-def _check_input(owner: str, x: Tensor, *, training: bool = False) -> None:
-    if training:  # a tensor, floating point, not under vmap (its masks depend on rows)
-        check_input(owner, x)
-    if x.dim() != 4:
-        raise ValueError(
-            f"{owner}: input must have shape (B, C, H, W), got {tuple(x.shape)}; "
-            "hint: DropBlock is for 2-d feature maps, use GyroDropout / nn.Dropout for "
-            "(B, F) or (B, T, F) inputs"
-        )
-
-
-# --------------------------------------------------------------------------------------
-# Masks (the arithmetic is in gyrodrop.spatial_masks).
-
-
-def _scaled(drop: Tensor, p: float, block_size: int, scale: Scale, dtype: torch.dtype) -> Tensor:
-    return spatial_masks.scaled(drop, p, block_size, scale == "realized", dtype)
-
-
-def _mask_dtype(x: Tensor) -> torch.dtype:
-    return x.dtype if x.dtype.is_floating_point else torch.float32
-
-
-def _fresh_masks(
-    x: Tensor, p: float, block_size: int, seed: int, step: int, shared: bool, scale: Scale
-) -> Tensor:
-    """DropBlock2d's masks for ``x`` at ``step``, shape ``(B, C or 1, H, W)``, each row
-    keyed by its index in the global batch."""
-    b, c, *sizes = x.shape
-    cm = 1 if shared else c
-    start, _ = distributed.row_window(b)
-    streams = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
-    key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
-    with torch.no_grad():
-        drop = spatial_masks.drop_maps(streams, key, p, block_size, sizes)
-        return _scaled(drop, p, block_size, scale, _mask_dtype(x)).reshape(b, cm, *sizes)
-
-
-def subnet_block_masks(
-    seed: int,
-    subnets: Tensor,
-    shape: tuple[int, ...],
-    p: float,
-    block_size: int,
-    *,
-    scale: Scale = "inverted",
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | None = None,
-) -> Tensor:
-    """Scaled block masks of the given gyro subnetworks, shape ``(len(subnets), *shape)``
-    with ``shape = (C or 1, H, W)`` or ``(C or 1, D, H, W)``; mask ``k`` is a pure
-    function of ``(seed, k)``."""
-    cm, *sizes = shape
-    subnets = subnets.to(device=device, dtype=torch.int64)
-    streams = (subnets[:, None] * cm + torch.arange(cm, device=subnets.device)).reshape(-1)
-    key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
-    with torch.no_grad():
-        drop = spatial_masks.drop_maps(streams, key, p, block_size, sizes)
-        return _scaled(drop, p, block_size, scale, dtype).reshape(len(subnets), cm, *sizes)
-
-
-# --------------------------------------------------------------------------------------
-# Functional forms.
-
-
-def dropblock2d(
-    x: Tensor,
-    p: float,
-    block_size: int = 7,
-    *,
-    step: int,
-    seed: int = 0,
-    shared_channels: bool = False,
-    scale: Scale = "inverted",
-    training: bool = True,
-) -> Tensor:
-    """Functional DropBlock: stateless, the step is passed in. See :class:`DropBlock2d`.
-
-    Args:
-        x: feature maps, shape ``(B, C, H, W)``.
-        p: target dropped fraction in ``[0, 1)`` (the paper's ``1 - keep_prob``).
-        block_size: side of the dropped squares (clamped to the map).
-        step: the step; the masks are a hash of ``step``, ``seed`` and each row's
-            global index.
-        seed: the seed of the masks.
-        shared_channels: one mask per example for all channels (default: per channel).
-        scale: ``"inverted"`` or ``"realized"`` (see the module docstring).
-        training: ``False`` returns ``x``.
-
-    Returns:
-        ``x`` times the scaled masks: same shape and dtype.
-    """
-    owner = "dropblock2d"
-    p = check_p(owner, p)
-    block_size = check_int(owner, "block_size", block_size, 1)
-    check_choice(owner, "scale", scale, SCALES)
-    _check_input(owner, x, training=training)
-    if not training or p == 0.0:
-        return x
-    if x.is_meta:
-        return x.clone()  # shapes only
-    return x * _fresh_masks(x, p, block_size, seed, step, shared_channels, scale)
-
-
-def gyro_dropblock2d(
-    x: Tensor,
-    p: float,
-    block_size: int = 7,
-    *,
-    step: int,
-    seed: int = 0,
-    num_subnets: int = 64,
-    subnets_per_step: int = 4,
-    steps_per_set: int = 1,
-    schedule: Schedule = "consecutive",
-    shared_channels: bool = False,
-    scale: Scale = "inverted",
-    training: bool = True,
-    schedule_seed: int | None = None,
-) -> Tensor:
-    """Functional gyro DropBlock: stateless, the step is passed in. See
-    :class:`GyroDropBlock2d`. Rebuilds the active masks on every call."""
-    owner = "gyro_dropblock2d"
-    p = check_p(owner, p)
-    block_size = check_int(owner, "block_size", block_size, 1)
-    check_choice(owner, "scale", scale, SCALES)
-    _check_input(owner, x, training=training)
-    if not training or p == 0.0:
-        return x
-    if x.is_meta:
-        return x.clone()  # shapes only
-    sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
-    active = sched.at_step(seed if schedule_seed is None else schedule_seed, step)
-    _, c, h, w = x.shape
-    m = subnet_block_masks(
-        seed,
-        active,
-        (1 if shared_channels else c, h, w),
-        p,
-        block_size,
-        scale=scale,
-        dtype=_mask_dtype(x),
-        device=x.device,
-    )
-    start, global_batch = distributed.row_window(x.shape[0])
-    counts = distributed.local_group_counts(start, x.shape[0], global_batch, subnets_per_step)
-    return apply_group_masks(x, m, counts)
-
-
-# --------------------------------------------------------------------------------------
-# Modules.
+__all__ = ["DropBlock2d", "GyroDropBlock2d", "DropBlock3d", "GyroDropBlock3d"]
 
 
 class DropBlock2d(SteppedModule):
@@ -250,6 +55,9 @@ class DropBlock2d(SteppedModule):
         >>> bool(torch.equal(drop.eval()(torch.ones(2, 4, 12, 12)), torch.ones(2, 4, 12, 12)))
         True
     """
+
+    #: Spatial dims of the input after ``(B, C)``: 2 here, 3 in :class:`DropBlock3d`.
+    spatial_dims: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -310,7 +118,7 @@ class DropBlock2d(SteppedModule):
         }
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_input(type(self).__name__, x, training=self.training)
+        _check_input(type(self).__name__, x, training=self.training, spatial=self.spatial_dims)
         if not self.training:
             return x
         if x.is_meta:
@@ -345,6 +153,9 @@ class GyroDropBlock2d(ScheduledModule):
         >>> bool(torch.equal(y[0], y[1])), bool(torch.equal(y[0], y[2]))  # groups 0-1, 2-3
         (True, False)
     """
+
+    #: Spatial dims of the input after ``(B, C)``: 2 here, 3 in :class:`GyroDropBlock3d`.
+    spatial_dims: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -391,14 +202,15 @@ class GyroDropBlock2d(ScheduledModule):
             f"scale={self.scale}"
         )
 
-    def _mask_shape(self, like: Tensor) -> tuple[int, int, int]:
-        _check_input(type(self).__name__, like)
-        _, c, h, w = like.shape
-        return (1 if self.shared_channels else c, h, w)
+    def _mask_shape(self, like: Tensor) -> tuple[int, ...]:
+        _check_input(type(self).__name__, like, spatial=self.spatial_dims)
+        _, c, *sizes = like.shape
+        return (1 if self.shared_channels else c, *sizes)
 
     def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
-        shape ``(tau, C or 1, H, W)``; cached until the set changes."""
+        shape ``(tau, C or 1, H, W)`` (``(tau, C or 1, D, H, W)`` in 3-d); cached until
+        the set changes."""
         step = self.current_step() if step is None else step
         shape = self._mask_shape(x)
 
@@ -419,7 +231,8 @@ class GyroDropBlock2d(ScheduledModule):
 
     def subnet_mask(self, k: int, like: Tensor) -> Tensor:
         """The scaled mask of subnetwork ``k`` for inputs shaped like ``like``, shape
-        ``(C or 1, H, W)`` (used by :func:`gyrodrop.subnet_ensemble_predict`)."""
+        ``(C or 1, H, W)``, or ``(C or 1, D, H, W)`` in 3-d (used by
+        :func:`gyrodrop.subnet_ensemble_predict`)."""
         check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
         return subnet_block_masks(
             self.current_seed(),
@@ -449,7 +262,7 @@ class GyroDropBlock2d(ScheduledModule):
         }
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_input(type(self).__name__, x, training=self.training)
+        _check_input(type(self).__name__, x, training=self.training, spatial=self.spatial_dims)
         if not self.training:
             return x
         if x.is_meta:
@@ -459,3 +272,45 @@ class GyroDropBlock2d(ScheduledModule):
             return x
         group_masks, counts = self._prepare(x)
         return apply_group_masks(x, group_masks, counts)
+
+
+class DropBlock3d(DropBlock2d):
+    """3-d DropBlock: :class:`DropBlock2d` for volumes ``(B, C, D, H, W)`` (video
+    clips, 3-d scans), zeroing ``block_size`` cubes; a fresh draw every step.
+
+    The same options, guarantees and scaling as :class:`DropBlock2d` (seeded,
+    resumable, DDP rows keyed by the global batch, checkpoint replay); the seed rate is
+    the paper's gamma over three dims (:func:`gyrodrop.spatial_masks.seed_rate`), and a
+    volume of depth 1 gets the masks :class:`DropBlock2d` gives its ``H x W`` map. A
+    subclass of :class:`DropBlock2d`, as in torchvision.
+
+    Shape: input ``(B, C, D, H, W)``, output the same. ``eval()``: the identity.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> drop = gyrodrop.DropBlock3d(0.2, block_size=3, seed=1)
+        >>> y = drop(torch.ones(2, 4, 6, 12, 12))
+        >>> y.shape, bool((y == 0).any())
+        (torch.Size([2, 4, 6, 12, 12]), True)
+    """
+
+    spatial_dims: ClassVar[int] = 3
+
+
+class GyroDropBlock3d(GyroDropBlock2d):
+    """3-d gyro DropBlock: :class:`GyroDropBlock2d` for volumes ``(B, C, D, H, W)``:
+    ``num_subnets`` fixed 3-d DropBlock masks (cubes of ``block_size``), each a pure
+    function of ``(seed, k)`` and the volume's shape, trained on the gyro schedule.
+    The same options and guarantees as :class:`GyroDropBlock2d`.
+
+    Shape: input ``(B, C, D, H, W)``, output the same. ``eval()``: the identity.
+
+    Example:
+        >>> import torch, gyrodrop
+        >>> drop = gyrodrop.GyroDropBlock3d(0.3, 3, 16, 2, steps_per_set=10)
+        >>> y = drop(torch.ones(4, 2, 5, 10, 10))
+        >>> bool(torch.equal(y[0], y[1])), bool(torch.equal(y[0], y[2]))  # groups 0-1, 2-3
+        (True, False)
+    """
+
+    spatial_dims: ClassVar[int] = 3
