@@ -93,6 +93,12 @@ CASES = [
         lambda **kw: gyrodrop.GyroDropBlock2d(0.3, 3, 8, 2, steps_per_set=1, **kw),
         (4, 2, 8, 8),
     ),
+    Case("DropBlock3d", lambda **kw: gyrodrop.DropBlock3d(0.3, 3, **kw), (4, 2, 4, 6, 6)),
+    Case(
+        "GyroDropBlock3d",
+        lambda **kw: gyrodrop.GyroDropBlock3d(0.3, 3, 8, 2, steps_per_set=1, **kw),
+        (4, 2, 4, 6, 6),
+    ),
 ]
 
 GYRO_LAYERS = [c for c in CASES if isinstance(c.make(), ScheduledModule)]
