@@ -7,6 +7,8 @@ import re
 import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -49,6 +51,19 @@ class TestTransformerEncoder:
         torch.testing.assert_close(small(X), h, rtol=0, atol=0)
 
     @pytest.mark.filterwarnings("ignore::gyrodrop.SurgeryWarning")  # attention's own dropout
+    @given(keep=st.sets(st.integers(0, 4), min_size=1).map(sorted))
+    @settings(max_examples=15, deadline=None)
+    def test_any_kept_subset_runs_exactly_those_layers(self, keep):
+        net = encoder(5)
+        gyrodrop.apply_stochastic_depth(net, drop_rate=0.4, mode="sample")
+        small = gyrodrop.prune_layers(net, keep).eval()
+        net.eval()
+        h = X
+        for i in keep:
+            h = net.layers[i].layer(h)
+        assert torch.equal(small(X), h)
+        assert small.num_layers == len(keep)
+
     def test_the_copy_is_plain_with_renumbered_keys_and_the_new_count(self):
         net = encoder(4)
         gyrodrop.apply_stochastic_depth(net, drop_rate=0.5)
