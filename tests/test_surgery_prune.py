@@ -7,9 +7,9 @@ import re
 import warnings
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from torch import nn
 
 import gyrodrop
