@@ -50,7 +50,6 @@ class TestTransformerEncoder:
             h = net.layers[i].layer(h)
         torch.testing.assert_close(small(X), h, rtol=0, atol=0)
 
-    @pytest.mark.filterwarnings("ignore::gyrodrop.SurgeryWarning")  # attention's own dropout
     @given(keep=st.sets(st.integers(0, 4), min_size=1).map(sorted))
     @settings(max_examples=15, deadline=None)
     def test_any_kept_subset_runs_exactly_those_layers(self, keep):
@@ -64,6 +63,7 @@ class TestTransformerEncoder:
         assert torch.equal(small(X), h)
         assert small.num_layers == len(keep)
 
+    @pytest.mark.filterwarnings("ignore::gyrodrop.SurgeryWarning")  # attention's own dropout
     def test_the_copy_is_plain_with_renumbered_keys_and_the_new_count(self):
         net = encoder(4)
         gyrodrop.apply_stochastic_depth(net, drop_rate=0.5)

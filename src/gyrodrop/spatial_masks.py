@@ -32,11 +32,19 @@ from torch import Tensor
 
 from gyrodrop import masks
 
+_M32 = 0xFFFFFFFF
+
+#: Hash stream ids: an int64 tensor, or ``(low, high)`` int64 tensors for ids that may
+#: reach 2**32 (``id = high * 2**32 + low``, ``low < 2**32``).
+Streams = Tensor | tuple[Tensor, Tensor]
+
 __all__ = [
+    "Streams",
     "seed_rate",
     "drop_probabilities",
     "cover_counts",
     "inverted_factors",
+    "stream_bases",
     "seed_maps",
     "grow",
     "drop_maps",
@@ -58,6 +66,8 @@ def seed_rate(p: float, block_size: int, *sizes: int) -> float:
         >>> round(seed_rate(0.1, 3, 8, 8), 6)  # 0.1 / 9 * 64 / 36
         0.019753
     """
+    if any(n <= 0 for n in sizes):
+        return 0.0  # an empty map has no block position (and no position to drop)
     b = block_dims(block_size, sizes)
     valid = math.prod(n - k + 1 for n, k in zip(sizes, b, strict=True))
     gamma = p * math.prod(sizes) / (math.prod(b) * valid)
@@ -118,26 +128,42 @@ def grow(seeds: Tensor, block_size: int, sizes: Sequence[int]) -> Tensor:
     return out
 
 
-def seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
-    """Bernoulli(``gamma``) seed maps, bool ``(len(streams), n)``, True at seeds.
+def stream_bases(streams: Streams, key: int) -> Tensor:
+    """32-bit hash bases of the streams, shape ``(m, 1)``. A stream is an int64 id, or
+    ``(low, high)`` for ids of 64 bits and more (``id = high * 2**32 + low``): a
+    non-zero ``high`` is mixed in (as :mod:`gyrodrop.masks` does for subnetwork ids of
+    2**32 and more), so ids below 2**32 keep the bases of 0.1.0."""
+    low, high = streams if isinstance(streams, tuple) else (streams, None)
+    base = masks.hash_u32((low * 0x2545F491 + key) & _M32)
+    if high is not None:
+        mixed = base ^ masks.hash_u32((high * 0x27D4EB2F + (key ^ 0x9E3779B9)) & _M32)
+        mixed ^= masks.hash_u32(((high >> 32) * 0x165667B1 + key) & _M32)  # high >= 2**32
+        base = torch.where(high > 0, mixed, base)
+    return base.unsqueeze(1)
 
-    Stream ``s`` (an int64 id) is a Bernoulli process over ``n`` positions drawn as
+
+def seed_maps(streams: Streams, key: int, n: int, gamma: float) -> Tensor:
+    """Bernoulli(``gamma``) seed maps, bool ``(m, n)`` for ``m`` streams, True at seeds.
+
+    Stream ``s`` (an int64 id, or a ``(low, high)`` pair of them: see
+    :func:`stream_bases`) is a Bernoulli process over ``n`` positions drawn as
     geometric gaps between seeds, gap ``j`` from the hash of ``(key, s, j)``: the work
     is proportional to the number of seeds (about ``gamma * n`` per stream), not to
     ``n``. Every stream is a pure function of ``(key, s)``. The gaps are computed in
     float64, so a CPU and an accelerator agree except, rarely, where their ``log``
     differs in the last bit.
     """
-    m = len(streams)
-    out = torch.zeros(m, n + 1, dtype=torch.bool, device=streams.device)
+    first = streams[0] if isinstance(streams, tuple) else streams
+    m = len(first)
+    out = torch.zeros(m, n + 1, dtype=torch.bool, device=first.device)
     if gamma <= 0.0 or m == 0 or n == 0:
         return out[:, :n]
-    base = masks.hash_u32((streams * 0x2545F491 + key) & 0xFFFFFFFF).unsqueeze(1)  # (m, 1)
+    base = stream_bases(streams, key)  # (m, 1)
     log_q = math.log1p(-gamma)
     mean = n * gamma
     k = int(mean + 5.0 * math.sqrt(mean) + 8.0)
     while True:
-        j = torch.arange(k, dtype=torch.int64, device=streams.device)
+        j = torch.arange(k, dtype=torch.int64, device=first.device)
         u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
         gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
         pos = gaps.to(torch.int64).cumsum(dim=1) - 1  # (m, k) seed positions
@@ -148,8 +174,13 @@ def seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
     return out[:, :n]
 
 
-def drop_maps(streams: Tensor, key: int, p: float, block_size: int, sizes: Sequence[int]) -> Tensor:
-    """Drop maps (True dropped), bool ``(len(streams), *sizes)``, one per stream."""
+def drop_maps(
+    streams: Streams, key: int, p: float, block_size: int, sizes: Sequence[int]
+) -> Tensor:
+    """Drop maps (True dropped), bool ``(m, *sizes)``, one per stream."""
+    if any(n == 0 for n in sizes):  # an empty map: nothing to drop (as nn.Dropout2d)
+        first = streams[0] if isinstance(streams, tuple) else streams
+        return torch.zeros(len(first), *sizes, dtype=torch.bool, device=first.device)
     b = block_dims(block_size, sizes)
     valid = [n - k + 1 for n, k in zip(sizes, b, strict=True)]
     gamma = seed_rate(p, block_size, *sizes)

@@ -25,6 +25,7 @@ __all__ = [
 # Hash stream tags of this module (distinct from those in gyrodrop.masks).
 _TAG_DROPBLOCK = 0x66
 _TAG_GYRO_DROPBLOCK = 0x77
+_M32 = 0xFFFFFFFF
 
 
 # --------------------------------------------------------------------------------------
@@ -67,7 +68,8 @@ def _fresh_masks(
     b, c, *sizes = x.shape
     cm = 1 if shared else c
     start, _ = distributed.row_window(b)
-    streams = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
+    ids = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
+    streams = (ids & _M32, ids >> 32)  # ids of 2**32 and more mix their high bits
     key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
     with torch.no_grad():
         drop = spatial_masks.drop_maps(streams, key, p, block_size, sizes)
@@ -90,7 +92,12 @@ def subnet_block_masks(
     function of ``(seed, k)``."""
     cm, *sizes = shape
     subnets = subnets.to(device=device, dtype=torch.int64)
-    streams = (subnets[:, None] * cm + torch.arange(cm, device=subnets.device)).reshape(-1)
+    channels = torch.arange(cm, dtype=torch.int64, device=subnets.device)
+    # Stream k * cm + c, to 64 bits: low 32 bits (int64 products wrap, low bits exact)
+    # and the quotient by 2**32, which drop_maps mixes in where it is not 0.
+    low = (subnets[:, None] & _M32) * cm + channels  # (K, cm), < 2**63 for cm < 2**31
+    high = (subnets[:, None] >> 32) * cm + (low >> 32)
+    streams = ((low & _M32).reshape(-1), high.reshape(-1))
     key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
     with torch.no_grad():
         drop = spatial_masks.drop_maps(streams, key, p, block_size, sizes)

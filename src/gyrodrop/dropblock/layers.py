@@ -92,7 +92,7 @@ class DropBlock2d(SteppedModule):
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
         from 0 over the first ``warmup_steps`` steps."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "rate")
         if self.warmup_steps and step < self.warmup_steps:
             return self.p * max(step, 0) / self.warmup_steps
         return self.p
@@ -211,7 +211,7 @@ class GyroDropBlock2d(ScheduledModule):
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, C or 1, H, W)`` (``(tau, C or 1, D, H, W)`` in 3-d); cached until
         the set changes."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "active_masks")
         shape = self._mask_shape(x)
 
         def build(seed: int, active: Tensor) -> Tensor:
