@@ -6,13 +6,17 @@ stateless, the step is passed in (:func:`dropblock2d`, :func:`dropblock3d`,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks, spatial_masks
-from gyrodrop._validation import check_choice, check_int, check_p
-from gyrodrop.gyro import SCALES, Scale, apply_group_masks
-from gyrodrop.schedule import Schedule, SubnetSchedule, check_input
+from gyrodrop._validation import check_bool, check_int, check_seed
+from gyrodrop.config import DropBlockConfig, GyroDropBlockConfig, Scale, Schedule
+from gyrodrop.gyro import apply_group_masks
+from gyrodrop.schedule import SubnetSchedule, check_input
+from gyrodrop.stepping import warmup_rate
 
 __all__ = [
     "dropblock2d",
@@ -30,6 +34,13 @@ _M32 = 0xFFFFFFFF
 
 # --------------------------------------------------------------------------------------
 # Validation shared by the modules and the functions.
+
+
+def _check_call(owner: str, seed: Any, step: Any, training: Any) -> None:
+    """What a functional form checks besides its config (as its module does)."""
+    check_seed(owner, seed)
+    check_int(owner, "step", step, 0)
+    check_bool(owner, "training", training)
 
 
 def _check_input(owner: str, x: Tensor, *, training: bool = False, spatial: int = 2) -> None:
@@ -125,8 +136,8 @@ def dropblock2d(
         x: feature maps, shape ``(B, C, H, W)``.
         p: target dropped fraction in ``[0, 1)`` (the paper's ``1 - keep_prob``).
         block_size: side of the dropped squares (clamped to the map).
-        step: the step; the masks are a hash of ``step``, ``seed`` and each row's
-            global index.
+        step: the step, an int ``>= 0``; the masks are a hash of ``step``, ``seed`` and
+            each row's global index.
         seed: the seed of the masks.
         shared_channels: one mask per example for all channels (default: per channel).
         scale: ``"inverted"`` or ``"realized"`` (see the module docstring).
@@ -134,6 +145,12 @@ def dropblock2d(
 
     Returns:
         ``x`` times the scaled masks: same shape and dtype.
+
+    Raises:
+        ValueError: what :class:`DropBlock2d` refuses (one
+            :class:`~gyrodrop.config.DropBlockConfig`), a bad ``seed``, ``step`` or
+            ``training``, or an input that is not ``(B, C, H, W)``.
+        TypeError: in training, an integer or bool input.
     """
     return _dropblock(
         "dropblock2d", 2, x, p, block_size, step, seed, shared_channels, scale, training
@@ -152,7 +169,7 @@ def dropblock3d(
     training: bool = True,
 ) -> Tensor:
     """Functional 3-d DropBlock: :func:`dropblock2d` for volumes ``(B, C, D, H, W)``,
-    dropping ``block_size`` cubes. See :class:`DropBlock3d`."""
+    dropping ``block_size`` cubes. See :class:`~gyrodrop.DropBlock3d`."""
     return _dropblock(
         "dropblock3d", 3, x, p, block_size, step, seed, shared_channels, scale, training
     )
@@ -170,15 +187,24 @@ def _dropblock(
     scale: Scale,
     training: bool,
 ) -> Tensor:
-    p = check_p(owner, p)
-    block_size = check_int(owner, "block_size", block_size, 1)
-    check_choice(owner, "scale", scale, SCALES)
+    config = DropBlockConfig(
+        p=p, block_size=block_size, shared_channels=shared_channels, scale=scale, owner=owner
+    )
+    _check_call(owner, seed, step, training)
     _check_input(owner, x, training=training, spatial=spatial)
-    if not training or p == 0.0:
-        return x
-    if x.is_meta:
-        return x.clone()  # shapes only
-    return x * _fresh_masks(x, p, block_size, seed, step, shared_channels, scale)
+    if not training or x.is_meta:
+        return x if not training else x.clone()
+    m = _dropblock_masks(x, config, seed, step)
+    return x if m is None else x * m
+
+
+def _dropblock_masks(x: Tensor, config: DropBlockConfig, seed: int, step: int) -> Tensor | None:
+    """DropBlock2d's masks for ``x`` at ``step`` (``None``: the rate is 0), shared by the
+    module and the function."""
+    p = warmup_rate(config.p, config.warmup_steps, step)
+    if p == 0.0:
+        return None
+    return _fresh_masks(x, p, config.block_size, seed, step, config.shared_channels, config.scale)
 
 
 def gyro_dropblock2d(
@@ -198,7 +224,9 @@ def gyro_dropblock2d(
     schedule_seed: int | None = None,
 ) -> Tensor:
     """Functional gyro DropBlock: stateless, the step is passed in. See
-    :class:`GyroDropBlock2d`. Rebuilds the active masks on every call."""
+    :class:`GyroDropBlock2d` (the same checks, one
+    :class:`~gyrodrop.config.GyroDropBlockConfig`). Rebuilds the active masks on every
+    call."""
     return _gyro_dropblock(
         "gyro_dropblock2d", 2, x, p, block_size, step, seed, num_subnets, subnets_per_step,
         steps_per_set, schedule, shared_channels, scale, training, schedule_seed,
@@ -222,7 +250,7 @@ def gyro_dropblock3d(
     schedule_seed: int | None = None,
 ) -> Tensor:
     """Functional 3-d gyro DropBlock: :func:`gyro_dropblock2d` for volumes
-    ``(B, C, D, H, W)``. See :class:`GyroDropBlock3d`."""
+    ``(B, C, D, H, W)``. See :class:`~gyrodrop.GyroDropBlock3d`."""
     return _gyro_dropblock(
         "gyro_dropblock3d", 3, x, p, block_size, step, seed, num_subnets, subnets_per_step,
         steps_per_set, schedule, shared_channels, scale, training, schedule_seed,
@@ -246,27 +274,44 @@ def _gyro_dropblock(
     training: bool,
     schedule_seed: int | None,
 ) -> Tensor:
-    p = check_p(owner, p)
-    block_size = check_int(owner, "block_size", block_size, 1)
-    check_choice(owner, "scale", scale, SCALES)
-    _check_input(owner, x, training=training, spatial=spatial)
-    if not training or p == 0.0:
-        return x
-    if x.is_meta:
-        return x.clone()  # shapes only
-    sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
-    active = sched.at_step(seed if schedule_seed is None else schedule_seed, step)
-    _, c, *sizes = x.shape
-    m = subnet_block_masks(
-        seed,
-        active,
-        (1 if shared_channels else c, *sizes),
-        p,
-        block_size,
+    config = GyroDropBlockConfig(
+        p=p,
+        block_size=block_size,
+        num_subnets=num_subnets,
+        subnets_per_step=subnets_per_step,
+        steps_per_set=steps_per_set,
+        schedule=schedule,
+        shared_channels=shared_channels,
         scale=scale,
-        dtype=_mask_dtype(x),
-        device=x.device,
+        owner=owner,
     )
+    _check_call(owner, seed, step, training)
+    schedule_seed = (
+        seed if schedule_seed is None else check_seed(owner, schedule_seed, "schedule_seed")
+    )
+    _check_input(owner, x, training=training, spatial=spatial)
+    if not training or x.is_meta:
+        return x if not training else x.clone()
+    if config.p == 0.0:
+        return x
+    sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
+    m = _gyro_block_masks(x, config, seed, sched.at_step(schedule_seed, step))
     start, global_batch = distributed.row_window(x.shape[0])
     counts = distributed.local_group_counts(start, x.shape[0], global_batch, subnets_per_step)
     return apply_group_masks(x, m, counts)
+
+
+def _gyro_block_masks(x: Tensor, config: GyroDropBlockConfig, seed: int, active: Tensor) -> Tensor:
+    """The scaled masks of the subnetworks ``active`` for inputs shaped like ``x``,
+    shape ``(len(active), C or 1, *spatial)``: shared by the module and the function."""
+    _, c, *sizes = x.shape
+    return subnet_block_masks(
+        seed,
+        active,
+        (1 if config.shared_channels else c, *sizes),
+        config.p,
+        config.block_size,
+        scale=config.scale,
+        dtype=_mask_dtype(x),
+        device=x.device,
+    )

@@ -4,21 +4,22 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from gyrodrop._validation import check_bool, check_choice, check_int, check_p
+from gyrodrop._validation import check_int
+from gyrodrop.config import DropBlockConfig, GyroDropBlockConfig, Scale, Schedule
 from gyrodrop.dropblock.functional import (
     _check_input,
-    _fresh_masks,
-    _mask_dtype,
-    subnet_block_masks,
+    _dropblock_masks,
+    _gyro_block_masks,
 )
-from gyrodrop.gyro import SCALES, Scale, apply_group_masks
-from gyrodrop.schedule import Schedule, SteppedModule
+from gyrodrop.gyro import apply_group_masks
+from gyrodrop.schedule import SteppedModule
 from gyrodrop.scheduled import ScheduledModule
+from gyrodrop.stepping import warmup_rate
 
 __all__ = ["DropBlock2d", "GyroDropBlock2d", "DropBlock3d", "GyroDropBlock3d"]
 
@@ -58,6 +59,13 @@ class DropBlock2d(SteppedModule):
 
     #: Spatial dims of the input after ``(B, C)``: 2 here, 3 in :class:`DropBlock3d`.
     spatial_dims: ClassVar[int] = 2
+    config: DropBlockConfig
+    config_class = DropBlockConfig
+    p: float  # these read config (see SteppedModule.config_class)
+    block_size: int
+    shared_channels: bool
+    scale: Scale
+    warmup_steps: int
 
     def __init__(
         self,
@@ -71,51 +79,27 @@ class DropBlock2d(SteppedModule):
         auto_step: bool = True,
     ) -> None:
         owner = type(self).__name__
-        p = check_p(owner, p)
-        block_size = check_int(owner, "block_size", block_size, 1)
-        check_choice(owner, "scale", scale, SCALES)
-        check_int(owner, "warmup_steps", warmup_steps, 0)
-        super().__init__(seed=seed, auto_step=auto_step, owner=owner)
-        self.p = p
-        self.block_size = block_size
-        self.shared_channels = check_bool(owner, "shared_channels", shared_channels)
-        self.scale = scale
-        self.warmup_steps = int(warmup_steps)
-
-    def extra_repr(self) -> str:
-        warm = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
-        return (
-            f"p={self.p}, block_size={self.block_size}, "
-            f"shared_channels={self.shared_channels}, scale={self.scale}{warm}"
+        config = DropBlockConfig(
+            p=p,
+            block_size=block_size,
+            shared_channels=shared_channels,
+            scale=scale,
+            warmup_steps=warmup_steps,
+            owner=owner,
         )
+        super().__init__(seed=seed, auto_step=auto_step, owner=owner)
+        self.config = config
 
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
         from 0 over the first ``warmup_steps`` steps."""
         step = self._step_arg(step, "rate")
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.p * max(step, 0) / self.warmup_steps
-        return self.p
+        return warmup_rate(self.config.p, self.config.warmup_steps, step)
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
         step = self.forward_step()
-        p = self.rate(step)
-        if p == 0.0:
-            return None
-        return _fresh_masks(
-            x, p, self.block_size, self.current_seed(), step, self.shared_channels, self.scale
-        )
-
-    def hparams(self) -> dict[str, Any]:
-        """``p``, ``block_size``, ``shared_channels``, scale and ``warmup_steps``."""
-        return {
-            "p": self.p,
-            "block_size": self.block_size,
-            "shared_channels": self.shared_channels,
-            "scale": self.scale,
-            "warmup_steps": self.warmup_steps,
-        }
+        return _dropblock_masks(x, self.config, self.current_seed(), step)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(type(self).__name__, x, training=self.training, spatial=self.spatial_dims)
@@ -156,6 +140,12 @@ class GyroDropBlock2d(ScheduledModule):
 
     #: Spatial dims of the input after ``(B, C)``: 2 here, 3 in :class:`GyroDropBlock3d`.
     spatial_dims: ClassVar[int] = 2
+    config: GyroDropBlockConfig
+    config_class = GyroDropBlockConfig
+    p: float  # these read config (see SteppedModule.config_class)
+    block_size: int
+    shared_channels: bool
+    scale: Scale
 
     def __init__(
         self,
@@ -173,39 +163,30 @@ class GyroDropBlock2d(ScheduledModule):
         auto_step: bool = True,
         schedule_seed: int | None = None,
     ) -> None:
-        owner = type(self).__name__
-        p = check_p(owner, p)
-        block_size = check_int(owner, "block_size", block_size, 1)
-        check_choice(owner, "scale", scale, SCALES)
-        shared_channels = check_bool(owner, "shared_channels", shared_channels)
-        super().__init__(
+        config = GyroDropBlockConfig(
+            p=p,
+            block_size=block_size,
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
             total_steps=total_steps,
-            steps_per_set=steps_per_set,
+            steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
             schedule=schedule,
+            shared_channels=shared_channels,
+            scale=scale,
+            owner=type(self).__name__,
+        )
+        super().__init__(
+            config,
             seed=seed,
             auto_step=auto_step,
-            owner=owner,
             schedule_seed=schedule_seed,
-        )
-        self.p = p
-        self.block_size = block_size
-        self.shared_channels = shared_channels
-        self.scale = scale
-
-    def extra_repr(self) -> str:
-        return (
-            f"p={self.p}, block_size={self.block_size}, num_subnets={self.num_subnets}, "
-            f"subnets_per_step={self.subnets_per_step}, steps_per_set={self.steps_per_set}, "
-            f"schedule={self.schedule}, shared_channels={self.shared_channels}, "
-            f"scale={self.scale}"
+            total_steps=total_steps,
         )
 
     def _mask_shape(self, like: Tensor) -> tuple[int, ...]:
         _check_input(type(self).__name__, like, spatial=self.spatial_dims)
         _, c, *sizes = like.shape
-        return (1 if self.shared_channels else c, *sizes)
+        return (1 if self.config.shared_channels else c, *sizes)
 
     def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
@@ -213,20 +194,12 @@ class GyroDropBlock2d(ScheduledModule):
         the set changes."""
         step = self._step_arg(step, "active_masks")
         shape = self._mask_shape(x)
-
-        def build(seed: int, active: Tensor) -> Tensor:
-            return subnet_block_masks(
-                seed,
-                active,
-                shape,
-                self.p,
-                self.block_size,
-                scale=self.scale,
-                dtype=_mask_dtype(x),
-                device=x.device,
-            )
-
-        masks_: Tensor = self.for_active_set(step, (shape, x.dtype, x.device), build)
+        config = self.config
+        masks_: Tensor = self.for_active_set(
+            step,
+            (shape, x.dtype, x.device),
+            lambda seed, active: _gyro_block_masks(x, config, seed, active),
+        )
         return masks_
 
     def subnet_mask(self, k: int, like: Tensor) -> Tensor:
@@ -234,32 +207,14 @@ class GyroDropBlock2d(ScheduledModule):
         ``(C or 1, H, W)``, or ``(C or 1, D, H, W)`` in 3-d (used by
         :func:`gyrodrop.subnet_ensemble_predict`)."""
         check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
-        return subnet_block_masks(
-            self.current_seed(),
-            torch.tensor([k], dtype=torch.int64),
-            self._mask_shape(like),
-            self.p,
-            self.block_size,
-            scale=self.scale,
-            dtype=_mask_dtype(like),
-            device=like.device,
-        )[0]
+        self._mask_shape(like)
+        ids = torch.tensor([k], dtype=torch.int64)
+        return _gyro_block_masks(like, self.config, self.current_seed(), ids)[0]
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
         group_masks = self.active_masks(x, self.forward_step())
         return group_masks, self.group_counts(x.shape[0])
-
-    def hparams(self) -> dict[str, Any]:
-        """Sigma, tau, ``steps_per_set``, schedule, ``p``, ``block_size``,
-        ``shared_channels`` and scale."""
-        return {
-            **super().hparams(),
-            "p": self.p,
-            "block_size": self.block_size,
-            "shared_channels": self.shared_channels,
-            "scale": self.scale,
-        }
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(type(self).__name__, x, training=self.training, spatial=self.spatial_dims)
@@ -267,7 +222,7 @@ class GyroDropBlock2d(ScheduledModule):
             return x
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
-        if self.p == 0.0:
+        if self.config.p == 0.0:
             self.forward_step()
             return x
         group_masks, counts = self._prepare(x)

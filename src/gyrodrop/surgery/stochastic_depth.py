@@ -281,7 +281,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         >>> replace_drop_paths(net)
         1
         >>> net[1]
-        StochasticDepth(p=0.1, mode=sample)
+        StochasticDepth(p=0.1, mode=sample, warmup_steps=0, per_rank=False)
     """
     check_choice("replace_drop_paths", "mode", mode, MODES)
     check_seed("replace_drop_paths", seed)
