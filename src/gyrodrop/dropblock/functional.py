@@ -201,7 +201,7 @@ def _dropblock(
 def _dropblock_masks(x: Tensor, config: DropBlockConfig, seed: int, step: int) -> Tensor | None:
     """DropBlock2d's masks for ``x`` at ``step`` (``None``: the rate is 0), shared by the
     module and the function."""
-    p = warmup_rate(config.p, config.warmup_steps, step)
+    p = warmup_rate(config.p, config.warmup_steps, step) if config.drops_at(step) else 0.0
     if p == 0.0:
         return None
     return _fresh_masks(x, p, config.block_size, seed, step, config.shared_channels, config.scale)

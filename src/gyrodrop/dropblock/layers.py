@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from gyrodrop._validation import check_int
-from gyrodrop.config import DropBlockConfig, GyroDropBlockConfig, Scale, Schedule
+from gyrodrop.config import DropBlockConfig, DropMode, GyroDropBlockConfig, Scale, Schedule
 from gyrodrop.dropblock.functional import (
     _check_input,
     _dropblock_masks,
@@ -41,6 +41,13 @@ class DropBlock2d(SteppedModule):
             paper's linear schedule of ``keep_prob``); 0: no ramp. The scaling follows
             the current rate.
         seed: seeds the masks; a buffer, so it is checkpointed.
+        drop_mode: ``"standard"`` (default: drop all run long), ``"early"`` (drop
+            before ``cutoff_step`` only, the identity after: early dropout against
+            underfitting) or ``"late"`` (the reverse); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps`` in ``(0, 1)``: ``cutoff_step = round(drop_cutoff *
+            total_steps)`` (``total_steps`` serves only this).
+        cutoff_step: the cutoff as a step (instead of ``drop_cutoff``).
         auto_step: advance the step on each training forward; set ``False`` and call
             :func:`gyrodrop.step` after each optimizer step when one step runs several
             forwards.
@@ -77,6 +84,10 @@ class DropBlock2d(SteppedModule):
         warmup_steps: int = 0,
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
+        total_steps: int | None = None,
     ) -> None:
         owner = type(self).__name__
         config = DropBlockConfig(
@@ -85,6 +96,10 @@ class DropBlock2d(SteppedModule):
             shared_channels=shared_channels,
             scale=scale,
             warmup_steps=warmup_steps,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
+            total_steps=total_steps,
             owner=owner,
         )
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
@@ -92,9 +107,11 @@ class DropBlock2d(SteppedModule):
 
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
-        from 0 over the first ``warmup_steps`` steps."""
+        from 0 over the first ``warmup_steps`` steps; 0 at the steps where ``drop_mode``
+        does not drop (after the cutoff when early, before it when late)."""
         step = self._step_arg(step, "rate")
-        return warmup_rate(self.config.p, self.config.warmup_steps, step)
+        config = self.config
+        return warmup_rate(config.p, config.warmup_steps, step) if config.drops_at(step) else 0.0
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
@@ -122,10 +139,10 @@ class GyroDropBlock2d(ScheduledModule):
     (consecutive scheduling, every mask once per cycle) or a fresh random set each step
     (``schedule="random"``). The tau active masks are cached until the set changes.
 
-    Arguments: ``p``, ``block_size``, ``shared_channels`` and ``scale`` as in
-    :class:`DropBlock2d`; ``num_subnets``, ``subnets_per_step``, ``total_steps``,
-    ``steps_per_set``, ``schedule``, ``seed``, ``auto_step`` and ``schedule_seed`` as in
-    :class:`gyrodrop.GyroDropout`.
+    Arguments: ``p``, ``block_size``, ``shared_channels``, ``scale``, ``drop_mode``,
+    ``drop_cutoff`` and ``cutoff_step`` as in :class:`DropBlock2d`; ``num_subnets``,
+    ``subnets_per_step``, ``total_steps``, ``steps_per_set``, ``schedule``, ``seed``,
+    ``auto_step`` and ``schedule_seed`` as in :class:`gyrodrop.GyroDropout`.
 
     Shape: input ``(B, C, H, W)``, output the same. ``eval()``: the identity.
     :func:`gyrodrop.subnet_ensemble_predict` averages over its subnetworks.
@@ -161,6 +178,9 @@ class GyroDropBlock2d(ScheduledModule):
         scale: Scale = "inverted",
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
         schedule_seed: int | None = None,
     ) -> None:
         config = GyroDropBlockConfig(
@@ -173,6 +193,9 @@ class GyroDropBlock2d(ScheduledModule):
             schedule=schedule,
             shared_channels=shared_channels,
             scale=scale,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
             owner=type(self).__name__,
         )
         super().__init__(
@@ -212,9 +235,11 @@ class GyroDropBlock2d(ScheduledModule):
         return _gyro_block_masks(like, self.config, self.current_seed(), ids)[0]
 
     @torch.compiler.disable
-    def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        group_masks = self.active_masks(x, self.forward_step())
-        return group_masks, self.group_counts(x.shape[0])
+    def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]] | None:
+        step = self.forward_step()
+        if not self.config.drops_at(step):
+            return None  # early/late dropout: not this step
+        return self.active_masks(x, step), self.group_counts(x.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(type(self).__name__, x, training=self.training, spatial=self.spatial_dims)
@@ -225,8 +250,8 @@ class GyroDropBlock2d(ScheduledModule):
         if self.config.p == 0.0:
             self.forward_step()
             return x
-        group_masks, counts = self._prepare(x)
-        return apply_group_masks(x, group_masks, counts)
+        prepared = self._prepare(x)
+        return x if prepared is None else apply_group_masks(x, *prepared)
 
 
 class DropBlock3d(DropBlock2d):

@@ -9,10 +9,11 @@ from torch import nn
 
 from gyrodrop._modules import replace_modules
 from gyrodrop._validation import check_bool, check_p, check_seed
+from gyrodrop.config import DropMode
 from gyrodrop.dropblock import DropBlock2d, DropBlock3d, GyroDropBlock2d, GyroDropBlock3d
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
-from gyrodrop.surgery.common import SurgeryWarning
+from gyrodrop.surgery.common import SurgeryWarning, check_timing
 from gyrodrop.surgery.gyro import ORIGIN
 
 __all__ = ["apply_dropblock"]
@@ -29,6 +30,8 @@ def apply_dropblock(
     total_steps: int | None = None,
     steps_per_set: int | None = None,
     seed: int = 0,
+    drop_mode: DropMode = "standard",
+    drop_cutoff: float | None = None,
     **kw: Any,
 ) -> int:
     """Replace every ``nn.Dropout2d`` of ``model`` with 2-d DropBlock and every
@@ -44,6 +47,12 @@ def apply_dropblock(
             ``subnets_per_step`` and ``total_steps`` or ``steps_per_set`` (all layers
             share the schedule seed ``seed``: network-level subnetworks).
         seed: every layer gets its own mask seed derived from this and its position.
+        drop_mode: ``"standard"`` (drop all run long), ``"early"`` (drop before the
+            cutoff only: early dropout, against underfitting) or ``"late"`` (after it
+            only); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps``, in ``(0, 1)``: every layer gets
+            ``cutoff_step = round(drop_cutoff * total_steps)``.
         **kw: ``shared_channels``, ``scale``, ``auto_step`` for both; ``warmup_steps``
             (not gyro) and ``schedule`` (gyro only). Stepping is as in
             :func:`apply_gyro_dropout`: one step per training forward of ``model``.
@@ -65,6 +74,7 @@ def apply_dropblock(
         p = check_p(owner, p)
     check_seed(owner, seed)
     check_bool(owner, "gyro", gyro)
+    timing = check_timing(owner, drop_mode, drop_cutoff, total_steps)
     allowed = {"shared_channels", "scale", "auto_step"} | (
         {"schedule"} if gyro else {"warmup_steps"}
     )
@@ -74,11 +84,13 @@ def apply_dropblock(
             f"{owner}: unexpected keyword arguments {sorted(unknown)} for gyro={gyro}; "
             f"allowed: {sorted(allowed)} besides the named ones"
         )
-    if not gyro and (total_steps is not None or steps_per_set is not None):
+    if not gyro and (steps_per_set is not None or (total_steps is not None and not timing)):
         raise ValueError(
-            f"{owner}: total_steps / steps_per_set schedule gyro DropBlock; pass gyro=True, "
-            "or warmup_steps= for DropBlock2d's linear ramp of p"
+            f"{owner}: total_steps / steps_per_set schedule gyro DropBlock (total_steps also "
+            "places drop_cutoff); pass gyro=True, or warmup_steps= for DropBlock's linear "
+            "ramp of p"
         )
+    fresh_timing = {**timing, "total_steps": total_steps} if timing else {}
     if gyro and total_steps is None and steps_per_set is None:
         warnings.warn(
             f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1",
@@ -101,11 +113,12 @@ def apply_dropblock(
                 steps_per_set=steps_per_set,
                 seed=layer_seed(seed, index),
                 schedule_seed=seed,
+                **timing,
                 **kw,
             )
         else:
             block = DropBlock3d if volume else DropBlock2d
-            new = block(rate, block_size, seed=layer_seed(seed, index), **kw)
+            new = block(rate, block_size, seed=layer_seed(seed, index), **fresh_timing, **kw)
         object.__setattr__(new, ORIGIN, type(module))
         return new
 

@@ -11,12 +11,13 @@ from torch import nn
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
 from gyrodrop._validation import check_choice, check_p, check_seed
 from gyrodrop.blockwise import BlockGyroLinear
+from gyrodrop.config import DropMode
 from gyrodrop.dropblock import DropBlock2d, DropBlock3d, GyroDropBlock2d, GyroDropBlock3d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.stepping import detach_stepper
-from gyrodrop.surgery.common import SurgeryWarning
+from gyrodrop.surgery.common import SurgeryWarning, check_timing
 
 __all__ = [
     "apply_gyro_dropout",
@@ -64,6 +65,8 @@ def apply_gyro_dropout(
     steps_per_set: int | None = None,
     seed: int = 0,
     pairing: LayerPairing = "shared",
+    drop_mode: DropMode = "standard",
+    drop_cutoff: float | None = None,
     **kw: Any,
 ) -> int:
     """Replace ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in ``model`` with
@@ -104,6 +107,10 @@ def apply_gyro_dropout(
       does) unless ``schedule`` is given. The model then trains no fixed set of
       network-level subnetworks.
 
+    ``drop_mode="early"`` or ``"late"`` with ``drop_cutoff`` (a fraction of
+    ``total_steps`` in ``(0, 1)``) makes every layer drop only before or only after the
+    cutoff step (early and late dropout, Liu et al., ICML 2023).
+
     Returns the number of layers replaced, and warns when it is zero. All-or-nothing:
     when any layer is refused (``p=1.0``, say) the model is left unchanged. Dropout built
     into other modules (``nn.LSTM(dropout=p)``, ``nn.MultiheadAttention(dropout=p)``,
@@ -123,6 +130,7 @@ def apply_gyro_dropout(
         p = check_p("apply_gyro_dropout", p)
     check_seed("apply_gyro_dropout", seed)
     check_choice("apply_gyro_dropout", "pairing", pairing, PAIRINGS)
+    timing = check_timing("apply_gyro_dropout", drop_mode, drop_cutoff, total_steps)
     if pairing == "independent":
         kw.setdefault("schedule", "replacement")
     allowed = {"dims", "schedule", "scale", "auto_step"}
@@ -150,6 +158,7 @@ def apply_gyro_dropout(
             seed=layer_seed(seed, index),
             schedule_seed=seed if pairing == "shared" else layer_seed(seed, index),
             **options,
+            **timing,
         )
         object.__setattr__(new, ORIGIN, type(module))  # what remove_gyro_dropout restores
         return new

@@ -13,6 +13,7 @@ from torch import nn
 
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
+from gyrodrop.config import DropMode
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.stepping import detach_stepper
@@ -24,7 +25,7 @@ from gyrodrop.stochastic_depth import (
     StochasticDepthBlock,
     StochasticDepthLayer,
 )
-from gyrodrop.surgery.common import SurgeryWarning
+from gyrodrop.surgery.common import SurgeryWarning, check_timing
 from gyrodrop.surgery.residual import find_residual_blocks
 
 __all__ = [
@@ -55,6 +56,8 @@ def apply_stochastic_depth(
     auto_step: bool = True,
     per_rank: bool = False,
     example_inputs: Any = None,
+    drop_mode: DropMode = "standard",
+    drop_cutoff: float | None = None,
 ) -> int:
     """Wrap the residual blocks of ``model`` in
     :class:`~gyrodrop.stochastic_depth.StochasticDepthBlock`, in place.
@@ -87,6 +90,12 @@ def apply_stochastic_depth(
             forward of ``model`` (the model-level stepper of
             :func:`apply_gyro_dropout`; :func:`gyrodrop.bind_to_optimizer` for one step
             per optimizer step); ``False``: call :func:`gyrodrop.step` yourself.
+        drop_mode: ``"standard"`` (drop all run long), ``"early"`` (drop before the
+            cutoff only: early dropout, against underfitting) or ``"late"`` (after it
+            only); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps``, in ``(0, 1)``: every layer gets
+            ``cutoff_step = round(drop_cutoff * total_steps)``.
         per_rank: block mode under data parallelism: ``True`` lets each rank draw its
             own decisions (default ``False``: identical decisions on every rank).
         example_inputs: inputs of one forward of ``model`` (a tensor, a tuple of
@@ -136,6 +145,7 @@ def apply_stochastic_depth(
     check_bool(owner, "auto_step", auto_step)
 
     check_bool(owner, "per_rank", per_rank)
+    timing = check_timing(owner, drop_mode, drop_cutoff, total_steps)
 
     root = unwrap_model(model)
     blocks = find_residual_blocks(root, target, example_inputs)
@@ -181,8 +191,14 @@ def apply_stochastic_depth(
             per_rank=per_rank,
         )
 
+    wrappers = (StochasticDepthBlock, StochasticDepthLayer)
+    before = {id(m) for m in root.modules() if isinstance(m, wrappers)}
     policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
     count = replace_modules(root, policy) if blocks else 0
+    for m in root.modules():
+        if timing and isinstance(m, wrappers) and id(m) not in before:
+            sd = m.stochastic_depth  # timing checked above: this cannot fail
+            sd.config = sd.config.replace(owner=owner, total_steps=total_steps, **timing)
     if count and auto_step:
         attach_stepper(root)
     if count == 0:
