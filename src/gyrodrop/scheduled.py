@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from gyrodrop import distributed
@@ -82,10 +81,7 @@ class ScheduledModule(SteppedModule):
     ) -> None:
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         schedule_seed = seed if schedule_seed is None else schedule_seed
-        self.register_buffer(
-            "schedule_seed",
-            torch.tensor(check_seed(owner, schedule_seed, "schedule_seed"), dtype=torch.int64),
-        )
+        self.register_counter("schedule_seed", check_seed(owner, schedule_seed, "schedule_seed"))
         check_schedule(owner, num_subnets, subnets_per_step, schedule)
         self.num_subnets = num_subnets
         self.subnets_per_step = subnets_per_step
