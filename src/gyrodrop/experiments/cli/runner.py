@@ -338,7 +338,11 @@ def preflight(
         for w in caught:
             text = str(w.message)
             if ("dropout(s) as they were" in text) or ("model is unchanged" in text):
-                raise CommandError(f"{what}: {text}")
+                # a dropout whose p drops no block is left alone: name the options
+                hint = (
+                    "; raise --p / --input-p or lower --block-size" if "rounds to 0" in text else ""
+                )
+                raise CommandError(f"{what}: {text}{hint}")
         _refuse_blocks_that_drop_nothing(what, model)
         if inspect is not None:
             try:
