@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shlex
+import shutil
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -171,3 +175,69 @@ class TestDamagedFiles:
         # refused on open (every record is checked before anything is written or read)
         with pytest.raises(StoreError, match="not valid JSON"):
             Store(path, readonly=True)
+
+
+def _run_on_read_only(folder: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python -m gyrodrop *argv`` with ``folder`` read-only: a read-only bind mount
+    when root (who writes through permissions), else permissions; skips where neither
+    can be set up."""
+    cmd = [sys.executable, "-m", "gyrodrop", *argv]
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        finally:
+            folder.chmod(0o755)
+    if shutil.which("unshare") is None:
+        pytest.skip("root without unshare: cannot make a read-only folder")
+    script = (
+        f"mount --bind {shlex.quote(str(folder))} {shlex.quote(str(folder))} && "
+        f"mount -o remount,ro,bind {shlex.quote(str(folder))} && "
+        f"! touch {shlex.quote(str(folder / 'probe'))} 2>/dev/null && exec {shlex.join(cmd)}"
+    )
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0 and "gyrodrop" not in proc.stderr:
+        pytest.skip(f"cannot mount read-only here: {proc.stderr.strip()[:200]}")
+    return proc
+
+
+class TestReadOnlyPlaces:
+    """A results file on a read-only file system (an archive, a shared mount) reads."""
+
+    def test_report_reads_a_database_on_a_read_only_file_system(self, tmp_path: Path) -> None:
+        folder = tmp_path / "archive"
+        folder.mkdir()
+        with Store(folder / "r.db") as db:
+            for seed in range(3):
+                db.save(_cfg(seed), {"test_acc": 0.25 + seed / 10, "train_acc": 0.5})
+        proc = _run_on_read_only(
+            folder, ["report", "--db", str(folder / "r.db"), "--format", "csv"]
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "damaged" not in proc.stderr
+        rows = proc.stdout.strip().splitlines()
+        assert len(rows) == 4 and rows[0].startswith("experiment,")
+        assert sorted(round(float(r.split(",")[rows[0].split(",").index("test_acc")]), 2)
+                      for r in rows[1:]) == [0.25, 0.35, 0.45]  # fmt: skip
+
+    def test_unmerged_write_ahead_log_on_a_read_only_file_system_is_named(
+        self, tmp_path: Path
+    ) -> None:
+        folder = tmp_path / "archive"
+        folder.mkdir()
+        source = tmp_path / "live.db"
+        db = Store(source)  # kept open: its runs are still in the write-ahead log
+        try:
+            db.save(_cfg(0), {"test_acc": 0.5, "train_acc": 0.5})
+            wal = source.with_name("live.db-wal")
+            assert wal.stat().st_size > 0
+            shutil.copy(source, folder / "r.db")
+            shutil.copy(wal, folder / "r.db-wal")
+        finally:
+            db.close()
+        proc = _run_on_read_only(folder, ["report", "--db", str(folder / "r.db")])
+        assert proc.returncode == 2
+        assert "write-ahead log r.db-wal holds unmerged runs" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

@@ -185,11 +185,14 @@ class Store:
             _check_header(self.path)
         elif not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"{self.path.resolve().as_uri()}?mode={'ro' if readonly else 'rwc'}"
-        try:
-            self._con = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
-        except sqlite3.Error as e:
-            raise StoreError(f"results database {self.path}: cannot open: {e}") from e
+        self._con = self._connect("ro" if readonly else "rwc", timeout)
+        if readonly and exists and not self._readable():
+            # A WAL database on a read-only file system (or in a folder this user cannot
+            # write): SQLite cannot create the shared-memory file a WAL reader needs.
+            # Nothing can change the file there, so read it as immutable.
+            self._con.close()
+            self._refuse_unmerged_log()
+            self._con = self._connect("ro&immutable=1", timeout)
         try:
             self._con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             if exists:
@@ -208,6 +211,34 @@ class Store:
             raise
 
     # ---------------------------------------------------------------- setup
+
+    def _connect(self, mode: str, timeout: float) -> sqlite3.Connection:
+        uri = f"{self.path.resolve().as_uri()}?mode={mode}"
+        try:
+            return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"results database {self.path}: cannot open: {e}") from e
+
+    def _readable(self) -> bool:
+        """Can the connection read the file? False when SQLite cannot open it for a
+        reason that is not damage (a WAL file it cannot set up shared memory for)."""
+        try:
+            self._con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as e:
+            folder = self.path.resolve().parent
+            return os.access(folder, os.W_OK) or "unable to open" not in str(e)
+        return True
+
+    def _refuse_unmerged_log(self) -> None:
+        """A write-ahead log beside the file holds runs not yet merged into it, which a
+        reader that cannot write cannot merge: refused, saying how to read it."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(
+                f"results database {self.path}: cannot read it where it is (read-only file "
+                f"system or folder) while its write-ahead log {wal.name} holds unmerged runs; "
+                "copy both files to a writable folder and pass that --db path"
+            )
 
     def _quick_check(self) -> None:
         """SQLite's ``quick_check`` before anything is written: a damaged file is refused
