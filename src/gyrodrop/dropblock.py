@@ -43,10 +43,12 @@ import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks
-from gyrodrop._validation import check_bool, check_choice, check_int, check_p
-from gyrodrop.gyro import SCALES, Scale, apply_group_masks
-from gyrodrop.schedule import Schedule, SteppedModule, SubnetSchedule, check_input
+from gyrodrop._validation import check_bool, check_int, check_seed
+from gyrodrop.config import DropBlockConfig, GyroDropBlockConfig, Scale, Schedule
+from gyrodrop.gyro import apply_group_masks
+from gyrodrop.schedule import SteppedModule, SubnetSchedule, check_input
 from gyrodrop.scheduled import ScheduledModule
+from gyrodrop.stepping import warmup_rate
 
 __all__ = [
     "DropBlock2d",
@@ -69,6 +71,13 @@ Streams = Tensor | tuple[Tensor, Tensor]
 
 # --------------------------------------------------------------------------------------
 # Validation shared by the modules and the functions.
+
+
+def _check_call(owner: str, seed: Any, step: Any, training: Any) -> None:
+    """What a functional form checks besides its config (as its module does)."""
+    check_seed(owner, seed)
+    check_int(owner, "step", step, 0)
+    check_bool(owner, "training", training)
 
 
 def _check_input(owner: str, x: Tensor, *, training: bool = False) -> None:
@@ -291,8 +300,8 @@ def dropblock2d(
         x: feature maps, shape ``(B, C, H, W)``.
         p: target dropped fraction in ``[0, 1)`` (the paper's ``1 - keep_prob``).
         block_size: side of the dropped squares (clamped to the map).
-        step: the step; the masks are a hash of ``step``, ``seed`` and each row's
-            global index.
+        step: the step, an int ``>= 0``; the masks are a hash of ``step``, ``seed`` and
+            each row's global index.
         seed: the seed of the masks.
         shared_channels: one mask per example for all channels (default: per channel).
         scale: ``"inverted"`` or ``"realized"`` (see the module docstring).
@@ -300,17 +309,32 @@ def dropblock2d(
 
     Returns:
         ``x`` times the scaled masks: same shape and dtype.
+
+    Raises:
+        ValueError: what :class:`DropBlock2d` refuses (one
+            :class:`~gyrodrop.config.DropBlockConfig`), a bad ``seed``, ``step`` or
+            ``training``, or an input that is not ``(B, C, H, W)``.
+        TypeError: in training, an integer or bool input.
     """
     owner = "dropblock2d"
-    p = check_p(owner, p)
-    block_size = check_int(owner, "block_size", block_size, 1)
-    check_choice(owner, "scale", scale, SCALES)
+    config = DropBlockConfig(
+        p=p, block_size=block_size, shared_channels=shared_channels, scale=scale, owner=owner
+    )
+    _check_call(owner, seed, step, training)
     _check_input(owner, x, training=training)
-    if not training or p == 0.0:
-        return x
-    if x.is_meta:
-        return x.clone()  # shapes only
-    return x * _fresh_masks(x, p, block_size, seed, step, shared_channels, scale)
+    if not training or x.is_meta:
+        return x if not training else x.clone()
+    m = _dropblock_masks(x, config, seed, step)
+    return x if m is None else x * m
+
+
+def _dropblock_masks(x: Tensor, config: DropBlockConfig, seed: int, step: int) -> Tensor | None:
+    """DropBlock2d's masks for ``x`` at ``step`` (``None``: the rate is 0), shared by the
+    module and the function."""
+    p = warmup_rate(config.p, config.warmup_steps, step)
+    if p == 0.0:
+        return None
+    return _fresh_masks(x, p, config.block_size, seed, step, config.shared_channels, config.scale)
 
 
 def gyro_dropblock2d(
@@ -330,32 +354,51 @@ def gyro_dropblock2d(
     schedule_seed: int | None = None,
 ) -> Tensor:
     """Functional gyro DropBlock: stateless, the step is passed in. See
-    :class:`GyroDropBlock2d`. Rebuilds the active masks on every call."""
+    :class:`GyroDropBlock2d` (the same checks, one
+    :class:`~gyrodrop.config.GyroDropBlockConfig`). Rebuilds the active masks on every
+    call."""
     owner = "gyro_dropblock2d"
-    p = check_p(owner, p)
-    block_size = check_int(owner, "block_size", block_size, 1)
-    check_choice(owner, "scale", scale, SCALES)
-    _check_input(owner, x, training=training)
-    if not training or p == 0.0:
-        return x
-    if x.is_meta:
-        return x.clone()  # shapes only
-    sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
-    active = sched.at_step(seed if schedule_seed is None else schedule_seed, step)
-    _, c, h, w = x.shape
-    m = subnet_block_masks(
-        seed,
-        active,
-        (1 if shared_channels else c, h, w),
-        p,
-        block_size,
+    config = GyroDropBlockConfig(
+        p=p,
+        block_size=block_size,
+        num_subnets=num_subnets,
+        subnets_per_step=subnets_per_step,
+        steps_per_set=steps_per_set,
+        schedule=schedule,
+        shared_channels=shared_channels,
         scale=scale,
-        dtype=_mask_dtype(x),
-        device=x.device,
+        owner=owner,
     )
+    _check_call(owner, seed, step, training)
+    schedule_seed = (
+        seed if schedule_seed is None else check_seed(owner, schedule_seed, "schedule_seed")
+    )
+    _check_input(owner, x, training=training)
+    if not training or x.is_meta:
+        return x if not training else x.clone()
+    if config.p == 0.0:
+        return x
+    sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
+    m = _gyro_block_masks(x, config, seed, sched.at_step(schedule_seed, step))
     start, global_batch = distributed.row_window(x.shape[0])
     counts = distributed.local_group_counts(start, x.shape[0], global_batch, subnets_per_step)
     return apply_group_masks(x, m, counts)
+
+
+def _gyro_block_masks(x: Tensor, config: GyroDropBlockConfig, seed: int, active: Tensor) -> Tensor:
+    """The scaled masks of the subnetworks ``active`` for inputs shaped like ``x``,
+    shape ``(len(active), C or 1, H, W)``: shared by the module and the function."""
+    _, c, h, w = x.shape
+    return subnet_block_masks(
+        seed,
+        active,
+        (1 if config.shared_channels else c, h, w),
+        config.p,
+        config.block_size,
+        scale=config.scale,
+        dtype=_mask_dtype(x),
+        device=x.device,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -395,6 +438,14 @@ class DropBlock2d(SteppedModule):
         True
     """
 
+    config: DropBlockConfig
+    config_class = DropBlockConfig
+    p: float  # these read config (see SteppedModule.config_class)
+    block_size: int
+    shared_channels: bool
+    scale: Scale
+    warmup_steps: int
+
     def __init__(
         self,
         p: float = 0.1,
@@ -407,51 +458,27 @@ class DropBlock2d(SteppedModule):
         auto_step: bool = True,
     ) -> None:
         owner = type(self).__name__
-        p = check_p(owner, p)
-        block_size = check_int(owner, "block_size", block_size, 1)
-        check_choice(owner, "scale", scale, SCALES)
-        check_int(owner, "warmup_steps", warmup_steps, 0)
-        super().__init__(seed=seed, auto_step=auto_step, owner=owner)
-        self.p = p
-        self.block_size = block_size
-        self.shared_channels = check_bool(owner, "shared_channels", shared_channels)
-        self.scale = scale
-        self.warmup_steps = int(warmup_steps)
-
-    def extra_repr(self) -> str:
-        warm = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
-        return (
-            f"p={self.p}, block_size={self.block_size}, "
-            f"shared_channels={self.shared_channels}, scale={self.scale}{warm}"
+        config = DropBlockConfig(
+            p=p,
+            block_size=block_size,
+            shared_channels=shared_channels,
+            scale=scale,
+            warmup_steps=warmup_steps,
+            owner=owner,
         )
+        super().__init__(seed=seed, auto_step=auto_step, owner=owner)
+        self.config = config
 
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
         from 0 over the first ``warmup_steps`` steps."""
         step = self._step_arg(step, "rate")
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.p * max(step, 0) / self.warmup_steps
-        return self.p
+        return warmup_rate(self.config.p, self.config.warmup_steps, step)
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
         step = self.forward_step()
-        p = self.rate(step)
-        if p == 0.0:
-            return None
-        return _fresh_masks(
-            x, p, self.block_size, self.current_seed(), step, self.shared_channels, self.scale
-        )
-
-    def hparams(self) -> dict[str, Any]:
-        """``p``, ``block_size``, ``shared_channels``, scale and ``warmup_steps``."""
-        return {
-            "p": self.p,
-            "block_size": self.block_size,
-            "shared_channels": self.shared_channels,
-            "scale": self.scale,
-            "warmup_steps": self.warmup_steps,
-        }
+        return _dropblock_masks(x, self.config, self.current_seed(), step)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(type(self).__name__, x, training=self.training)
@@ -490,6 +517,13 @@ class GyroDropBlock2d(ScheduledModule):
         (True, False)
     """
 
+    config: GyroDropBlockConfig
+    config_class = GyroDropBlockConfig
+    p: float  # these read config (see SteppedModule.config_class)
+    block_size: int
+    shared_channels: bool
+    scale: Scale
+
     def __init__(
         self,
         p: float = 0.1,
@@ -506,91 +540,56 @@ class GyroDropBlock2d(ScheduledModule):
         auto_step: bool = True,
         schedule_seed: int | None = None,
     ) -> None:
-        owner = type(self).__name__
-        p = check_p(owner, p)
-        block_size = check_int(owner, "block_size", block_size, 1)
-        check_choice(owner, "scale", scale, SCALES)
-        shared_channels = check_bool(owner, "shared_channels", shared_channels)
-        super().__init__(
+        config = GyroDropBlockConfig(
+            p=p,
+            block_size=block_size,
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
             total_steps=total_steps,
-            steps_per_set=steps_per_set,
+            steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
             schedule=schedule,
+            shared_channels=shared_channels,
+            scale=scale,
+            owner=type(self).__name__,
+        )
+        super().__init__(
+            config,
             seed=seed,
             auto_step=auto_step,
-            owner=owner,
             schedule_seed=schedule_seed,
-        )
-        self.p = p
-        self.block_size = block_size
-        self.shared_channels = shared_channels
-        self.scale = scale
-
-    def extra_repr(self) -> str:
-        return (
-            f"p={self.p}, block_size={self.block_size}, num_subnets={self.num_subnets}, "
-            f"subnets_per_step={self.subnets_per_step}, steps_per_set={self.steps_per_set}, "
-            f"schedule={self.schedule}, shared_channels={self.shared_channels}, "
-            f"scale={self.scale}"
+            total_steps=total_steps,
         )
 
     def _mask_shape(self, like: Tensor) -> tuple[int, int, int]:
         _check_input(type(self).__name__, like)
         _, c, h, w = like.shape
-        return (1 if self.shared_channels else c, h, w)
+        return (1 if self.config.shared_channels else c, h, w)
 
     def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, C or 1, H, W)``; cached until the set changes."""
         step = self._step_arg(step, "active_masks")
         shape = self._mask_shape(x)
-
-        def build(seed: int, active: Tensor) -> Tensor:
-            return subnet_block_masks(
-                seed,
-                active,
-                shape,
-                self.p,
-                self.block_size,
-                scale=self.scale,
-                dtype=_mask_dtype(x),
-                device=x.device,
-            )
-
-        masks_: Tensor = self.for_active_set(step, (shape, x.dtype, x.device), build)
+        config = self.config
+        masks_: Tensor = self.for_active_set(
+            step,
+            (shape, x.dtype, x.device),
+            lambda seed, active: _gyro_block_masks(x, config, seed, active),
+        )
         return masks_
 
     def subnet_mask(self, k: int, like: Tensor) -> Tensor:
         """The scaled mask of subnetwork ``k`` for inputs shaped like ``like``, shape
         ``(C or 1, H, W)`` (used by :func:`gyrodrop.subnet_ensemble_predict`)."""
         check_int(type(self).__name__, "k", k, 0, self.num_subnets - 1)
-        return subnet_block_masks(
-            self.current_seed(),
-            torch.tensor([k], dtype=torch.int64),
-            self._mask_shape(like),
-            self.p,
-            self.block_size,
-            scale=self.scale,
-            dtype=_mask_dtype(like),
-            device=like.device,
-        )[0]
+        self._mask_shape(like)
+        ids = torch.tensor([k], dtype=torch.int64)
+        return _gyro_block_masks(like, self.config, self.current_seed(), ids)[0]
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
         group_masks = self.active_masks(x, self.forward_step())
         return group_masks, self.group_counts(x.shape[0])
-
-    def hparams(self) -> dict[str, Any]:
-        """Sigma, tau, ``steps_per_set``, schedule, ``p``, ``block_size``,
-        ``shared_channels`` and scale."""
-        return {
-            **super().hparams(),
-            "p": self.p,
-            "block_size": self.block_size,
-            "shared_channels": self.shared_channels,
-            "scale": self.scale,
-        }
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(type(self).__name__, x, training=self.training)
@@ -598,7 +597,7 @@ class GyroDropBlock2d(ScheduledModule):
             return x
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
-        if self.p == 0.0:
+        if self.config.p == 0.0:
             self.forward_step()
             return x
         group_masks, counts = self._prepare(x)

@@ -55,7 +55,7 @@ def apply_dropblock(
         >>> gyrodrop.apply_dropblock(net, block_size=5)
         1
         >>> net[2]
-        DropBlock2d(p=0.1, block_size=5, shared_channels=False, scale=inverted)
+        DropBlock2d(p=0.1, block_size=5, shared_channels=False, scale=inverted, warmup_steps=0)
     """
     owner = "apply_dropblock"
     if p is not None:

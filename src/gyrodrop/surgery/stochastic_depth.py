@@ -124,7 +124,7 @@ def apply_stochastic_depth(
     """
     owner = "apply_stochastic_depth"
     check_model(owner, model)
-    drop_rate = check_p(owner, drop_rate)
+    drop_rate = check_p(owner, drop_rate, "drop_rate")
     check_choice(owner, "drop_distribution", drop_distribution, DROP_DISTRIBUTIONS)
     check_choice(owner, "mode", mode, MODES)
     warmup = warmup_steps_for(owner, drop_warmup, total_steps)
@@ -255,7 +255,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         >>> replace_drop_paths(net)
         1
         >>> net[1]
-        StochasticDepth(p=0.1, mode=sample)
+        StochasticDepth(p=0.1, mode=sample, warmup_steps=0, per_rank=False)
     """
     check_choice("replace_drop_paths", "mode", mode, MODES)
     check_seed("replace_drop_paths", seed)
