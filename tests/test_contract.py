@@ -423,3 +423,45 @@ class TestEarlyAndLateDropout:
         with pytest.raises(ValueError, match=f"{owner}: .*{message}") as err:
             case.make(**kwargs)
         assert "\n" not in str(err.value)
+
+
+def _counters(module: nn.Module) -> dict[str, int]:
+    return {k: int(v) for k, v in module.named_buffers() if k.split(".")[-1] in _COUNTERS}
+
+
+_COUNTERS = ("step", "seed", "schedule_seed")
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+class TestDeferredInitialization:
+    """A layer built on ``meta`` and materialized with ``to_empty()`` (and
+    ``reset_parameters()``, as FSDP and large-model code do) holds what a CPU
+    construction holds, and draws the same masks."""
+
+    @pytest.mark.parametrize("reset", [True, False])
+    def test_to_empty_gives_the_buffers_and_masks_of_a_cpu_construction(
+        self, case: Case, reset: bool
+    ) -> None:
+        cpu = case.make(seed=5)
+        with torch.device("meta"):
+            deferred = case.make(seed=5)
+        deferred.to_empty(device="cpu")
+        if reset:
+            deferred.reset_parameters()
+        assert _counters(deferred) == _counters(cpu) and _counters(cpu)
+        deferred.load_state_dict(  # the same weights; the counters must not need loading
+            {k: v for k, v in cpu.state_dict().items() if k.split(".")[-1] not in _COUNTERS},
+            strict=False,
+        )
+        x = _input(case)
+        for out_cpu, out_deferred in zip(_steps(cpu, x, 3), _steps(deferred, x, 3), strict=True):
+            assert torch.equal(out_cpu, out_deferred)
+
+    def test_reset_parameters_puts_back_step_zero_and_the_seeds_in_place(self, case: Case) -> None:
+        module = case.make(seed=6).train()
+        _steps(module, _input(case), 2)
+        before = dict(module.named_buffers())
+        module.seed.fill_(99)
+        module.reset_parameters()
+        assert _counters(module) == _counters(case.make(seed=6))
+        assert all(v is before[k] for k, v in module.named_buffers())  # written in place

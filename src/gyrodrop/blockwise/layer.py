@@ -275,7 +275,10 @@ class BlockGyroLinear(ScheduledModule):
     # -- construction ------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """Initialize ``weight`` and ``bias`` as :class:`torch.nn.Linear` does."""
+        """Initialize ``weight`` and ``bias`` as :class:`torch.nn.Linear` does, and the
+        ``step`` / seed buffers as construction does (see
+        :meth:`gyrodrop.stepping.SteppedModule.reset_parameters`)."""
+        super().reset_parameters()
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
