@@ -237,3 +237,28 @@ def test_branch_with_batchnorm_keeps_the_multiply_form_and_says_so_once() -> Non
     said = [w for w in caught if "no saving" in str(w.message)]
     assert len(said) == 1 and "BatchNorm1d 'bn'" in str(said[0].message)
     assert set(calls) == {8}  # every row, every step (and the one-time check)
+
+
+def test_early_and_late_dropout_switch_inside_the_graph() -> None:
+    """drop_mode's cutoff is a comparison with the step tensor: one graph, eager's
+    outputs on both sides of the cutoff."""
+
+    def make() -> nn.Module:
+        kw = {"num_subnets": 8, "subnets_per_step": 2, "steps_per_set": 1}
+        net = nn.Sequential(
+            nn.Conv2d(2, 2, 3, padding=1),
+            gyrodrop.DropBlock2d(0.3, 3, drop_mode="late", cutoff_step=2),
+            gyrodrop.GyroDropBlock2d(0.3, 3, drop_mode="early", cutoff_step=3, **kw),
+            nn.Flatten(),
+            gyrodrop.BlockGyroLinear(
+                2 * 25, 16, p=0.5, block_size=5, drop_mode="early", cutoff_step=2, **kw
+            ),
+            gyrodrop.GyroDropout(0.5, drop_mode="late", cutoff_step=3, **kw),
+            gyrodrop.StochasticDepth(0.5, "sample", drop_mode="early", cutoff_step=2),
+        )
+        attach_stepper(net)
+        return net
+
+    _train_and_compare(make, [torch.randn(4, 2, 5, 5) for _ in range(5)])
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1

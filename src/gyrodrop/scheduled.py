@@ -82,10 +82,7 @@ class ScheduledModule(SteppedModule):
         owner = type(self).__name__
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         schedule_seed = seed if schedule_seed is None else schedule_seed
-        self.register_buffer(
-            "schedule_seed",
-            torch.tensor(check_seed(owner, schedule_seed, "schedule_seed"), dtype=torch.int64),
-        )
+        self.register_counter("schedule_seed", check_seed(owner, schedule_seed, "schedule_seed"))
         self.config = config
         self.total_steps = total_steps
 
