@@ -199,7 +199,12 @@ def compile_table(args: argparse.Namespace) -> str:
             "eager": lambda e=eager, o=opt_e, x=x, y=y: train_step(e, o, x, y),
             "compiled": lambda c=compiled, o=opt_c, x=x, y=y: train_step(c, o, x, y),
         }
-        steps["compiled"]()  # compiles
+        try:
+            steps["compiled"]()  # compiles
+        except Exception as exc:  # noqa: BLE001 - a compiler failure is a result too
+            rows.append([name, "", f"failed: {type(exc).__name__}", "", "", ""])
+            print(rows[-1], flush=True)
+            continue
         repeats, inner = (3, 1) if args.quick else (7, 3)
         times = interleaved_medians(steps, repeats=repeats, inner=inner, warmup=1)
         graphs = counters["stats"]["unique_graphs"]
@@ -235,12 +240,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--skip-compile", action="store_true", help="only the first table")
+    parser.add_argument("--only-compile", action="store_true", help="only the second table")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.d, args.batch = 64, 16
-    print(skip_table(args), flush=True)
+    if not args.only_compile:
+        print(skip_table(args), flush=True)
     if not args.skip_compile:
         print("\n" + compile_table(args), flush=True)
 

@@ -115,17 +115,19 @@ def grow(seeds: Tensor, block_size: int, sizes: Sequence[int]) -> Tensor:
     block's sides, not over positions; no padding copy, no float pooling.
     """
     b = block_dims(block_size, sizes)
-    out = seeds
+    # uint8 under torch.compile: inductor's CPU code generator fails on these bool ORs
+    dtype = torch.uint8 if torch.compiler.is_compiling() else torch.bool
+    out = seeds.to(dtype)
     for d in reversed(range(len(sizes))):
         axis = d + 1
         valid = out.shape[axis]
         shape = list(out.shape)
         shape[axis] = sizes[d]
-        grown = torch.zeros(shape, dtype=torch.bool, device=seeds.device)
+        grown = torch.zeros(shape, dtype=dtype, device=seeds.device)
         for k in range(b[d]):
             grown.narrow(axis, k, valid).bitwise_or_(out)
         out = grown
-    return out
+    return out.bool()
 
 
 def stream_bases(streams: Streams, key: int | Tensor) -> Tensor:
