@@ -549,7 +549,8 @@ def bench_compiled(report: list[str], quick: bool, repeats: int) -> bool:
             ]
         )
     report.append(
-        "### Compiled (inductor, fullgraph) vs eager training step, float32\n\n"
+        f"### Compiled ({'aot_eager' if SMOKE else 'inductor'}, fullgraph) vs eager "
+        "training step, float32\n\n"
         + markdown_table(
             [
                 "model with",
