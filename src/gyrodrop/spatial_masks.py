@@ -165,19 +165,47 @@ def seed_maps(streams: Streams, key: int | Tensor, n: int, gamma: float) -> Tens
     base = stream_bases(streams, key)  # (m, 1)
     log_q = math.log1p(-gamma)
     mean = n * gamma
-    # Under torch.compile: n + 1 gaps (enough for any stream, every gap is at least 1),
-    # a static shape instead of the doubling loop; the same first gaps, the same maps.
-    k = n + 1 if torch.compiler.is_compiling() else int(mean + 5.0 * math.sqrt(mean) + 8.0)
+    k = int(mean + 5.0 * math.sqrt(mean) + 8.0)
+    if torch.compiler.is_compiling():
+        return _traced_seed_maps(base, k, n, log_q)
     while True:
-        j = torch.arange(k, dtype=torch.int64, device=first.device)
-        u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
-        gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
-        pos = gaps.to(torch.int64).cumsum(dim=1) - 1  # (m, k) seed positions
-        if k > n or bool((pos[:, -1] >= n).all()):
+        pos = _seed_positions(base, k, n, log_q)
+        if bool((pos[:, -1] >= n).all()):
             break
         k *= 2  # a stream has more seeds than were drawn; its first gaps stay the same
     out.scatter_(1, pos.clamp_max(n), True)
     return out[:, :n]
+
+
+def _seed_positions(base: Tensor, k: int, n: int, log_q: float) -> Tensor:
+    """The first ``k`` seed positions of each stream, int64 ``(m, k)`` (cumulated
+    geometric gaps; positions ``>= n`` lie past the map)."""
+    j = torch.arange(k, dtype=torch.int64, device=base.device)
+    u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
+    gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
+    return gaps.to(torch.int64).cumsum(dim=1) - 1
+
+
+def _scatter_seeds(pos: Tensor, n: int) -> Tensor:
+    out = torch.zeros(pos.shape[0], n + 1, dtype=torch.bool, device=pos.device)
+    return out.scatter(1, pos.clamp_max(n), True)[:, :n].contiguous()
+
+
+def _traced_seed_maps(base: Tensor, k: int, n: int, log_q: float) -> Tensor:
+    """:func:`seed_maps` under ``torch.compile``: static shapes instead of the doubling
+    loop. The first ``k`` gaps (the eager first guess) cover every stream in all but
+    rare steps; ``torch.cond`` takes ``n + 1`` gaps (enough for any stream: every gap is
+    at least 1) in those. The same first gaps, so the same maps."""
+    if k > n:
+        return _scatter_seeds(_seed_positions(base, n + 1, n, log_q), n)
+    pos = _seed_positions(base, k, n, log_q)
+    covered = (pos[:, -1] >= n).all()
+    return torch.cond(
+        covered,
+        lambda base, pos: _scatter_seeds(pos, n),
+        lambda base, pos: _scatter_seeds(_seed_positions(base, n + 1, n, log_q), n),
+        (base, pos),
+    )
 
 
 def drop_maps(
