@@ -45,7 +45,7 @@ from torch import Tensor
 from gyrodrop import distributed, masks
 from gyrodrop._validation import check_bool, check_int, check_seed
 from gyrodrop.config import DropBlockConfig, GyroDropBlockConfig, Scale, Schedule
-from gyrodrop.gyro import apply_group_masks
+from gyrodrop.gyro import _apply_group_masks
 from gyrodrop.schedule import SteppedModule, SubnetSchedule, check_input
 from gyrodrop.scheduled import ScheduledModule
 from gyrodrop.stepping import warmup_rate
@@ -59,9 +59,6 @@ __all__ = [
     "drop_probabilities",
 ]
 
-# Hash stream tags of this module (distinct from those in gyrodrop.masks).
-_TAG_DROPBLOCK = 0x66
-_TAG_GYRO_DROPBLOCK = 0x77
 _M32 = 0xFFFFFFFF
 
 #: Hash stream ids: an int64 tensor, or ``(low, high)`` int64 tensors for ids that may
@@ -246,7 +243,7 @@ def _fresh_masks(
     start, _ = distributed.row_window(b)
     ids = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
     streams = (ids & _M32, ids >> 32)  # ids of 2**32 and more mix their high bits
-    key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
+    key = masks.mix_keys(seed, masks.TAG_DROPBLOCK, step)
     with torch.no_grad():
         drop = _drop_maps(streams, key, p, block_size, h, w)
         return _scaled(drop, p, block_size, scale, _mask_dtype(x)).reshape(b, cm, h, w)
@@ -273,7 +270,7 @@ def subnet_block_masks(
     low = (subnets[:, None] & _M32) * cm + channels  # (K, cm), < 2**63 for cm < 2**31
     high = (subnets[:, None] >> 32) * cm + (low >> 32)
     streams = ((low & _M32).reshape(-1), high.reshape(-1))
-    key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
+    key = masks.mix_keys(seed, masks.TAG_GYRO_DROPBLOCK)
     with torch.no_grad():
         drop = _drop_maps(streams, key, p, block_size, h, w)
         return _scaled(drop, p, block_size, scale, dtype).reshape(len(subnets), cm, h, w)
@@ -370,19 +367,15 @@ def gyro_dropblock2d(
         owner=owner,
     )
     _check_call(owner, seed, step, training)
-    schedule_seed = (
-        seed if schedule_seed is None else check_seed(owner, schedule_seed, "schedule_seed")
-    )
+    sseed = seed if schedule_seed is None else check_seed(owner, schedule_seed, "schedule_seed")
     _check_input(owner, x, training=training)
-    if not training or x.is_meta:
-        return x if not training else x.clone()
-    if config.p == 0.0:
-        return x
+    if not training or x.is_meta or config.p == 0.0:
+        return x.clone() if training and x.is_meta else x
     sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
-    m = _gyro_block_masks(x, config, seed, sched.at_step(schedule_seed, step))
+    m = _gyro_block_masks(x, config, seed, sched.at_step(sseed, step))
     start, global_batch = distributed.row_window(x.shape[0])
     counts = distributed.local_group_counts(start, x.shape[0], global_batch, subnets_per_step)
-    return apply_group_masks(x, m, counts)
+    return _apply_group_masks(x, m, counts)
 
 
 def _gyro_block_masks(x: Tensor, config: GyroDropBlockConfig, seed: int, active: Tensor) -> Tensor:
@@ -477,7 +470,7 @@ class DropBlock2d(SteppedModule):
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         return _dropblock_masks(x, self.config, self.current_seed(), step)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -588,7 +581,7 @@ class GyroDropBlock2d(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        group_masks = self.active_masks(x, self.forward_step())
+        group_masks = self.active_masks(x, self._forward_step())
         return group_masks, self.group_counts(x.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -601,4 +594,4 @@ class GyroDropBlock2d(ScheduledModule):
             self.forward_step()
             return x
         group_masks, counts = self._prepare(x)
-        return apply_group_masks(x, group_masks, counts)
+        return _apply_group_masks(x, group_masks, counts)

@@ -438,7 +438,8 @@ class SteppedModule(nn.Module):
 
     def _host(self, name: str) -> int:
         """The value of the scalar buffer ``name`` as a Python int, cached on the host."""
-        t: Tensor = getattr(self, name)
+        t = self._buffers[name]  # not getattr: nn.Module's fallback is slow per forward
+        assert t is not None
         if t.is_meta:
             return 0  # a module on the meta device has shapes, not values
         try:
@@ -469,13 +470,16 @@ class SteppedModule(nn.Module):
 
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
-        check_int(type(self).__name__ + ".advance", "n", n, 0)
-        if self.step.is_meta:
+        if n.__class__ is not int or n < 0:
+            check_int(type(self).__name__ + ".advance", "n", n, 0)
+        step = self._buffers["step"]
+        assert step is not None
+        if step.is_meta:
             return
         value = self.current_step()
-        self.step.add_(n)  # a buffer: never requires grad
+        step.add_(n)  # a buffer: never requires grad
         try:
-            self._mirrors["step"] = (self.step, self.step._version, value + n)
+            self._mirrors["step"] = (step, step._version, value + n)
         except RuntimeError:
             self._mirrors.pop("step", None)
 
@@ -515,13 +519,19 @@ class SteppedModule(nn.Module):
         advances nothing, so the recompute builds the same masks and graph. (So run
         each backward before the next training forward that steps, as training loops
         do; with several forwards per backward use :func:`bind_to_optimizer`.)
+        Runs eagerly under ``torch.compile``.
         """
+        return self._forward_step()
+
+    def _forward_step(self) -> int:
+        """:meth:`forward_step` for callers that already run eagerly (a method of the
+        layer under ``torch.compiler.disable``): one wrapper less per forward."""
         refuse_export(type(self).__name__)
         if in_backward():
             replay = self._replay_step
             return self.current_step() if replay is None else replay
         step = self.current_step()
-        self._replay_step = step
+        self.__dict__["_replay_step"] = step  # not nn.Module.__setattr__: per forward
         if self.auto_step:
             stepper = self._stepper
             if stepper is None:

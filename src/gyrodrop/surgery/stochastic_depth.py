@@ -12,19 +12,18 @@ from typing import Any, Literal
 from torch import nn
 
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
-from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
+from gyrodrop._validation import check_bool, check_choice, check_int, check_seed
+from gyrodrop.config import StochasticDepthConfig
 from gyrodrop.masks import layer_seed
-from gyrodrop.schedule import attach_stepper
 from gyrodrop.stepping import detach_stepper
 from gyrodrop.stochastic_depth import (
-    MODES,
     LayerSplit,
     Mode,
     StochasticDepth,
     StochasticDepthBlock,
     StochasticDepthLayer,
 )
-from gyrodrop.surgery.common import SurgeryWarning
+from gyrodrop.surgery.common import SurgeryWarning, rewrite
 from gyrodrop.surgery.residual import find_residual_blocks
 
 __all__ = [
@@ -124,21 +123,25 @@ def apply_stochastic_depth(
     """
     owner = "apply_stochastic_depth"
     check_model(owner, model)
-    drop_rate = check_p(owner, drop_rate, "drop_rate")
     check_choice(owner, "drop_distribution", drop_distribution, DROP_DISTRIBUTIONS)
-    check_choice(owner, "mode", mode, MODES)
     warmup = warmup_steps_for(owner, drop_warmup, total_steps)
+    config = StochasticDepthConfig(
+        p=drop_rate,
+        mode=mode,
+        warmup_steps=warmup,
+        per_rank=per_rank,
+        owner=owner,
+        names={"p": "drop_rate"},
+    )
     check_seed(owner, seed)
-    check_bool(owner, "auto_step", auto_step)
-
-    check_bool(owner, "per_rank", per_rank)
+    auto_step = check_bool(owner, "auto_step", auto_step)
 
     root = unwrap_model(model)
     blocks = find_residual_blocks(root, target, example_inputs)
     if drop_distribution == "linear":
-        rates = linear_rates(drop_rate, len(blocks))
+        rates = linear_rates(config.p, len(blocks))
     else:
-        rates = [drop_rate] * len(blocks)
+        rates = [config.p] * len(blocks)
     chosen = {id(block): (i, split) for i, (_, block, split) in enumerate(blocks)}
     names = [name for name, _, _ in blocks]
 
@@ -146,43 +149,31 @@ def apply_stochastic_depth(
         if id(module) not in chosen:
             return None
         i, split = chosen[id(module)]
+        settings = config.replace(owner=owner, p=rates[i]).hparams()
         if isinstance(split, LayerSplit):
             return StochasticDepthLayer(
                 module,
-                rates[i],
-                mode,
+                **settings,
                 seed=layer_seed(seed, i),
                 auto_step=auto_step,
-                warmup_steps=warmup,
-                per_rank=per_rank,
                 name=names[i],
                 split=split,
             )
         return StochasticDepthBlock(
-            module,
-            rates[i],
-            mode,
-            seed=layer_seed(seed, i),
-            auto_step=auto_step,
-            warmup_steps=warmup,
-            split=split,
-            per_rank=per_rank,
+            module, **settings, seed=layer_seed(seed, i), auto_step=auto_step, split=split
         )
 
     policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
-    count = replace_modules(root, policy) if blocks else 0
-    if count and auto_step:
-        attach_stepper(root)
-    if count == 0:
-        warnings.warn(
-            f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck, "
-            "a class with branch/shortcut methods or a transformer layer stack, not "
-            "already wrapped); the model is "
-            "unchanged. Hint: pass target= (a block type or predicate) for other blocks",
-            SurgeryWarning,
-            stacklevel=2,
-        )
-    return count
+    return rewrite(
+        owner,
+        root,
+        policy,
+        auto_step=auto_step,
+        nothing="no residual block found (torchvision-shaped BasicBlock/Bottleneck, "
+        "a class with branch/shortcut methods or a transformer layer stack, not "
+        "already wrapped); the model is unchanged. Hint: pass target= (a block type or "
+        "predicate) for other blocks",
+    )
 
 
 def remove_stochastic_depth(model: nn.Module) -> int:
@@ -257,7 +248,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         >>> net[1]
         StochasticDepth(p=0.1, mode=sample, warmup_steps=0, per_rank=False)
     """
-    check_choice("replace_drop_paths", "mode", mode, MODES)
+    config = StochasticDepthConfig(p=0.0, mode=mode, owner="replace_drop_paths")
     check_seed("replace_drop_paths", seed)
     root = unwrap_model(model)
     types = {
@@ -276,7 +267,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         if reason is not None:
             left.append(f"{names[id(module)]} ({type(module).__name__}, {reason})")
             return None
-        return StochasticDepth(rate, mode, seed=layer_seed(seed, index))
+        return StochasticDepth.from_config(config.replace(p=rate), seed=layer_seed(seed, index))
 
     policy: Policy = dict.fromkeys(types, make)
     count = replace_modules(root, policy) if types else 0
