@@ -219,3 +219,54 @@ class TestCommandLine:
         assert run_cli(tmp_path, *extra) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+class TestReport:
+    def records(self):
+        from gyrodrop.experiments.report.grouping import sections
+
+        base = {
+            "experiment": "compare",
+            "dataset": "d",
+            "model": "mlp",
+            "epochs": 1,
+            "batch_size": 8,
+            "lr": 0.1,
+            "optimizer": "sgd",
+            "ood_classes": [1],
+            "ensemble_size": 2,
+        }
+        recs = []
+        for seed, (nll_mc, nll_ens) in enumerate([(0.50, 0.40), (0.70, 0.50), (0.60, 0.60)]):
+            common = dict.fromkeys(METRICS, 0.5)
+            recs.append(
+                {**base, "method": "dropout", "seed": seed}
+                | {f"unc_mc_entropy_{m}": v for m, v in common.items()}
+                | {"unc_mc_entropy_nll": nll_mc}
+            )
+            recs.append(
+                {**base, "method": "gyro", "num_subnets": 8, "subnets_per_step": 2, "seed": seed}
+                | {f"unc_ens_entropy_{m}": v for m, v in common.items()}
+                | {"unc_ens_entropy_nll": nll_ens}
+            )
+        return sections(recs)[0]
+
+    def test_paired_differences_by_seed_with_a_t_interval(self):
+        from scipy import stats
+
+        from gyrodrop.experiments.report.uncertainty import uncertainty_paired_table
+
+        text = uncertainty_paired_table(self.records())
+        diffs = [-0.1, -0.2, 0.0]
+        half = stats.t.ppf(0.975, 2) * stats.tstd(diffs) / math.sqrt(3)
+        want = f"{-0.1:+.3f} [{-0.1 - half:+.3f}, {-0.1 + half:+.3f}]"
+        row = next(line for line in text.splitlines() if line.startswith("| gyro"))
+        assert want in row and "| 3 |" in row
+        assert "row minus dropout MC dropout (entropy)" in text
+
+    def test_table_gives_the_mean_and_the_interval_half_width(self):
+        from gyrodrop.experiments.report.uncertainty import uncertainty_table
+
+        text = uncertainty_table(self.records())
+        row = next(line for line in text.splitlines() if line.startswith("| dropout"))
+        assert "| 50.00 ± 0.00 |" in row and "| 0.600 ± 0.248 |" in row
