@@ -268,3 +268,48 @@ class TestPaperRecipe:
 
         train_run(_paper(epochs=1), _images(), extra=extra)
         assert shapes == [(1, 7, 7)]
+
+
+# --------------------------------------------------------------------------- study runs
+
+
+def test_study_fields_leave_older_run_keys_unchanged() -> None:
+    cfg = RunConfig("compare", "digits", "mlp", "gyro", seed=0, epochs=1)
+    text = cfg.canonical_json()
+    for name in ("train_size", "val_size", "steps_per_epoch", "lr_schedule", "ens_subnets"):
+        assert name not in text
+
+
+def test_a_step_budget_trains_full_batches_with_cosine_decay() -> None:
+    pytest.importorskip("sklearn")
+    from gyrodrop.experiments.study.subsets import load_study_dataset
+
+    ds = load_study_dataset("digits", train_size=50, val_size=100, seed=0)
+    cfg = RunConfig(
+        "study",
+        "digits",
+        "mlp",
+        "dropout",
+        seed=0,
+        epochs=3,
+        batch_size=32,
+        lr=0.01,
+        steps_per_epoch=4,
+        train_size=50,
+        val_size=100,
+        lr_schedule="cosine",
+    )
+    result = train_run(cfg, ds)
+    assert result.metrics["steps"] == 12  # whatever the size: 3 epochs x 4 steps
+    lrs = [r["lr"] for r in result.epochs]
+    assert lrs[0] == 0.01 and lrs[0] > lrs[1] > lrs[2] > 0
+    row = result.epochs[-1]
+    assert {"val_acc", "val_loss", "test_ece", "train_eval_acc"} <= set(row)
+    assert result.metrics["n_val"] == 100 and result.metrics["n_test"] == len(ds.y_test)
+
+
+def test_study_fields_are_checked() -> None:
+    with pytest.raises(ValueError, match="train_size and val_size go together"):
+        RunConfig("study", "digits", "mlp", "none", seed=0, epochs=1, train_size=10).normalized()
+    with pytest.raises(ValueError, match="lr_schedule must be None or one of cosine"):
+        RunConfig("s", "digits", "mlp", "none", seed=0, epochs=1, lr_schedule="step").normalized()

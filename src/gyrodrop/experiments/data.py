@@ -92,6 +92,7 @@ class Dataset:
         y_test: ``(M,)`` int64.
         num_classes: number of classes.
         classes: class names (strings), index = label.
+        x_val, y_val: a validation split held out of the training split (study runs).
     """
 
     name: str
@@ -101,6 +102,8 @@ class Dataset:
     y_test: Tensor
     num_classes: int
     classes: tuple[str, ...]
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
 
     @property
     def in_shape(self) -> tuple[int, ...]:

@@ -15,9 +15,10 @@ A run of a configuration with ``ood_classes`` (:func:`uncertainty_run`):
 3. **Evaluators** (:data:`EVALUATORS`), each scored on the in-distribution test set
    and against the OOD set with :func:`gyrodrop.uncertainty_metrics`:
    the single network (eval mode, ``max_prob``), MC dropout (``--mc-samples`` passes;
-   methods with dropout), the gyro subnetwork ensemble (all ``num_subnets`` members;
-   gyro, gyro-random, blockwise) and the deep ensemble of the ``N`` networks in eval
-   mode (``N > 1``), the last three by ``entropy`` and ``mutual_info``.
+   methods with dropout), the gyro subnetwork ensemble (all ``num_subnets`` members, or
+   a seeded subset of ``ens_subnets``; gyro, gyro-random, blockwise) and the deep
+   ensemble of the ``N`` networks in eval mode (``N > 1``), the last three by
+   ``entropy`` and ``mutual_info``.
 
 Stored per run (flat, so ``report --format json`` carries them):
 ``unc_{evaluator}_{score}_{metric}`` for every metric of ``uncertainty_metrics``,
@@ -181,7 +182,12 @@ def _predictions(cfg: RunConfig, models: list[nn.Module], x: Tensor) -> dict[str
         samples = int(cfg.mc_samples or 30)
         out["mc"] = _chunked(lambda xb: gyrodrop.mc_predict(first, xb, samples=samples), x)
     if cfg.method in _ENSEMBLE_METHODS:
-        out["ens"] = _chunked(lambda xb: gyrodrop.subnet_ensemble_predict(first, xb), x)
+        members = cfg.ens_subnets
+        if members is not None and cfg.num_subnets is not None:
+            members = min(members, cfg.num_subnets)  # a seeded subset (None: all)
+        out["ens"] = _chunked(
+            lambda xb: gyrodrop.subnet_ensemble_predict(first, xb, subnets=members), x
+        )
     if len(models) > 1:
         out["deep"] = Prediction.from_passes(torch.stack(probs))
     return out

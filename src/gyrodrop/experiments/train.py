@@ -87,7 +87,15 @@ _LATE_FIELDS: dict[str, Any] = {
     "ood_classes": None,
     "train_limit": None,
     "ensemble_size": None,
+    "train_size": None,
+    "val_size": None,
+    "steps_per_epoch": None,
+    "lr_schedule": None,
+    "ens_subnets": None,
 }
+#: Learning-rate schedules of ``RunConfig.lr_schedule`` (``None``: constant, or the
+#: paper recipe's steps).
+LR_SCHEDULES: tuple[str, ...] = ("cosine",)
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,16 @@ class RunConfig:
     ood_classes: tuple[int, ...] | None = None
     train_limit: int | None = None
     ensemble_size: int | None = None
+    # gyrodrop study (experiments/study): a nested training subset of ``train_size``
+    # examples drawn with ``seed`` and a validation split of ``val_size`` held out of the
+    # training split; ``steps_per_epoch`` optimizer steps between evaluations (a fixed
+    # step budget whatever the size); ``lr_schedule="cosine"`` anneals the learning rate
+    # per step to 0; ``ens_subnets`` members in the subnetwork ensemble (None: all)
+    train_size: int | None = None
+    val_size: int | None = None
+    steps_per_epoch: int | None = None
+    lr_schedule: str | None = None
+    ens_subnets: int | None = None
 
     def normalized(self) -> RunConfig:
         """A copy with fields irrelevant to ``method`` set to ``None``; validates."""
@@ -166,6 +184,20 @@ class RunConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{owner}: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_size", "val_size", "steps_per_epoch", "ens_subnets"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{owner}: {name} must be >= 1 or None, got {value}")
+        if (self.train_size is None) != (self.val_size is None):
+            raise ValueError(
+                f"{owner}: train_size and val_size go together (a study run), got "
+                f"train_size={self.train_size}, val_size={self.val_size}"
+            )
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"{owner}: lr_schedule must be None or one of {', '.join(LR_SCHEDULES)}, "
+                f"got {self.lr_schedule!r}"
+            )
         if not self.lr > 0:
             raise ValueError(f"{owner}: lr must be > 0, got {self.lr}")
         if self.ood_classes is not None:
@@ -187,10 +219,17 @@ class RunConfig:
         changes: dict[str, Any] = {}
         if self.method == "none":
             changes.update(
-                p=None, input_p=None, num_subnets=None, subnets_per_step=None, block_size=None
+                p=None,
+                input_p=None,
+                num_subnets=None,
+                subnets_per_step=None,
+                block_size=None,
+                ens_subnets=None,
             )
         elif self.method == "dropout":
-            changes.update(num_subnets=None, subnets_per_step=None, block_size=None)
+            changes.update(
+                num_subnets=None, subnets_per_step=None, block_size=None, ens_subnets=None
+            )
         else:
             if self.num_subnets is None or self.subnets_per_step is None:
                 raise ValueError(f"{owner}: {self.method} needs num_subnets and subnets_per_step")
@@ -199,6 +238,8 @@ class RunConfig:
                     f"{owner}: subnets_per_step must be in [1, num_subnets={self.num_subnets}], "
                     f"got {self.subnets_per_step}"
                 )
+            if self.method == "gyro-independent":
+                changes["ens_subnets"] = None  # no subnetwork ensemble (no trained members)
             if self.method != "blockwise":
                 changes["block_size"] = None
             elif self.block_size is None:
@@ -365,7 +406,10 @@ def _uncertainty(model: nn.Module, cfg: RunConfig, data: Dataset) -> dict[str, A
         out["reliability_mc"] = M.reliability_bins(probs, y)
     ens = getattr(gyrodrop, "subnet_ensemble_predict", None)
     if ens is not None and cfg.method in _SUBNET_METHODS and cfg.method != "gyro-independent":
-        probs = _chunked_prediction(lambda xb: ens(model, xb), x)
+        members = cfg.ens_subnets
+        if members is not None and cfg.num_subnets is not None:
+            members = min(members, cfg.num_subnets)
+        probs = _chunked_prediction(lambda xb: ens(model, xb, subnets=members), x)
         out.update(M.summary(probs, y, "ens_"))
         out["reliability_ens"] = M.reliability_bins(probs, y)
     return out
@@ -441,6 +485,55 @@ class _View:
         return per_image_standardize(center_crop(self.x_train, self.size))
 
 
+def _cosine(lr: float, step: int, total: int) -> float:
+    """Cosine annealing from ``lr`` at step 0 towards 0 at step ``total``."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+#: Training examples (at most) whose eval-mode accuracy a study records per epoch.
+STUDY_TRAIN_EVAL = 2000
+
+
+class _BatchStream:
+    """Full batches of ``batch`` row indices from consecutive seeded permutations of
+    ``range(n)`` (a batch may span two passes): a step budget independent of ``n``."""
+
+    def __init__(self, n: int, batch: int, data_gen_seed: int) -> None:
+        self.n, self.batch = n, batch
+        self.gen = torch.Generator().manual_seed(data_gen_seed)
+        self.buffer = torch.empty(0, dtype=torch.int64)
+
+    def next(self) -> Tensor:
+        while len(self.buffer) < self.batch:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.gen)])
+        idx, self.buffer = self.buffer[: self.batch], self.buffer[self.batch :]
+        return idx
+
+
+def _study_row(
+    model: nn.Module,
+    view: _View,
+    test: Tensor,
+    yte: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    ytr: Tensor,
+    dev: torch.device,
+) -> dict[str, float]:
+    """The per-epoch metrics a study needs beyond the usual row: validation accuracy and
+    NLL, test ECE, and the training accuracy in eval mode on the first
+    :data:`STUDY_TRAIN_EVAL` training examples (a random sample: the subset is drawn at
+    random), for the generalization gap at any epoch."""
+    val = predict_proba(model, x_val.to(dev))
+    train = predict_proba(model, view.x_train_eval()[:STUDY_TRAIN_EVAL])
+    return {
+        "val_acc": M.accuracy(val, y_val.to(dev)),
+        "val_loss": M.nll(val, y_val.to(dev)),
+        "test_ece": M.ece(test, yte),
+        "train_eval_acc": M.accuracy(train, ytr[:STUDY_TRAIN_EVAL]),
+    }
+
+
 def train_run(
     cfg: RunConfig,
     data: Dataset,
@@ -483,6 +576,11 @@ def train_run(
             "lower --batch-size or raise --limit"
         )
     steps_per_epoch = n // cfg.batch_size if paper else math.ceil(n / cfg.batch_size)
+    stream = None
+    if cfg.steps_per_epoch is not None:  # a fixed step budget: full batches, any n
+        steps_per_epoch = cfg.steps_per_epoch
+        stream = _BatchStream(n, min(cfg.batch_size, n), data_gen_seed=cfg.seed)
+    total_steps = cfg.epochs * steps_per_epoch
     cuda = [dev.index or 0] if dev.type == "cuda" else []
     data_gen = torch.Generator().manual_seed(cfg.seed)
     view = _View(cfg, data, dev, data_gen)
@@ -504,9 +602,17 @@ def train_run(
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.int64)
             seen = 0
-            for idx in torch.randperm(n, generator=data_gen).to(dev).split(cfg.batch_size):
+            if stream is not None:
+                batches = [stream.next().to(dev) for _ in range(steps_per_epoch)]
+            else:
+                batches = list(torch.randperm(n, generator=data_gen).to(dev).split(cfg.batch_size))
+            for i, idx in enumerate(batches):
                 if paper and len(idx) < cfg.batch_size:
                     continue  # the authors' loop runs n // batch steps per epoch
+                if cfg.lr_schedule == "cosine":
+                    step = epoch * steps_per_epoch + i
+                    for group in opt.param_groups:
+                        group["lr"] = _cosine(lr, step, total_steps)
                 xb, yb = view.train_batch(idx), ytr[idx]
                 opt.zero_grad(set_to_none=True)
                 logits = model(xb)
@@ -528,9 +634,11 @@ def train_run(
                 "train_acc": int(correct) / seen,
                 "test_loss": M.nll(probs, yte),
                 "test_acc": M.accuracy(probs, yte),
-                "lr": lr,
+                "lr": _cosine(lr, epoch * steps_per_epoch, total_steps) if cfg.lr_schedule else lr,
                 "seconds": seconds,
             }
+            if data.x_val is not None and data.y_val is not None:
+                row.update(_study_row(model, view, probs, yte, data.x_val, data.y_val, ytr, dev))
             if not math.isfinite(row["train_loss"]):
                 raise FloatingPointError(
                     f"run {cfg.method} seed {cfg.seed}: training loss is {row['train_loss']} "
@@ -560,6 +668,11 @@ def train_run(
         result["best_test_acc"] = rows[best]["test_acc"]
         result["best_epoch"] = best + 1
         result["recipe"] = cfg.recipe
+        if data.x_val is not None and data.y_val is not None:
+            val = predict_proba(model, data.x_val.to(dev))
+            result["val_acc"] = M.accuracy(val, data.y_val.to(dev))
+            result["val_nll"] = M.nll(val, data.y_val.to(dev))
+            result["n_val"] = len(data.y_val)
         if cfg.mc_samples:
             result["reliability"] = M.reliability_bins(test, yte)
             result.update(_uncertainty(model, cfg, data))

@@ -6,6 +6,7 @@
     gyrodrop bench --model mlp1 --dataset fashion-mnist
     gyrodrop cv --dataset breast_cancer --folds 10
     gyrodrop report --db results.db --format markdown
+    gyrodrop study data-ladder --db study.db    (a planned grid; --dry-run, --report)
 
 Every command trains (or times) runs, saves each finished run in the SQLite file
 ``--db`` (default ``results.db``) and writes Markdown tables and PNG plots to ``--out``
@@ -35,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gyrodrop.experiments.cli import bench, compare, cv, diversity, report, sweep
+from gyrodrop.experiments.cli import bench, compare, cv, diversity, report, study, sweep
 from gyrodrop.experiments.cli.options import CommandError, UsageError, build_parser
 from gyrodrop.experiments.data import DatasetError
 from gyrodrop.experiments.store import StoreError
@@ -50,6 +51,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bench": bench.run,
     "cv": cv.run,
     "report": report.run,
+    "study": study.run,
 }
 
 

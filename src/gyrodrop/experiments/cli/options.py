@@ -1,8 +1,8 @@
 """Options of the ``gyrodrop`` command line: defaults, argparse definitions, resolving.
 
-Every command's options are defined here (:func:`build_parser`); the per-command modules
-(:mod:`.compare`, :mod:`.sweep`, ...) only run them. Option values resolve as
-explicit > ``--quick`` defaults > command defaults (:func:`resolve`).
+Every command's options are defined here (:func:`build_parser`; ``study``'s in
+:mod:`.study_options`); the per-command modules (:mod:`.compare`, ...) only run them.
+Option values resolve as explicit > ``--quick`` defaults > command defaults.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 import gyrodrop
 from gyrodrop.experiments.cli.ood_options import add_ood_options
+from gyrodrop.experiments.cli.study_options import add_study_parser
 from gyrodrop.experiments.data import DATASETS
 from gyrodrop.experiments.models import MODELS, PAPER_CONV
 from gyrodrop.experiments.train import METHODS, OPTIMIZERS, RECIPES
@@ -303,11 +304,7 @@ def _recipe(train: Any) -> None:
 
 
 def _debug(p: argparse.ArgumentParser | Any) -> None:
-    p.add_argument(
-        "--debug",
-        action="store_true",
-        help="show the Python traceback of an error (default: one line)",
-    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,12 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["report"],
         **kw,
     )
-    report.add_argument(
-        "--db", default="results.db", help="SQLite results file (default results.db)"
-    )
-    report.add_argument(
-        "--out", default="results", help="directory for tables and plots (default results/)"
-    )
+    report.add_argument("--db", default="results.db", help="SQLite results file")
+    report.add_argument("--out", default="results", help="directory for tables and plots")
     report.add_argument("--format", choices=("markdown", "json", "csv"), default="markdown")
     report.add_argument(
         "--experiment",
@@ -453,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plots", action="store_true", help="do not write files to --out")
     report.add_argument("--quiet", action="store_true", help="no notes on stderr")
     _debug(report)
+    add_study_parser(sub, **kw)
     return parser
 
 

@@ -159,6 +159,8 @@ class DataCache:
         self._arrays: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     def __call__(self, cfg: RunConfig) -> Dataset:
+        if cfg.train_size is not None:
+            return self._study(cfg)
         raw = cfg.recipe == "paper" and cfg.dataset in RAW_IMAGES
         key = (cfg.dataset, cfg.limit, cfg.split_seed, cfg.folds, cfg.fold, raw)
         if key not in self._cache:
@@ -172,6 +174,30 @@ class DataCache:
                 )
             else:
                 self._cache[key] = self._fold(cfg)
+        return self._cache[key]
+
+    def _study(self, cfg: RunConfig) -> Dataset:
+        """A study run's nested subset (:mod:`gyrodrop.experiments.study.subsets`); only
+        the latest two are kept (a study has many seeds x sizes)."""
+        from gyrodrop.experiments.study.subsets import load_study_dataset
+
+        assert cfg.train_size is not None
+        akey = ("study", cfg.dataset, cfg.split_seed)
+        if akey not in self._arrays:
+            self._arrays[akey] = load_arrays(cfg.dataset, self.data_dir, split_seed=cfg.split_seed)
+        key = ("study", cfg.dataset, cfg.train_size, cfg.val_size, cfg.seed, cfg.split_seed)
+        if key not in self._cache:
+            for old in [k for k in self._cache if k[0] == "study"][:-1]:
+                del self._cache[old]
+            self._cache[key] = load_study_dataset(
+                cfg.dataset,
+                self.data_dir,
+                train_size=cfg.train_size,
+                val_size=cfg.val_size or 1,
+                seed=cfg.seed,
+                split_seed=cfg.split_seed,
+                arrays=self._arrays[akey],
+            )
         return self._cache[key]
 
     def _fold(self, cfg: RunConfig) -> Dataset:
@@ -295,6 +321,7 @@ def _train_one(
     result.metrics["threads"] = torch.get_num_threads()  # float sums depend on it
     result.metrics["num_classes"] = ds.num_classes
     result.metrics["n_features"] = math.prod(ds.in_shape)
+    result.metrics["wall_seconds"] = time.perf_counter() - t0  # training + evaluation
     store.save(cfg, result.metrics, result.epochs, device=str(device), version=gyrodrop.__version__)
     progress.done(cfg, result, time.perf_counter() - t0)
 
