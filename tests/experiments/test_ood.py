@@ -183,7 +183,7 @@ class TestCommandLine:
         assert run_cli(tmp_path, "--methods", "dropout,gyro", *args) == 0
         out = capsys.readouterr().out
         assert "#### Uncertainty" in out and "gyro subnetwork ensemble" in out
-        assert "deep ensemble x2" in out and "Paired by seed: row minus dropout MC dropout" in out
+        assert "deep ensemble x2" in out and "row minus dropout's MC dropout by the same" in out
         assert (tmp_path / "o" / "compare_digits_mlp_uncertainty.png").exists()
         assert main(["report", "--db", str(tmp_path / "r.db"), "--format", "json"]) == 0
         records = json.loads(capsys.readouterr().out)
@@ -262,7 +262,7 @@ class TestReport:
         want = f"{-0.1:+.3f} [{-0.1 - half:+.3f}, {-0.1 + half:+.3f}]"
         row = next(line for line in text.splitlines() if line.startswith("| gyro"))
         assert want in row and "| 3 |" in row
-        assert "row minus dropout MC dropout (entropy)" in text
+        assert "row minus dropout's MC dropout by the same score" in text
 
     def test_table_gives_the_mean_and_the_interval_half_width(self):
         from gyrodrop.experiments.report.uncertainty import uncertainty_table

@@ -24,6 +24,8 @@ Stored per run (flat, so ``report --format json`` carries them):
 ``unc_{evaluator}_{score}_{metric}`` for every metric of ``uncertainty_metrics``,
 ``reliability_unc_{evaluator}`` (15 bins: confidence, accuracy, count) and
 ``rc_{evaluator}_{score}`` (the risk-coverage curve at :data:`RC_POINTS` coverages).
+The report (:mod:`gyrodrop.experiments.report.uncertainty`) pairs every row with
+dropout's MC dropout by the same score.
 """
 
 from __future__ import annotations

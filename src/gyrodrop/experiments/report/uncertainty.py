@@ -78,23 +78,26 @@ def uncertainty_table(sec: Section) -> str:
     return markdown(["method", "evaluator", "score", "n", *_HEADER], rows)
 
 
-def _baseline(rows: Sequence[Row]) -> Row | None:
+def _baseline(rows: Sequence[Row], score: str) -> Row | None:
+    """Dropout's MC dropout by ``score`` (by entropy for ``max_prob``)."""
+    want = "entropy" if score == "max_prob" else score
     for row in rows:
-        if row[0][0] == "dropout" and row[1] == "mc" and row[3] == "entropy":
+        if row[0][0] == "dropout" and row[1] == "mc" and row[3] == want:
             return row
-    return rows[0] if rows else None
+    return None
 
 
 def uncertainty_paired_table(sec: Section) -> str:
-    """Per row, the mean difference to the baseline row (dropout's MC dropout by
-    entropy, else the first row), paired by seed, with its 95% t interval."""
+    """Per row, the mean difference to dropout's MC dropout by the same score (by
+    entropy for the single network's max prob), paired by seed, with its 95% t
+    interval; empty without a dropout run."""
     rows = uncertainty_rows(sec)
-    base = _baseline(rows)
-    if base is None or len(rows) < 2:
+    if _baseline(rows, "entropy") is None:
         return ""
     out = []
     for row in rows:
-        if row is base:
+        base = _baseline(rows, row[3])
+        if base is None or row is base:
             continue
         cells = []
         n = 0
@@ -104,9 +107,9 @@ def uncertainty_paired_table(sec: Section) -> str:
             cells.append(_interval(diffs))
         out.append([_variant_label(row[0]), row[2], _SCORE_NAMES[row[3]], n, *cells])
     title = (
-        f"Paired by seed: row minus {_variant_label(base[0])} {base[2]} "
-        f"({_SCORE_NAMES[base[3]]}), mean [95% t interval]; lower is better for NLL, "
-        "ECE, AURC and FPR95, higher for AUROC."
+        "Paired by seed: row minus dropout's MC dropout by the same score (the single "
+        "network's max prob: minus MC dropout by entropy), mean [95% t interval]; lower "
+        "is better for NLL, ECE, AURC and FPR95, higher for AUROC."
     )
     header = ["method", "evaluator", "score", "n", "ΔNLL", "ΔECE", "ΔAURC", "ΔAUROC", "ΔFPR95"]
     return title + "\n\n" + markdown(header, out)
