@@ -261,10 +261,12 @@ def check_inputs(
     return t
 
 
-def chunk_size(owner: str, batch: Any, total: int, rows: int) -> int:
+def chunk_size(owner: str, batch: Any, total: int, rows: int, name: str = "batch_samples") -> int:
+    """Passes per forward: ``batch`` (the user's argument ``name``, an int >= 1) or as
+    many as fit in :data:`ROW_BUDGET` rows, at most ``total``."""
     if batch is None:
         return max(1, min(total, ROW_BUDGET // rows))
-    check_int(owner, "batch_samples", batch, 1)
+    check_int(owner, name, batch, 1)
     return min(int(batch), total)
 
 

@@ -163,6 +163,28 @@ class TestOutputPaths:
         line = refused(argv, capsys, option)
         assert "cannot write" in line or "not a directory" in line
 
+    @pytest.mark.parametrize("command", ["compare", "sweep", "diversity", "cv", "bench", "report"])
+    @pytest.mark.parametrize("option", ["--db", "--out"])
+    @pytest.mark.parametrize("value", ["", "  "])
+    def test_an_empty_path_is_refused_before_anything_is_written(
+        self,
+        command: str,
+        option: str,
+        value: str,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # Path("") is the current folder: an empty --out wrote its tables there
+        monkeypatch.chdir(tmp_path)
+        where = {"--db": str(tmp_path / "r.db"), "--out": str(tmp_path / "o"), option: value}
+        argv = [command, "--db", where["--db"], "--out", where["--out"]]
+        if command != "report":
+            argv[1:1] = TINY
+        line = refused(argv, capsys, f"{option} is empty")
+        assert line.endswith(("pass a results file path", "pass a folder for tables and plots"))
+        assert list(tmp_path.iterdir()) == []
+
     def test_report_out_naming_a_file(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -511,13 +511,23 @@ def check_device(text: str) -> torch.device:
     return dev
 
 
+def check_path_given(option: str, path: str | Path, *, directory: bool) -> None:
+    """:class:`CommandError` when ``path`` is empty (or only spaces): ``Path("")`` is
+    the current folder, so an empty ``--out`` would write there and an empty ``--db``
+    would name a folder."""
+    if not str(path).strip():
+        what = "a folder for tables and plots" if directory else "a results file path"
+        raise CommandError(f"{option} is empty; pass {what}")
+
+
 def check_writable(option: str, path: str | Path, *, directory: bool) -> None:
     """:class:`CommandError` unless ``path`` can be written (as a directory with
     ``directory``, else as a file): an existing path must be of that kind and writable,
     a missing one needs its nearest existing parent to be a writable directory. Creates
     nothing (a probe file in that parent is removed at once)."""
-    p = Path(path).expanduser()
     kind = "a directory" if directory else "a file"
+    check_path_given(option, path, directory=directory)
+    p = Path(path).expanduser()
     if p.exists():
         if directory and not p.is_dir():
             raise CommandError(f"{option} {path}: exists and is not a directory; pass a folder")

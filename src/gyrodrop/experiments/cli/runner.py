@@ -365,7 +365,12 @@ def preflight(
         for w in caught:
             text = str(w.message)
             if ("dropout(s) as they were" in text) or ("model is unchanged" in text):
-                raise CommandError(f"{what}: {text}")
+                hint = (
+                    "; raise --p / --input-p or lower --block-size"
+                    if "drop nothing" in text
+                    else ""
+                )
+                raise CommandError(f"{what}: {text}{hint}")
         _refuse_blocks_that_drop_nothing(what, model)
         if inspect is not None:
             try:
