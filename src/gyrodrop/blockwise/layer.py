@@ -70,7 +70,7 @@ from gyrodrop.blockwise.kernels import compute_dtype, pruned_linear
 from gyrodrop.blockwise.plan import Plan, build_plan, n_dropped_blocks
 from gyrodrop.blockwise.triton_backend import TritonPlan
 from gyrodrop.blockwise.workspace import Workspace
-from gyrodrop.config import PRUNE_MODES, BlockGyroConfig, Prune, Schedule
+from gyrodrop.config import PRUNE_MODES, BlockGyroConfig, DropMode, Prune, Schedule
 from gyrodrop.schedule import check_input
 from gyrodrop.scheduled import ScheduledModule
 
@@ -118,6 +118,13 @@ class BlockGyroLinear(ScheduledModule):
         schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
         seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
             buffer, so it is checkpointed.
+        drop_mode: ``"standard"`` (default: drop all run long), ``"early"`` (drop
+            before ``cutoff_step`` only, the identity after: early dropout against
+            underfitting) or ``"late"`` (the reverse); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps`` in ``(0, 1)``: ``cutoff_step = round(drop_cutoff *
+            total_steps)``.
+        cutoff_step: the cutoff as a step (instead of ``drop_cutoff``).
         auto_step: ``True``: the step advances by itself, once per training step (per
             training forward of the model after :func:`gyrodrop.apply_block_gyro`, per
             call for a layer on its own; see :class:`~gyrodrop.GyroDropout`).
@@ -194,6 +201,9 @@ class BlockGyroLinear(ScheduledModule):
         schedule: Schedule = "consecutive",
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
         prune: Prune = "input",
         schedule_seed: int | None = None,
         backend: Backend = "auto",
@@ -214,6 +224,9 @@ class BlockGyroLinear(ScheduledModule):
             steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
             schedule=schedule,
             prune=prune,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
             owner=owner,
         )
         check_choice(owner, "backend", backend, BACKENDS)
@@ -492,7 +505,7 @@ class BlockGyroLinear(ScheduledModule):
         plan = None
         batch = x.shape[0]
         step = self.forward_step()
-        if self.n_dropped > 0 and x.numel() > 0:
+        if self.n_dropped > 0 and x.numel() > 0 and self.config.drops_at(step):
             kept = self._kept_blocks(x.device, step)
             counts = self.group_counts(batch)
             rows_per_sample = x.numel() // (batch * self.in_features)
