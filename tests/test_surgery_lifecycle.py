@@ -104,14 +104,18 @@ CASES = [
 ]
 
 
-def hooks(model: nn.Module) -> dict[str, dict[int, object]]:
-    """Every hook registry of ``model`` (a copy of each dict)."""
+def hooks(model: nn.Module) -> dict[str, dict[str, dict[int, object]]]:
+    """Every hook registry of every module of ``model``, by module name (copies)."""
     names = [
         "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
         "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
-        "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+        "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
     ]  # fmt: skip
-    return {name: dict(getattr(model, name)) for name in names}
+    return {
+        module_name: {name: dict(getattr(module, name)) for name in names}
+        for module_name, module in model.named_modules()
+    }
 
 
 def rewritten(case, *, user_hook: bool = True, train_steps: int = 2) -> tuple[nn.Module, dict]:
@@ -290,3 +294,16 @@ def test_surgery_built_on_meta_holds_the_buffers_of_a_cpu_build(case, reset):
         a = cpu.train()(x)
         torch.manual_seed(1)
         assert torch.equal(a, deferred.train()(x))
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=[c[0] for c in CASES[:4]])
+def test_prediction_passes_leave_the_hooks_as_they_were(case):
+    model, _ = rewritten(case, train_steps=1)
+    during = hooks(model)
+    x = torch.randn(case[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gyrodrop.mc_predict(model, x, samples=3)
+        if case[0] != "dropblock":  # no subnetworks to average
+            gyrodrop.subnet_ensemble_predict(model, x)
+    assert hooks(model) == during

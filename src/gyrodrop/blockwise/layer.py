@@ -263,8 +263,8 @@ class BlockGyroLinear(ScheduledModule):
             self.register_parameter("bias", None)
         if self.weight.device.type != "meta":
             self.reset_parameters()
-            if device is not None:
-                self._buffers_to(self.weight.device)
+        if device is not None:  # the counters too (on meta: materialized by to_empty)
+            self._buffers_to(self.weight.device)
         # Derived state (never in state_dict): the kept blocks of the active set and
         # the gather/scatter indices for the current batch layout.
         self._plan_key: tuple[Any, ...] | None = None
@@ -321,9 +321,15 @@ class BlockGyroLinear(ScheduledModule):
         return module
 
     def _buffers_to(self, device: torch.device) -> None:
-        """Move this module's own buffers (step, seeds) to ``device``."""
+        """Move this module's own buffers (step, seeds) to ``device`` (from ``meta``:
+        their construction values)."""
         for name, buf in list(self._buffers.items()):
-            if buf is not None:
+            if buf is None:
+                continue
+            if buf.is_meta and torch.device(device).type != "meta":
+                value = self._initial_counters[name]
+                self._buffers[name] = torch.tensor(value, dtype=buf.dtype, device=device)
+            else:
                 self._buffers[name] = buf.to(device)
 
     def extra_repr(self) -> str:

@@ -337,7 +337,7 @@ def _drop_path_differs(module: nn.Module, rate: float) -> str | None:
     """Why a DropPath computes something :class:`StochasticDepth` would not, or
     ``None``: timm's ``scale_by_keep=False`` (kept rows not scaled: the branch's
     training expectation is ``(1 - p) x``), or a ``drop_prob`` outside ``[0, 1)``."""
-    if not getattr(module, "scale_by_keep", True):
+    if not getattr(module, "scale_by_keep", True) and rate != 0.0:  # p = 0: both identity
         return (
             f"drop_prob={rate}, scale_by_keep=False: its kept rows are not scaled, so the "
             f"branch's training mean is {1 - rate:g} x, not x"
