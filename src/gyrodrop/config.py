@@ -51,6 +51,8 @@ __all__ = [
     "Mode",
     "MODES",
     "MAX_SUBNETS",
+    "DropMode",
+    "DROP_MODES",
     "resolve_steps_per_set",
     "check_schedule",
 ]
@@ -68,6 +70,12 @@ PRUNE_MODES: tuple[Prune, ...] = ("input", "output")
 #: What one stochastic-depth decision drops: the whole batch's branch or one sample's.
 Mode = Literal["block", "sample"]
 MODES: tuple[Mode, ...] = ("block", "sample")
+
+#: When a layer drops (Liu et al., ICML 2023, "Dropout Reduces Underfitting"): all
+#: run long (``standard``), only before the cutoff step (``early``: fights underfitting)
+#: or only from it on (``late``: regularizes the end of training).
+DropMode = Literal["standard", "early", "late"]
+DROP_MODES: tuple[DropMode, ...] = ("standard", "early", "late")
 
 #: The largest ``num_subnets`` (sigma): subnetwork ids and the schedule's bijection
 #: work on 62-bit integers.
@@ -129,6 +137,20 @@ def _dims(owner: str, name: str, dims: Any) -> tuple[int, ...] | None:
     return dims
 
 
+def _fraction(owner: str, name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"{owner}: {name} must be a float in (0, 1) (a fraction of total_steps), got {value!r}"
+        )
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(
+            f"{owner}: {name} must be in (0, 1) (a fraction of total_steps), got {value}"
+        )
+    return float(value)
+
+
 def _sigma(owner: str, name: str, value: Any) -> int:
     check_int(owner, name, value, 1)
     if value > MAX_SUBNETS:
@@ -147,6 +169,14 @@ class LayerConfig:
     of a field where it differs, ``{"p": "drop_rate"}``) only shape error messages;
     they are not fields. Subclasses declare fields with :func:`setting` and add the
     checks that span several fields in :meth:`_check_together`.
+
+    Every layer's config has the three fields of early and late dropout (Liu et al.,
+    ICML 2023, "Dropout Reduces Underfitting"): ``drop_mode`` (``"standard"``,
+    ``"early"`` or ``"late"``), ``drop_cutoff`` (the cutoff as a fraction of the
+    ``total_steps`` passed at construction, in ``(0, 1)``) and ``cutoff_step`` (the
+    step, derived as ``max(1, round(drop_cutoff * total_steps))`` or given). The
+    standard mode takes neither; early and late need one. :meth:`drops_at` says
+    whether the layer drops at a step; ``describe`` shows them only when not standard.
     """
 
     #: The owner named in messages when none is given: the method's module.
@@ -154,8 +184,21 @@ class LayerConfig:
 
     owner: InitVar[str | None] = None
     names: InitVar[Mapping[str, str] | None] = None
+    #: The run's optimizer steps: ``cutoff_step = round(drop_cutoff * total_steps)``
+    #: (and, in :class:`ScheduleConfig`, ``steps_per_set``); not a field.
+    total_steps: InitVar[int | None] = None
 
-    def __post_init__(self, owner: str | None, names: Mapping[str, str] | None) -> None:
+    # When the layer drops, every stepped layer alike (see :meth:`drops_at`).
+    drop_mode: DropMode = setting("standard", _choice(DROP_MODES))
+    drop_cutoff: float | None = setting(None, _fraction)
+    cutoff_step: int | None = setting(None, _optional_at_least(1))
+
+    def __post_init__(
+        self,
+        owner: str | None,
+        names: Mapping[str, str] | None,
+        total_steps: int | None = None,
+    ) -> None:
         owner = owner or self.layer
         renamed = dict(names or {})
         for f in fields(self):
@@ -163,7 +206,58 @@ class LayerConfig:
             if check is not None:
                 value = check(owner, renamed.get(f.name, f.name), getattr(self, f.name))
                 object.__setattr__(self, f.name, value)
+        self._resolve_cutoff(owner, renamed, total_steps)
         self._check_together(owner, renamed)
+
+    def _resolve_cutoff(self, owner: str, names: dict[str, str], total_steps: Any) -> None:
+        """``cutoff_step`` from ``drop_cutoff`` and ``total_steps`` (or as given), and
+        the options that go together: a cutoff only with ``early``/``late``, one of
+        them required there."""
+        cutoff, name = self.drop_cutoff, names.get("drop_cutoff", "drop_cutoff")
+        if self.drop_mode == "standard":
+            given = [n for n in ("drop_cutoff", "cutoff_step") if getattr(self, n) is not None]
+            if given:
+                user = names.get(given[0], given[0])
+                raise ValueError(
+                    f"{owner}: {user} applies to drop_mode='early' or 'late' (dropout before "
+                    f"or after the cutoff), got {user}={getattr(self, given[0])} with "
+                    "drop_mode='standard'"
+                )
+            return
+        if cutoff is None and self.cutoff_step is None:
+            raise ValueError(
+                f"{owner}: drop_mode={self.drop_mode!r} needs {name} (the fraction of "
+                "total_steps at which dropout stops (early) or starts (late)), got None"
+            )
+        if cutoff is None:
+            return  # cutoff_step given as is
+        if total_steps is None:
+            if self.cutoff_step is None:
+                raise ValueError(
+                    f"{owner}: {name}={cutoff} is a fraction of total_steps; pass total_steps "
+                    "(the optimizer steps of the run), got None"
+                )
+            return  # a saved config: drop_cutoff and the cutoff_step it gave
+        steps = check_int(owner, names.get("total_steps", "total_steps"), total_steps, 1)
+        derived = max(1, round(cutoff * steps))
+        if self.cutoff_step is not None and self.cutoff_step != derived:
+            raise ValueError(
+                f"{owner}: cutoff_step={self.cutoff_step} differs from {name} * total_steps "
+                f"= {cutoff} * {steps} -> {derived}; pass one of them"
+            )
+        object.__setattr__(self, "cutoff_step", derived)
+
+    def drops_at(self, step: Any) -> Any:
+        """Does the layer drop at ``step``? Always in the ``standard`` mode; before
+        ``cutoff_step`` (``step < cutoff_step``) in the ``early`` mode; from it on in the
+        ``late`` mode. ``step`` is an int (a ``bool`` back) or an integer tensor (a bool
+        tensor back: a comparison, no host synchronization, so a compiled forward can
+        select with ``torch.where``)."""
+        if self.drop_mode == "standard":
+            return True
+        if self.drop_mode == "early":
+            return step < self.cutoff_step
+        return step >= self.cutoff_step
 
     def _check_together(self, owner: str, names: dict[str, str]) -> None:
         """Checks that span several fields (none here)."""
@@ -185,9 +279,10 @@ class LayerConfig:
         """``"p=0.5, num_subnets=256, ..."``: every field for ``extra_repr``, ``p``
         first (fields that are ``None`` are left out)."""
         parts = []
-        for f in sorted(fields(self), key=lambda f: f.name != "p"):
+        timing = ("drop_mode", "drop_cutoff", "cutoff_step")  # last; left out when standard
+        for f in sorted(fields(self), key=lambda f: (f.name != "p", f.name in timing)):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None and not (f.name in timing and self.drop_mode == "standard"):
                 parts.append(f"{f.name}={value}")
         return ", ".join(parts)
 
@@ -265,15 +360,17 @@ class ScheduleConfig(LayerConfig):
     subnets_per_step: int = field(default=16)  # checked against num_subnets below
     steps_per_set: int = setting(None, _optional_at_least(1))  # None: derived below
     schedule: Schedule = setting("consecutive", _choice(SCHEDULES))
-    total_steps: InitVar[int | None] = None
 
     def __post_init__(
-        self, owner: str | None, names: Mapping[str, str] | None, total_steps: int | None
+        self,
+        owner: str | None,
+        names: Mapping[str, str] | None,
+        total_steps: int | None = None,
     ) -> None:
         owner = owner or self.layer
         if total_steps is not None:
             check_int(owner, dict(names or {}).get("total_steps", "total_steps"), total_steps, 1)
-        super().__post_init__(owner, names)
+        super().__post_init__(owner, names, total_steps)
         tau = dict(names or {}).get("subnets_per_step", "subnets_per_step")
         check_int(owner, tau, self.subnets_per_step, 1, self.num_subnets)
         steps = resolve_steps_per_set(

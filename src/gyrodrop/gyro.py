@@ -19,7 +19,7 @@ from torch import Tensor
 
 from gyrodrop import distributed, masks
 from gyrodrop._validation import check_bool, check_int, check_seed
-from gyrodrop.config import SCALES, GyroDropoutConfig, Scale, Schedule
+from gyrodrop.config import SCALES, DropMode, GyroDropoutConfig, Scale, Schedule
 from gyrodrop.schedule import SubnetSchedule, check_input
 from gyrodrop.scheduled import ScheduledModule
 
@@ -235,7 +235,7 @@ def _gyro_dropout(
     if x.is_meta:
         return x.clone()  # shapes only: no masks, no step
     group_masks, counts = masks_for(x, mshape)
-    if config.p == 0.0:
+    if config.p == 0.0 or not counts:
         return x
     return _apply_group_masks(x, group_masks, counts)
 
@@ -261,6 +261,13 @@ class GyroDropout(ScheduledModule):
         scale: ``"inverted"`` (``1/(1-p)``) or ``"realized"`` (``numel / kept`` per mask).
         seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
             buffer, so it is checkpointed.
+        drop_mode: ``"standard"`` (default: drop all run long), ``"early"`` (drop
+            before ``cutoff_step`` only, the identity after: early dropout against
+            underfitting) or ``"late"`` (the reverse); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps`` in ``(0, 1)``: ``cutoff_step = round(drop_cutoff *
+            total_steps)``.
+        cutoff_step: the cutoff as a step (instead of ``drop_cutoff``).
         auto_step: ``True``: the step advances by itself, once per training step. In a
             model rewritten by :func:`gyrodrop.apply_gyro_dropout` (or any ``apply_*``)
             the model steps all its gyrodrop layers once per training forward of the
@@ -318,6 +325,9 @@ class GyroDropout(ScheduledModule):
         scale: Scale = "inverted",
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
         schedule_seed: int | None = None,
         unbatched_ndim: int | None = None,
     ) -> None:
@@ -331,6 +341,9 @@ class GyroDropout(ScheduledModule):
             schedule=schedule,
             scale=scale,
             unbatched_ndim=unbatched_ndim,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
             owner=type(self).__name__,
         )
         super().__init__(
@@ -380,8 +393,8 @@ class GyroDropout(ScheduledModule):
     @torch.compiler.disable
     def _prepare(self, x: Tensor, mshape: tuple[int, ...]) -> tuple[Tensor, list[int]]:
         step = self._forward_step()  # within a compiler-disabled method
-        if self.config.p == 0.0:
-            return x, []  # not used
+        if self.config.p == 0.0 or not self.config.drops_at(step):
+            return x, []  # no group: the identity (p = 0, or early/late dropout's off steps)
         return self.active_masks(x, step, mshape), self.group_counts(x.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:

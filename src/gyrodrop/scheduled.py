@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from gyrodrop import distributed
@@ -81,10 +80,7 @@ class ScheduledModule(SteppedModule):
         owner = type(self).__name__
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         schedule_seed = seed if schedule_seed is None else schedule_seed
-        self.register_buffer(
-            "schedule_seed",
-            torch.tensor(check_seed(owner, schedule_seed, "schedule_seed"), dtype=torch.int64),
-        )
+        self.register_counter("schedule_seed", check_seed(owner, schedule_seed, "schedule_seed"))
         self.config = config
         self.total_steps = total_steps
 

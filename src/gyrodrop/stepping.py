@@ -416,6 +416,7 @@ class SteppedModule(nn.Module):
     #: (``layer.p`` reads ``layer.config.p``).
     config_class: type[LayerConfig] = LayerConfig
     # Class-level defaults: modules pickled by 0.1.0 have no such attributes.
+    _initial_counters: dict[str, int] = {}  # noqa: RUF012 - read only; set per instance
     _stepper: _ModelStepper | None = None
     _replay_step: int | None = None  # the step of the last training forward (a cache)
     _loading_prefix: str = ""
@@ -430,11 +431,48 @@ class SteppedModule(nn.Module):
 
     def __init__(self, *, seed: int, auto_step: bool, owner: str) -> None:
         super().__init__()
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("seed", torch.tensor(check_seed(owner, seed), dtype=torch.int64))
+        self._initial_counters: dict[str, int] = {}
+        self.register_counter("step", 0)
+        self.register_counter("seed", check_seed(owner, seed))
         check_bool(owner, "auto_step", auto_step)
         self.auto_step = auto_step
         self._mirrors: dict[str, tuple[Tensor, int, int]] = {}
+
+    def register_counter(self, name: str, value: int) -> None:
+        """Register the int64 scalar buffer ``name`` holding ``value``, the value
+        :meth:`reset_parameters` puts back (``step``, ``seed``, ``schedule_seed``)."""
+        self.register_buffer(name, torch.tensor(value, dtype=torch.int64))
+        self._initial_counters[name] = value
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Put the ``step``, ``seed`` (and ``schedule_seed``) buffers back to what
+        construction gave them, in place (step 0, the seeds passed in).
+
+        What deferred initialization calls: a model built on the ``meta`` device (FSDP,
+        large models), then ``to_empty()`` (which leaves buffers uninitialized) and
+        ``reset_parameters()`` on every module that has it, holds what a construction
+        on the target device holds, so every rank draws the same masks. Subclasses
+        with parameters (``BlockGyroLinear``) initialize them too.
+        """
+        for name, value in self._initial_counters.items():
+            buffer: Tensor = getattr(self, name)
+            if not buffer.is_meta:
+                buffer.fill_(value)
+        self._replay_step = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # ``to_empty()`` materializes a module built on ``meta`` with uninitialized
+        # memory: counters that leave ``meta`` get their construction values at once
+        # (so ``to_empty`` alone is enough; ``reset_parameters`` puts them back too).
+        was_meta = [n for n in self._initial_counters if getattr(self, n).is_meta]
+        out = super()._apply(fn, recurse)
+        with torch.no_grad():
+            for name in was_meta:
+                buffer: Tensor = getattr(self, name)
+                if not buffer.is_meta:
+                    buffer.fill_(self._initial_counters[name])
+        return out
 
     def _host(self, name: str) -> int:
         """The value of the scalar buffer ``name`` as a Python int, cached on the host."""

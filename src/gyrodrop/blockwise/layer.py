@@ -70,7 +70,7 @@ from gyrodrop.blockwise.kernels import Call, compute_dtype, pruned_linear
 from gyrodrop.blockwise.plan import Plan, build_plan, n_dropped_blocks
 from gyrodrop.blockwise.triton_backend import TritonPlan
 from gyrodrop.blockwise.workspace import Workspace
-from gyrodrop.config import PRUNE_MODES, BlockGyroConfig, Prune, Schedule
+from gyrodrop.config import PRUNE_MODES, BlockGyroConfig, DropMode, Prune, Schedule
 from gyrodrop.schedule import check_input
 from gyrodrop.scheduled import ScheduledModule
 
@@ -118,6 +118,13 @@ class BlockGyroLinear(ScheduledModule):
         schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
         seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
             buffer, so it is checkpointed.
+        drop_mode: ``"standard"`` (default: drop all run long), ``"early"`` (drop
+            before ``cutoff_step`` only, the identity after: early dropout against
+            underfitting) or ``"late"`` (the reverse); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps`` in ``(0, 1)``: ``cutoff_step = round(drop_cutoff *
+            total_steps)``.
+        cutoff_step: the cutoff as a step (instead of ``drop_cutoff``).
         auto_step: ``True``: the step advances by itself, once per training step (per
             training forward of the model after :func:`gyrodrop.apply_block_gyro`, per
             call for a layer on its own; see :class:`~gyrodrop.GyroDropout`).
@@ -194,6 +201,9 @@ class BlockGyroLinear(ScheduledModule):
         schedule: Schedule = "consecutive",
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
         prune: Prune = "input",
         schedule_seed: int | None = None,
         backend: Backend = "auto",
@@ -214,6 +224,9 @@ class BlockGyroLinear(ScheduledModule):
             steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
             schedule=schedule,
             prune=prune,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
             owner=owner,
         )
         check_choice(owner, "backend", backend, BACKENDS)
@@ -250,8 +263,8 @@ class BlockGyroLinear(ScheduledModule):
             self.register_parameter("bias", None)
         if self.weight.device.type != "meta":
             self.reset_parameters()
-            if device is not None:
-                self._buffers_to(self.weight.device)
+        if device is not None:  # the counters too (on meta: materialized by to_empty)
+            self._buffers_to(self.weight.device)
         # Derived state (never in state_dict): the kept blocks of the active set and
         # the gather/scatter indices for the current batch layout.
         self._plan_key: tuple[Any, ...] | None = None
@@ -262,7 +275,10 @@ class BlockGyroLinear(ScheduledModule):
     # -- construction ------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """Initialize ``weight`` and ``bias`` as :class:`torch.nn.Linear` does."""
+        """Initialize ``weight`` and ``bias`` as :class:`torch.nn.Linear` does, and the
+        ``step`` / seed buffers as construction does (see
+        :meth:`gyrodrop.stepping.SteppedModule.reset_parameters`)."""
+        super().reset_parameters()
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
@@ -316,9 +332,15 @@ class BlockGyroLinear(ScheduledModule):
         return module
 
     def _buffers_to(self, device: torch.device) -> None:
-        """Move this module's own buffers (step, seeds) to ``device``."""
+        """Move this module's own buffers (step, seeds) to ``device`` (from ``meta``:
+        their construction values)."""
         for name, buf in list(self._buffers.items()):
-            if buf is not None:
+            if buf is None:
+                continue
+            if buf.is_meta and torch.device(device).type != "meta":
+                value = self._initial_counters[name]
+                self._buffers[name] = torch.tensor(value, dtype=buf.dtype, device=device)
+            else:
                 self._buffers[name] = buf.to(device)
 
     def extra_repr(self) -> str:
@@ -497,7 +519,7 @@ class BlockGyroLinear(ScheduledModule):
         batch = x.shape[0]
         step = self._forward_step()  # within a compiler-disabled method
         n_blocks, n_dropped, scale = self._blocks()
-        if n_dropped > 0 and x.numel() > 0:
+        if n_dropped > 0 and x.numel() > 0 and self.config.drops_at(step):
             kept = self._kept_blocks(x.device, step)
             counts = self.group_counts(batch)
             rows_per_sample = x.numel() // (batch * self.in_features)

@@ -61,6 +61,7 @@ from gyrodrop.stochastic_depth.module import (
     block_keep,
     stochastic_depth,
 )
+from gyrodrop.stochastic_depth.rates import RATE_DISTRIBUTIONS, RateDistribution, depth_rates
 
 __all__ = [
     "MODES",
@@ -72,6 +73,9 @@ __all__ = [
     "LayerSplit",
     "block_keep",
     "stochastic_depth",
+    "depth_rates",
+    "RateDistribution",
+    "RATE_DISTRIBUTIONS",
     "MCDraws",
     "MCLayoutError",
     "LAYER_LIST_NAMES",

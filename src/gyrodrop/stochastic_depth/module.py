@@ -11,7 +11,7 @@ from torch import Tensor
 
 from gyrodrop import distributed, masks
 from gyrodrop._validation import check_bool, check_int, check_seed
-from gyrodrop.config import MODES, Mode, StochasticDepthConfig
+from gyrodrop.config import MODES, DropMode, Mode, StochasticDepthConfig
 from gyrodrop.stepping import SteppedModule, check_input, warmup_rate
 
 __all__ = [
@@ -98,7 +98,7 @@ def stochastic_depth(
 def _draw(x: Tensor, config: StochasticDepthConfig, seed: int, step: int) -> Tensor | float:
     """This step's factors for ``x`` (``seed``: the decision seed), shared by the module
     and the function: 1.0 while the (warm-up) rate is 0, else :func:`_factors`."""
-    p = warmup_rate(config.p, config.warmup_steps, step)
+    p = warmup_rate(config.p, config.warmup_steps, step) if config.drops_at(step) else 0.0
     if p == 0.0:
         return 1.0
     return _factors(x, p, config.mode, seed, step)
@@ -153,6 +153,13 @@ class StochasticDepth(SteppedModule):
             step; identical on every DDP rank). ``"sample"``: each example decides
             alone (keyed by its row in the global batch, so DDP matches one process).
         seed: seeds the decisions; a buffer, so it is checkpointed.
+        drop_mode: ``"standard"`` (default: drop all run long), ``"early"`` (drop
+            before ``cutoff_step`` only, the identity after: early dropout against
+            underfitting) or ``"late"`` (the reverse); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps`` in ``(0, 1)``: ``cutoff_step = round(drop_cutoff *
+            total_steps)`` (``total_steps`` serves only this).
+        cutoff_step: the cutoff as a step (instead of ``drop_cutoff``).
         auto_step: ``True``: the step advances by itself, once per training step (per
             training forward of the model after :func:`gyrodrop.apply_stochastic_depth`,
             per call for a module on its own; see :class:`~gyrodrop.GyroDropout`).
@@ -197,12 +204,24 @@ class StochasticDepth(SteppedModule):
         *,
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
+        total_steps: int | None = None,
         warmup_steps: int = 0,
         per_rank: bool = False,
     ) -> None:
         owner = type(self).__name__
         config = StochasticDepthConfig(
-            p=p, mode=mode, warmup_steps=warmup_steps, per_rank=per_rank, owner=owner
+            p=p,
+            mode=mode,
+            warmup_steps=warmup_steps,
+            per_rank=per_rank,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
+            total_steps=total_steps,
+            owner=owner,
         )
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         self.config = config
@@ -219,9 +238,11 @@ class StochasticDepth(SteppedModule):
 
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
-        from 0 over the first ``warmup_steps`` steps."""
+        from 0 over the first ``warmup_steps`` steps; 0 at the steps where ``drop_mode``
+        does not drop (after the cutoff when early, before it when late)."""
         step = self._step_arg(step, "rate")
-        return warmup_rate(self.config.p, self.config.warmup_steps, step)
+        config = self.config
+        return warmup_rate(config.p, config.warmup_steps, step) if config.drops_at(step) else 0.0
 
     @torch.compiler.disable
     def draw_scale(self) -> float:

@@ -11,7 +11,7 @@ from torch import nn
 from gyrodrop._modules import check_model, swap_all, unwrap_model
 from gyrodrop._validation import check_choice, check_int, check_seed
 from gyrodrop.blockwise import BlockGyroLinear, n_dropped_blocks
-from gyrodrop.config import BlockGyroConfig
+from gyrodrop.config import BlockGyroConfig, DropMode
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.surgery.blockwise_sites import SURGERY_PRUNE, SurgeryPrune, find_block_sites
@@ -32,6 +32,8 @@ def apply_block_gyro(
     steps_per_set: int | None = None,
     seed: int = 0,
     prune: SurgeryPrune = "input",
+    drop_mode: DropMode = "standard",
+    drop_cutoff: float | None = None,
     **kw: Any,
 ) -> int:
     """Fuse ``nn.Dropout`` into the adjacent ``nn.Linear`` as block-wise gyro dropout
@@ -65,7 +67,10 @@ def apply_block_gyro(
     ``nn.TransformerEncoderLayer`` that tracing does not enter, ``Dropout2d`` and the
     like) is left as it is and named, with the reason, in one warning that counts
     the dropouts left alone. All-or-nothing: when building a fused layer fails, the
-    model is unchanged.
+    model is unchanged. ``drop_mode="early"`` or ``"late"`` with ``drop_cutoff`` (a
+    fraction of ``total_steps`` in ``(0, 1)``) fuses layers that drop only before or
+    only after the cutoff step (early and late dropout, Liu et al., ICML 2023): a
+    plain ``Linear`` on the other steps.
 
     Raises:
         ValueError: ``model`` is not an ``nn.Module``; ``block_size`` is not an int
@@ -103,6 +108,8 @@ def apply_block_gyro(
             block_size=block_size,
             total_steps=total_steps,
             steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
             owner=owner,
             **schedule,
         )
