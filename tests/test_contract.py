@@ -266,3 +266,89 @@ class TestSubnetLayerContract:
         module = case.make()
         assert module.group_counts(8) == [4, 4]
         assert module.group_counts(1) == [1, 0]
+
+
+def _empty_shapes(case: Case) -> list[tuple[int, ...]]:
+    """The case's input shape with one dimension at a time set to 0 (not the feature
+    dimension of a Linear, which must equal ``in_features``)."""
+    dims = len(case.shape) - 1 if case.name.startswith("BlockGyroLinear") else len(case.shape)
+    return [case.shape[:d] + (0,) + case.shape[d + 1 :] for d in range(dims)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+class TestEdgesOfInputAndState:
+    def test_an_empty_input_gives_the_empty_output_like_eval_and_steps(self, case: Case) -> None:
+        # nn.Dropout / nn.Dropout2d return an empty tensor for an empty input (no
+        # error, e.g. a (B, C, 0, W) feature map); a training call still is one step.
+        for shape in _empty_shapes(case):
+            module = case.make(seed=1).train()
+            x = torch.zeros(shape, requires_grad=True)
+            out = module(x)
+            out.sum().backward()
+            assert out.shape == module.eval()(x).shape and out.numel() == 0, shape
+            assert module.current_step() == 1, shape
+
+    @pytest.mark.parametrize("name", ["step", "seed"])
+    @pytest.mark.parametrize("value", [-3, 2.5])
+    def test_a_checkpoint_with_a_negative_or_fractional_counter_is_refused(
+        self, case: Case, name: str, value: float
+    ) -> None:
+        saved = case.make(seed=4).state_dict()
+        saved[name] = torch.tensor(value)
+        module = case.make(seed=4)
+        with pytest.raises(RuntimeError, match=rf"the checkpoint's {name} must be an int >= 0"):
+            module.load_state_dict(saved)
+        assert module.current_step() == 0 and module.current_seed() == 4  # not loaded
+
+    def test_a_refused_counter_is_named_with_its_module_in_a_model(self, case: Case) -> None:
+        model = nn.Sequential(nn.Identity(), case.make(seed=4))
+        saved = model.state_dict()
+        saved["1.step"] = torch.tensor(-1)
+        with pytest.raises(RuntimeError, match=r"'1': the checkpoint's step must be an int >= 0"):
+            model.load_state_dict(saved, strict=False)
+
+
+@pytest.mark.parametrize("case", GYRO_LAYERS, ids=repr)
+@pytest.mark.parametrize("step", [1.5, -1, True, "2"])
+def test_methods_taking_a_step_refuse_what_is_not_a_step(case: Case, step: object) -> None:
+    module = case.make()
+    owner = type(module).__name__
+    calls = {"active_subnets": lambda: module.active_subnets(step)}
+    if hasattr(module, "active_masks"):
+        calls["active_masks"] = lambda: module.active_masks(_input(case), step=step)
+    if hasattr(module, "block_masks"):
+        calls["block_masks"] = lambda: module.block_masks(step)
+        calls["group_masks"] = lambda: module.group_masks(step)
+    for method, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{owner}\.{method}: step must be"):
+            call()
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+class TestExportOfALayer:
+    """A layer used on its own: scripting is refused (TorchScript cannot run it), tracing
+    and ``torch.export`` in training mode are refused (the graph would freeze one
+    step's masks), each saying what to do; in eval mode both record the eval output."""
+
+    def test_script_trace_and_export_in_training_mode_say_what_to_do(self, case: Case) -> None:
+        module = case.make(seed=0).train()
+        x = _input(case)
+        with pytest.raises(RuntimeError, match=r"torch\.jit\.script cannot compile") as e:
+            torch.jit.script(module)
+        assert "remove_gyro_dropout" in str(e.value)
+        for record, name in [
+            (lambda: torch.jit.trace(module, x, check_trace=False), "torch.jit.trace"),
+            (lambda: torch.export.export(module, (x,)), "torch.export"),
+        ]:
+            with pytest.raises(RuntimeError, match=rf"{name} in training mode") as e:
+                record()
+            assert "model.eval()" in str(e.value) and "remove_gyro_dropout" in str(e.value)
+        assert module.current_step() == 0  # nothing recorded, nothing stepped
+
+    def test_trace_and_export_in_eval_mode_record_the_eval_output(self, case: Case) -> None:
+        module = case.make(seed=0).eval()
+        x = _input(case)
+        expected = module(x)
+        traced = torch.jit.trace(module, x, check_trace=False)
+        torch.testing.assert_close(traced(x), expected)
+        torch.testing.assert_close(torch.export.export(module, (x,)).module()(x), expected)

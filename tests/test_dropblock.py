@@ -1,5 +1,8 @@
 """DropBlock2d and GyroDropBlock2d: drop rates, block shapes, scaling, schedule, resume."""
 
+import hashlib
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -282,3 +285,99 @@ class TestGyroDropBlock2d:
     def test_bad_num_subnets_is_refused(self):
         with pytest.raises(ValueError, match="GyroDropBlock2d: subnets_per_step must be in"):
             gyrodrop.GyroDropBlock2d(0.1, 3, 2, 4, steps_per_set=1)
+
+
+def _drop_bits_digest(mask: torch.Tensor) -> str:
+    """First 16 hex digits of the SHA-256 of a mask's packed drop bits (row-major)."""
+    bits = np.packbits((mask == 0).flatten().numpy()).tobytes()
+    return hashlib.sha256(bits).hexdigest()[:16]
+
+
+class TestGyroDropBlock2dSubnetworkStreams:
+    """Every one of sigma subnetworks has its own mask, for any sigma up to 2**62 and any
+    channel count, and the masks of 0.1.x (stream ids below 2**32) keep their bits."""
+
+    @pytest.mark.parametrize("channels", [1, 2, 3, 4, 7, 64, 1000])
+    @pytest.mark.parametrize("shift", [2**32, 2**64])
+    def test_streams_that_agree_in_their_low_32_bits_get_distinct_masks(self, channels, shift):
+        """(The right value of shared/cases/round3/case_gyro_dropblock_high_sigma.py.)"""
+        # Subnetwork k, channel c is stream k * C + c; stream s + shift lands on
+        # (k2, c2) = divmod(s + shift, C), which only the high bits tell apart.
+        drop = gyrodrop.GyroDropBlock2d(0.5, 3, 2**62, 4, steps_per_set=1, seed=3)
+        like = torch.ones(1, channels, 16, 16)
+        for k in (0, 1, 12345):
+            for c in sorted({0, channels - 1}):
+                k2, c2 = divmod(k * channels + c + shift, channels)
+                if k2 >= 2**62:
+                    continue
+                a = drop.subnet_mask(k, like)[c]
+                b = drop.subnet_mask(k2, like)[c2]
+                assert not torch.equal(a, b), (k, c, k2, c2)
+
+    def test_high_subnetworks_of_an_active_set_differ_from_low_ones(self):
+        # The training path (active_masks) draws through the same streams.
+        drop = gyrodrop.GyroDropBlock2d(0.5, 3, 2**40, 2, steps_per_set=1, seed=1)
+        like = torch.ones(2, 4, 16, 16)
+        masks_ = drop.active_masks(like, step=0)
+        ids = drop.active_subnets(0).tolist()
+        for m, k in zip(masks_, ids, strict=True):
+            assert torch.equal(m, drop.subnet_mask(k, like))
+            assert not torch.equal(m, drop.subnet_mask(k % (2**32 // 4), like))
+
+    #: Digests of masks drawn by 0.1.x (ids whose streams k * C + c are below 2**32).
+    GOLDEN = {
+        1: ([0, 1, 2**31, 2**32 - 1],
+            "b72673a260a31e8c d1422da89328ee12 3099b599aa1f52fa 88951e2715899c8a"),
+        3: ([0, 1, 2**32 // 3 - 1], "61427b4742e11600 0a7e1b52017cf8c4 ada05ac9505923c5"),
+        4: ([0, 1, 2**32 // 4 - 1], "8c0c0d86adb654d5 965e21dacd84c9dd 6fb691bd922027bc"),
+        64: ([0, 1, 2**32 // 64 - 1], "72ce27ba96d48721 fb25e21d2f63f352 3ed951afd8fc08f9"),
+    }  # fmt: skip
+
+    @pytest.mark.parametrize("channels", sorted(GOLDEN))
+    def test_masks_below_two_to_the_32_streams_keep_the_bits_of_0_1(self, channels):
+        ids, digests = self.GOLDEN[channels]
+        drop = gyrodrop.GyroDropBlock2d(0.3, 3, 2**40, 4, steps_per_set=1, seed=7)
+        like = torch.ones(1, channels, 9, 9)
+        assert [_drop_bits_digest(drop.subnet_mask(k, like)) for k in ids] == digests.split()
+
+    def test_dropblock2d_masks_keep_the_bits_of_0_1(self):
+        drop = gyrodrop.DropBlock2d(0.3, 3, seed=5, auto_step=False)
+        drop.set_step(11)
+        assert _drop_bits_digest(drop(torch.ones(6, 5, 9, 9))) == "f945dea7dabb3bef"
+
+
+class TestEmptyFeatureMaps:
+    """An empty map (H or W = 0, or no rows / channels) comes back empty, as
+    ``nn.Dropout2d`` does (shared/cases/round3/case_dropblock_empty_map.py)."""
+
+    SHAPES = [(2, 3, 0, 8), (2, 3, 8, 0), (2, 3, 0, 0), (0, 3, 8, 8), (2, 0, 8, 8)]
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    @pytest.mark.parametrize(
+        "layer",
+        [
+            lambda: gyrodrop.DropBlock2d(0.3, 3),
+            lambda: gyrodrop.DropBlock2d(0.3, 3, shared_channels=True, scale="realized"),
+            lambda: gyrodrop.GyroDropBlock2d(0.3, 3, 8, 2, steps_per_set=1),
+            lambda: gyrodrop.GyroDropBlock2d(0.3, 7, 8, 2, steps_per_set=1, scale="realized"),
+        ],
+    )
+    def test_modules_return_the_empty_tensor_like_dropout2d(self, layer, shape):
+        x = torch.randn(shape)
+        assert layer()(x).shape == torch.nn.Dropout2d(0.3)(x).shape == shape
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_functionals_return_the_empty_tensor(self, shape):
+        x = torch.randn(shape)
+        assert dropblock2d(x, 0.3, 3, step=0).shape == shape
+        assert gyro_dropblock2d(x, 0.3, 3, step=0, num_subnets=8, subnets_per_step=2).shape == shape
+
+    def test_empty_maps_have_no_seed_rate_and_no_drop_probabilities(self):
+        assert seed_rate(0.3, 3, 0, 8) == 0.0 and seed_rate(0.3, 3, 8, 0) == 0.0
+        assert drop_probabilities(0.3, 3, 0, 8).shape == (0, 8)
+
+    def test_gyro_masks_of_an_empty_map_are_empty(self):
+        drop = gyrodrop.GyroDropBlock2d(0.3, 3, 8, 2, steps_per_set=1)
+        like = torch.ones(4, 3, 0, 5)
+        assert drop.active_masks(like, step=0).shape == (2, 3, 0, 5)
+        assert drop.subnet_mask(1, like).shape == (3, 0, 5)

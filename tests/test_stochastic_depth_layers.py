@@ -287,3 +287,81 @@ class TestReplaceDropPaths:
         assert got == pytest.approx(expected)
         assert torch.equal(model(pixel_values=x).logits, before)
         model.train()(pixel_values=x).logits.sum().backward()
+
+
+class TimmDropPath(nn.Module):
+    """Same attributes and rule as ``timm.layers.drop.DropPath`` (timm is not a
+    dependency): per-sample drop, kept rows scaled by ``1/(1-p)`` only when
+    ``scale_by_keep``."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0 and self.scale_by_keep:
+            mask.div_(keep)
+        return x * mask
+
+
+class TestReplaceDropPathsKeepsTheMeaning:
+    """A DropPath is replaced only where StochasticDepth computes the same thing; the
+    others are left alone and named (shared/cases/round3/case_droppath_scale_by_keep.py)."""
+
+    @staticmethod
+    def train_mean(model: nn.Module) -> float:
+        torch.manual_seed(0)
+        return float(model.train()(torch.ones(20000, 4)).mean())
+
+    def test_scale_by_keep_false_is_left_alone_and_named(self):
+        from gyrodrop.stochastic_depth import replace_drop_paths
+
+        model = nn.Sequential(TimmDropPath(0.4, scale_by_keep=False))
+        with pytest.warns(gyrodrop.SurgeryWarning, match=r"left 1 .*0 \(TimmDropPath, drop_prob"
+                          r"=0.4, scale_by_keep=False: .*training mean is 0.6 x"):  # fmt: skip
+            assert replace_drop_paths(model) == 0
+        assert type(model[0]) is TimmDropPath
+        assert self.train_mean(model) == pytest.approx(0.6, abs=0.02)  # still (1 - p) x
+
+    def test_scale_by_keep_true_is_replaced_and_keeps_the_expectation(self):
+        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+
+        model = nn.Sequential(TimmDropPath(0.4, scale_by_keep=True))
+        before = self.train_mean(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to name
+            assert replace_drop_paths(model) == 1
+        assert isinstance(model[0], StochasticDepth) and model[0].p == 0.4
+        assert (
+            self.train_mean(model)
+            == pytest.approx(before, abs=0.03)
+            == pytest.approx(1.0, abs=0.03)
+        )
+
+    def test_in_a_mixed_model_only_the_faithful_ones_are_replaced(self):
+        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+
+        blocks = nn.ModuleDict(
+            {
+                "a": TimmDropPath(0.1),
+                "b": TimmDropPath(0.2, scale_by_keep=False),
+                "c": TimmDropPath(0.3),
+                "d": TimmDropPath(1.0),  # drops every row: StochasticDepth refuses p = 1
+            }
+        )
+        model = nn.Sequential(blocks)
+        with pytest.warns(gyrodrop.SurgeryWarning) as record:
+            assert replace_drop_paths(model) == 2
+        (message,) = [str(w.message) for w in record]
+        assert "left 2 as they were" in message
+        assert "0.b (TimmDropPath, drop_prob=0.2, scale_by_keep=False" in message
+        assert "0.d (TimmDropPath, drop_prob=1.0 is outside [0, 1))" in message
+        assert [type(blocks[k]).__name__ for k in "abcd"] == [
+            "StochasticDepth", "TimmDropPath", "StochasticDepth", "TimmDropPath"
+        ]  # fmt: skip
+        assert isinstance(blocks["a"], StochasticDepth) and blocks["c"].p == 0.3

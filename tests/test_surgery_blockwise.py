@@ -318,6 +318,41 @@ class TestApplyBlockGyroReports:
             assert apply(model) == 0
         assert isinstance(model[0], nn.Dropout)
 
+    @pytest.mark.parametrize(
+        ("model", "kw", "name", "reason"),
+        [
+            # one block of 32 features: round(0.3 * 1) == 0 blocks dropped
+            (lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3)),
+             {"block_size": 32}, "2", r"p=0.3 rounds to 0 of the 1 block\(s\) of 3's 32 input"),
+            # p given to the surgery overrides the dropout's own
+            (mlp, {"p": 0.05}, "2", r"p=0.05 rounds to 0 of the 4 block\(s\) of 3's 32 input"),
+            (lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 3)),
+             {"prune": "output", "block_size": 16}, "2",
+             r"rounds to 0 of the 2 block\(s\) of 0's 32 output"),
+            (Residual, {"block_size": 16, "p": 0.2}, "drop1",
+             r"rounds to 0 of the 1 block\(s\) of fc2's 16"),
+        ],
+    )  # fmt: skip
+    def test_a_pair_whose_p_drops_no_block_is_left_alone_and_named(self, model, kw, name, reason):
+        """(The right value of shared/cases/round3/case_block_gyro_zero_blocks.py.)"""
+        net = model()
+        torch.manual_seed(0)
+        x = torch.randn(8, 16)
+        with pytest.warns(
+            UserWarning, match=rf"left \d+ dropout\(s\) as they were:.*{name}: .*{reason}"
+        ):
+            count = apply(net, **kw)
+        dropout = net.get_submodule(name)
+        assert type(dropout) is nn.Dropout and count == 0
+        assert not any(isinstance(m, BlockGyroLinear) for m in net.modules())
+        assert not torch.equal(net.train()(x), net.eval()(x))  # the dropout still drops
+
+    def test_pairs_that_drop_blocks_are_fused_beside_one_that_drops_none(self):
+        net = nn.Sequential(nn.Dropout(0.5), nn.Linear(32, 32), nn.Dropout(0.05), nn.Linear(32, 4))
+        with pytest.warns(UserWarning, match=r"fused 1 pair\(s\); left 1 dropout.*2: p=0.05"):
+            assert apply(net) == 1
+        assert isinstance(net[1], BlockGyroLinear) and type(net[2]) is nn.Dropout
+
     def test_no_dropout_warns_and_leaves_the_model(self):
         with pytest.warns(UserWarning, match="no nn.Dropout found"):
             assert apply(nn.Sequential(nn.Linear(4, 4))) == 0

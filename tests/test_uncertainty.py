@@ -288,12 +288,13 @@ class TestSubnetEnsemblePredict:
         with torch.no_grad():
             for _ in range(12):
                 net(inputs(4, 6))
-        pred = gyrodrop.subnet_ensemble_predict(net, x[:1], pairing="trained", output="probs")
+        rows = {"output": "probs", "output_fn": lambda o: o / o.sum(1, keepdim=True)}
+        pred = gyrodrop.subnet_ensemble_predict(net, x[:1], pairing="trained", **rows)
         expected = torch.stack([torch.tensor(a + b) for a, b in trained])
         expected = expected / expected.sum(1, keepdim=True)
         assert len(trained) == 8
         assert torch.allclose(pred.mean[0], expected.mean(0).float(), atol=1e-6)
-        index = gyrodrop.subnet_ensemble_predict(net, x[:1], pairing="index", output="probs")
+        index = gyrodrop.subnet_ensemble_predict(net, x[:1], pairing="index", **rows)
         assert not torch.allclose(index.mean, pred.mean, atol=1e-4)
 
     def test_trained_pairing_needs_one_shared_schedule(self):

@@ -13,7 +13,13 @@ from gyrodrop.surgery import (
     apply_stochastic_depth,
     remove_gyro_dropout,
 )
-from gyrodrop.uncertainty import Prediction, mc_predict, subnet_ensemble_predict
+from gyrodrop.uncertainty import (
+    Prediction,
+    fit_temperature,
+    mc_predict,
+    subnet_ensemble_predict,
+    uncertainty_metrics,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +36,8 @@ __all__ = [
     "Prediction",
     "mc_predict",
     "subnet_ensemble_predict",
+    "uncertainty_metrics",
+    "fit_temperature",
     "DropBlock2d",
     "GyroDropBlock2d",
     "apply_dropblock",

@@ -60,6 +60,11 @@ __all__ = [
 # Hash stream tags of this module (distinct from those in gyrodrop.masks).
 _TAG_DROPBLOCK = 0x66
 _TAG_GYRO_DROPBLOCK = 0x77
+_M32 = 0xFFFFFFFF
+
+#: Hash stream ids: an int64 tensor, or ``(low, high)`` int64 tensors for ids that may
+#: reach 2**32 (``id = high * 2**32 + low``, ``low < 2**32``).
+Streams = Tensor | tuple[Tensor, Tensor]
 
 
 # --------------------------------------------------------------------------------------
@@ -94,6 +99,8 @@ def seed_rate(p: float, block_size: int, h: int, w: int) -> float:
         >>> round(seed_rate(0.1, 3, 8, 8), 6)  # 0.1 / 9 * 64 / 36
         0.019753
     """
+    if h <= 0 or w <= 0:
+        return 0.0  # an empty map has no block position (and no pixel to drop)
     bh, bw = _block_dims(block_size, h, w)
     gamma = p * (h * w) / (bh * bw * (h - bh + 1) * (w - bw + 1))
     return min(max(gamma, 0.0), 1.0)
@@ -147,26 +154,42 @@ def _grow(seeds: Tensor, block_size: int, h: int, w: int) -> Tensor:
     return out
 
 
-def _seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
-    """Bernoulli(``gamma``) seed maps, bool ``(len(streams), n)``, True at seeds.
+def _stream_bases(streams: Streams, key: int) -> Tensor:
+    """32-bit hash bases of the streams, shape ``(m, 1)``. A stream is an int64 id, or
+    ``(low, high)`` for ids of 64 bits and more (``id = high * 2**32 + low``): a
+    non-zero ``high`` is mixed in (as :mod:`gyrodrop.masks` does for subnetwork ids of
+    2**32 and more), so ids below 2**32 keep the bases of 0.1.0."""
+    low, high = streams if isinstance(streams, tuple) else (streams, None)
+    base = masks.hash_u32((low * 0x2545F491 + key) & _M32)
+    if high is not None:
+        mixed = base ^ masks.hash_u32((high * 0x27D4EB2F + (key ^ 0x9E3779B9)) & _M32)
+        mixed ^= masks.hash_u32(((high >> 32) * 0x165667B1 + key) & _M32)  # high >= 2**32
+        base = torch.where(high > 0, mixed, base)
+    return base.unsqueeze(1)
 
-    Stream ``s`` (an int64 id) is a Bernoulli process over ``n`` positions drawn as
+
+def _seed_maps(streams: Streams, key: int, n: int, gamma: float) -> Tensor:
+    """Bernoulli(``gamma``) seed maps, bool ``(m, n)`` for ``m`` streams, True at seeds.
+
+    Stream ``s`` (an int64 id, or a ``(low, high)`` pair of them: see
+    :func:`_stream_bases`) is a Bernoulli process over ``n`` positions drawn as
     geometric gaps between seeds, gap ``j`` from the hash of ``(key, s, j)``: the work
     is proportional to the number of seeds (about ``gamma * n`` per stream), not to
     ``n``. Every stream is a pure function of ``(key, s)``. The gaps are computed in
     float64, so a CPU and an accelerator agree except, rarely, where their ``log``
     differs in the last bit.
     """
-    m = len(streams)
-    out = torch.zeros(m, n + 1, dtype=torch.bool, device=streams.device)
+    first = streams[0] if isinstance(streams, tuple) else streams
+    m = len(first)
+    out = torch.zeros(m, n + 1, dtype=torch.bool, device=first.device)
     if gamma <= 0.0 or m == 0 or n == 0:
         return out[:, :n]
-    base = masks.hash_u32((streams * 0x2545F491 + key) & 0xFFFFFFFF).unsqueeze(1)  # (m, 1)
+    base = _stream_bases(streams, key)  # (m, 1)
     log_q = math.log1p(-gamma)
     mean = n * gamma
     k = int(mean + 5.0 * math.sqrt(mean) + 8.0)
     while True:
-        j = torch.arange(k, dtype=torch.int64, device=streams.device)
+        j = torch.arange(k, dtype=torch.int64, device=first.device)
         u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
         gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
         pos = gaps.to(torch.int64).cumsum(dim=1) - 1  # (m, k) seed positions
@@ -177,8 +200,11 @@ def _seed_maps(streams: Tensor, key: int, n: int, gamma: float) -> Tensor:
     return out[:, :n]
 
 
-def _drop_maps(streams: Tensor, key: int, p: float, block_size: int, h: int, w: int) -> Tensor:
-    """Drop maps (True dropped), bool ``(len(streams), h, w)``, one per stream."""
+def _drop_maps(streams: Streams, key: int, p: float, block_size: int, h: int, w: int) -> Tensor:
+    """Drop maps (True dropped), bool ``(m, h, w)``, one per stream."""
+    if h == 0 or w == 0:  # an empty map: nothing to drop (as nn.Dropout2d)
+        first = streams[0] if isinstance(streams, tuple) else streams
+        return torch.zeros(len(first), h, w, dtype=torch.bool, device=first.device)
     bh, bw = _block_dims(block_size, h, w)
     hv, wv = h - bh + 1, w - bw + 1
     seeds = _seed_maps(streams, key, hv * wv, seed_rate(p, block_size, h, w))
@@ -209,7 +235,8 @@ def _fresh_masks(
     b, c, h, w = x.shape
     cm = 1 if shared else c
     start, _ = distributed.row_window(b)
-    streams = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
+    ids = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
+    streams = (ids & _M32, ids >> 32)  # ids of 2**32 and more mix their high bits
     key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
     with torch.no_grad():
         drop = _drop_maps(streams, key, p, block_size, h, w)
@@ -231,7 +258,12 @@ def subnet_block_masks(
     with ``shape = (C or 1, H, W)``; mask ``k`` is a pure function of ``(seed, k)``."""
     cm, h, w = shape
     subnets = subnets.to(device=device, dtype=torch.int64)
-    streams = (subnets[:, None] * cm + torch.arange(cm, device=subnets.device)).reshape(-1)
+    channels = torch.arange(cm, dtype=torch.int64, device=subnets.device)
+    # Stream k * cm + c, to 64 bits: low 32 bits (int64 products wrap, low bits exact)
+    # and the quotient by 2**32, which _drop_maps mixes in where it is not 0.
+    low = (subnets[:, None] & _M32) * cm + channels  # (K, cm), < 2**63 for cm < 2**31
+    high = (subnets[:, None] >> 32) * cm + (low >> 32)
+    streams = ((low & _M32).reshape(-1), high.reshape(-1))
     key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
     with torch.no_grad():
         drop = _drop_maps(streams, key, p, block_size, h, w)
@@ -396,7 +428,7 @@ class DropBlock2d(SteppedModule):
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
         from 0 over the first ``warmup_steps`` steps."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "rate")
         if self.warmup_steps and step < self.warmup_steps:
             return self.p * max(step, 0) / self.warmup_steps
         return self.p
@@ -511,7 +543,7 @@ class GyroDropBlock2d(ScheduledModule):
     def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, C or 1, H, W)``; cached until the set changes."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "active_masks")
         shape = self._mask_shape(x)
 
         def build(seed: int, active: Tensor) -> Tensor:

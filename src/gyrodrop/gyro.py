@@ -359,7 +359,7 @@ class GyroDropout(ScheduledModule):
     def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, *mask_shape)``; cached until the set changes."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "active_masks")
         mshape = mask_shape_for(type(self).__name__, x.shape, self.dims)
 
         def build(seed: int, active: Tensor) -> Tensor:

@@ -118,7 +118,7 @@ class ScheduledModule(SteppedModule):
 
     def active_subnets(self, step: int | None = None) -> Tensor:
         """Ids of the subnetworks active at ``step`` (default: the current step)."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "active_subnets")
         return self.subnet_schedule.at_step(self.current_schedule_seed(), step)
 
     def current_schedule_seed(self) -> int:

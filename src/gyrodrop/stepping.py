@@ -30,6 +30,8 @@ __all__ = [
     "set_stepping",
     "bind_to_optimizer",
     "attach_stepper",
+    "detach_stepper",
+    "refuse_export",
     "check_input",
     "in_backward",
     "Stepping",
@@ -86,6 +88,23 @@ def check_input(owner: str, x: Any, *, rows: bool = True) -> None:
 _COUNTER_BUFFERS = ("step", "seed", "schedule_seed")
 
 
+def _bad_counter(name: str, value: Any) -> str | None:
+    """Why a checkpoint's ``step`` / ``seed`` / ``schedule_seed`` cannot be loaded (a
+    value below 0, a fraction), or ``None`` (fine, or not a one-element tensor: torch
+    reports a wrong shape itself)."""
+    if not isinstance(value, Tensor) or value.numel() != 1 or value.is_meta:
+        return None
+    if value.dtype == torch.bool or value.is_complex():
+        return f"the checkpoint's {name} must be an integer, got dtype {value.dtype}"
+    number = value.item()
+    if number < 0 or number != int(number):
+        return (
+            f"the checkpoint's {name} must be an int >= 0, got {number}; "
+            "hint: the checkpoint was edited or comes from other software"
+        )
+    return None
+
+
 class _ModelStepper:
     """The model-level stepper (:func:`attach_stepper`), kept on the model's root module
     as ``_gyrodrop_stepper`` and referenced by the modules it advances. ``when`` is
@@ -125,6 +144,33 @@ class _ModelStepper:
                 UserWarning,
                 stacklevel=4,
             )
+
+
+_EXPORT_HINT = (
+    "undo the surgery first with gyrodrop.remove_gyro_dropout(model) (and "
+    "gyrodrop.surgery.remove_stochastic_depth(model)), which leaves eval() outputs "
+    "unchanged, or export the model in eval mode (model.eval(): gyrodrop layers are then "
+    "the identity, BlockGyroLinear a Linear) with torch.export.export or torch.jit.trace"
+)
+
+
+def refuse_export(owner: str) -> None:
+    """Refuse a training forward that ``torch.jit.trace`` or ``torch.export`` records:
+    the graph would freeze this step's masks (and never advance the step)."""
+    tracer = (
+        "torch.jit.trace"
+        if torch.jit.is_tracing()  # type: ignore[attr-defined]
+        else "torch.export"
+        if torch.compiler.is_exporting()
+        else None
+    )
+    if tracer is not None:
+        raise RuntimeError(
+            f"{owner}: cannot be recorded by {tracer} in training mode: the graph would "
+            "freeze this step's masks and never advance the step. Hint: call model.eval() "
+            "before exporting, or undo the surgery first with gyrodrop.remove_gyro_dropout"
+            "(model) (and gyrodrop.surgery.remove_stochastic_depth(model))"
+        )
 
 
 def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -181,6 +227,36 @@ def attach_stepper(model: nn.Module) -> None:
     for module in root.modules():
         if isinstance(module, SteppedModule) and module.auto_step:
             module._stepper = stepper
+
+
+def detach_stepper(model: nn.Module) -> bool:
+    """Take the model-level stepper off ``model`` (wrappers looked through) once no
+    gyrodrop module inside is stepped by it: its forward hooks, its optimizer hook and
+    the attribute go, so the model has exactly the hooks it had before
+    :func:`attach_stepper` (what the undo functions call after putting the plain
+    modules back). Returns whether it was taken off; a stepper still in use stays."""
+    root = _unwrap("detach_stepper", model)
+    stepper = root.__dict__.get("_gyrodrop_stepper")
+    if not isinstance(stepper, _ModelStepper):
+        return False
+    if any(isinstance(m, SteppedModule) and m._stepper is stepper for m in root.modules()):
+        return False
+    if stepper.optimizer_hook is not None:
+        stepper.optimizer_hook.remove()
+        stepper.optimizer_hook = None
+    hooks = (
+        (root._forward_pre_hooks, _root_pre_hook),
+        (root._forward_hooks, _root_post_hook),
+    )
+    for registry, fn in hooks:
+        for key in [k for k, hook in registry.items() if hook is fn]:
+            # what RemovableHandle.remove() does, for handles not kept (copies, pickles)
+            del registry[key]
+            root._forward_pre_hooks_with_kwargs.pop(key, None)
+            root._forward_hooks_with_kwargs.pop(key, None)
+            root._forward_hooks_always_called.pop(key, None)
+    del root.__dict__["_gyrodrop_stepper"]
+    return True
 
 
 def _unwrap(owner: str, model: Any) -> nn.Module:
@@ -381,6 +457,20 @@ class SteppedModule(nn.Module):
         """The step counter as a Python int."""
         return self._host("step")
 
+    def _step_arg(self, step: Any, method: str) -> Any:
+        """``step`` as given to the public method ``method`` (``active_masks``,
+        ``rate``, ...): the current step for ``None``, else an int ``>= 0`` (a 0-d
+        integer tensor passes as it is: the compiled path's step).
+
+        Raises:
+            ValueError: e.g. ``"GyroDropout.active_masks: step must be an int, got 1.5"``.
+        """
+        if step is None:
+            return self.current_step()
+        if isinstance(step, Tensor) and step.dim() == 0 and not step.is_floating_point():
+            return step
+        return check_int(f"{type(self).__name__}.{method}", "step", step, 0)
+
     @torch.compiler.disable
     def forward_step(self) -> int:
         """The step whose masks this training forward uses; call once per training
@@ -393,6 +483,7 @@ class SteppedModule(nn.Module):
         each backward before the next training forward that steps, as training loops
         do; with several forwards per backward use :func:`bind_to_optimizer`.)
         """
+        refuse_export(type(self).__name__)
         if in_backward():
             replay = self._replay_step
             return self.current_step() if replay is None else replay
@@ -413,6 +504,14 @@ class SteppedModule(nn.Module):
         """The hyperparameters that shape this layer's masks (JSON types), saved with
         its state; subclasses extend it."""
         return {}
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` asks this first: refused with what to do instead (the
+        masks follow a step counter kept in Python, which TorchScript cannot run)."""
+        raise RuntimeError(
+            f"{type(self).__name__}: torch.jit.script cannot compile gyrodrop layers (their "
+            f"masks follow a step counter kept in Python). Hint: {_EXPORT_HINT}"
+        )
 
     def get_extra_state(self) -> Tensor:
         """:meth:`hparams` as UTF-8 JSON in a uint8 tensor (a tensor, so safetensors
@@ -465,6 +564,14 @@ class SteppedModule(nn.Module):
         unexpected_keys,
         error_msgs,
     ) -> None:
+        # A counter that no layer could hold (a negative step or seed, a fraction) is
+        # refused, as torch refuses a wrong shape: named in the error, not loaded.
+        for name in _COUNTER_BUFFERS:
+            problem = _bad_counter(name, state_dict.get(prefix + name))
+            if problem is not None:
+                del state_dict[prefix + name]  # (load_state_dict reads a copy)
+                where = f" {prefix.rstrip('.')!r}" if prefix else ""
+                error_msgs.append(f"{type(self).__name__}{where}: {problem}")
         # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed, one from
         # before schedule seeds no schedule_seed: keep the module's own values.
         absent = [n for n in (*_COUNTER_BUFFERS, "_extra_state") if prefix + n not in state_dict]

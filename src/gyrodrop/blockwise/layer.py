@@ -383,7 +383,7 @@ class BlockGyroLinear(ScheduledModule):
         """Keep masks over blocks of the set active at ``step`` (default: the current
         step), bool, shape ``(subnets_per_step, n_blocks)``; each row drops exactly
         :attr:`n_dropped` blocks."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "block_masks")
         active = self.subnet_schedule.at_step(self.current_schedule_seed(), step)
         return masks.block_keep_mask(
             self.current_seed(), active, self.n_blocks, self.n_dropped, device=device
@@ -398,7 +398,7 @@ class BlockGyroLinear(ScheduledModule):
     ) -> Tensor:
         """Scaled feature masks of the active set, shape ``(subnets_per_step, features)``:
         ``1 / (1 - effective_p)`` on kept features, 0 on dropped ones."""
-        keep = self.block_masks(step, device=device)
+        keep = self.block_masks(self._step_arg(step, "group_masks"), device=device)
         keep = keep.repeat_interleave(self.block_size, dim=1)[:, : self.features]
         return keep.to(dtype) * self.scale
 

@@ -11,6 +11,7 @@ from typing import Protocol, overload, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from gyrodrop.stepping import refuse_export
 from gyrodrop.stochastic_depth.module import Mode, StochasticDepth
 
 __all__ = [
@@ -305,6 +306,7 @@ class StochasticDepthBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return self.block(x)
+        refuse_export(type(self).__name__)  # before _verify runs the block on x
         meta = isinstance(x, Tensor) and x.is_meta  # shapes only: nothing to compare
         if not self._verified and isinstance(self._split, MethodSplit) and not meta:
             self._verify(x)

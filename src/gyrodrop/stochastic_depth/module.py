@@ -216,7 +216,7 @@ class StochasticDepth(SteppedModule):
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
         from 0 over the first ``warmup_steps`` steps."""
-        step = self.current_step() if step is None else step
+        step = self._step_arg(step, "rate")
         if self.warmup_steps and step < self.warmup_steps:
             return self.p * max(step, 0) / self.warmup_steps
         return self.p

@@ -59,8 +59,8 @@ def apply_block_gyro(
     may be passed as keywords; stepping is as in
     :func:`apply_gyro_dropout` (one step per training forward of ``model``). Every
     dropout that is not fused (followed by something else than a Linear, a module used
-    twice, a functional ``F.dropout``,
-    too few blocks for ``p``, inside a ``torch.nn`` layer such as
+    twice, a functional ``F.dropout``, too few blocks for ``p``, a ``p`` that rounds to
+    0 dropped blocks, inside a ``torch.nn`` layer such as
     ``nn.TransformerEncoderLayer`` that tracing does not enter, ``Dropout2d`` and the
     like) is left as it is and named, with the reason, in one warning that counts
     the dropouts left alone. All-or-nothing: when building a fused layer fails, the
@@ -113,10 +113,19 @@ def apply_block_gyro(
             rate = cast(float, dropout.p) if p is None else p
             features = linear.in_features if site.prune == "input" else linear.out_features
             n_blocks = -(-features // block_size)
-            if n_dropped_blocks(rate, n_blocks) >= n_blocks:
+            n_dropped = n_dropped_blocks(rate, n_blocks)
+            if n_dropped >= n_blocks:
                 problems.append(
                     f"{site.dropout}: p={rate} would drop all {n_blocks} blocks of "
                     f"{site.linear}'s {features} {site.prune} features; lower block_size"
+                )
+                continue
+            if n_dropped == 0:  # fused, the pair would train without dropout
+                problems.append(
+                    f"{site.dropout}: p={rate} rounds to 0 of the {n_blocks} block(s) of "
+                    f"{site.linear}'s {features} {site.prune} features (block_size="
+                    f"{block_size}), so a fused layer would drop nothing; lower block_size "
+                    "or raise p"
                 )
                 continue
             fused = BlockGyroLinear.from_linear(

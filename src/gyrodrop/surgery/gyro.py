@@ -15,6 +15,7 @@ from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
+from gyrodrop.stepping import detach_stepper
 from gyrodrop.surgery.common import SurgeryWarning
 
 __all__ = [
@@ -221,7 +222,9 @@ def remove_gyro_dropout(model: nn.Module) -> int:
       :func:`gyrodrop.apply_block_gyro` left in its place).
 
     The gyrodrop layers' ``step``/``seed`` buffers go away, so ``state_dict()`` has the
-    keys of the model before surgery; ``eval()`` outputs are unchanged. Stochastic depth
+    keys of the model before surgery; ``eval()`` outputs are unchanged. Once no
+    gyrodrop layer is left, the model-level stepper goes too: the model has exactly the
+    hooks it had before surgery (so it scripts, traces and compiles as before). Stochastic depth
     is undone by :func:`gyrodrop.surgery.remove_stochastic_depth`.
 
     Returns the number of layers replaced (0 without a warning: nothing to undo).
@@ -256,4 +259,6 @@ def remove_gyro_dropout(model: nn.Module) -> int:
     policy: Policy = dict.fromkeys(
         (GyroDropout, DropBlock2d, GyroDropBlock2d, BlockGyroLinear), plain
     )
-    return replace_modules(model, policy)
+    count = replace_modules(model, policy)
+    detach_stepper(model)  # the model's hooks as before surgery, once nothing is stepped
+    return count

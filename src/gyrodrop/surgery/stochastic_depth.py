@@ -15,6 +15,7 @@ from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
+from gyrodrop.stepping import detach_stepper
 from gyrodrop.stochastic_depth import (
     MODES,
     LayerSplit,
@@ -186,7 +187,9 @@ def apply_stochastic_depth(
 
 def remove_stochastic_depth(model: nn.Module) -> int:
     """Undo :func:`gyrodrop.apply_stochastic_depth`: put every wrapped block back in
-    place (e.g. to export a plain model after training). Returns the count."""
+    place (e.g. to export a plain model after training). Returns the count. Once no
+    gyrodrop layer is left, the model-level stepper goes too: the model has exactly
+    the hooks it had before surgery."""
 
     def unwrap(module: nn.Module, _: int) -> nn.Module:
         if isinstance(module, StochasticDepthLayer):
@@ -194,7 +197,9 @@ def remove_stochastic_depth(model: nn.Module) -> int:
         assert isinstance(module, StochasticDepthBlock)  # the policy matches only these
         return module.block
 
-    return replace_modules(model, {StochasticDepthBlock: unwrap, StochasticDepthLayer: unwrap})
+    count = replace_modules(model, {StochasticDepthBlock: unwrap, StochasticDepthLayer: unwrap})
+    detach_stepper(model)
+    return count
 
 
 def linear_rates(drop_rate: float, count: int) -> list[float]:
@@ -234,6 +239,12 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
     :func:`gyrodrop.apply_stochastic_depth` instead. Returns the count (0: nothing
     matched, no warning).
 
+    A DropPath whose meaning ``StochasticDepth`` would change is left as it is and
+    named in one :class:`~gyrodrop.SurgeryWarning`: timm's ``scale_by_keep=False``
+    (kept rows are not scaled by ``1/(1-p)``, so the branch's training expectation is
+    ``(1-p) x``, which ``StochasticDepth`` would make ``x``) and a ``drop_prob`` outside
+    ``[0, 1)``.
+
     Example:
         >>> import torch.nn as nn
         >>> class DropPath(nn.Module):
@@ -256,9 +267,39 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         and isinstance(getattr(m, "drop_prob", None), float)
     }
 
-    def make(module: nn.Module, index: int) -> nn.Module:
+    names = {id(m): name for name, m in root.named_modules()}
+    left: list[str] = []
+
+    def make(module: nn.Module, index: int) -> nn.Module | None:
         rate = float(getattr(module, "drop_prob"))  # noqa: B009 - typed as Tensor | Module
+        reason = _drop_path_differs(module, rate)
+        if reason is not None:
+            left.append(f"{names[id(module)]} ({type(module).__name__}, {reason})")
+            return None
         return StochasticDepth(rate, mode, seed=layer_seed(seed, index))
 
     policy: Policy = dict.fromkeys(types, make)
-    return replace_modules(root, policy) if types else 0
+    count = replace_modules(root, policy) if types else 0
+    if left:
+        warnings.warn(
+            f"replace_drop_paths: replaced {count}; left {len(left)} as they were, whose "
+            "meaning StochasticDepth (kept rows scaled by 1/(1-p), p in [0, 1)) would "
+            "change: " + "; ".join(left),
+            SurgeryWarning,
+            stacklevel=2,
+        )
+    return count
+
+
+def _drop_path_differs(module: nn.Module, rate: float) -> str | None:
+    """Why a DropPath computes something :class:`StochasticDepth` would not, or
+    ``None``: timm's ``scale_by_keep=False`` (kept rows not scaled: the branch's
+    training expectation is ``(1 - p) x``), or a ``drop_prob`` outside ``[0, 1)``."""
+    if not getattr(module, "scale_by_keep", True):
+        return (
+            f"drop_prob={rate}, scale_by_keep=False: its kept rows are not scaled, so the "
+            f"branch's training mean is {1 - rate:g} x, not x"
+        )
+    if not 0.0 <= rate < 1.0:
+        return f"drop_prob={rate} is outside [0, 1)"
+    return None

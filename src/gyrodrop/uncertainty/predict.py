@@ -126,6 +126,7 @@ def mc_predict(
     output: Output = "logits",
     pairing: Pairing = "auto",
     output_fn: Callable[[Any], Tensor] | None = None,
+    temperature: float = 1.0,
 ) -> Prediction:
     """Monte-Carlo dropout: ``samples`` stochastic passes with only the dropout family
     active, summarized as a :class:`Prediction`.
@@ -146,7 +147,8 @@ def mc_predict(
 
     Args:
         model: a classifier returning class scores ``(rows, C)`` (DDP /
-            ``torch.compile`` wrappers are looked through).
+            ``torch.compile`` wrappers are looked through), or a regressor
+            (``output="regression"``).
         x: inputs, ``(N, *)``, or a dict of keyword arguments (``model(**x)``, e.g.
             ``input_ids`` and ``attention_mask``) whose tensors share ``N``.
         samples: number of passes ``S`` (>= 1).
@@ -154,11 +156,22 @@ def mc_predict(
             does not depend on ``batch_samples`` either.
         batch_samples: passes per forward (``x`` repeated along dim 0); default: as many
             as fit in 2048 rows. Lower it when memory is short.
-        output: ``"logits"`` (softmax is applied; right for log-probabilities too) or
-            ``"probs"``.
+        output: what the model returns. ``"logits"``: class scores, softmax is
+            applied (right for log-probabilities too). ``"probs"``: class
+            probabilities; refused (``ValueError`` naming ``output="logits"``) when a
+            value is below ``-PROB_TOL`` or a row's sum is off 1 by more than
+            ``PROB_TOL`` (``1e-3``; ``1e-2`` for float16/bfloat16 outputs).
+            ``"regression"``: the predictive mean ``(rows,)`` or ``(rows, D)``, or a
+            ``(mean, variance)`` tuple of two such tensors (the model's own predicted
+            variance, >= 0: return ``exp(log_var)``, not ``log_var``); the
+            :class:`Prediction` then holds the mean and the predictive variance, the
+            between-pass variance plus the mean of the model's variances.
         pairing: how gyro layers combine into subnetworks (module docstring).
         output_fn: maps the model's output to class scores ``(rows, C)``; default: the
             output itself, or its ``.logits`` (Hugging Face ``ModelOutput``).
+        temperature: ``T > 0``; the passes' logits are divided by ``T`` before the
+            softmax (temperature scaling, Guo et al. 2017; fit ``T`` on held-out data
+            with :func:`~gyrodrop.fit_temperature`). Needs ``output="logits"``.
 
     Returns:
         A :class:`Prediction` of ``N`` examples (with the gyro ``pairing`` used). Warns
@@ -175,7 +188,7 @@ def mc_predict(
         (torch.Size([5, 3]), True)
     """
     owner = "mc_predict"
-    check_inputs(owner, model, x, output, pairing)
+    temperature = check_inputs(owner, model, x, output, pairing, temperature)
     check_int(owner, "samples", samples, 1)
     seed = check_seed(owner, seed)
     net = unwrap_model(model)
@@ -243,10 +256,11 @@ def mc_predict(
         count_calls(dropouts, calls),
     ):
         result = run_passes(
-            owner, net, x, draws, chunk, output, setup, stochastic, probe, output_fn
+            owner, net, x, draws, chunk, output, setup, stochastic, probe, output_fn, temperature
         )
     warn_uncalled(owner, net, [*dropouts, *gyro], calls)
-    return Prediction(*result, pairing=used, pairing_reason=reason)
+    result.pairing, result.pairing_reason = used, reason
+    return result
 
 
 def subnet_ensemble_predict(
@@ -259,6 +273,7 @@ def subnet_ensemble_predict(
     output: Output = "logits",
     pairing: Pairing = "auto",
     output_fn: Callable[[Any], Tensor] | None = None,
+    temperature: float = 1.0,
 ) -> Prediction:
     """The ensemble of the gyro subnetworks the model trained: one pass per subnetwork
     (all rows through it), probabilities averaged. Deterministic.
@@ -277,10 +292,12 @@ def subnet_ensemble_predict(
             ``n`` members; a sequence of member ids.
         seed: chooses the subset when ``subnets`` is an int.
         batch_subnets: subnetworks per forward; default: as many as fit in 2048 rows.
-        output: ``"logits"`` or ``"probs"``, as in :func:`mc_predict`.
+        output: ``"logits"``, ``"probs"`` or ``"regression"``, as in
+            :func:`mc_predict`.
         pairing: ``"auto"``, ``"trained"`` or ``"index"`` (module docstring); the
             returned :class:`Prediction` says which was used and why.
         output_fn: maps the model's output to class scores, as in :func:`mc_predict`.
+        temperature: divides the logits before the softmax, as in :func:`mc_predict`.
 
     Example:
         >>> import torch, gyrodrop
@@ -297,7 +314,7 @@ def subnet_ensemble_predict(
         True
     """
     owner = "subnet_ensemble_predict"
-    check_inputs(owner, model, x, output, pairing)
+    temperature = check_inputs(owner, model, x, output, pairing, temperature)
     seed = check_seed(owner, seed)
     net = unwrap_model(model)
     gyro = gyro_layers(net)
@@ -341,7 +358,17 @@ def subnet_ensemble_predict(
 
     with stochastic_eval(net, fused_parents(net)):
         result = run_passes(
-            owner, net, x, chosen, chunk, output, setup, probe=True, output_fn=output_fn
+            owner,
+            net,
+            x,
+            chosen,
+            chunk,
+            output,
+            setup,
+            probe=True,
+            output_fn=output_fn,
+            temperature=temperature,
         )
     warn_uncalled(owner, net, gyro, calls)
-    return Prediction(*result, pairing=used, pairing_reason=reason)
+    result.pairing, result.pairing_reason = used, reason
+    return result
