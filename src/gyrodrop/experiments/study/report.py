@@ -346,7 +346,9 @@ def build_report(
     cells = _Cells(runs, plan.recipe)
     cpu = sum(_vals(runs, "wall_seconds"))
     lines = [f"# Study {plan.name}", "", "```", plan.summary(), "```", ""]
-    seeds = {f"{m} {s}": _complete_seeds(arms) for (m, s), arms in cells.items()}
+    planned = [(c.model, s) for c in plan.cells for s in c.sizes]
+    seeds = {f"{m} {s}": 0 for m, s in dict.fromkeys(planned)}  # cells without runs: 0
+    seeds.update({f"{m} {s}": _complete_seeds(arms) for (m, s), arms in cells.items()})
     lines.append(
         f"{len(runs)} runs from {db or 'the database'}; CPU time {cpu / 3600:.1f} h "
         "(sum of every run's training and evaluation wall time, one thread each). Seeds "
