@@ -93,6 +93,12 @@ CASES = [
         lambda **kw: gyrodrop.GyroDropBlock2d(0.3, 3, 8, 2, steps_per_set=1, **kw),
         (4, 2, 8, 8),
     ),
+    Case("DropBlock3d", lambda **kw: gyrodrop.DropBlock3d(0.3, 3, **kw), (4, 2, 4, 6, 6)),
+    Case(
+        "GyroDropBlock3d",
+        lambda **kw: gyrodrop.GyroDropBlock3d(0.3, 3, 8, 2, steps_per_set=1, **kw),
+        (4, 2, 4, 6, 6),
+    ),
 ]
 
 GYRO_LAYERS = [c for c in CASES if isinstance(c.make(), ScheduledModule)]
@@ -352,3 +358,126 @@ class TestExportOfALayer:
         traced = torch.jit.trace(module, x, check_trace=False)
         torch.testing.assert_close(traced(x), expected)
         torch.testing.assert_close(torch.export.export(module, (x,)).module()(x), expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+class TestEarlyAndLateDropout:
+    """``drop_mode`` (Liu et al., ICML 2023): "early" drops like the standard layer
+    before the cutoff step and is the layer's eval computation after it; "late" is the
+    reverse. The step advances through both phases and the draws are those of the
+    standard layer at the same steps."""
+
+    def _outputs(self, module: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+        return _steps(module.train(), x, n)
+
+    def _make(self, case: Case, **kw: object) -> nn.Module:
+        torch.manual_seed(0)  # the same weights for layers that have some
+        return case.make(**kw)
+
+    @pytest.mark.parametrize("mode", ["early", "late"])
+    def test_drops_on_its_side_of_the_cutoff_and_is_eval_on_the_other(
+        self, case: Case, mode: str
+    ) -> None:
+        x = _input(case)
+        standard = self._outputs(self._make(case, seed=3), x, 4)
+        module = self._make(case, seed=3, drop_mode=mode, cutoff_step=2)
+        timed = self._outputs(module, x, 4)
+        with torch.no_grad():
+            plain = module.eval()(x)
+        dropping = [s < 2 for s in range(4)] if mode == "early" else [s >= 2 for s in range(4)]
+        for step, (out, ref, drops) in enumerate(zip(timed, standard, dropping, strict=True)):
+            assert torch.equal(out, ref if drops else plain), (mode, step)
+        assert module.current_step() == 4
+
+    def test_the_cutoff_is_a_fraction_of_total_steps(self, case: Case) -> None:
+        module = case.make(seed=0, drop_mode="early", drop_cutoff=0.25, cutoff_step=2)
+        assert module.cutoff_step == 2 and module.drop_cutoff == 0.25
+        assert "drop_mode=early" in repr(module) and "cutoff_step=2" in repr(module)
+        assert "drop_mode" not in repr(case.make(seed=0))  # the standard mode says nothing
+
+    def test_the_mode_and_cutoff_resume_from_a_checkpoint(self, case: Case) -> None:
+        x = _input(case)
+        a = self._make(case, seed=5, drop_mode="late", cutoff_step=2)
+        _steps(a.train(), x, 1)
+        b = self._make(case, seed=5, drop_mode="late", cutoff_step=2)
+        b.load_state_dict(copy.deepcopy(a.state_dict()))
+        for out_a, out_b in zip(_steps(a, x, 3), _steps(b.train(), x, 3), strict=True):
+            assert torch.equal(out_a, out_b)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"drop_mode": "middle"}, r"drop_mode must be one of \('standard', 'early', 'late'\)"),
+            ({"drop_mode": "early"}, r"drop_mode='early' needs drop_cutoff"),
+            ({"drop_mode": "early", "drop_cutoff": 1.0}, r"drop_cutoff must be in \(0, 1\)"),
+            ({"drop_mode": "early", "drop_cutoff": 0}, r"drop_cutoff must be in \(0, 1\)"),
+            ({"drop_mode": "late", "cutoff_step": 0}, r"cutoff_step must be >= 1"),
+            ({"drop_cutoff": 0.5}, r"drop_cutoff applies to drop_mode='early' or 'late'"),
+            ({"drop_mode": "early", "drop_cutoff": 0.5}, r"drop_cutoff=0.5 is a fraction of"),
+        ],
+    )
+    def test_bad_timing_is_refused_in_one_line_naming_the_layer(
+        self, case: Case, kwargs: dict[str, object], message: str
+    ) -> None:
+        owner = type(case.make()).__name__
+        with pytest.raises(ValueError, match=f"{owner}: .*{message}") as err:
+            case.make(**kwargs)
+        assert "\n" not in str(err.value)
+
+
+def _counters(module: nn.Module) -> dict[str, int]:
+    return {k: int(v) for k, v in module.named_buffers() if k.split(".")[-1] in _COUNTERS}
+
+
+_COUNTERS = ("step", "seed", "schedule_seed")
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+class TestDeferredInitialization:
+    """A layer built on ``meta`` and materialized with ``to_empty()`` (and
+    ``reset_parameters()``, as FSDP and large-model code do) holds what a CPU
+    construction holds, and draws the same masks."""
+
+    @pytest.mark.parametrize("reset", [True, False])
+    def test_to_empty_gives_the_buffers_and_masks_of_a_cpu_construction(
+        self, case: Case, reset: bool
+    ) -> None:
+        cpu = case.make(seed=5)
+        with torch.device("meta"):
+            deferred = case.make(seed=5)
+        deferred.to_empty(device="cpu")
+        if reset:
+            deferred.reset_parameters()
+        assert _counters(deferred) == _counters(cpu) and _counters(cpu)
+        deferred.load_state_dict(  # the same weights; the counters must not need loading
+            {k: v for k, v in cpu.state_dict().items() if k.split(".")[-1] not in _COUNTERS},
+            strict=False,
+        )
+        x = _input(case)
+        for out_cpu, out_deferred in zip(_steps(cpu, x, 3), _steps(deferred, x, 3), strict=True):
+            assert torch.equal(out_cpu, out_deferred)
+
+    def test_reset_parameters_puts_back_step_zero_and_the_seeds_in_place(self, case: Case) -> None:
+        module = case.make(seed=6).train()
+        _steps(module, _input(case), 2)
+        before = dict(module.named_buffers())
+        module.seed.fill_(99)
+        module.reset_parameters()
+        assert _counters(module) == _counters(case.make(seed=6))
+        assert all(v is before[k] for k, v in module.named_buffers())  # written in place
+
+
+def test_block_gyro_linear_built_with_device_meta_materializes_its_counters() -> None:
+    # BlockGyroLinear(device="meta") puts its counters on meta too, so to_empty() gives
+    # them their construction values (not leftover memory) with or without reset
+    cpu = gyrodrop.BlockGyroLinear(16, 8, p=0.5, block_size=4, steps_per_set=1, seed=3)
+    meta = gyrodrop.BlockGyroLinear(
+        16, 8, p=0.5, block_size=4, steps_per_set=1, seed=3, device="meta"
+    )
+    assert all(b.is_meta for b in meta.buffers())
+    meta.to_empty(device="cpu")
+    assert _counters(meta) == _counters(cpu)
+    linear = gyrodrop.BlockGyroLinear.from_linear(
+        nn.Linear(16, 8), p=0.5, block_size=4, steps_per_set=1, seed=3
+    )
+    assert _counters(linear) == {"step": 0, "seed": 3, "schedule_seed": 3}

@@ -476,3 +476,83 @@ def test_stochastic_depth_block_is_a_model_member():
     assert all(isinstance(m, StochasticDepthBlock) for m in model)
     model(torch.randn(2, 16))
     assert steps(model) == [1, 1]
+
+
+# --------------------------------------------------------------------------------------
+# A module registered under two names (``self.b = self.a``) is one module: it advances
+# once per training step, whoever steps it.
+
+LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "GyroDropout": lambda: gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1),
+    "BlockGyroLinear": lambda: gyrodrop.BlockGyroLinear(
+        8, 8, p=0.5, num_subnets=8, subnets_per_step=2, block_size=2, steps_per_set=1
+    ),
+    "DropBlock2d": lambda: gyrodrop.DropBlock2d(0.3, 3),
+    "GyroDropBlock2d": lambda: gyrodrop.GyroDropBlock2d(0.3, 3, 8, 2, steps_per_set=1),
+    "StochasticDepth": lambda: gyrodrop.StochasticDepth(0.5, "sample"),
+}
+
+
+class TwoNames(nn.Module):
+    """One layer registered as ``a`` and ``b`` (and once more inside a child), called
+    through one name or through all of them."""
+
+    def __init__(self, layer: nn.Module, calls: str) -> None:
+        super().__init__()
+        self.a = layer
+        self.b = self.a
+        self.inner = nn.Sequential(self.a)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.calls = calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.scale
+        return self.a(x) if self.calls == "one" else self.inner(self.b(self.a(x)))
+
+
+def two_names(kind: str, calls: str) -> tuple[TwoNames, torch.Tensor]:
+    layer = LAYERS[kind]()
+    model = TwoNames(layer, calls)
+    gyrodrop.schedule.attach_stepper(model)
+    shape = (4, 2, 6, 6) if "Block2d" in kind else (4, 8)
+    return model, torch.ones(shape)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("calls", ["one", "all"])
+class TestAModuleUnderTwoNames:
+    def test_one_training_forward_advances_it_once(self, kind: str, calls: str) -> None:
+        model, x = two_names(kind, calls)
+        for expected in (1, 2, 3):
+            model.train()(x)
+            assert model.a.current_step() == expected
+
+    def test_one_bound_optimizer_step_advances_it_once(self, kind: str, calls: str) -> None:
+        model, x = two_names(kind, calls)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gyrodrop.bind_to_optimizer(model, opt)
+        for expected in (1, 2):
+            for _ in range(3):  # accumulated micro-batches
+                model.train()(x).sum().backward()
+            assert model.a.current_step() == expected - 1
+            opt.step()
+            assert model.a.current_step() == expected
+
+    def test_one_gyrodrop_step_advances_it_once(self, kind: str, calls: str) -> None:
+        model, x = two_names(kind, calls)
+        gyrodrop.set_stepping(model, "manual")
+        model.train()(x)
+        gyrodrop.step(model)
+        assert model.a.current_step() == 1
+        gyrodrop.step(model, 3)
+        assert model.a.current_step() == 4
+
+
+@pytest.mark.parametrize("calls", ["one", "all"])
+def test_surgery_on_a_model_with_a_shared_dropout_steps_it_once(calls: str) -> None:
+    model = TwoNames(nn.Dropout(0.5), calls)
+    gyrodrop.apply_gyro_dropout(model, num_subnets=8, subnets_per_step=2, steps_per_set=1)
+    assert model.a is model.b is model.inner[0]  # replaced in every parent
+    for expected in (1, 2):
+        model.train()(torch.ones(4, 8))
+        assert model.a.current_step() == expected

@@ -352,16 +352,17 @@ class TestReplaceDropPathsKeepsTheMeaning:
                 "b": TimmDropPath(0.2, scale_by_keep=False),
                 "c": TimmDropPath(0.3),
                 "d": TimmDropPath(1.0),  # drops every row: StochasticDepth refuses p = 1
+                "e": TimmDropPath(0.0, scale_by_keep=False),  # p = 0: the identity either way
             }
         )
         model = nn.Sequential(blocks)
         with pytest.warns(gyrodrop.SurgeryWarning) as record:
-            assert replace_drop_paths(model) == 2
+            assert replace_drop_paths(model) == 3
         (message,) = [str(w.message) for w in record]
         assert "left 2 as they were" in message
         assert "0.b (TimmDropPath, drop_prob=0.2, scale_by_keep=False" in message
         assert "0.d (TimmDropPath, drop_prob=1.0 is outside [0, 1))" in message
-        assert [type(blocks[k]).__name__ for k in "abcd"] == [
-            "StochasticDepth", "TimmDropPath", "StochasticDepth", "TimmDropPath"
+        assert [type(blocks[k]).__name__ for k in "abcde"] == [
+            "StochasticDepth", "TimmDropPath", "StochasticDepth", "TimmDropPath", "StochasticDepth"
         ]  # fmt: skip
         assert isinstance(blocks["a"], StochasticDepth) and blocks["c"].p == 0.3

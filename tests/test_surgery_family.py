@@ -62,7 +62,7 @@ class TestApplyDropBlock:
             gyrodrop.apply_dropblock(conv_net(), schedule="random")
 
     def test_warns_when_nothing_matches(self):
-        with pytest.warns(UserWarning, match="no nn.Dropout2d found"):
+        with pytest.warns(UserWarning, match="no nn.Dropout2d or nn.Dropout3d found"):
             assert gyrodrop.apply_dropblock(nn.Sequential(nn.Linear(2, 2))) == 0
 
     def test_trains_one_step(self):

@@ -278,7 +278,7 @@ class TestApplyStochasticDepth:
     @pytest.mark.parametrize(
         "kwargs, message",
         [
-            ({"drop_rate": 1.0}, r"apply_stochastic_depth: p must be in \[0, 1\), got 1.0"),
+            ({"drop_rate": 1.0}, r"apply_stochastic_depth: drop_rate must be in \[0, 1\), got 1.0"),
             ({"drop_distribution": "log"}, r"drop_distribution must be one of"),
             ({"mode": "batch"}, r"mode must be one of \('block', 'sample'\)"),
             ({"drop_warmup": 1.5, "total_steps": 10}, r"drop_warmup must be in \[0, 1\]"),

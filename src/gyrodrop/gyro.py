@@ -12,65 +12,18 @@ rebuilt when the set changes, so there is no per-element random number generatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks
-from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
-from gyrodrop.schedule import Schedule, SubnetSchedule, check_input, check_schedule
+from gyrodrop._validation import check_bool, check_int, check_seed
+from gyrodrop.config import SCALES, DropMode, GyroDropoutConfig, Scale, Schedule
+from gyrodrop.schedule import SubnetSchedule, check_input
 from gyrodrop.scheduled import ScheduledModule
 
-__all__ = ["GyroDropout", "gyro_dropout", "subnet_masks", "apply_group_masks"]
-
-#: How kept values are scaled: ``1/(1-p)`` (inverted) or by the realized keep rate.
-Scale = Literal["inverted", "realized"]
-SCALES: tuple[Scale, ...] = ("inverted", "realized")
-
-
-def _normalize_dims(owner: str, dims: int | Sequence[int] | None) -> tuple[int, ...] | None:
-    if dims is None:
-        return None
-    if isinstance(dims, int) and not isinstance(dims, bool):
-        dims = (dims,)
-    if not isinstance(dims, Sequence) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in dims
-    ):
-        raise ValueError(f"{owner}: dims must be None, an int or a tuple of ints, got {dims!r}")
-    dims = tuple(dims)
-    if 0 in dims:
-        raise ValueError(
-            f"{owner}: dims must name non-batch dims (1..ndim-1 or negative), got {dims}; "
-            "dim 0 is the batch"
-        )
-    if len(set(dims)) != len(dims):
-        raise ValueError(f"{owner}: dims must not repeat a dim, got {dims}")
-    return dims
-
-
-def check_gyro_args(
-    owner: str,
-    p: Any,
-    num_subnets: Any,
-    subnets_per_step: Any,
-    schedule: Any,
-    scale: Any,
-    dims: Any,
-    seed: Any,
-    schedule_seed: Any,
-) -> tuple[float, tuple[int, ...] | None]:
-    """The one validation of gyro dropout's arguments, shared by :class:`GyroDropout`
-    and :func:`gyro_dropout`; returns ``(p, dims)`` normalized. ``ValueError`` names
-    the argument and what is allowed."""
-    p = check_p(owner, p)
-    check_schedule(owner, num_subnets, subnets_per_step, schedule)
-    check_choice(owner, "scale", scale, SCALES)
-    check_seed(owner, seed)
-    if schedule_seed is not None:
-        check_seed(owner, schedule_seed, "schedule_seed")
-    return p, _normalize_dims(owner, dims)
+__all__ = ["GyroDropout", "gyro_dropout", "subnet_masks", "apply_group_masks", "Scale", "SCALES"]
 
 
 def mask_shape_for(owner: str, shape: torch.Size, dims: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -201,10 +154,9 @@ def gyro_dropout(
 ) -> Tensor:
     """Functional gyro dropout: stateless, the step is passed in. See :class:`GyroDropout`.
 
-    Every argument is validated as :class:`GyroDropout` validates it (the same checks,
-    :func:`check_gyro_args`), whether or not ``training``; ``step`` is an int ``>= 0``
-    and ``steps_per_set`` an int ``>= 1``. Rebuilds the active masks on every call; the
-    module caches them.
+    The settings are checked as :class:`GyroDropout` checks them (one
+    :class:`~gyrodrop.config.GyroDropoutConfig`), whether or not ``training``; ``step``
+    is an int ``>= 0``. Rebuilds the active masks on every call; the module caches them.
 
     Raises:
         ValueError: an argument out of range (named in the message).
@@ -212,24 +164,74 @@ def gyro_dropout(
         RuntimeError: in training, ``x`` is batched by ``torch.func.vmap``.
     """
     owner = "gyro_dropout"
-    p, dims_t = check_gyro_args(
-        owner, p, num_subnets, subnets_per_step, schedule, scale, dims, seed, schedule_seed
+    config = GyroDropoutConfig(
+        p=p,
+        num_subnets=num_subnets,
+        subnets_per_step=subnets_per_step,
+        steps_per_set=steps_per_set,
+        dims=dims,  # type: ignore[arg-type]  # normalized to a tuple
+        schedule=schedule,
+        scale=scale,
+        owner=owner,
     )
-    check_int(owner, "steps_per_set", steps_per_set, 1)
-    check_int(owner, "step", step, 0)
-    check_bool(owner, "training", training)
-    if not training:
+    seed = check_seed(owner, seed)
+    schedule_seed = (
+        seed if schedule_seed is None else check_seed(owner, schedule_seed, "schedule_seed")
+    )
+    step = check_int(owner, "step", step, 0)
+    if not check_bool(owner, "training", training):
         return x
-    check_input(owner, x)
-    mshape = mask_shape_for(owner, x.shape, dims_t)
-    if p == 0.0:
-        return x
-    sched = SubnetSchedule(num_subnets, subnets_per_step, steps_per_set, schedule)
-    active = sched.at_step(seed if schedule_seed is None else schedule_seed, step)
-    m = subnet_masks(seed, active, mshape, p, scale=scale, dtype=x.dtype, device=x.device)
+
+    def masks_for(x_: Tensor, mshape: tuple[int, ...]) -> tuple[Tensor, list[int]]:
+        return _masks_at(config, seed, schedule_seed, step, mshape, x_)
+
+    return _gyro_dropout(owner, x, config, masks_for)
+
+
+def _masks_at(
+    config: GyroDropoutConfig,
+    seed: int,
+    schedule_seed: int,
+    step: int,
+    mshape: tuple[int, ...],
+    x: Tensor,
+) -> tuple[Tensor, list[int]]:
+    """The masks of the set active at ``step`` and the rows each gets (no cache)."""
+    if config.p == 0.0:
+        return x, []  # not used
+    sched = SubnetSchedule(
+        config.num_subnets, config.subnets_per_step, config.steps_per_set, config.schedule
+    )
+    active = sched.at_step(schedule_seed, step)
+    m = subnet_masks(
+        seed, active, mshape, config.p, scale=config.scale, dtype=x.dtype, device=x.device
+    )
     start, global_batch = distributed.row_window(x.shape[0])
-    counts = distributed.local_group_counts(start, x.shape[0], global_batch, subnets_per_step)
-    return apply_group_masks(x, m, counts)
+    counts = distributed.local_group_counts(
+        start, x.shape[0], global_batch, config.subnets_per_step
+    )
+    return m, counts
+
+
+def _gyro_dropout(
+    owner: str,
+    x: Tensor,
+    config: GyroDropoutConfig,
+    masks_for: Callable[[Tensor, tuple[int, ...]], tuple[Tensor, list[int]]],
+) -> Tensor:
+    """The training computation of gyro dropout, shared by the module and the function:
+    ``masks_for(x, mask_shape)`` gives the active set's masks and row counts (the module
+    steps and reads its cache there, the function builds them)."""
+    if config.unbatched_ndim is not None and x.dim() == config.unbatched_ndim:
+        return _gyro_dropout(owner, x.unsqueeze(0), config, masks_for).squeeze(0)
+    check_input(owner, x)
+    mshape = mask_shape_for(owner, x.shape, config.dims)
+    if x.is_meta:
+        return x.clone()  # shapes only: no masks, no step
+    group_masks, counts = masks_for(x, mshape)
+    if config.p == 0.0 or not counts:
+        return x
+    return apply_group_masks(x, group_masks, counts)
 
 
 class GyroDropout(ScheduledModule):
@@ -253,6 +255,13 @@ class GyroDropout(ScheduledModule):
         scale: ``"inverted"`` (``1/(1-p)``) or ``"realized"`` (``numel / kept`` per mask).
         seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
             buffer, so it is checkpointed.
+        drop_mode: ``"standard"`` (default: drop all run long), ``"early"`` (drop
+            before ``cutoff_step`` only, the identity after: early dropout against
+            underfitting) or ``"late"`` (the reverse); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps`` in ``(0, 1)``: ``cutoff_step = round(drop_cutoff *
+            total_steps)``.
+        cutoff_step: the cutoff as a step (instead of ``drop_cutoff``).
         auto_step: ``True``: the step advances by itself, once per training step. In a
             model rewritten by :func:`gyrodrop.apply_gyro_dropout` (or any ``apply_*``)
             the model steps all its gyrodrop layers once per training forward of the
@@ -290,6 +299,13 @@ class GyroDropout(ScheduledModule):
         True
     """
 
+    config: GyroDropoutConfig
+    config_class = GyroDropoutConfig
+    p: float  # these read config (see SteppedModule.config_class)
+    scale: Scale
+    dims: tuple[int, ...] | None
+    unbatched_ndim: int | None
+
     def __init__(
         self,
         p: float = 0.5,
@@ -303,68 +319,48 @@ class GyroDropout(ScheduledModule):
         scale: Scale = "inverted",
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
         schedule_seed: int | None = None,
         unbatched_ndim: int | None = None,
     ) -> None:
-        owner = type(self).__name__
-        p, dims_t = check_gyro_args(
-            owner, p, num_subnets, subnets_per_step, schedule, scale, dims, seed, schedule_seed
-        )
-        if unbatched_ndim is not None and (
-            isinstance(unbatched_ndim, bool)
-            or not isinstance(unbatched_ndim, int)
-            or unbatched_ndim < 1
-        ):
-            raise ValueError(
-                f"{owner}: unbatched_ndim must be None or an int >= 1, got {unbatched_ndim!r}"
-            )
-        super().__init__(
+        config = GyroDropoutConfig(
+            p=p,
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
             total_steps=total_steps,
-            steps_per_set=steps_per_set,
+            steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
+            dims=dims,  # type: ignore[arg-type]  # normalized to a tuple
             schedule=schedule,
+            scale=scale,
+            unbatched_ndim=unbatched_ndim,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
+            owner=type(self).__name__,
+        )
+        super().__init__(
+            config,
             seed=seed,
             auto_step=auto_step,
-            owner=owner,
             schedule_seed=schedule_seed,
-        )
-        self.p = p
-        self.dims = dims_t
-        self.scale = scale
-        self.unbatched_ndim = unbatched_ndim
-
-    def extra_repr(self) -> str:
-        dims = "" if self.dims is None else f", dims={self.dims}"
-        if self.unbatched_ndim is not None:
-            dims += f", unbatched_ndim={self.unbatched_ndim}"
-        return (
-            f"p={self.p}, num_subnets={self.num_subnets}, "
-            f"subnets_per_step={self.subnets_per_step}, steps_per_set={self.steps_per_set}, "
-            f"schedule={self.schedule}, scale={self.scale}{dims}"
+            total_steps=total_steps,
         )
 
-    def hparams(self) -> dict[str, Any]:
-        """Sigma, tau, ``steps_per_set``, schedule, ``p``, scale, dims and
-        ``unbatched_ndim``."""
-        dims = None if self.dims is None else list(self.dims)
-        return {
-            **super().hparams(),
-            "p": self.p,
-            "scale": self.scale,
-            "dims": dims,
-            "unbatched_ndim": self.unbatched_ndim,
-        }
-
-    def active_masks(self, x: Tensor, step: int | None = None) -> Tensor:
+    def active_masks(
+        self, x: Tensor, step: int | None = None, mshape: tuple[int, ...] | None = None
+    ) -> Tensor:
         """The scaled masks of the set active at ``step`` for inputs shaped like ``x``,
         shape ``(tau, *mask_shape)``; cached until the set changes."""
         step = self._step_arg(step, "active_masks")
-        mshape = mask_shape_for(type(self).__name__, x.shape, self.dims)
+        config = self.config
+        if mshape is None:
+            mshape = mask_shape_for(type(self).__name__, x.shape, config.dims)
 
         def build(seed: int, active: Tensor) -> Tensor:
             return subnet_masks(
-                seed, active, mshape, self.p, scale=self.scale, dtype=x.dtype, device=x.device
+                seed, active, mshape, config.p, scale=config.scale, dtype=x.dtype, device=x.device
             )
 
         masks_: Tensor = self.for_active_set(step, (mshape, x.dtype, x.device), build)
@@ -389,22 +385,13 @@ class GyroDropout(ScheduledModule):
         )[0]
 
     @torch.compiler.disable
-    def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]]:
+    def _prepare(self, x: Tensor, mshape: tuple[int, ...]) -> tuple[Tensor, list[int]]:
         step = self.forward_step()
-        return self.active_masks(x, step), self.group_counts(x.shape[0])
+        if self.config.p == 0.0 or not self.config.drops_at(step):
+            return x, []  # no group: the identity (p = 0, or early/late dropout's off steps)
+        return self.active_masks(x, step, mshape), self.group_counts(x.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        if self.unbatched_ndim is not None and x.dim() == self.unbatched_ndim:
-            return self.forward(x.unsqueeze(0)).squeeze(0)  # a batch of one
-        owner = type(self).__name__
-        check_input(owner, x)
-        mask_shape_for(owner, x.shape, self.dims)
-        if x.is_meta:
-            return x.clone()  # shapes only: no masks, no step
-        if self.p == 0.0:
-            self.forward_step()
-            return x
-        group_masks, counts = self._prepare(x)
-        return apply_group_masks(x, group_masks, counts)
+        return _gyro_dropout(type(self).__name__, x, self.config, self._prepare)

@@ -23,15 +23,20 @@ keep their old import path); the base of the scheduled layers in
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from gyrodrop import masks
-from gyrodrop._validation import check_choice, check_int
+from gyrodrop._validation import check_int
+from gyrodrop.config import (
+    MAX_SUBNETS,
+    SCHEDULES,
+    Schedule,
+    check_schedule,
+    resolve_steps_per_set,
+)
 from gyrodrop.stepping import (
     TRAINER_SCHEDULED,
     SteppedModule,
@@ -60,56 +65,6 @@ __all__ = [
     "in_backward",
     "TRAINER_SCHEDULED",
 ]
-
-#: How the active sets follow each other: the paper's ``consecutive``; ``random``, its
-#: ablation; ``replacement``, the authors' code (ids drawn with replacement per set).
-Schedule = Literal["consecutive", "random", "replacement"]
-SCHEDULES: tuple[Schedule, ...] = ("consecutive", "random", "replacement")
-
-#: The largest ``num_subnets`` (sigma): subnetwork ids and the schedule's bijection
-#: work on 62-bit integers.
-MAX_SUBNETS = 2**62
-
-
-def resolve_steps_per_set(
-    owner: str,
-    num_subnets: int,
-    subnets_per_step: int,
-    total_steps: int | None,
-    steps_per_set: int | None,
-) -> int:
-    """``steps_per_set`` from the user's choice: given, derived from ``total_steps`` as
-    ``max(1, total_steps * tau // sigma)``, or 1 with a warning when neither is given."""
-    if total_steps is not None and steps_per_set is not None:
-        raise ValueError(
-            f"{owner}: pass at most one of total_steps and steps_per_set, got "
-            f"total_steps={total_steps} and steps_per_set={steps_per_set}"
-        )
-    if steps_per_set is not None:
-        check_int(owner, "steps_per_set", steps_per_set, 1)
-        return int(steps_per_set)
-    if total_steps is not None:
-        check_int(owner, "total_steps", total_steps, 1)
-        return max(1, int(total_steps) * subnets_per_step // num_subnets)
-    warnings.warn(
-        f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1. "
-        "Pass total_steps (the number of optimizer steps of the run) so each subnetwork "
-        "is trained for its share of the run.",
-        UserWarning,
-        stacklevel=4,
-    )
-    return 1
-
-
-def check_schedule(owner: str, num_subnets: Any, subnets_per_step: Any, schedule: Any) -> None:
-    """Validate sigma (``num_subnets`` in ``[1, 2**62]``), tau (``subnets_per_step`` in
-    ``[1, num_subnets]``) and the schedule name: the one check shared by the modules
-    and the functional forms."""
-    check_int(owner, "num_subnets", num_subnets, 1)
-    if num_subnets > MAX_SUBNETS:
-        raise ValueError(f"{owner}: num_subnets must be <= 2**62, got {num_subnets}")
-    check_int(owner, "subnets_per_step", subnets_per_step, 1, num_subnets)
-    check_choice(owner, "schedule", schedule, SCHEDULES)
 
 
 @dataclass(frozen=True)

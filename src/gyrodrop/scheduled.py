@@ -15,17 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from gyrodrop import distributed
 from gyrodrop._validation import check_seed
-from gyrodrop.schedule import (
-    Schedule,
-    SubnetSchedule,
-    check_schedule,
-    resolve_steps_per_set,
-)
+from gyrodrop.config import ScheduleConfig, resolve_steps_per_set
+from gyrodrop.schedule import SubnetSchedule
 from gyrodrop.stepping import TRAINER_SCHEDULED, SteppedModule
 
 __all__ = ["ScheduledModule", "SubnetLayer"]
@@ -67,53 +62,40 @@ class ScheduledModule(SteppedModule):
     _set_cache: tuple[Any, Any] | None = None
     _counts_cache: tuple[tuple[int, int, int, int], list[int]] | None = None
 
+    config: ScheduleConfig
+    num_subnets: int  # these four read config (gyrodrop.config.expose)
+    subnets_per_step: int
+    steps_per_set: int
+    schedule: str
+
     def __init__(
         self,
+        config: ScheduleConfig,
         *,
-        num_subnets: int,
-        subnets_per_step: int,
-        total_steps: int | None,
-        steps_per_set: int | None,
-        schedule: Schedule,
         seed: int,
         auto_step: bool,
-        owner: str,
         schedule_seed: int | None = None,
+        total_steps: int | None = None,
     ) -> None:
+        owner = type(self).__name__
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
         schedule_seed = seed if schedule_seed is None else schedule_seed
-        self.register_buffer(
-            "schedule_seed",
-            torch.tensor(check_seed(owner, schedule_seed, "schedule_seed"), dtype=torch.int64),
-        )
-        check_schedule(owner, num_subnets, subnets_per_step, schedule)
-        self.num_subnets = num_subnets
-        self.subnets_per_step = subnets_per_step
+        self.register_counter("schedule_seed", check_seed(owner, schedule_seed, "schedule_seed"))
+        self.config = config
         self.total_steps = total_steps
-        self.steps_per_set = resolve_steps_per_set(
-            owner, num_subnets, subnets_per_step, total_steps, steps_per_set
-        )
-        self.schedule = schedule
-
-    def hparams(self) -> dict[str, Any]:
-        """Sigma, tau, ``steps_per_set`` and the schedule (and, in subclasses, more)."""
-        return {
-            "num_subnets": self.num_subnets,
-            "subnets_per_step": self.subnets_per_step,
-            "steps_per_set": self.steps_per_set,
-            "schedule": self.schedule,
-        }
 
     @property
     def subnet_schedule(self) -> SubnetSchedule:
         """The schedule object for the current hyperparameters (built, and validated,
         once per change of them: this runs on every training forward)."""
-        key = (self.num_subnets, self.subnets_per_step, self.steps_per_set, self.schedule)
+        config = self.config
         cached = self.__dict__.get("_schedule_cache")
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] is config:
             return cast(SubnetSchedule, cached[1])
-        schedule = SubnetSchedule(*key)
-        self.__dict__["_schedule_cache"] = (key, schedule)
+        schedule = SubnetSchedule(
+            config.num_subnets, config.subnets_per_step, config.steps_per_set, config.schedule
+        )
+        self.__dict__["_schedule_cache"] = (config, schedule)
         return schedule
 
     def active_subnets(self, step: int | None = None) -> Tensor:
@@ -142,14 +124,13 @@ class ScheduledModule(SteppedModule):
         ``build(seed, active_ids)`` gets the mask seed and the ids of the active
         subnetworks (int64 on the CPU, shape ``(tau,)``) and returns the masks (or any
         value) the forward needs. The result is kept until the active set, either seed,
-        a hyperparameter (:meth:`hparams`) or ``like`` (what the value depends on in the
+        the ``config`` or ``like`` (what the value depends on in the
         input: shape, dtype, device) changes. Derived state: never saved nor pickled.
         """
         schedule = self.subnet_schedule
         set_index = schedule.set_index(step)
         seed, schedule_seed = self.current_seed(), self.current_schedule_seed()
-        # hparams() keeps its order per class: its values identify the settings.
-        key = (set_index, seed, schedule_seed, like, tuple(self.hparams().values()))
+        key = (set_index, seed, schedule_seed, like, self.config)
         cached = self._set_cache
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -163,11 +144,13 @@ class ScheduledModule(SteppedModule):
         local share of the global batch's ``subnets_per_step`` contiguous groups (see
         :func:`gyrodrop.distributed.row_window`)."""
         start, global_batch = distributed.row_window(batch)
-        key = (start, batch, global_batch, self.subnets_per_step)
+        key = (start, batch, global_batch, self.config.subnets_per_step)
         cached = self._counts_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        counts = distributed.local_group_counts(start, batch, global_batch, self.subnets_per_step)
+        counts = distributed.local_group_counts(
+            start, batch, global_batch, self.config.subnets_per_step
+        )
         self._counts_cache = (key, counts)
         return counts
 
@@ -186,9 +169,10 @@ class ScheduledModule(SteppedModule):
         setattr(self, TRAINER_SCHEDULED, True)
         if total_steps is not None:
             owner = type(self).__name__
-            self.steps_per_set = resolve_steps_per_set(
+            steps = resolve_steps_per_set(
                 owner, self.num_subnets, self.subnets_per_step, total_steps, None
             )
+            self.config = self.config.replace(owner=owner, steps_per_set=steps)
             self.total_steps = total_steps
 
     def __getstate__(self) -> dict[str, Any]:

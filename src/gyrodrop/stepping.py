@@ -14,6 +14,7 @@ the step of the layer's last training forward and never advances.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from gyrodrop._modules import unwrap_model
 from gyrodrop._validation import check_bool, check_int, check_seed
+from gyrodrop.config import LayerConfig, config_properties
 
 __all__ = [
     "SteppedModule",
@@ -36,12 +38,21 @@ __all__ = [
     "in_backward",
     "Stepping",
     "TRAINER_SCHEDULED",
+    "warmup_rate",
 ]
 
 #: Attribute set (to ``True``) on modules whose ``steps_per_set`` a trainer callback sets
 #: after a checkpoint is loaded (:mod:`gyrodrop.integrations`): their checkpoint check
 #: skips ``steps_per_set``.
 TRAINER_SCHEDULED = "_gyrodrop_trainer_scheduled"
+
+
+def warmup_rate(p: float, warmup_steps: int, step: int) -> float:
+    """The drop rate at ``step``: ``p``, ramped linearly from 0 at step 0 to ``p`` at
+    step ``warmup_steps`` (0: no ramp). What the layers with ``warmup_steps`` use."""
+    if warmup_steps and step < warmup_steps:
+        return p * max(step, 0) / warmup_steps
+    return p
 
 
 def in_backward() -> bool:
@@ -386,8 +397,10 @@ class SteppedModule(nn.Module):
     A forward run by autograd during a backward (activation-checkpoint recompute)
     replays the step of the layer's last training forward and never advances.
 
-    Hyperparameters that shape the masks (:meth:`hparams`) are saved in ``state_dict``
-    (``_extra_state``); loading a checkpoint saved with other values warns, naming them.
+    The hyperparameters that shape the masks are one frozen, checked ``config``
+    (:mod:`gyrodrop.config`); :meth:`hparams`, ``extra_repr`` and the saved settings
+    (``_extra_state`` in ``state_dict``) are derived from it, and loading a checkpoint
+    saved with other values warns, naming each.
 
     The buffers move with the module (to an accelerator too); host-side copies of their
     values avoid one device synchronization per layer per step. A copy is trusted only
@@ -398,18 +411,68 @@ class SteppedModule(nn.Module):
 
     step: Tensor
     seed: Tensor
+    config: LayerConfig = LayerConfig()  # subclasses set their own in __init__
+    #: The type of ``config``; a subclass that names its own gets a property per field
+    #: (``layer.p`` reads ``layer.config.p``).
+    config_class: type[LayerConfig] = LayerConfig
     # Class-level defaults: modules pickled by 0.1.0 have no such attributes.
+    _initial_counters: dict[str, int] = {}  # noqa: RUF012 - read only; set per instance
     _stepper: _ModelStepper | None = None
     _replay_step: int | None = None  # the step of the last training forward (a cache)
     _loading_prefix: str = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            for name, prop in config_properties(cls.config_class).items():
+                if not isinstance(cls.__dict__.get(name, prop), property):
+                    raise TypeError(f"{cls.__name__}.{name} hides a field of {cls.config_class}")
+                setattr(cls, name, cls.__dict__.get(name, prop))
+
     def __init__(self, *, seed: int, auto_step: bool, owner: str) -> None:
         super().__init__()
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("seed", torch.tensor(check_seed(owner, seed), dtype=torch.int64))
+        self._initial_counters: dict[str, int] = {}
+        self.register_counter("step", 0)
+        self.register_counter("seed", check_seed(owner, seed))
         check_bool(owner, "auto_step", auto_step)
         self.auto_step = auto_step
         self._mirrors: dict[str, tuple[Tensor, int, int]] = {}
+
+    def register_counter(self, name: str, value: int) -> None:
+        """Register the int64 scalar buffer ``name`` holding ``value``, the value
+        :meth:`reset_parameters` puts back (``step``, ``seed``, ``schedule_seed``)."""
+        self.register_buffer(name, torch.tensor(value, dtype=torch.int64))
+        self._initial_counters[name] = value
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Put the ``step``, ``seed`` (and ``schedule_seed``) buffers back to what
+        construction gave them, in place (step 0, the seeds passed in).
+
+        What deferred initialization calls: a model built on the ``meta`` device (FSDP,
+        large models), then ``to_empty()`` (which leaves buffers uninitialized) and
+        ``reset_parameters()`` on every module that has it, holds what a construction
+        on the target device holds, so every rank draws the same masks. Subclasses
+        with parameters (``BlockGyroLinear``) initialize them too.
+        """
+        for name, value in self._initial_counters.items():
+            buffer: Tensor = getattr(self, name)
+            if not buffer.is_meta:
+                buffer.fill_(value)
+        self._replay_step = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # ``to_empty()`` materializes a module built on ``meta`` with uninitialized
+        # memory: counters that leave ``meta`` get their construction values at once
+        # (so ``to_empty`` alone is enough; ``reset_parameters`` puts them back too).
+        was_meta = [n for n in self._initial_counters if getattr(self, n).is_meta]
+        out = super()._apply(fn, recurse)
+        with torch.no_grad():
+            for name in was_meta:
+                buffer: Tensor = getattr(self, name)
+                if not buffer.is_meta:
+                    buffer.fill_(self._initial_counters[name])
+        return out
 
     def _host(self, name: str) -> int:
         """The value of the scalar buffer ``name`` as a Python int, cached on the host."""
@@ -433,6 +496,14 @@ class SteppedModule(nn.Module):
         state = dict(self.__dict__)
         state["_mirrors"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A module pickled before configs held its settings as attributes.
+        if "config" not in state and type(self).config_class is not LayerConfig:
+            names = {f.name for f in dataclasses.fields(self.config_class)}
+            settings = {name: state.pop(name) for name in list(state) if name in names}
+            state["config"] = self.config_class(**settings, owner=type(self).__name__)
+        super().__setstate__(state)
 
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
@@ -500,10 +571,25 @@ class SteppedModule(nn.Module):
                 self.advance()
         return step
 
+    @classmethod
+    def from_config(cls, config: LayerConfig, *args: Any, **kwargs: Any) -> Any:
+        """The layer for ``config`` (a :attr:`config_class`); ``args`` and ``kwargs`` are
+        the constructor's other arguments (``seed``, ``auto_step``, a Linear's
+        features, ...)."""
+        if not isinstance(config, cls.config_class):
+            raise TypeError(
+                f"{cls.__name__}.from_config: config must be a {cls.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        return cls(*args, **config.hparams(), **kwargs)
+
     def hparams(self) -> dict[str, Any]:
         """The hyperparameters that shape this layer's masks (JSON types), saved with
-        its state; subclasses extend it."""
-        return {}
+        its state: the fields of its ``config``."""
+        return self.config.hparams()
+
+    def extra_repr(self) -> str:
+        return self.config.describe()
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` asks this first: refused with what to do instead (the

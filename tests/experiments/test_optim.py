@@ -37,6 +37,28 @@ class TestTF1RMSprop:
         expect = [1.0 - mom1[0] - mom2[0], -2.0 - mom1[1] - mom2[1]]
         assert w.tolist() == pytest.approx(expect, abs=1e-12)
 
+    @pytest.mark.parametrize(
+        ("decay", "momentum"), [(0.9, 0.5), (0.5, 0.9), (0.99, 0.0), (0.0, 0.7), (0.3, 0.95)]
+    )
+    def test_decay_and_momentum_each_do_their_own_job(self, decay: float, momentum: float) -> None:
+        # momentum != decay: swapping them (the RMS decay used as the momentum, or the
+        # other way round) changes every step below
+        w = _param([1.0, -2.0, 0.5])
+        opt = TF1RMSprop([w], lr=0.1, decay=decay, momentum=momentum, eps=0.5, initial_ms=2.0)
+        ms = torch.full((3,), 2.0, dtype=torch.float64)
+        mom = torch.zeros(3, dtype=torch.float64)
+        expect = w.detach().clone()
+        for grad in ([2.0, 0.5, -1.0], [-1.0, 3.0, 0.25], [0.5, -0.5, 4.0]):
+            g = torch.tensor(grad, dtype=torch.float64)
+            w.grad = g
+            opt.step()
+            ms = decay * ms + (1 - decay) * g**2
+            mom = momentum * mom + 0.1 * g / torch.sqrt(ms + 0.5)
+            expect -= mom
+            torch.testing.assert_close(w.detach(), expect, atol=1e-12, rtol=0)
+        torch.testing.assert_close(opt.state[w]["ms"], ms, atol=1e-12, rtol=0)
+        torch.testing.assert_close(opt.state[w]["mom"], mom, atol=1e-12, rtol=0)
+
     def test_epsilon_is_inside_the_square_root_unlike_torch(self) -> None:
         # zero initial mean square, no momentum: step = lr * g / sqrt(0.1 g^2 + eps)
         w = _param([0.0])

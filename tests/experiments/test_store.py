@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shlex
+import shutil
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -171,3 +175,171 @@ class TestDamagedFiles:
         # refused on open (every record is checked before anything is written or read)
         with pytest.raises(StoreError, match="not valid JSON"):
             Store(path, readonly=True)
+
+
+def _run_on_read_only(folder: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python -m gyrodrop *argv`` with ``folder`` read-only: a read-only bind mount
+    when root (who writes through permissions), else permissions; skips where neither
+    can be set up."""
+    cmd = [sys.executable, "-m", "gyrodrop", *argv]
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        finally:
+            folder.chmod(0o755)
+    if shutil.which("unshare") is None:
+        pytest.skip("root without unshare: cannot make a read-only folder")
+    script = (
+        f"mount --bind {shlex.quote(str(folder))} {shlex.quote(str(folder))} && "
+        f"mount -o remount,ro,bind {shlex.quote(str(folder))} && "
+        f"! touch {shlex.quote(str(folder / 'probe'))} 2>/dev/null && exec {shlex.join(cmd)}"
+    )
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0 and "gyrodrop" not in proc.stderr:
+        pytest.skip(f"cannot mount read-only here: {proc.stderr.strip()[:200]}")
+    return proc
+
+
+class TestReadOnlyPlaces:
+    """A results file on a read-only file system (an archive, a shared mount) reads."""
+
+    def test_report_reads_a_database_on_a_read_only_file_system(self, tmp_path: Path) -> None:
+        folder = tmp_path / "archive"
+        folder.mkdir()
+        with Store(folder / "r.db") as db:
+            for seed in range(3):
+                db.save(_cfg(seed), {"test_acc": 0.25 + seed / 10, "train_acc": 0.5})
+        proc = _run_on_read_only(
+            folder, ["report", "--db", str(folder / "r.db"), "--format", "csv"]
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "damaged" not in proc.stderr
+        rows = proc.stdout.strip().splitlines()
+        assert len(rows) == 4 and rows[0].startswith("experiment,")
+        assert sorted(round(float(r.split(",")[rows[0].split(",").index("test_acc")]), 2)
+                      for r in rows[1:]) == [0.25, 0.35, 0.45]  # fmt: skip
+
+    def test_unmerged_write_ahead_log_on_a_read_only_file_system_is_named(
+        self, tmp_path: Path
+    ) -> None:
+        folder = tmp_path / "archive"
+        folder.mkdir()
+        source = tmp_path / "live.db"
+        db = Store(source)  # kept open: its runs are still in the write-ahead log
+        try:
+            db.save(_cfg(0), {"test_acc": 0.5, "train_acc": 0.5})
+            wal = source.with_name("live.db-wal")
+            assert wal.stat().st_size > 0
+            shutil.copy(source, folder / "r.db")
+            shutil.copy(wal, folder / "r.db-wal")
+        finally:
+            db.close()
+        proc = _run_on_read_only(folder, ["report", "--db", str(folder / "r.db")])
+        assert proc.returncode == 2
+        assert "write-ahead log r.db-wal holds unmerged runs" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+class TestRecordChecksums:
+    """Each run (with its epoch rows) and each timing is saved with a SHA-256 of its
+    stored values: a number changed inside a valid SQLite file is refused on open,
+    naming the record and how to drop it. An integrity check against damage and stray
+    edits, not a signature: a deliberate edit can recompute it."""
+
+    def _db(self, tmp_path: Path) -> Path:
+        path = tmp_path / "r.db"
+        with Store(path) as db:
+            for seed in range(3):
+                db.save(
+                    _cfg(seed),
+                    {"test_acc": 0.123456 + seed, "train_acc": 1, "nll": float("nan")},
+                    [{"epoch": e, "test_acc": 0.25 * e} for e in (1, 2)],
+                )
+            db.save_bench("step", {"model": "mlp"}, {"ms": 1.5})
+        return path
+
+    def test_records_reopen_without_a_false_alarm(self, tmp_path: Path) -> None:
+        path = self._db(tmp_path)
+        for readonly in (True, False, True):
+            with Store(path, readonly=readonly) as db:
+                assert len(db.records()) == 3 and len(db.bench_records()) == 1
+
+    @pytest.mark.parametrize(
+        ("sql", "what"),
+        [
+            ("UPDATE runs SET metrics = replace(metrics, '0.123456', '0.923456')",
+             "run dropout seed 0"),
+            ("UPDATE runs SET test_acc = 0.99 WHERE seed = 1", "run dropout seed 1"),
+            ("UPDATE runs SET seed = 7 WHERE seed = 2", "run dropout seed 7"),
+            ("UPDATE epochs SET metrics = '{\"epoch\": 2, \"test_acc\": 0.9}' WHERE epoch = 2",
+             "run dropout seed"),
+            ("DELETE FROM epochs WHERE epoch = 1", "run dropout seed"),
+            ("UPDATE bench SET metrics = '{\"ms\": 0.5}'", "step measurement"),
+        ],
+    )  # fmt: skip
+    def test_a_changed_value_is_refused_naming_the_record(
+        self, tmp_path: Path, sql: str, what: str
+    ) -> None:
+        path = self._db(tmp_path)
+        con = sqlite3.connect(path)
+        con.execute(sql)
+        con.commit()
+        con.close()
+        for readonly in (True, False):
+            with pytest.raises(StoreError, match=rf"the {what}.* does not match the checksum"):
+                Store(path, readonly=readonly)
+
+    def test_a_byte_edited_in_the_file_is_refused(self, tmp_path: Path) -> None:
+        """(Issue 21, item 7: report printed a metric a byte edit changed.)"""
+        path = self._db(tmp_path)
+        data = path.read_bytes()
+        assert data.count(b"0.123456") == 1
+        path.write_bytes(data.replace(b"0.123456", b"0.923456"))
+        con = sqlite3.connect(path)
+        assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"  # still valid SQLite
+        con.close()
+        with pytest.raises(StoreError, match=r"run dropout seed 0 on digits/mlp .*checksum"):
+            Store(path, readonly=True)
+
+    def test_dropping_the_record_as_the_hint_says_makes_the_file_usable(
+        self, tmp_path: Path
+    ) -> None:
+        path = self._db(tmp_path)
+        con = sqlite3.connect(path)
+        con.execute("UPDATE runs SET test_acc = 0.99 WHERE seed = 1")
+        con.commit()
+        con.close()
+        with pytest.raises(StoreError) as e:
+            Store(path, readonly=True)
+        drop = str(e.value).split(f"sqlite3 {path} ")[1].split('"')[1]
+        con = sqlite3.connect(path)
+        con.executescript(drop)
+        con.close()
+        with Store(path) as db:
+            assert sorted(r["seed"] for r in db.records()) == [0, 2]
+            assert db.save(_cfg(1), {"test_acc": 0.5}, [{"epoch": 1}])  # redone
+
+    def test_a_file_from_before_checksums_opens_and_new_records_are_sealed(
+        self, tmp_path: Path
+    ) -> None:
+        path = self._db(tmp_path)
+        con = sqlite3.connect(path)
+        for table in ("runs", "bench"):  # as 0.1 wrote them: no digest column
+            con.execute(f"ALTER TABLE {table} DROP COLUMN digest")
+        con.commit()
+        con.close()
+        with Store(path, readonly=True) as db:
+            assert len(db.records()) == 3
+        with Store(path) as db:  # adds the column; old records stay unchecked
+            db.save(_cfg(5), {"test_acc": 0.5})
+        con = sqlite3.connect(path)
+        digests = dict(con.execute("SELECT seed, digest FROM runs").fetchall())
+        con.execute("UPDATE runs SET test_acc = 0.1 WHERE seed = 0")  # unchecked: NULL digest
+        con.commit()
+        con.close()
+        assert digests[5] is not None and digests[0] is None
+        with Store(path, readonly=True) as db:
+            assert len(db.records()) == 4

@@ -64,20 +64,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gyrodrop import masks
-from gyrodrop._validation import check_bool, check_choice, check_int, check_p
+from gyrodrop._validation import check_bool, check_choice, check_int
 from gyrodrop.blockwise import triton_backend
 from gyrodrop.blockwise.kernels import compute_dtype, pruned_linear
 from gyrodrop.blockwise.plan import Plan, build_plan, n_dropped_blocks
 from gyrodrop.blockwise.triton_backend import TritonPlan
 from gyrodrop.blockwise.workspace import Workspace
-from gyrodrop.schedule import Schedule, check_input
+from gyrodrop.config import PRUNE_MODES, BlockGyroConfig, DropMode, Prune, Schedule
+from gyrodrop.schedule import check_input
 from gyrodrop.scheduled import ScheduledModule
 
 __all__ = ["BlockGyroLinear", "Prune", "PRUNE_MODES", "Backend", "BACKENDS", "AUTO_PICKS_TRITON"]
 
-#: Which side of the weight a dropped block removes (input columns or output rows).
-Prune = Literal["input", "output"]
-PRUNE_MODES: tuple[Prune, ...] = ("input", "output")
 #: Which kernels compute the pruned matmuls.
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
@@ -120,6 +118,13 @@ class BlockGyroLinear(ScheduledModule):
         schedule: ``"consecutive"`` (the paper's) or ``"random"`` (a fresh set per step).
         seed: seeds the masks (and the schedule unless ``schedule_seed`` is given); a
             buffer, so it is checkpointed.
+        drop_mode: ``"standard"`` (default: drop all run long), ``"early"`` (drop
+            before ``cutoff_step`` only, the identity after: early dropout against
+            underfitting) or ``"late"`` (the reverse); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps`` in ``(0, 1)``: ``cutoff_step = round(drop_cutoff *
+            total_steps)``.
+        cutoff_step: the cutoff as a step (instead of ``drop_cutoff``).
         auto_step: ``True``: the step advances by itself, once per training step (per
             training forward of the model after :func:`gyrodrop.apply_block_gyro`, per
             call for a layer on its own; see :class:`~gyrodrop.GyroDropout`).
@@ -175,6 +180,11 @@ class BlockGyroLinear(ScheduledModule):
 
     weight: Tensor
     bias: Tensor | None
+    config: BlockGyroConfig
+    config_class = BlockGyroConfig
+    p: float  # these read config (see SteppedModule.config_class)
+    block_size: int
+    prune: Prune
 
     def __init__(
         self,
@@ -191,6 +201,9 @@ class BlockGyroLinear(ScheduledModule):
         schedule: Schedule = "consecutive",
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
         prune: Prune = "input",
         schedule_seed: int | None = None,
         backend: Backend = "auto",
@@ -202,9 +215,20 @@ class BlockGyroLinear(ScheduledModule):
         check_int(owner, "in_features", in_features, 1)
         check_int(owner, "out_features", out_features, 1)
         check_bool(owner, "bias", bias)
-        p = check_p(owner, p)
-        check_int(owner, "block_size", block_size, 1)
-        check_choice(owner, "prune", prune, PRUNE_MODES)
+        config = BlockGyroConfig(
+            p=p,
+            num_subnets=num_subnets,
+            subnets_per_step=subnets_per_step,
+            block_size=block_size,
+            total_steps=total_steps,
+            steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
+            schedule=schedule,
+            prune=prune,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
+            owner=owner,
+        )
         check_choice(owner, "backend", backend, BACKENDS)
         if backend == "triton" and not triton_backend.is_available():
             raise ValueError(
@@ -212,35 +236,20 @@ class BlockGyroLinear(ScheduledModule):
                 "(pip install 'gyrodrop[triton]'); use backend='auto' or 'torch'"
             )
         super().__init__(
-            num_subnets=num_subnets,
-            subnets_per_step=subnets_per_step,
-            total_steps=total_steps,
-            steps_per_set=steps_per_set,
-            schedule=schedule,
+            config,
             seed=seed,
             auto_step=auto_step,
-            owner=owner,
             schedule_seed=schedule_seed,
+            total_steps=total_steps,
         )
         self.in_features = in_features
         self.out_features = out_features
-        self.p = p
-        self.block_size = block_size
-        self.prune = prune
         self.backend = backend
         self.workspace = check_bool(owner, "workspace", workspace)
-        features = in_features if prune == "input" else out_features
-        self.n_blocks = -(-features // block_size)
-        self.n_dropped = n_dropped_blocks(p, self.n_blocks)
-        if self.n_dropped >= self.n_blocks:
-            raise ValueError(
-                f"{owner}: p={p} would drop all {self.n_blocks} blocks of the {features} "
-                f"{prune} features (block_size={block_size}); lower p or block_size"
-            )
-        if p > 0 and self.n_dropped == 0:
+        if config.p > 0 and self.n_dropped == 0:
             warnings.warn(
-                f"{owner}: p={p} rounds to 0 of {self.n_blocks} blocks "
-                f"(block_size={block_size}): the layer is a plain Linear; "
+                f"{owner}: p={config.p} rounds to 0 of {self.n_blocks} blocks "
+                f"(block_size={config.block_size}): the layer is a plain Linear; "
                 "lower block_size or raise p",
                 UserWarning,
                 stacklevel=2,
@@ -254,8 +263,8 @@ class BlockGyroLinear(ScheduledModule):
             self.register_parameter("bias", None)
         if self.weight.device.type != "meta":
             self.reset_parameters()
-            if device is not None:
-                self._buffers_to(self.weight.device)
+        if device is not None:  # the counters too (on meta: materialized by to_empty)
+            self._buffers_to(self.weight.device)
         # Derived state (never in state_dict): the kept blocks of the active set and
         # the gather/scatter indices for the current batch layout.
         self._plan_key: tuple[Any, ...] | None = None
@@ -266,7 +275,10 @@ class BlockGyroLinear(ScheduledModule):
     # -- construction ------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """Initialize ``weight`` and ``bias`` as :class:`torch.nn.Linear` does."""
+        """Initialize ``weight`` and ``bias`` as :class:`torch.nn.Linear` does, and the
+        ``step`` / seed buffers as construction does (see
+        :meth:`gyrodrop.stepping.SteppedModule.reset_parameters`)."""
+        super().reset_parameters()
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
@@ -309,19 +321,22 @@ class BlockGyroLinear(ScheduledModule):
         return module
 
     def _buffers_to(self, device: torch.device) -> None:
-        """Move this module's own buffers (step, seeds) to ``device``."""
+        """Move this module's own buffers (step, seeds) to ``device`` (from ``meta``:
+        their construction values)."""
         for name, buf in list(self._buffers.items()):
-            if buf is not None:
+            if buf is None:
+                continue
+            if buf.is_meta and torch.device(device).type != "meta":
+                value = self._initial_counters[name]
+                self._buffers[name] = torch.tensor(value, dtype=buf.dtype, device=device)
+            else:
                 self._buffers[name] = buf.to(device)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, p={self.p}, prune={self.prune}, "
-            f"block_size={self.block_size}, n_blocks={self.n_blocks}, "
-            f"n_dropped={self.n_dropped}, num_subnets={self.num_subnets}, "
-            f"subnets_per_step={self.subnets_per_step}, "
-            f"steps_per_set={self.steps_per_set}, schedule={self.schedule}, "
+            f"bias={self.bias is not None}, {self.config.describe()}, "
+            f"n_blocks={self.n_blocks}, n_dropped={self.n_dropped}, "
             f"backend={self.backend}" + (", workspace=True" if self.workspace else "")
         )
 
@@ -349,6 +364,34 @@ class BlockGyroLinear(ScheduledModule):
 
     # -- masks -------------------------------------------------------------------------
 
+    def _blocks(self) -> tuple[int, int]:
+        """``(n_blocks, n_dropped)`` for the current config (derived once per config)."""
+        derived = self.__dict__.get("_blocks_of")
+        config = self.config
+        if derived is not None and derived[0] is config:
+            return derived[1]
+        features = self.in_features if config.prune == "input" else self.out_features
+        n_blocks = -(-features // config.block_size)
+        n_dropped = n_dropped_blocks(config.p, n_blocks)
+        if n_dropped >= n_blocks:
+            raise ValueError(
+                f"{type(self).__name__}: p={config.p} would drop all {n_blocks} blocks of "
+                f"the {features} {config.prune} features (block_size={config.block_size}); "
+                "lower p or block_size"
+            )
+        self.__dict__["_blocks_of"] = (config, (n_blocks, n_dropped))
+        return n_blocks, n_dropped
+
+    @property
+    def n_blocks(self) -> int:
+        """The number of blocks of ``block_size`` features (the last may be shorter)."""
+        return self._blocks()[0]
+
+    @property
+    def n_dropped(self) -> int:
+        """Blocks every mask drops, ``round(p * n_blocks)``."""
+        return self._blocks()[1]
+
     @property
     def features(self) -> int:
         """The number of features the mask spans (input or output, per ``prune``)."""
@@ -369,15 +412,6 @@ class BlockGyroLinear(ScheduledModule):
     def scale(self) -> float:
         """The factor applied to kept values, ``1 / (1 - effective_p)``."""
         return 1.0 / (1.0 - self.effective_p)
-
-    def hparams(self) -> dict[str, Any]:
-        """Sigma, tau, ``steps_per_set``, schedule, ``p``, ``block_size`` and ``prune``."""
-        return {
-            **super().hparams(),
-            "p": self.p,
-            "block_size": self.block_size,
-            "prune": self.prune,
-        }
 
     def block_masks(self, step: int | None = None, device: torch.device | None = None) -> Tensor:
         """Keep masks over blocks of the set active at ``step`` (default: the current
@@ -471,7 +505,7 @@ class BlockGyroLinear(ScheduledModule):
         plan = None
         batch = x.shape[0]
         step = self.forward_step()
-        if self.n_dropped > 0 and x.numel() > 0:
+        if self.n_dropped > 0 and x.numel() > 0 and self.config.drops_at(step):
             kept = self._kept_blocks(x.device, step)
             counts = self.group_counts(batch)
             rows_per_sample = x.numel() // (batch * self.in_features)

@@ -20,10 +20,22 @@ that is not SQLite, belongs to another application, is cut short or fails SQLite
 :class:`StoreError` and is never written to; so does a damaged page or a malformed JSON
 record met while reading. WAL journaling and a busy timeout let
 several processes write at once.
+
+Per-record checksums: each run (with its epoch rows) and each timing is saved with the
+SHA-256 of its values as stored (``digest``), checked on every open. SQLite's own
+checks see the file's structure, not its content: a flipped bit or a stray edit inside
+a record is a valid file with a plausible wrong number, which a report would print and a
+paper would cite. The digest costs one hash per record on save and on open and a
+nullable column (files written before it open as they are; their records are not
+checked, new ones are; older gyrodrop versions still read and write such files). It
+guards against damage and accidents, not against someone who recomputes it (it is no
+signature). A file on a read-only file system is read as immutable (SQLite could not
+create the shared memory a WAL reader needs there).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -73,7 +85,8 @@ CREATE TABLE IF NOT EXISTS runs (
     metrics TEXT NOT NULL,
     device TEXT,
     version TEXT,
-    finished REAL NOT NULL
+    finished REAL NOT NULL,
+    digest TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs (experiment, dataset, model);
 CREATE TABLE IF NOT EXISTS epochs (
@@ -93,12 +106,27 @@ CREATE TABLE IF NOT EXISTS bench (
     kind TEXT NOT NULL,
     config TEXT NOT NULL,
     metrics TEXT NOT NULL,
-    finished REAL NOT NULL
+    finished REAL NOT NULL,
+    digest TEXT
 );
 """
 
 
 _CLAIMS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS claims") :].split(";")[0]
+
+#: The stored values a record's ``digest`` covers, per table (a run's epoch rows too).
+_DIGESTED = {
+    "runs": "key, config, experiment, dataset, model, method, seed, test_acc, train_acc, "
+    "epoch_time, metrics, device, version, finished",
+    "bench": "key, kind, config, metrics, finished",
+}
+
+
+def _digest(values: Sequence[Any], epochs: Sequence[Any] = ()) -> str:
+    """SHA-256 (hex) of a record's values as SQLite returns them, and of its epoch rows
+    ``(epoch, metrics)``: what the ``digest`` column holds."""
+    text = json.dumps([list(values), [list(e) for e in epochs]], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class StoreError(RuntimeError):
@@ -185,11 +213,14 @@ class Store:
             _check_header(self.path)
         elif not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"{self.path.resolve().as_uri()}?mode={'ro' if readonly else 'rwc'}"
-        try:
-            self._con = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
-        except sqlite3.Error as e:
-            raise StoreError(f"results database {self.path}: cannot open: {e}") from e
+        self._con = self._connect("ro" if readonly else "rwc", timeout)
+        if readonly and exists and not self._readable():
+            # A WAL database on a read-only file system (or in a folder this user cannot
+            # write): SQLite cannot create the shared-memory file a WAL reader needs.
+            # Nothing can change the file there, so read it as immutable.
+            self._con.close()
+            self._refuse_unmerged_log()
+            self._con = self._connect("ro&immutable=1", timeout)
         try:
             self._con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             if exists:
@@ -208,6 +239,34 @@ class Store:
             raise
 
     # ---------------------------------------------------------------- setup
+
+    def _connect(self, mode: str, timeout: float) -> sqlite3.Connection:
+        uri = f"{self.path.resolve().as_uri()}?mode={mode}"
+        try:
+            return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"results database {self.path}: cannot open: {e}") from e
+
+    def _readable(self) -> bool:
+        """Can the connection read the file? False when SQLite cannot open it for a
+        reason that is not damage (a WAL file it cannot set up shared memory for)."""
+        try:
+            self._con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as e:
+            folder = self.path.resolve().parent
+            return os.access(folder, os.W_OK) or "unable to open" not in str(e)
+        return True
+
+    def _refuse_unmerged_log(self) -> None:
+        """A write-ahead log beside the file holds runs not yet merged into it, which a
+        reader that cannot write cannot merge: refused, saying how to read it."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(
+                f"results database {self.path}: cannot read it where it is (read-only file "
+                f"system or folder) while its write-ahead log {wal.name} holds unmerged runs; "
+                "copy both files to a writable folder and pass that --db path"
+            )
 
     def _quick_check(self) -> None:
         """SQLite's ``quick_check`` before anything is written: a damaged file is refused
@@ -233,6 +292,42 @@ class Store:
                 for col in cols if table in tables else ():
                     for (text,) in self._con.execute(f"SELECT {col} FROM {table}"):
                         _object(text)
+            for table in _DIGESTED:
+                if table in tables and "digest" in self._columns(table):
+                    self._check_digests(table)
+
+    def _check_digests(self, table: str) -> None:
+        """Every record with a ``digest`` still has the values it was saved with: a
+        number changed inside a valid file (a flipped bit, an edit) refuses the file,
+        naming the record and how to drop it. Records saved before digests existed
+        (``NULL``) are not checked."""
+        epochs: dict[str, list[Any]] = {}
+        if table == "runs":
+            for key, epoch, metrics in self._con.execute(
+                "SELECT run_key, epoch, metrics FROM epochs ORDER BY run_key, epoch"
+            ):
+                epochs.setdefault(key, []).append((epoch, metrics))
+        sql = f"SELECT {_DIGESTED[table]}, digest FROM {table} WHERE digest IS NOT NULL"
+        for *values, digest in self._con.execute(sql):
+            key = values[0]
+            if _digest(values, epochs.get(key, ())) == digest:
+                continue
+            what = (
+                f"run {values[5]} seed {values[6]} on {values[3]}/{values[4]}"
+                if table == "runs"
+                else f"{values[1]} measurement"
+            )
+            drop = (
+                f"DELETE FROM epochs WHERE run_key = '{key}'; DELETE FROM runs WHERE key = '{key}'"
+                if table == "runs"
+                else f"DELETE FROM bench WHERE key = '{key}'"
+            )
+            raise StoreError(
+                f"results database {self.path}: the {what} (key {key[:12]}) does not match "
+                "the checksum it was saved with: a stored number was changed outside gyrodrop "
+                "or the file is damaged; refusing to use it. Hint: drop that record "
+                f'(sqlite3 {self.path} "{drop}") and run the command again to redo it'
+            )
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
@@ -249,6 +344,9 @@ class Store:
                 f"results database {self.path}: a stored record is not valid JSON ({e}); "
                 "the file was changed outside gyrodrop. Pass another --db path"
             ) from e
+
+    def _columns(self, table: str) -> set[str]:
+        return {r[1] for r in self._con.execute(f"PRAGMA table_info({table})")}
 
     def _tables(self) -> set[str]:
         rows = self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
@@ -296,6 +394,11 @@ class Store:
         if "claims" not in self._tables():  # files written before claims existed
             with self._write():
                 self._con.execute(_CLAIMS)
+        for table in _DIGESTED:  # files written before records had a digest
+            if "digest" not in self._columns(table):
+                with self._write():
+                    if "digest" not in self._columns(table):  # another process may have won
+                        self._con.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
         mode = self._con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":  # pragma: no cover - e.g. some network filesystems
             self._con.execute("PRAGMA journal_mode = DELETE")
@@ -387,7 +490,17 @@ class Store:
                     for i, e in enumerate(epochs)
                 ],
             )
+            self._seal(con, "runs", key)
         return True
+
+    def _seal(self, con: sqlite3.Connection, table: str, key: str) -> None:
+        """Write the ``digest`` of record ``key`` from its values as stored."""
+        row = con.execute(f"SELECT {_DIGESTED[table]} FROM {table} WHERE key = ?", (key,))
+        epochs = con.execute(
+            "SELECT epoch, metrics FROM epochs WHERE run_key = ? ORDER BY epoch", (key,)
+        ).fetchall()
+        digest = _digest(row.fetchone(), epochs if table == "runs" else ())
+        con.execute(f"UPDATE {table} SET digest = ? WHERE key = ?", (digest, key))
 
     def records(
         self, *, experiment: str | None = None, keys: Sequence[str] | None = None
@@ -494,6 +607,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?)",
                 (key, kind, text, json.dumps(metrics, sort_keys=True), time.time()),
             )
+            self._seal(con, "bench", key)
 
     def bench_records(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Timing measurements as flat dicts (configuration, then metrics, plus kind)."""

@@ -63,6 +63,7 @@ from gyrodrop.stochastic_depth.module import (
     block_keep,
     stochastic_depth,
 )
+from gyrodrop.stochastic_depth.rates import RATE_DISTRIBUTIONS, RateDistribution, depth_rates
 
 __all__ = [
     "MODES",
@@ -74,6 +75,9 @@ __all__ = [
     "LayerSplit",
     "block_keep",
     "stochastic_depth",
+    "depth_rates",
+    "RateDistribution",
+    "RATE_DISTRIBUTIONS",
     "MCDraws",
     "MCLayoutError",
     "LAYER_LIST_NAMES",

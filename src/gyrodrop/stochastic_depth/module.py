@@ -5,14 +5,14 @@ that keeps ``p``, the mode and the step). See :mod:`gyrodrop.stochastic_depth`."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from gyrodrop import distributed, masks
-from gyrodrop._validation import check_bool, check_choice, check_int, check_p
-from gyrodrop.schedule import SteppedModule, check_input
+from gyrodrop._validation import check_bool, check_int, check_seed
+from gyrodrop.config import MODES, DropMode, Mode, StochasticDepthConfig
+from gyrodrop.stepping import SteppedModule, check_input, warmup_rate
 
 __all__ = [
     "Mode",
@@ -23,10 +23,6 @@ __all__ = [
     "MCDraws",
     "MCLayoutError",
 ]
-
-#: What one decision drops: the whole batch's branch (``block``) or one sample's.
-Mode = Literal["block", "sample"]
-MODES: tuple[Mode, ...] = ("block", "sample")
 
 # Sub-streams of masks.TAG_DEPTH.
 _STREAM_BLOCK = 1
@@ -87,11 +83,24 @@ def stochastic_depth(
         >>> sorted(set(y.flatten().tolist())) in ([0.0], [2.0])
         True
     """
-    p = check_p("stochastic_depth", p)
-    check_choice("stochastic_depth", "mode", mode, MODES)
-    if not training or p == 0.0:
+    owner = "stochastic_depth"
+    config = StochasticDepthConfig(p=p, mode=mode, owner=owner)
+    seed = check_seed(owner, seed)
+    step = check_int(owner, "step", step, 0)
+    if not check_bool(owner, "training", training):
         return x
-    return x * _factors(x, p, mode, seed, step)
+    check_input(owner, x, rows=config.mode == "sample")
+    factor = _draw(x, config, seed, step)
+    return x if isinstance(factor, float) and factor == 1.0 else x * factor
+
+
+def _draw(x: Tensor, config: StochasticDepthConfig, seed: int, step: int) -> Tensor | float:
+    """This step's factors for ``x`` (``seed``: the decision seed), shared by the module
+    and the function: 1.0 while the (warm-up) rate is 0, else :func:`_factors`."""
+    p = warmup_rate(config.p, config.warmup_steps, step) if config.drops_at(step) else 0.0
+    if p == 0.0:
+        return 1.0
+    return _factors(x, p, config.mode, seed, step)
 
 
 def _factors(x: Tensor, p: float, mode: str, seed: int, step: int) -> Tensor | float:
@@ -143,6 +152,13 @@ class StochasticDepth(SteppedModule):
             step; identical on every DDP rank). ``"sample"``: each example decides
             alone (keyed by its row in the global batch, so DDP matches one process).
         seed: seeds the decisions; a buffer, so it is checkpointed.
+        drop_mode: ``"standard"`` (default: drop all run long), ``"early"`` (drop
+            before ``cutoff_step`` only, the identity after: early dropout against
+            underfitting) or ``"late"`` (the reverse); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps`` in ``(0, 1)``: ``cutoff_step = round(drop_cutoff *
+            total_steps)`` (``total_steps`` serves only this).
+        cutoff_step: the cutoff as a step (instead of ``drop_cutoff``).
         auto_step: ``True``: the step advances by itself, once per training step (per
             training forward of the model after :func:`gyrodrop.apply_stochastic_depth`,
             per call for a module on its own; see :class:`~gyrodrop.GyroDropout`).
@@ -173,6 +189,13 @@ class StochasticDepth(SteppedModule):
         True
     """
 
+    config: StochasticDepthConfig
+    config_class = StochasticDepthConfig
+    p: float  # these read config (see SteppedModule.config_class)
+    mode: Mode
+    warmup_steps: int
+    per_rank: bool
+
     def __init__(
         self,
         p: float,
@@ -180,25 +203,28 @@ class StochasticDepth(SteppedModule):
         *,
         seed: int = 0,
         auto_step: bool = True,
+        drop_mode: DropMode = "standard",
+        drop_cutoff: float | None = None,
+        cutoff_step: int | None = None,
+        total_steps: int | None = None,
         warmup_steps: int = 0,
         per_rank: bool = False,
     ) -> None:
         owner = type(self).__name__
-        p = check_p(owner, p)
-        check_choice(owner, "mode", mode, MODES)
-        check_int(owner, "warmup_steps", warmup_steps, 0)
-        check_bool(owner, "per_rank", per_rank)
+        config = StochasticDepthConfig(
+            p=p,
+            mode=mode,
+            warmup_steps=warmup_steps,
+            per_rank=per_rank,
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            cutoff_step=cutoff_step,
+            total_steps=total_steps,
+            owner=owner,
+        )
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
-        self.p = p
-        self.mode = mode
-        self.warmup_steps = int(warmup_steps)
-        self.per_rank = per_rank
+        self.config = config
         self._mc: MCDraws | None = None
-
-    def extra_repr(self) -> str:
-        warm = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
-        rank = ", per_rank=True" if self.per_rank else ""
-        return f"p={self.p}, mode={self.mode}{warm}{rank}"
 
     def decision_seed(self) -> int:
         """The seed of the block-mode decisions: the ``seed`` buffer, mixed with this
@@ -209,17 +235,13 @@ class StochasticDepth(SteppedModule):
         place = distributed._rank_and_world(None)
         return masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_RANK, 0 if place is None else place[0])
 
-    def hparams(self) -> dict[str, Any]:
-        """``p``, mode and ``warmup_steps``."""
-        return {"p": self.p, "mode": self.mode, "warmup_steps": self.warmup_steps}
-
     def rate(self, step: int | None = None) -> float:
         """The drop rate at ``step`` (default: the current step): ``p``, ramped linearly
-        from 0 over the first ``warmup_steps`` steps."""
+        from 0 over the first ``warmup_steps`` steps; 0 at the steps where ``drop_mode``
+        does not drop (after the cutoff when early, before it when late)."""
         step = self._step_arg(step, "rate")
-        if self.warmup_steps and step < self.warmup_steps:
-            return self.p * max(step, 0) / self.warmup_steps
-        return self.p
+        config = self.config
+        return warmup_rate(config.p, config.warmup_steps, step) if config.drops_at(step) else 0.0
 
     @torch.compiler.disable
     def draw_scale(self) -> float:
@@ -297,11 +319,8 @@ class StochasticDepth(SteppedModule):
         """This step's factors for ``x`` (see :func:`stochastic_depth`); advances the
         step when ``auto_step``. Bookkeeping runs eagerly under ``torch.compile``."""
         step = self.forward_step()
-        p = self.rate(step)
-        if p == 0.0:
-            return 1.0
-        seed = self.decision_seed() if self.mode == "block" else self.current_seed()
-        return _factors(x, p, self.mode, seed, step)
+        seed = self.decision_seed() if self.config.mode == "block" else self.current_seed()
+        return _draw(x, self.config, seed, step)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:

@@ -16,7 +16,9 @@ One module per method, and the model analysis each needs:
   :func:`apply_block_gyro` and the ``Dropout``/``Linear`` pairs it fuses;
 - :mod:`~gyrodrop.surgery.stochastic_depth` and :mod:`~gyrodrop.surgery.residual`:
   :func:`apply_stochastic_depth` and the residual blocks / layers it wraps;
-- :mod:`~gyrodrop.surgery.dropblock`: :func:`apply_dropblock`.
+- :mod:`~gyrodrop.surgery.dropblock`: :func:`apply_dropblock`;
+- :mod:`~gyrodrop.surgery.prune`: :func:`prune_layers`, the shallower plain model
+  kept after training a layer stack with stochastic depth.
 """
 
 from gyrodrop._modules import Policy, replace_modules, unwrap_model
@@ -32,6 +34,7 @@ from gyrodrop.surgery.gyro import (
     builtin_dropouts,
     remove_gyro_dropout,
 )
+from gyrodrop.surgery.prune import prune_layers
 from gyrodrop.surgery.residual import find_residual_blocks, layer_list_candidates
 from gyrodrop.surgery.stochastic_depth import (
     DROP_DISTRIBUTIONS,
@@ -48,6 +51,7 @@ __all__ = [
     "remove_gyro_dropout",
     "remove_stochastic_depth",
     "replace_drop_paths",
+    "prune_layers",
     "find_block_sites",
     "find_residual_blocks",
     "layer_list_candidates",

@@ -11,10 +11,11 @@ from torch import nn
 from gyrodrop._modules import check_model, swap_all, unwrap_model
 from gyrodrop._validation import check_choice, check_int, check_p, check_seed
 from gyrodrop.blockwise import BlockGyroLinear, n_dropped_blocks
+from gyrodrop.config import DropMode
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.surgery.blockwise_sites import SURGERY_PRUNE, SurgeryPrune, find_block_sites
-from gyrodrop.surgery.common import SurgeryWarning
+from gyrodrop.surgery.common import SurgeryWarning, check_timing
 from gyrodrop.surgery.gyro import DROPOUT_FAMILY
 
 __all__ = ["apply_block_gyro"]
@@ -31,6 +32,8 @@ def apply_block_gyro(
     steps_per_set: int | None = None,
     seed: int = 0,
     prune: SurgeryPrune = "input",
+    drop_mode: DropMode = "standard",
+    drop_cutoff: float | None = None,
     **kw: Any,
 ) -> int:
     """Fuse ``nn.Dropout`` into the adjacent ``nn.Linear`` as block-wise gyro dropout
@@ -64,7 +67,10 @@ def apply_block_gyro(
     ``nn.TransformerEncoderLayer`` that tracing does not enter, ``Dropout2d`` and the
     like) is left as it is and named, with the reason, in one warning that counts
     the dropouts left alone. All-or-nothing: when building a fused layer fails, the
-    model is unchanged.
+    model is unchanged. ``drop_mode="early"`` or ``"late"`` with ``drop_cutoff`` (a
+    fraction of ``total_steps`` in ``(0, 1)``) fuses layers that drop only before or
+    only after the cutoff step (early and late dropout, Liu et al., ICML 2023): a
+    plain ``Linear`` on the other steps.
 
     Raises:
         ValueError: ``model`` is not an ``nn.Module``; ``block_size`` is not an int
@@ -82,6 +88,7 @@ def apply_block_gyro(
         ('Identity', 'BlockGyroLinear', 0.5)
     """
     owner = "apply_block_gyro"
+    timing = check_timing(owner, drop_mode, drop_cutoff, total_steps)
     check_model(owner, model)
     check_int(owner, "block_size", block_size, 1)
     if p is not None:
@@ -139,6 +146,7 @@ def apply_block_gyro(
                 seed=layer_seed(seed, index),
                 schedule_seed=seed,
                 prune=site.prune,
+                **timing,
                 **kw,
             )
             swaps += [(site.linear, fused), (site.dropout, nn.Identity())]

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-__all__ = ["SurgeryWarning"]
+from typing import Any
+
+from gyrodrop.config import DropMode, LayerConfig
+
+__all__ = ["SurgeryWarning", "check_timing"]
+
+
+def check_timing(
+    owner: str, drop_mode: DropMode, drop_cutoff: float | None, total_steps: int | None
+) -> dict[str, Any]:
+    """``drop_mode`` and ``drop_cutoff`` checked as every layer will check them (one
+    :class:`~gyrodrop.config.LayerConfig`), refused naming ``owner``; the keywords to
+    give each layer (none in the standard mode)."""
+    LayerConfig(drop_mode=drop_mode, drop_cutoff=drop_cutoff, total_steps=total_steps, owner=owner)
+    return {} if drop_mode == "standard" else {"drop_mode": drop_mode, "drop_cutoff": drop_cutoff}
 
 
 class SurgeryWarning(UserWarning):

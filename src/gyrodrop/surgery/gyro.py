@@ -11,12 +11,13 @@ from torch import nn
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
 from gyrodrop._validation import check_choice, check_p, check_seed
 from gyrodrop.blockwise import BlockGyroLinear
-from gyrodrop.dropblock import DropBlock2d, GyroDropBlock2d
+from gyrodrop.config import DropMode
+from gyrodrop.dropblock import DropBlock2d, DropBlock3d, GyroDropBlock2d, GyroDropBlock3d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.stepping import detach_stepper
-from gyrodrop.surgery.common import SurgeryWarning
+from gyrodrop.surgery.common import SurgeryWarning, check_timing
 
 __all__ = [
     "apply_gyro_dropout",
@@ -64,6 +65,8 @@ def apply_gyro_dropout(
     steps_per_set: int | None = None,
     seed: int = 0,
     pairing: LayerPairing = "shared",
+    drop_mode: DropMode = "standard",
+    drop_cutoff: float | None = None,
     **kw: Any,
 ) -> int:
     """Replace ``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` in ``model`` with
@@ -104,6 +107,10 @@ def apply_gyro_dropout(
       does) unless ``schedule`` is given. The model then trains no fixed set of
       network-level subnetworks.
 
+    ``drop_mode="early"`` or ``"late"`` with ``drop_cutoff`` (a fraction of
+    ``total_steps`` in ``(0, 1)``) makes every layer drop only before or only after the
+    cutoff step (early and late dropout, Liu et al., ICML 2023).
+
     Returns the number of layers replaced, and warns when it is zero. All-or-nothing:
     when any layer is refused (``p=1.0``, say) the model is left unchanged. Dropout built
     into other modules (``nn.LSTM(dropout=p)``, ``nn.MultiheadAttention(dropout=p)``,
@@ -123,6 +130,7 @@ def apply_gyro_dropout(
         p = check_p("apply_gyro_dropout", p)
     check_seed("apply_gyro_dropout", seed)
     check_choice("apply_gyro_dropout", "pairing", pairing, PAIRINGS)
+    timing = check_timing("apply_gyro_dropout", drop_mode, drop_cutoff, total_steps)
     if pairing == "independent":
         kw.setdefault("schedule", "replacement")
     allowed = {"dims", "schedule", "scale", "auto_step"}
@@ -150,6 +158,7 @@ def apply_gyro_dropout(
             seed=layer_seed(seed, index),
             schedule_seed=seed if pairing == "shared" else layer_seed(seed, index),
             **options,
+            **timing,
         )
         object.__setattr__(new, ORIGIN, type(module))  # what remove_gyro_dropout restores
         return new
@@ -202,6 +211,8 @@ def _plain_type(module: nn.Module) -> type[nn.Module]:
     origin = getattr(module, ORIGIN, None)
     if isinstance(origin, type) and issubclass(origin, nn.Module):
         return origin
+    if isinstance(module, (DropBlock3d, GyroDropBlock3d)):
+        return nn.Dropout3d
     if isinstance(module, (DropBlock2d, GyroDropBlock2d)):
         return nn.Dropout2d
     if isinstance(module, GyroDropout) and module.dims == (1,):
@@ -216,7 +227,7 @@ def remove_gyro_dropout(model: nn.Module) -> int:
       ``Dropout1d/2d/3d`` it replaced when :func:`gyrodrop.apply_gyro_dropout` made it
       channel-wise (``dims=(1,)``; ``Dropout2d`` when the original type is unknown);
     - :class:`~gyrodrop.DropBlock2d` and :class:`~gyrodrop.GyroDropBlock2d` become
-      ``nn.Dropout2d(p)``;
+      ``nn.Dropout2d(p)``, their 3-d versions ``nn.Dropout3d(p)``;
     - :class:`~gyrodrop.BlockGyroLinear` becomes an ``nn.Linear`` sharing its weight
       and bias (the fused dropout stays the ``nn.Identity`` that
       :func:`gyrodrop.apply_block_gyro` left in its place).
@@ -257,7 +268,15 @@ def remove_gyro_dropout(model: nn.Module) -> int:
         return _plain_type(module)(p=cast(float, module.p))
 
     policy: Policy = dict.fromkeys(
-        (GyroDropout, DropBlock2d, GyroDropBlock2d, BlockGyroLinear), plain
+        (
+            GyroDropout,
+            DropBlock2d,
+            GyroDropBlock2d,
+            DropBlock3d,
+            GyroDropBlock3d,
+            BlockGyroLinear,
+        ),
+        plain,
     )
     count = replace_modules(model, policy)
     detach_stepper(model)  # the model's hooks as before surgery, once nothing is stepped

@@ -6,13 +6,14 @@ turn a model's own ``DropPath`` modules into seeded :class:`~gyrodrop.Stochastic
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from torch import nn
 
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
+from gyrodrop.config import DropMode
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.stepping import detach_stepper
@@ -24,7 +25,7 @@ from gyrodrop.stochastic_depth import (
     StochasticDepthBlock,
     StochasticDepthLayer,
 )
-from gyrodrop.surgery.common import SurgeryWarning
+from gyrodrop.surgery.common import SurgeryWarning, check_timing
 from gyrodrop.surgery.residual import find_residual_blocks
 
 __all__ = [
@@ -44,7 +45,7 @@ DROP_DISTRIBUTIONS: tuple[DropDistribution, ...] = ("uniform", "linear")
 
 def apply_stochastic_depth(
     model: nn.Module,
-    drop_rate: float = 0.2,
+    drop_rate: float | Sequence[float] | Sequence[Sequence[float]] = 0.2,
     drop_distribution: DropDistribution = "linear",
     mode: Mode = "block",
     drop_warmup: float = 0.0,
@@ -55,6 +56,8 @@ def apply_stochastic_depth(
     auto_step: bool = True,
     per_rank: bool = False,
     example_inputs: Any = None,
+    drop_mode: DropMode = "standard",
+    drop_cutoff: float | None = None,
 ) -> int:
     """Wrap the residual blocks of ``model`` in
     :class:`~gyrodrop.stochastic_depth.StochasticDepthBlock`, in place.
@@ -68,7 +71,11 @@ def apply_stochastic_depth(
 
     Args:
         model: the network (DDP / ``torch.compile`` wrappers are looked through).
-        drop_rate: drop probability of the last block, in ``[0, 1)``.
+        drop_rate: drop probability of the last block, in ``[0, 1)``; or the rate of
+            every block found, in order (a flat sequence, or per stage as
+            :func:`gyrodrop.depth_rates` returns them), used as given
+            (``drop_distribution`` does not apply); its length must equal the number
+            of blocks found.
         drop_distribution: ``"linear"``: block ``i`` of ``L`` (in ``named_modules``
             order) gets ``drop_rate * (i + 1) / L``; ``"uniform"``: every block
             ``drop_rate``.
@@ -83,6 +90,12 @@ def apply_stochastic_depth(
             forward of ``model`` (the model-level stepper of
             :func:`apply_gyro_dropout`; :func:`gyrodrop.bind_to_optimizer` for one step
             per optimizer step); ``False``: call :func:`gyrodrop.step` yourself.
+        drop_mode: ``"standard"`` (drop all run long), ``"early"`` (drop before the
+            cutoff only: early dropout, against underfitting) or ``"late"`` (after it
+            only); Liu et al., ICML 2023.
+        drop_cutoff: with ``"early"``/``"late"``, the cutoff as a fraction of
+            ``total_steps``, in ``(0, 1)``: every layer gets
+            ``cutoff_step = round(drop_cutoff * total_steps)``.
         per_rank: block mode under data parallelism: ``True`` lets each rank draw its
             own decisions (default ``False``: identical decisions on every rank).
         example_inputs: inputs of one forward of ``model`` (a tensor, a tuple of
@@ -124,7 +137,7 @@ def apply_stochastic_depth(
     """
     owner = "apply_stochastic_depth"
     check_model(owner, model)
-    drop_rate = check_p(owner, drop_rate)
+    given = _given_rates(owner, drop_rate)
     check_choice(owner, "drop_distribution", drop_distribution, DROP_DISTRIBUTIONS)
     check_choice(owner, "mode", mode, MODES)
     warmup = warmup_steps_for(owner, drop_warmup, total_steps)
@@ -132,13 +145,22 @@ def apply_stochastic_depth(
     check_bool(owner, "auto_step", auto_step)
 
     check_bool(owner, "per_rank", per_rank)
+    timing = check_timing(owner, drop_mode, drop_cutoff, total_steps)
 
     root = unwrap_model(model)
     blocks = find_residual_blocks(root, target, example_inputs)
-    if drop_distribution == "linear":
-        rates = linear_rates(drop_rate, len(blocks))
+    if isinstance(given, list):
+        if len(given) != len(blocks):
+            raise ValueError(
+                f"{owner}: drop_rate has {len(given)} rates but {len(blocks)} blocks were "
+                "found; hint: one rate per block, in named_modules order (see "
+                "gyrodrop.surgery.find_residual_blocks)"
+            )
+        rates = given
+    elif drop_distribution == "linear":
+        rates = linear_rates(given, len(blocks))
     else:
-        rates = [drop_rate] * len(blocks)
+        rates = [given] * len(blocks)
     chosen = {id(block): (i, split) for i, (_, block, split) in enumerate(blocks)}
     names = [name for name, _, _ in blocks]
 
@@ -169,8 +191,14 @@ def apply_stochastic_depth(
             per_rank=per_rank,
         )
 
+    wrappers = (StochasticDepthBlock, StochasticDepthLayer)
+    before = {id(m) for m in root.modules() if isinstance(m, wrappers)}
     policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
     count = replace_modules(root, policy) if blocks else 0
+    for m in root.modules():
+        if timing and isinstance(m, wrappers) and id(m) not in before:
+            sd = m.stochastic_depth  # timing checked above: this cannot fail
+            sd.config = sd.config.replace(owner=owner, total_steps=total_steps, **timing)
     if count and auto_step:
         attach_stepper(root)
     if count == 0:
@@ -183,6 +211,20 @@ def apply_stochastic_depth(
             stacklevel=2,
         )
     return count
+
+
+def _given_rates(owner: str, drop_rate: Any) -> float | list[float]:
+    """``drop_rate`` checked: one rate, or the flat list of per-block rates (nested
+    per-stage sequences flattened)."""
+    if isinstance(drop_rate, (str, bytes)) or not isinstance(drop_rate, Sequence):
+        return check_p(owner, drop_rate, "drop_rate")
+    flat: list[float] = []
+    for i, item in enumerate(drop_rate):
+        if isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
+            flat.extend(check_p(owner, r, f"drop_rate[{i}][{j}]") for j, r in enumerate(item))
+        else:
+            flat.append(check_p(owner, item, f"drop_rate[{i}]"))
+    return flat
 
 
 def remove_stochastic_depth(model: nn.Module) -> int:
@@ -255,7 +297,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         >>> replace_drop_paths(net)
         1
         >>> net[1]
-        StochasticDepth(p=0.1, mode=sample)
+        StochasticDepth(p=0.1, mode=sample, warmup_steps=0, per_rank=False)
     """
     check_choice("replace_drop_paths", "mode", mode, MODES)
     check_seed("replace_drop_paths", seed)
@@ -295,7 +337,7 @@ def _drop_path_differs(module: nn.Module, rate: float) -> str | None:
     """Why a DropPath computes something :class:`StochasticDepth` would not, or
     ``None``: timm's ``scale_by_keep=False`` (kept rows not scaled: the branch's
     training expectation is ``(1 - p) x``), or a ``drop_prob`` outside ``[0, 1)``."""
-    if not getattr(module, "scale_by_keep", True):
+    if not getattr(module, "scale_by_keep", True) and rate != 0.0:  # p = 0: both identity
         return (
             f"drop_prob={rate}, scale_by_keep=False: its kept rows are not scaled, so the "
             f"branch's training mean is {1 - rate:g} x, not x"

@@ -349,7 +349,7 @@ def subnet_ensemble_predict(
             f"{owner}: subnets must be None, an int or a sequence of ints, got {subnets!r}"
         )
     rows = batch_rows(owner, x)
-    chunk = chunk_size(owner, batch_subnets, len(chosen), rows)
+    chunk = chunk_size(owner, batch_subnets, len(chosen), rows, "batch_subnets")
     calls: dict[int, int] = {}
     single: dict[int, int] = {}
 

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 import gyrodrop
+from gyrodrop.experiments.cli.ood_options import add_ood_options
 from gyrodrop.experiments.cli.study_options import add_study_parser
 from gyrodrop.experiments.data import DATASETS
 from gyrodrop.experiments.models import MODELS, PAPER_CONV
@@ -144,7 +145,8 @@ EXAMPLES = {
   gyrodrop compare --quick
   gyrodrop compare --dataset digits --methods none,dropout,gyro --seeds 3 --epochs 20
   gyrodrop compare --dataset fashion-mnist --model mlp2 --methods dropout,gyro --seeds 5 --epochs 10
-  gyrodrop compare --dataset cifar10 --data-dir ~/data --model alexnet --uncertainty""",
+  gyrodrop compare --dataset cifar10 --data-dir ~/data --model alexnet --uncertainty
+  gyrodrop compare --dataset fashion-mnist --uncertainty --ood-classes 5,6,7,8,9""",
     "sweep": """examples:
   gyrodrop sweep --quick
   gyrodrop sweep --dataset digits --num-subnets 16,64,256,1024 --subnets-per-step 1,2,4,8,16
@@ -340,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(NLL, ECE, Brier, reliability diagram)",
     )
     compare.add_argument("--mc-samples", type=int, help="MC dropout samples (default 30)")
+    add_ood_options(compare)
 
     sweep = sub.add_parser(
         "sweep",
@@ -508,13 +511,23 @@ def check_device(text: str) -> torch.device:
     return dev
 
 
+def check_path_given(option: str, path: str | Path, *, directory: bool) -> None:
+    """:class:`CommandError` when ``path`` is empty (or only spaces): ``Path("")`` is
+    the current folder, so an empty ``--out`` would write there and an empty ``--db``
+    would name a folder."""
+    if not str(path).strip():
+        what = "a folder for tables and plots" if directory else "a results file path"
+        raise CommandError(f"{option} is empty; pass {what}")
+
+
 def check_writable(option: str, path: str | Path, *, directory: bool) -> None:
     """:class:`CommandError` unless ``path`` can be written (as a directory with
     ``directory``, else as a file): an existing path must be of that kind and writable,
     a missing one needs its nearest existing parent to be a writable directory. Creates
     nothing (a probe file in that parent is removed at once)."""
-    p = Path(path).expanduser()
     kind = "a directory" if directory else "a file"
+    check_path_given(option, path, directory=directory)
+    p = Path(path).expanduser()
     if p.exists():
         if directory and not p.is_dir():
             raise CommandError(f"{option} {path}: exists and is not a directory; pass a folder")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gyrodrop.experiments.cli.options import check_writable
+from gyrodrop.experiments.cli.options import check_path_given, check_writable
 from gyrodrop.experiments.cli.runner import Progress, emit, open_store
 
 
@@ -14,6 +14,8 @@ def run(args: argparse.Namespace) -> int:
     from gyrodrop.experiments import report
 
     progress = Progress(args.quiet or args.format != "markdown")
+    check_path_given("--db", args.db, directory=False)
+    check_path_given("--out", args.out, directory=True)
     if args.format == "markdown" and not args.no_plots:
         check_writable("--out", args.out, directory=True)
     with open_store(args.db, readonly=True) as store:

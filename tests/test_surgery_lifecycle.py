@@ -1,7 +1,14 @@
-"""Undoing surgery (``remove_gyro_dropout``, ``remove_stochastic_depth``) gives back the
-model as it was: the same hooks (the model-level stepper's go once nothing is stepped),
-so it scripts, traces and compiles as before; and a model that still holds gyrodrop
-layers refuses to be scripted, traced or exported in training mode with what to do."""
+"""A rewritten model's life cycle: built on ``meta`` and materialized (deferred
+initialization), undone, exported.
+
+- Surgery on a model built on the ``meta`` device, then ``to_empty()`` and
+  ``reset_parameters()``: every gyrodrop buffer holds what a CPU build holds.
+- Undoing surgery (``remove_gyro_dropout``, ``remove_stochastic_depth``) gives back the
+  model as it was: the same hooks (the model-level stepper's go once nothing is
+  stepped), so it scripts, traces and compiles as before.
+- A model that still holds gyrodrop layers refuses to be scripted, traced or exported
+  in training mode, saying what to do.
+"""
 
 from __future__ import annotations
 
@@ -97,14 +104,18 @@ CASES = [
 ]
 
 
-def hooks(model: nn.Module) -> dict[str, dict[int, object]]:
-    """Every hook registry of ``model`` (a copy of each dict)."""
+def hooks(model: nn.Module) -> dict[str, dict[str, dict[int, object]]]:
+    """Every hook registry of every module of ``model``, by module name (copies)."""
     names = [
         "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
         "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
-        "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+        "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
     ]  # fmt: skip
-    return {name: dict(getattr(model, name)) for name in names}
+    return {
+        module_name: {name: dict(getattr(module, name)) for name in names}
+        for module_name, module in model.named_modules()
+    }
 
 
 def rewritten(case, *, user_hook: bool = True, train_steps: int = 2) -> tuple[nn.Module, dict]:
@@ -243,3 +254,56 @@ class TestExportOfAModelThatStillHoldsGyrodropLayers:
         torch.testing.assert_close(traced(x), expected)
         exported = torch.export.export(model, (x,))
         torch.testing.assert_close(exported.module()(x), expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("reset", [True, False])
+def test_surgery_built_on_meta_holds_the_buffers_of_a_cpu_build(case, reset):
+    """(The right value of shared/cases/round3/case_meta_init.py, on every surgery.)"""
+    _, make, shape, surgeries, _ = case
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = make()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for surgery in surgeries:
+                surgery(model)
+        return model
+
+    cpu = build()
+    with torch.device("meta"):
+        deferred = build()
+    deferred.to_empty(device="cpu")
+    if reset:
+        for module in deferred.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    buffers = dict(deferred.named_buffers())
+    want = {
+        k: v
+        for k, v in cpu.named_buffers()
+        if k.split(".")[-1] in ("step", "seed", "schedule_seed")
+    }
+    assert want and all(torch.equal(buffers[k], v) for k, v in want.items())
+    # the same weights: then the same training outputs, step after step
+    deferred.load_state_dict(cpu.state_dict())
+    x = torch.randn(shape)
+    for _ in range(3):
+        torch.manual_seed(1)  # torch's own dropouts (in the transformer) alike
+        a = cpu.train()(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, deferred.train()(x))
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=[c[0] for c in CASES[:4]])
+def test_prediction_passes_leave_the_hooks_as_they_were(case):
+    model, _ = rewritten(case, train_steps=1)
+    during = hooks(model)
+    x = torch.randn(case[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gyrodrop.mc_predict(model, x, samples=3)
+        if case[0] != "dropblock":  # no subnetworks to average
+            gyrodrop.subnet_ensemble_predict(model, x)
+    assert hooks(model) == during
