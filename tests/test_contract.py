@@ -389,6 +389,17 @@ class TestEarlyAndLateDropout:
             assert torch.equal(out, ref if drops else plain), (mode, step)
         assert module.current_step() == 4
 
+    @pytest.mark.parametrize("mode", ["early", "late"])
+    def test_compiled_forward_follows_the_mode_as_eager_does(self, case: Case, mode: str) -> None:
+        x = _input(case)
+        eager = self._make(case, seed=2, drop_mode=mode, cutoff_step=2).train()
+        compiled_module = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_module, backend="eager", fullgraph=False)
+        for step in range(4):
+            with torch.no_grad():
+                assert torch.equal(eager(x), compiled(x)), step
+        assert compiled_module.current_step() == eager.current_step() == 4
+
     def test_the_cutoff_is_a_fraction_of_total_steps(self, case: Case) -> None:
         module = case.make(seed=0, drop_mode="early", drop_cutoff=0.25, cutoff_step=2)
         assert module.cutoff_step == 2 and module.drop_cutoff == 0.25
@@ -465,3 +476,19 @@ class TestDeferredInitialization:
         module.reset_parameters()
         assert _counters(module) == _counters(case.make(seed=6))
         assert all(v is before[k] for k, v in module.named_buffers())  # written in place
+
+
+def test_block_gyro_linear_built_with_device_meta_materializes_its_counters() -> None:
+    # BlockGyroLinear(device="meta") puts its counters on meta too, so to_empty() gives
+    # them their construction values (not leftover memory) with or without reset
+    cpu = gyrodrop.BlockGyroLinear(16, 8, p=0.5, block_size=4, steps_per_set=1, seed=3)
+    meta = gyrodrop.BlockGyroLinear(
+        16, 8, p=0.5, block_size=4, steps_per_set=1, seed=3, device="meta"
+    )
+    assert all(b.is_meta for b in meta.buffers())
+    meta.to_empty(device="cpu")
+    assert _counters(meta) == _counters(cpu)
+    linear = gyrodrop.BlockGyroLinear.from_linear(
+        nn.Linear(16, 8), p=0.5, block_size=4, steps_per_set=1, seed=3
+    )
+    assert _counters(linear) == {"step": 0, "seed": 3, "schedule_seed": 3}

@@ -34,6 +34,7 @@ _STREAM_BLOCK = 1
 _STREAM_SAMPLE = 2
 _STREAM_MC = 3
 _STREAM_RANK = 4
+_SAMPLE_SALT = 0x5A5A5A5A  # Monte-Carlo sample-mode keys apart from block-mode ones
 
 
 # --------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ class StochasticDepth(SteppedModule):
             )
         if self.step.is_meta:
             return 1.0  # shapes only
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         p = self.rate(step)
         if p == 0.0:
             return 1.0
@@ -455,7 +456,7 @@ class StochasticDepth(SteppedModule):
             if self.mode == "block":
                 keep = _keep_indices(key, mc.first, 1, p, x.device).expand(n)
             else:
-                keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * n, n, p, x.device)
+                keep = _keep_indices(key ^ _SAMPLE_SALT, mc.first * n, n, p, x.device)
         elif self.mode == "block":
             if x.shape[0] % mc.rows:
                 raise ValueError(
@@ -465,7 +466,7 @@ class StochasticDepth(SteppedModule):
             keep = _keep_indices(key, mc.first, x.shape[0] // mc.rows, p, x.device)
             keep = keep.repeat_interleave(mc.rows)
         else:
-            keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * mc.rows, x.shape[0], p, x.device)
+            keep = _keep_indices(key ^ _SAMPLE_SALT, mc.first * mc.rows, x.shape[0], p, x.device)
         return x * _row_factors(keep, x.dim(), p, x.dtype)
 
     @torch.compiler.disable
@@ -473,7 +474,7 @@ class StochasticDepth(SteppedModule):
         """This step's factors for ``x`` (see :func:`stochastic_depth`); advances the
         step when ``auto_step``. Block mode's bookkeeping runs eagerly under
         ``torch.compile`` (a graph break); sample mode is traced (:meth:`forward`)."""
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         seed = self.decision_seed() if self.config.mode == "block" else self.current_seed()
         return _draw(x, self.config, seed, step)
 
