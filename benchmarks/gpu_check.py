@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gyrodrop  # noqa: E402
-from gyrodrop import blockwise_triton  # noqa: E402
+from gyrodrop.blockwise import triton_backend as blockwise_triton  # noqa: E402
 from timing import markdown_table  # noqa: E402
 
 PS = (0.1, 0.25, 0.5, 0.75)

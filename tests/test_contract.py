@@ -476,3 +476,19 @@ class TestDeferredInitialization:
         module.reset_parameters()
         assert _counters(module) == _counters(case.make(seed=6))
         assert all(v is before[k] for k, v in module.named_buffers())  # written in place
+
+
+def test_block_gyro_linear_built_with_device_meta_materializes_its_counters() -> None:
+    # BlockGyroLinear(device="meta") puts its counters on meta too, so to_empty() gives
+    # them their construction values (not leftover memory) with or without reset
+    cpu = gyrodrop.BlockGyroLinear(16, 8, p=0.5, block_size=4, steps_per_set=1, seed=3)
+    meta = gyrodrop.BlockGyroLinear(
+        16, 8, p=0.5, block_size=4, steps_per_set=1, seed=3, device="meta"
+    )
+    assert all(b.is_meta for b in meta.buffers())
+    meta.to_empty(device="cpu")
+    assert _counters(meta) == _counters(cpu)
+    linear = gyrodrop.BlockGyroLinear.from_linear(
+        nn.Linear(16, 8), p=0.5, block_size=4, steps_per_set=1, seed=3
+    )
+    assert _counters(linear) == {"step": 0, "seed": 3, "schedule_seed": 3}

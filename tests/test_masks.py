@@ -117,3 +117,36 @@ class TestDevice:
         for n_drop in (-1, 9):
             with pytest.raises(ValueError, match=rf"n_drop must be in \[0, 8\], got {n_drop}"):
                 masks.block_keep_mask(0, torch.arange(2), 8, n_drop)
+
+
+class TestStreamTags:
+    """One table of hash stream tags (``gyrodrop.masks.STREAM_TAGS``)."""
+
+    def test_the_table_holds_every_tag_at_its_pinned_value(self):
+        assert masks.STREAM_TAGS == {
+            "TAG_ELEMENT": 0x11,
+            "TAG_BLOCK": 0x22,
+            "TAG_PERM": 0x33,
+            "TAG_RANDOM_SET": 0x44,
+            "TAG_DEPTH": 0x55,
+            "TAG_REPLACE_SET": 0x66,
+            "TAG_DROPBLOCK": 0x66,
+            "TAG_MC_MEMBERS": 0x66,
+            "TAG_SUBSET": 0x67,
+            "TAG_GYRO_DROPBLOCK": 0x77,
+            "TAG_LAYER": 0xD5,
+        }
+
+    def test_no_module_defines_a_tag_of_its_own(self):
+        import re
+        from pathlib import Path
+
+        src = Path(masks.__file__).parent
+        own = [
+            f"{path.relative_to(src)}: {line.strip()}"
+            for path in src.rglob("*.py")
+            if path.name != "masks.py"
+            for line in path.read_text().splitlines()
+            if re.match(r"\s*_?TAG_\w+\s*=", line)
+        ]
+        assert not own, "stream tags belong in gyrodrop.masks: " + "; ".join(own)

@@ -8,12 +8,8 @@ import torch
 from torch import nn
 
 import gyrodrop
-from gyrodrop.stochastic_depth import (
-    StochasticDepthBlock,
-    StochasticDepthLayer,
-    block_keep,
-    remove_stochastic_depth,
-)
+from gyrodrop.stochastic_depth import StochasticDepthBlock, StochasticDepthLayer, block_keep
+from gyrodrop.surgery import remove_stochastic_depth
 
 transformers = pytest.importorskip("transformers")
 
@@ -267,7 +263,8 @@ class TestUserBranchCheck:
 
 class TestReplaceDropPaths:
     def test_convnext_drop_paths_become_seeded_stochastic_depth(self):
-        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+        from gyrodrop.stochastic_depth import StochasticDepth
+        from gyrodrop.surgery import replace_drop_paths
 
         torch.manual_seed(0)
         config = transformers.ConvNextConfig(
@@ -319,7 +316,7 @@ class TestReplaceDropPathsKeepsTheMeaning:
         return float(model.train()(torch.ones(20000, 4)).mean())
 
     def test_scale_by_keep_false_is_left_alone_and_named(self):
-        from gyrodrop.stochastic_depth import replace_drop_paths
+        from gyrodrop.surgery import replace_drop_paths
 
         model = nn.Sequential(TimmDropPath(0.4, scale_by_keep=False))
         with pytest.warns(gyrodrop.SurgeryWarning, match=r"left 1 .*0 \(TimmDropPath, drop_prob"
@@ -329,7 +326,8 @@ class TestReplaceDropPathsKeepsTheMeaning:
         assert self.train_mean(model) == pytest.approx(0.6, abs=0.02)  # still (1 - p) x
 
     def test_scale_by_keep_true_is_replaced_and_keeps_the_expectation(self):
-        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+        from gyrodrop.stochastic_depth import StochasticDepth
+        from gyrodrop.surgery import replace_drop_paths
 
         model = nn.Sequential(TimmDropPath(0.4, scale_by_keep=True))
         before = self.train_mean(model)
@@ -344,7 +342,8 @@ class TestReplaceDropPathsKeepsTheMeaning:
         )
 
     def test_in_a_mixed_model_only_the_faithful_ones_are_replaced(self):
-        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+        from gyrodrop.stochastic_depth import StochasticDepth
+        from gyrodrop.surgery import replace_drop_paths
 
         blocks = nn.ModuleDict(
             {
@@ -352,16 +351,17 @@ class TestReplaceDropPathsKeepsTheMeaning:
                 "b": TimmDropPath(0.2, scale_by_keep=False),
                 "c": TimmDropPath(0.3),
                 "d": TimmDropPath(1.0),  # drops every row: StochasticDepth refuses p = 1
+                "e": TimmDropPath(0.0, scale_by_keep=False),  # p = 0: the identity either way
             }
         )
         model = nn.Sequential(blocks)
         with pytest.warns(gyrodrop.SurgeryWarning) as record:
-            assert replace_drop_paths(model) == 2
+            assert replace_drop_paths(model) == 3
         (message,) = [str(w.message) for w in record]
         assert "left 2 as they were" in message
         assert "0.b (TimmDropPath, drop_prob=0.2, scale_by_keep=False" in message
         assert "0.d (TimmDropPath, drop_prob=1.0 is outside [0, 1))" in message
-        assert [type(blocks[k]).__name__ for k in "abcd"] == [
-            "StochasticDepth", "TimmDropPath", "StochasticDepth", "TimmDropPath"
+        assert [type(blocks[k]).__name__ for k in "abcde"] == [
+            "StochasticDepth", "TimmDropPath", "StochasticDepth", "TimmDropPath", "StochasticDepth"
         ]  # fmt: skip
         assert isinstance(blocks["a"], StochasticDepth) and blocks["c"].p == 0.3

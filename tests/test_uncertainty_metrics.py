@@ -314,3 +314,23 @@ class TestBadInput:
             uncertainty_metrics(torch.tensor(P3), Y3)
         with pytest.raises(ValueError, match="ood must be a gyrodrop.Prediction"):
             uncertainty_metrics(classification(P3), Y3, ood=torch.tensor(P3))
+
+
+class TestPredictionFromPasses:
+    def test_equals_mc_predict_on_the_same_passes(self):
+        g = torch.Generator().manual_seed(0)
+        probs = torch.softmax(torch.randn(4, 5, 3, generator=g, dtype=torch.float64), -1)
+        pred = Prediction.from_passes(probs)
+        mean = probs.mean(0)
+        torch.testing.assert_close(pred.mean, mean.float())
+        h = -(mean * mean.log()).sum(-1)
+        mi = h + (probs * probs.log()).sum(-1).mean(0)
+        torch.testing.assert_close(pred.entropy, h.float())
+        torch.testing.assert_close(pred.mutual_info, mi.float())
+
+    @pytest.mark.parametrize(
+        "probs", [torch.zeros(2, 3), torch.zeros(0, 2, 2), torch.full((2, 2, 2), -1.0)]
+    )
+    def test_bad_probabilities_are_refused(self, probs):
+        with pytest.raises(ValueError, match="Prediction.from_passes"):
+            Prediction.from_passes(probs)

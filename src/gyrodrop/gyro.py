@@ -113,10 +113,16 @@ def apply_group_masks(x: Tensor, group_masks: Tensor, counts: Sequence[int]) -> 
             f"apply_group_masks: counts {counts} sum to {sum(counts)} rows but x has "
             f"{x.shape[0]} rows (dim 0); every row must be in exactly one group"
         )
-    rest = x.shape[1:]
+    return _apply_group_masks(x, group_masks, counts)
+
+
+def _apply_group_masks(x: Tensor, group_masks: Tensor, counts: Sequence[int]) -> Tensor:
+    """:func:`apply_group_masks` for counts the layers computed (checked once there)."""
+    rest, n_groups, c = x.shape[1:], len(counts), counts[0]
+    if c > 0 and list(counts).count(c) == n_groups:  # equal groups: one broadcast multiply
+        return (x.reshape(n_groups, c, *rest) * group_masks.unsqueeze(1)).reshape(x.shape)
     pieces = []
     row, g = 0, 0
-    n_groups = len(counts)
     while g < n_groups:
         c = counts[g]
         end = g
@@ -231,7 +237,7 @@ def _gyro_dropout(
     group_masks, counts = masks_for(x, mshape)
     if config.p == 0.0 or not counts:
         return x
-    return apply_group_masks(x, group_masks, counts)
+    return _apply_group_masks(x, group_masks, counts)
 
 
 class GyroDropout(ScheduledModule):
@@ -386,7 +392,7 @@ class GyroDropout(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor, mshape: tuple[int, ...]) -> tuple[Tensor, list[int]]:
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         if self.config.p == 0.0 or not self.config.drops_at(step):
             return x, []  # no group: the identity (p = 0, or early/late dropout's off steps)
         return self.active_masks(x, step, mshape), self.group_counts(x.shape[0])

@@ -28,18 +28,31 @@ __all__ = [
     "block_bounds",
     "hash_grid",
     "drop_threshold",
+    "STREAM_TAGS",
 ]
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
-# Stream tags keep the hash inputs of different uses apart.
-TAG_ELEMENT = 0x11
-TAG_BLOCK = 0x22
-TAG_PERM = 0x33
-TAG_RANDOM_SET = 0x44
-TAG_DEPTH = 0x55
-TAG_REPLACE_SET = 0x66
+# Stream tags: the first key mixed after the seed, keeping the hash inputs of different
+# uses apart. Every tag of the package is here (one table). The values are pinned by
+# the golden mask bits (tests/test_golden.py): 0x66 serves three uses whose other keys
+# differ, kept so that no mask changes; a new use takes a value not in the table.
+TAG_ELEMENT = 0x11  # element masks of gyro dropout
+TAG_BLOCK = 0x22  # block masks of block-wise gyro dropout
+TAG_PERM = 0x33  # the consecutive schedule's shuffles
+TAG_RANDOM_SET = 0x44  # the random schedule's sets
+TAG_DEPTH = 0x55  # stochastic depth (sub-streams in gyrodrop.stochastic_depth.module)
+TAG_REPLACE_SET = 0x66  # the replacement schedule's draws
+TAG_DROPBLOCK = 0x66  # DropBlock2d's seed maps, keyed by (seed, tag, step)
+TAG_MC_MEMBERS = 0x66  # which subnetworks each Monte-Carlo pass uses (uncertainty)
+TAG_SUBSET = 0x67  # the seeded subset of subnetworks of an ensemble (uncertainty)
+TAG_GYRO_DROPBLOCK = 0x77  # gyro DropBlock's per-subnetwork seed maps
+TAG_LAYER = 0xD5  # per-layer seeds of the surgery functions (layer_seed)
+#: Every stream tag by name: the one table (a new tag gets a new value here).
+STREAM_TAGS: dict[str, int] = {
+    name: value for name, value in globals().items() if name.startswith("TAG_")
+}
 
 
 def hash_u32(x: Tensor) -> Tensor:
@@ -74,7 +87,7 @@ def layer_seed(seed: int, index: int) -> int:
     """Seed of the ``index``-th layer a surgery function builds from the user's
     ``seed``: distinct per layer, fixed by ``seed`` (a 62-bit int, so it fits the
     int64 ``seed`` buffer)."""
-    return (mix_keys(seed, 0xD5, index) << 31) | (index & 0x7FFFFFFF)
+    return (mix_keys(seed, TAG_LAYER, index) << 31) | (index & 0x7FFFFFFF)
 
 
 def drop_threshold(p: float) -> int:

@@ -84,6 +84,17 @@ class ScheduledModule(SteppedModule):
         self.config = config
         self.total_steps = total_steps
 
+    @classmethod
+    def from_config(
+        cls, config: Any, *args: Any, total_steps: int | None = None, **kwargs: Any
+    ) -> Any:
+        """As :meth:`SteppedModule.from_config`; ``total_steps`` (the run's length that
+        ``config.steps_per_set`` was derived from, not a setting) is kept as
+        ``module.total_steps``."""
+        module = super().from_config(config, *args, **kwargs)
+        module.total_steps = total_steps
+        return module
+
     @property
     def subnet_schedule(self) -> SubnetSchedule:
         """The schedule object for the current hyperparameters (built, and validated,

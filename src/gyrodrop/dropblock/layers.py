@@ -16,7 +16,7 @@ from gyrodrop.dropblock.functional import (
     _dropblock_masks,
     _gyro_block_masks,
 )
-from gyrodrop.gyro import apply_group_masks
+from gyrodrop.gyro import _apply_group_masks
 from gyrodrop.schedule import SteppedModule
 from gyrodrop.scheduled import ScheduledModule
 from gyrodrop.stepping import warmup_rate
@@ -115,7 +115,7 @@ class DropBlock2d(SteppedModule):
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         return _dropblock_masks(x, self.config, self.current_seed(), step)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -236,7 +236,7 @@ class GyroDropBlock2d(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]] | None:
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         if not self.config.drops_at(step):
             return None  # early/late dropout: not this step
         return self.active_masks(x, step), self.group_counts(x.shape[0])
@@ -251,7 +251,7 @@ class GyroDropBlock2d(ScheduledModule):
             self.forward_step()
             return x
         prepared = self._prepare(x)
-        return x if prepared is None else apply_group_masks(x, *prepared)
+        return x if prepared is None else _apply_group_masks(x, *prepared)
 
 
 class DropBlock3d(DropBlock2d):

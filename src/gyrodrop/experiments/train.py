@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 import gyrodrop
+from gyrodrop._validation import check_p
+from gyrodrop.config import BlockGyroConfig
 from gyrodrop.experiments import metrics as M
 from gyrodrop.experiments.data import (
     Dataset,
@@ -84,6 +86,9 @@ _LATE_FIELDS: dict[str, Any] = {
     "eval_size": None,
     "recipe": "default",
     "width_mult": None,
+    "ood_classes": None,
+    "train_limit": None,
+    "ensemble_size": None,
     "train_size": None,
     "val_size": None,
     "steps_per_epoch": None,
@@ -137,6 +142,13 @@ class RunConfig:
     eval_size: int | None = None  # diversity: test examples used
     recipe: str = "default"  # training recipe: "default" or "paper"
     width_mult: float | None = None  # conv channel multiplier of the paper-* conv nets
+    # compare --uncertainty --ood-classes (experiments/ood.py): these classes are held out
+    # of training and their test examples are the out-of-distribution set; at most
+    # ``train_limit`` training examples of the other classes; a deep ensemble of
+    # ``ensemble_size`` networks (1: none)
+    ood_classes: tuple[int, ...] | None = None
+    train_limit: int | None = None
+    ensemble_size: int | None = None
     # gyrodrop study (experiments/study): a nested training subset of ``train_size``
     # examples drawn with ``seed`` and a validation split of ``val_size`` held out of the
     # training split; ``steps_per_epoch`` optimizer steps between evaluations (a fixed
@@ -190,10 +202,21 @@ class RunConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"{owner}: lr must be > 0, got {self.lr}")
+        if self.ood_classes is not None:
+            ood = tuple(int(c) for c in self.ood_classes)
+            if not ood or min(ood) < 0 or len(set(ood)) != len(ood):
+                raise ValueError(
+                    f"{owner}: ood_classes must be distinct class indices >= 0, got {ood}"
+                )
+        elif self.train_limit is not None or self.ensemble_size is not None:
+            raise ValueError(f"{owner}: train_limit and ensemble_size need ood_classes")
+        if self.train_limit is not None and self.train_limit < 2:
+            raise ValueError(f"{owner}: train_limit must be >= 2, got {self.train_limit}")
+        if self.ensemble_size is not None and self.ensemble_size < 1:
+            raise ValueError(f"{owner}: ensemble_size must be >= 1, got {self.ensemble_size}")
         for name in ("p", "input_p"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v < 1.0:
-                raise ValueError(f"{owner}: {name} must be in [0, 1), got {v}")
+            if getattr(self, name) is not None:  # the layers' own check and message
+                check_p(owner, getattr(self, name), name)
         changes: dict[str, Any] = {}
         if self.method == "none":
             changes.update(
@@ -211,11 +234,14 @@ class RunConfig:
         else:
             if self.num_subnets is None or self.subnets_per_step is None:
                 raise ValueError(f"{owner}: {self.method} needs num_subnets and subnets_per_step")
-            if not 1 <= self.subnets_per_step <= self.num_subnets:
-                raise ValueError(
-                    f"{owner}: subnets_per_step must be in [1, num_subnets={self.num_subnets}], "
-                    f"got {self.subnets_per_step}"
-                )
+            # sigma, tau (and the block size) as the layers check them
+            BlockGyroConfig(
+                num_subnets=self.num_subnets,
+                subnets_per_step=self.subnets_per_step,
+                block_size=32 if self.block_size is None else self.block_size,
+                steps_per_set=1,
+                owner=owner,
+            )
             if self.method == "gyro-independent":
                 changes["ens_subnets"] = None  # no subnetwork ensemble (no trained members)
             if self.method != "blockwise":
@@ -228,6 +254,8 @@ class RunConfig:
             changes["input_p"] = None
         if self.widths is not None:
             changes["widths"] = tuple(int(w) for w in self.widths)
+        if self.ood_classes is not None:
+            changes["ood_classes"] = tuple(sorted(int(c) for c in self.ood_classes))
         if self.width_mult is not None:
             changes["width_mult"] = float(self.width_mult)
         return dataclasses.replace(self, **changes)
@@ -235,8 +263,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), for JSON."""
         d = dataclasses.asdict(self)
-        if d["widths"] is not None:
-            d["widths"] = list(d["widths"])
+        for name in ("widths", "ood_classes"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     def canonical_json(self) -> str:
@@ -257,8 +286,9 @@ class RunConfig:
         """Inverse of :meth:`to_dict` (unknown keys are ignored, missing ones default)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        if kw.get("widths") is not None:
-            kw["widths"] = tuple(kw["widths"])
+        for name in ("widths", "ood_classes"):
+            if kw.get(name) is not None:
+                kw[name] = tuple(kw[name])
         return cls(**kw)
 
 

@@ -33,8 +33,6 @@ wrapper is :class:`StochasticDepthBlock`. How a block exposes its branch and sho
   e.g. the final ReLU of a post-activation block).
 """
 
-from typing import Any
-
 from gyrodrop.stochastic_depth.block import (
     MethodSplit,
     ResidualBlock,
@@ -92,23 +90,3 @@ __all__ = [
     "structural_split",
     "targeted_split",
 ]
-
-# Old import paths of names that moved up: model analysis and the surgery functions to
-# gyrodrop.surgery. Resolved on first use: lazy aliases, not dependencies of this layer.
-_MOVED = {
-    "find_residual_blocks": "gyrodrop.surgery.residual",
-    "layer_list_candidates": "gyrodrop.surgery.residual",
-    "Target": "gyrodrop.surgery.residual",
-    "remove_stochastic_depth": "gyrodrop.surgery.stochastic_depth",
-    "replace_drop_paths": "gyrodrop.surgery.stochastic_depth",
-    "linear_rates": "gyrodrop.surgery.stochastic_depth",
-    "warmup_steps_for": "gyrodrop.surgery.stochastic_depth",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'gyrodrop.stochastic_depth' has no attribute {name!r}")

@@ -29,6 +29,7 @@ _STREAM_BLOCK = 1
 _STREAM_SAMPLE = 2
 _STREAM_MC = 3
 _STREAM_RANK = 4
+_SAMPLE_SALT = 0x5A5A5A5A  # Monte-Carlo sample-mode keys apart from block-mode ones
 
 
 # --------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ class StochasticDepth(SteppedModule):
             )
         if self.step.is_meta:
             return 1.0  # shapes only
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         p = self.rate(step)
         if p == 0.0:
             return 1.0
@@ -301,7 +302,7 @@ class StochasticDepth(SteppedModule):
             if self.mode == "block":
                 keep = _keep_indices(key, mc.first, 1, p, x.device).expand(n)
             else:
-                keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * n, n, p, x.device)
+                keep = _keep_indices(key ^ _SAMPLE_SALT, mc.first * n, n, p, x.device)
         elif self.mode == "block":
             if x.shape[0] % mc.rows:
                 raise ValueError(
@@ -311,14 +312,14 @@ class StochasticDepth(SteppedModule):
             keep = _keep_indices(key, mc.first, x.shape[0] // mc.rows, p, x.device)
             keep = keep.repeat_interleave(mc.rows)
         else:
-            keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * mc.rows, x.shape[0], p, x.device)
+            keep = _keep_indices(key ^ _SAMPLE_SALT, mc.first * mc.rows, x.shape[0], p, x.device)
         return x * _row_factors(keep, x.dim(), p, x.dtype)
 
     @torch.compiler.disable
     def _draw(self, x: Tensor) -> Tensor | float:
         """This step's factors for ``x`` (see :func:`stochastic_depth`); advances the
         step when ``auto_step``. Bookkeeping runs eagerly under ``torch.compile``."""
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         seed = self.decision_seed() if self.config.mode == "block" else self.current_seed()
         return _draw(x, self.config, seed, step)
 

@@ -127,6 +127,32 @@ class Prediction(_Summary):
         self.aleatoric = aleatoric
         return self
 
+    @classmethod
+    def from_passes(cls, probs: Tensor) -> Prediction:
+        """The summary of class probabilities ``(S, N, C)`` computed elsewhere: ``S``
+        members of a deep ensemble, say, whose rows sum to 1 (checked as for
+        ``output="probs"``). Then :func:`~gyrodrop.uncertainty_metrics` scores it.
+
+        Example:
+            >>> import torch
+            >>> from gyrodrop import Prediction
+            >>> p = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # 2 members, 1 row
+            >>> pred = Prediction.from_passes(p)
+            >>> pred.mean.tolist(), round(float(pred.mutual_info), 4)
+            ([[0.5, 0.5]], 0.6931)
+        """
+        if not isinstance(probs, Tensor) or probs.dim() != 3 or 0 in probs.shape:
+            shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
+            raise ValueError(
+                f"Prediction.from_passes: probs must be a tensor (S, N, C) of class "
+                f"probabilities with S, N, C >= 1, got {shape}"
+            )
+        s, n, c = probs.shape
+        acc = _Accumulator()
+        owner = "Prediction.from_passes"
+        acc.add(_probs(owner, probs.reshape(s * n, c), s, n, "probs"))
+        return acc.result()
+
     def __getnewargs__(self) -> tuple[Any, ...]:  # copy and pickle keep the attributes
         return (
             *self,

@@ -163,7 +163,9 @@ class TestOutputPaths:
         line = refused(argv, capsys, option)
         assert "cannot write" in line or "not a directory" in line
 
-    @pytest.mark.parametrize("command", ["compare", "sweep", "diversity", "cv", "bench", "report"])
+    @pytest.mark.parametrize(
+        "command", ["compare", "sweep", "diversity", "cv", "bench", "report", "study", "study-dry"]
+    )
     @pytest.mark.parametrize("option", ["--db", "--out"])
     @pytest.mark.parametrize("value", ["", "  "])
     def test_an_empty_path_is_refused_before_anything_is_written(
@@ -179,9 +181,12 @@ class TestOutputPaths:
         monkeypatch.chdir(tmp_path)
         where = {"--db": str(tmp_path / "r.db"), "--out": str(tmp_path / "o"), option: value}
         argv = [command, "--db", where["--db"], "--out", where["--out"]]
-        if command != "report":
+        if command.startswith("study"):
+            argv[:1] = ["study", "tiny", *(["--dry-run"] if command == "study-dry" else [])]
+        elif command != "report":
             argv[1:1] = TINY
         line = refused(argv, capsys, f"{option} is empty")
+        assert line.startswith(f"gyrodrop {argv[0]}: error: {option} is empty")
         assert line.endswith(("pass a results file path", "pass a folder for tables and plots"))
         assert list(tmp_path.iterdir()) == []
 

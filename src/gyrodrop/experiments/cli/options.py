@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 import torch
 
 import gyrodrop
+from gyrodrop.config import BlockGyroConfig
+from gyrodrop.experiments.cli.ood_options import add_ood_options
 from gyrodrop.experiments.cli.study_options import add_study_parser
 from gyrodrop.experiments.data import DATASETS
 from gyrodrop.experiments.models import MODELS, PAPER_CONV
@@ -144,7 +146,8 @@ EXAMPLES = {
   gyrodrop compare --quick
   gyrodrop compare --dataset digits --methods none,dropout,gyro --seeds 3 --epochs 20
   gyrodrop compare --dataset fashion-mnist --model mlp2 --methods dropout,gyro --seeds 5 --epochs 10
-  gyrodrop compare --dataset cifar10 --data-dir ~/data --model alexnet --uncertainty""",
+  gyrodrop compare --dataset cifar10 --data-dir ~/data --model alexnet --uncertainty
+  gyrodrop compare --dataset fashion-mnist --uncertainty --ood-classes 5,6,7,8,9""",
     "sweep": """examples:
   gyrodrop sweep --quick
   gyrodrop sweep --dataset digits --num-subnets 16,64,256,1024 --subnets-per-step 1,2,4,8,16
@@ -340,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(NLL, ECE, Brier, reliability diagram)",
     )
     compare.add_argument("--mc-samples", type=int, help="MC dropout samples (default 30)")
+    add_ood_options(compare)
 
     sweep = sub.add_parser(
         "sweep",
@@ -482,6 +486,35 @@ def _finite(v: dict[str, Any], name: str, allowed: str, ok: Callable[[float], bo
     value = v.get(name)
     if value is not None and not (math.isfinite(value) and ok(value)):
         _fail("--" + name.replace("_", "-"), allowed, value)
+
+
+#: The option that sets each field of the layers' configs.
+LAYER_OPTIONS = {
+    "p": "--p",
+    "num_subnets": "--num-subnets",
+    "subnets_per_step": "--subnets-per-step",
+    "block_size": "--block-size",
+}
+
+
+def _check_layer_options(v: dict[str, Any]) -> None:
+    """``--p``, ``--block-size`` and every ``--num-subnets`` checked by the config the
+    layers are built from (:class:`gyrodrop.config.BlockGyroConfig`): the check and the
+    message of the library, naming the option."""
+    settings = {k: v[k] for k in ("p", "block_size") if v.get(k) is not None}
+    sigmas = v.get("num_subnets") or [1]
+    try:
+        for sigma in sigmas:
+            BlockGyroConfig(
+                **settings,
+                num_subnets=sigma,
+                subnets_per_step=1,  # tau against sigma: checked per command below
+                steps_per_set=1,
+                owner="gyrodrop",
+                names=LAYER_OPTIONS,
+            )
+    except ValueError as e:
+        raise CommandError(str(e).removeprefix("gyrodrop: ")) from None
 
 
 def check_device(text: str) -> torch.device:
@@ -638,12 +671,12 @@ def _check_blocks(v: dict[str, Any]) -> None:
 def validate(cmd: str, v: dict[str, Any]) -> None:
     """Every option of training command ``cmd`` checked before any data is loaded or any
     run trained. Raises :class:`CommandError` naming the option and what is allowed."""
-    for name in ("epochs", "seeds", "batch_size", "block_size", "threads"):
+    for name in ("epochs", "seeds", "batch_size", "threads"):
         _int_at_least(v, name, 1)
+    _check_layer_options(v)
     _int_at_least(v, "limit", 2)
     _finite(v, "lr", "a finite number > 0", lambda x: x > 0)
     _finite(v, "momentum", "a finite number in [0, 1)", lambda x: 0 <= x < 1)
-    _finite(v, "p", "a finite number in [0, 1)", lambda x: 0 <= x < 1)
     _finite(v, "input_p", "a finite number in [0, 1) (0 = none)", lambda x: 0 <= x < 1)
     _finite(v, "max_norm", "a finite number >= 0 (0 = none)", lambda x: x >= 0)
     _finite(v, "width_mult", "a finite number > 0", lambda x: x > 0)

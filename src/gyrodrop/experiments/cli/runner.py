@@ -29,6 +29,7 @@ from gyrodrop.experiments.data import (
     standardize,
     stratified_folds,
 )
+from gyrodrop.experiments.ood import uncertainty_run
 from gyrodrop.experiments.store import Store
 from gyrodrop.experiments.train import RunConfig, RunResult, input_shape, make_model, train_run
 
@@ -315,9 +316,8 @@ def _train_one(
 
     ds = data(cfg)
     t0 = time.perf_counter()
-    result = train_run(
-        cfg, ds, device=device, on_epoch=on_epoch, extra=extra(cfg) if extra else None
-    )
+    train = uncertainty_run if cfg.ood_classes is not None else train_run
+    result = train(cfg, ds, device=device, on_epoch=on_epoch, extra=extra(cfg) if extra else None)
     result.metrics["threads"] = torch.get_num_threads()  # float sums depend on it
     result.metrics["num_classes"] = ds.num_classes
     result.metrics["n_features"] = math.prod(ds.in_shape)

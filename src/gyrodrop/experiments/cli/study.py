@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from gyrodrop.experiments.cli.options import CommandError, check_device
+from gyrodrop.experiments.cli.options import CommandError, check_device, check_path_given
 from gyrodrop.experiments.cli.runner import (
     DataCache,
     Progress,
@@ -164,6 +164,8 @@ def _report(plan: Plan, store: Store, keys: Sequence[str], args: argparse.Namesp
 def run(args: argparse.Namespace) -> int:
     """Runs ``gyrodrop study``; returns the exit status."""
     plan = _plan(args)
+    check_path_given("--db", args.db, directory=False)
+    check_path_given("--out", args.out, directory=True)
     device = check_device(args.device)
     arrays = load_arrays(plan.dataset, args.data_dir, split_seed=plan.split_seed)
     try:

@@ -39,6 +39,12 @@ from gyrodrop.experiments.report.tables import (
     sweep_grid,
     sweep_table,
 )
+from gyrodrop.experiments.report.uncertainty import (
+    has_uncertainty,
+    plot_uncertainty,
+    uncertainty_paired_table,
+    uncertainty_table,
+)
 
 __all__ = [
     "Section",
@@ -61,6 +67,9 @@ __all__ = [
     "plot_sweep",
     "plot_diversity",
     "plot_reliability",
+    "plot_uncertainty",
+    "uncertainty_table",
+    "uncertainty_paired_table",
     "render_experiment",
     "section_label",
     "slug",
@@ -110,11 +119,19 @@ def render_experiment(
             extra = paired_table(paired_stats(sec.records, paired))
             if extra:
                 body += "\n\n" + extra
+        if has_uncertainty(sec):
+            body += "\n\n#### Uncertainty (in-distribution test set; OOD: held-out classes)\n\n"
+            body += uncertainty_table(sec)
+            extra = uncertainty_paired_table(sec)
+            if extra:
+                body += "\n\n" + extra
         pngs: list[Path | None] = []
         if out is not None and plots:
             if experiment in ("compare", "cv"):
                 pngs.append(plot_learning_curves(sec, epochs_of, out / f"{stem}.png"))
-                if any("reliability" in r for r in sec.records):
+                if has_uncertainty(sec):
+                    pngs.append(plot_uncertainty(sec, out / f"{stem}_uncertainty.png"))
+                elif any("reliability" in r for r in sec.records):
                     pngs.append(plot_reliability(sec, out / f"{stem}_reliability.png"))
             elif experiment == "sweep":
                 pngs.append(plot_sweep(sec, out / f"{stem}.png"))

@@ -14,7 +14,11 @@ __all__ = ["records_json", "records_csv"]
 
 
 def _flat(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in rec.items() if not isinstance(v, (list, dict)) or k == "widths"}
+    return {
+        k: v
+        for k, v in rec.items()
+        if not isinstance(v, (list, dict)) or k in ("widths", "ood_classes")
+    }
 
 
 def records_json(records: Sequence[dict[str, Any]]) -> str:
@@ -27,8 +31,9 @@ def records_csv(records: Sequence[dict[str, Any]]) -> str:
     """CSV, one row per run, columns: configuration then scalar metrics."""
     flat = [_flat(r) for r in records]
     for r in flat:
-        if r.get("widths") is not None:
-            r["widths"] = "-".join(str(w) for w in r["widths"])
+        for name in ("widths", "ood_classes"):
+            if r.get(name) is not None:
+                r[name] = "-".join(str(w) for w in r[name])
     cols: list[str] = [c for c in _CONFIG_FIELDS if any(c in r for r in flat)]
     for r in flat:
         cols += [k for k in r if k not in cols]

@@ -46,6 +46,13 @@ _CONFIG_FIELDS = (
     "mc_samples",
     "recipe",
     "width_mult",
+    "train_size",
+    "val_size",
+    "steps_per_epoch",
+    "lr_schedule",
+    "ood_classes",
+    "train_limit",
+    "ensemble_size",
 )
 _METHOD_ORDER = {
     "none": 0,
@@ -119,6 +126,14 @@ def section_label(sec: Section) -> str:
         parts.append(f"{s['recipe']} recipe")
     if s.get("width_mult") is not None:
         parts.append(f"conv width x{s['width_mult']:g}")
+    if s.get("train_size") is not None:
+        parts.append(f"{s['train_size']} training images (study)")
+    if s.get("train_limit") is not None:
+        parts.append(f"{s['train_limit']} training examples")
+    if s.get("ood_classes"):
+        parts.append("OOD classes " + ",".join(str(c) for c in s["ood_classes"]))
+    if s.get("ensemble_size") not in (None, 1):
+        parts.append(f"deep ensemble of {s['ensemble_size']}")
     return f"{s['dataset']} / {s['model']}: " + ", ".join(parts)
 
 
