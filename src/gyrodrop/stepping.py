@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from gyrodrop._modules import unwrap_model
+from gyrodrop._runtime import EXPORT_HINT, bad_counter, check_input, in_backward, refuse_export
 from gyrodrop._validation import check_bool, check_int, check_seed
-from gyrodrop.config import LayerConfig, config_properties
+from gyrodrop.config import LayerConfig, config_properties, warmup_rate
 
 __all__ = [
     "SteppedModule",
@@ -47,73 +48,7 @@ __all__ = [
 TRAINER_SCHEDULED = "_gyrodrop_trainer_scheduled"
 
 
-def warmup_rate(p: float, warmup_steps: int, step: int) -> float:
-    """The drop rate at ``step``: ``p``, ramped linearly from 0 at step 0 to ``p`` at
-    step ``warmup_steps`` (0: no ramp). What the layers with ``warmup_steps`` use."""
-    if warmup_steps and step < warmup_steps:
-        return p * max(step, 0) / warmup_steps
-    return p
-
-
-def in_backward() -> bool:
-    """Is the autograd engine executing a backward on this thread? True while
-    activation checkpointing (``torch.utils.checkpoint``, reentrant or not) recomputes
-    a forward, so the recompute can replay the step of the original forward."""
-    return bool(torch._C._current_graph_task_id() != -1)
-
-
-def _vmapped(x: Tensor) -> bool:
-    """Is ``x`` batched by ``torch.func.vmap`` (at any level)?"""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(x):
-        if functorch.is_batchedtensor(x):
-            return True
-        x = functorch.get_unwrapped(x)
-    return False
-
-
-def check_input(owner: str, x: Any, *, rows: bool = True) -> None:
-    """Refuse what a gyrodrop layer cannot compute right, with an error naming it: a
-    non-tensor, an integer or bool tensor (masks are scaled by ``1/(1-p)``, which such
-    a tensor cannot hold; ``nn.Dropout`` refuses it too), and, when the layer's masks
-    depend on the row of the batch (``rows=True``), an input batched by
-    ``torch.func.vmap`` (each call would see one row and give every sample the first
-    row's mask; ``nn.Dropout`` refuses vmap too)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(
-            f"{owner}: input must be a floating-point tensor, got dtype {x.dtype}; dropout "
-            "scales kept values by 1/(1-p), which an integer or bool tensor cannot hold "
-            "(nn.Dropout refuses it too); hint: x.float()"
-        )
-    if rows and not torch.compiler.is_compiling() and _vmapped(x):
-        raise RuntimeError(
-            f"{owner}: cannot run in training mode under torch.func.vmap: its masks "
-            "depend on each example's row in the batch, which vmap hides (every example "
-            "would get the first row's mask). Hint: compute per-sample gradients with the "
-            "model in eval(), or call the layer on the whole batch outside vmap"
-        )
-
-
 _COUNTER_BUFFERS = ("step", "seed", "schedule_seed")
-
-
-def _bad_counter(name: str, value: Any) -> str | None:
-    """Why a checkpoint's ``step`` / ``seed`` / ``schedule_seed`` cannot be loaded (a
-    value below 0, a fraction), or ``None`` (fine, or not a one-element tensor: torch
-    reports a wrong shape itself)."""
-    if not isinstance(value, Tensor) or value.numel() != 1 or value.is_meta:
-        return None
-    if value.dtype == torch.bool or value.is_complex():
-        return f"the checkpoint's {name} must be an integer, got dtype {value.dtype}"
-    number = value.item()
-    if number < 0 or number != int(number):
-        return (
-            f"the checkpoint's {name} must be an int >= 0, got {number}; "
-            "hint: the checkpoint was edited or comes from other software"
-        )
-    return None
 
 
 class _ModelStepper:
@@ -155,33 +90,6 @@ class _ModelStepper:
                 UserWarning,
                 stacklevel=4,
             )
-
-
-_EXPORT_HINT = (
-    "undo the surgery first with gyrodrop.remove_gyro_dropout(model) (and "
-    "gyrodrop.surgery.remove_stochastic_depth(model)), which leaves eval() outputs "
-    "unchanged, or export the model in eval mode (model.eval(): gyrodrop layers are then "
-    "the identity, BlockGyroLinear a Linear) with torch.export.export or torch.jit.trace"
-)
-
-
-def refuse_export(owner: str) -> None:
-    """Refuse a training forward that ``torch.jit.trace`` or ``torch.export`` records:
-    the graph would freeze this step's masks (and never advance the step)."""
-    tracer = (
-        "torch.jit.trace"
-        if torch.jit.is_tracing()  # type: ignore[attr-defined]
-        else "torch.export"
-        if torch.compiler.is_exporting()
-        else None
-    )
-    if tracer is not None:
-        raise RuntimeError(
-            f"{owner}: cannot be recorded by {tracer} in training mode: the graph would "
-            "freeze this step's masks and never advance the step. Hint: call model.eval() "
-            "before exporting, or undo the surgery first with gyrodrop.remove_gyro_dropout"
-            "(model) (and gyrodrop.surgery.remove_stochastic_depth(model))"
-        )
 
 
 def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -606,7 +514,7 @@ class SteppedModule(nn.Module):
         masks follow a step counter kept in Python, which TorchScript cannot run)."""
         raise RuntimeError(
             f"{type(self).__name__}: torch.jit.script cannot compile gyrodrop layers (their "
-            f"masks follow a step counter kept in Python). Hint: {_EXPORT_HINT}"
+            f"masks follow a step counter kept in Python). Hint: {EXPORT_HINT}"
         )
 
     def get_extra_state(self) -> Tensor:
@@ -663,7 +571,7 @@ class SteppedModule(nn.Module):
         # A counter that no layer could hold (a negative step or seed, a fraction) is
         # refused, as torch refuses a wrong shape: named in the error, not loaded.
         for name in _COUNTER_BUFFERS:
-            problem = _bad_counter(name, state_dict.get(prefix + name))
+            problem = bad_counter(name, state_dict.get(prefix + name))
             if problem is not None:
                 del state_dict[prefix + name]  # (load_state_dict reads a copy)
                 where = f" {prefix.rstrip('.')!r}" if prefix else ""
