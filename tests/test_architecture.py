@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gyrodrop"
 LAYERS: dict[str, int] = {
     "gyrodrop._validation": 0,
     "gyrodrop._modules": 0,
-    "gyrodrop._runtime": 0,  # input and runtime checks (vmap, backward, export)
+    "gyrodrop._guards": 0,  # what layers refuse (inputs, export, bad counters); torch only
     "gyrodrop.config": 0,  # one frozen, checked config per method (no torch)
     "gyrodrop.masks": 1,
     "gyrodrop.spatial_masks": 1,  # DropBlock's block masks over 2-d and 3-d maps

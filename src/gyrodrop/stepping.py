@@ -22,8 +22,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gyrodrop._guards import (
+    EXPORT_HINT,
+    check_input,
+    check_step,
+    has_meta_tensor,
+    in_backward,
+    refuse_bad_counters,
+    refuse_export,
+)
 from gyrodrop._modules import unwrap_model
-from gyrodrop._runtime import EXPORT_HINT, bad_counter, check_input, in_backward, refuse_export
 from gyrodrop._validation import check_bool, check_int, check_seed
 from gyrodrop.config import LayerConfig, config_properties, warmup_rate
 
@@ -92,10 +100,6 @@ class _ModelStepper:
             )
 
 
-def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    return any(isinstance(a, Tensor) and a.is_meta for a in (*args, *kwargs.values()))
-
-
 @torch.compiler.disable
 def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
     stepper = module.__dict__.get("_gyrodrop_stepper")
@@ -119,7 +123,7 @@ def _root_post_hook(
         and (module.training or stepper.used)
         and output is not None  # None: the forward raised (the hook is always called)
         and not in_backward()  # an activation-checkpoint recompute of the whole model
-        and not _has_meta_tensor(args, kwargs)  # shape inference, not a training step
+        and not has_meta_tensor(args, kwargs)  # shape inference, not a training step
     ):
         stepper.advance(module)
 
@@ -149,11 +153,9 @@ def attach_stepper(model: nn.Module) -> None:
 
 
 def detach_stepper(model: nn.Module) -> bool:
-    """Take the model-level stepper off ``model`` (wrappers looked through) once no
-    gyrodrop module inside is stepped by it: its forward hooks, its optimizer hook and
-    the attribute go, so the model has exactly the hooks it had before
-    :func:`attach_stepper` (what the undo functions call after putting the plain
-    modules back). Returns whether it was taken off; a stepper still in use stays."""
+    """Take the model-level stepper (hooks, optimizer hook) off ``model`` once no module
+    inside is stepped by it, so it has the hooks it had before :func:`attach_stepper`
+    (what undo calls). Returns whether it was taken off."""
     root = _unwrap("detach_stepper", model)
     stepper = root.__dict__.get("_gyrodrop_stepper")
     if not isinstance(stepper, _ModelStepper):
@@ -352,40 +354,27 @@ class SteppedModule(nn.Module):
         self.register_buffer(name, torch.tensor(value, dtype=torch.int64))
         self._initial_counters[name] = value
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Put the ``step``, ``seed`` (and ``schedule_seed``) buffers back to what
-        construction gave them, in place (step 0, the seeds passed in).
-
-        What deferred initialization calls: a model built on the ``meta`` device (FSDP,
-        large models), then ``to_empty()`` (which leaves buffers uninitialized) and
-        ``reset_parameters()`` on every module that has it, holds what a construction
-        on the target device holds, so every rank draws the same masks. Subclasses
-        with parameters (``BlockGyroLinear``) initialize them too.
-        """
+        """Put ``step``, ``seed`` (and ``schedule_seed``) back to their construction
+        values, in place: after ``to_empty()`` of a model built on ``meta`` (FSDP), every
+        rank then holds what a construction on the device holds (and draws its masks)."""
         for name, value in self._initial_counters.items():
             buffer: Tensor = getattr(self, name)
             if not buffer.is_meta:
-                buffer.fill_(value)
+                with torch.no_grad():
+                    buffer.fill_(value)
         self._replay_step = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        # ``to_empty()`` materializes a module built on ``meta`` with uninitialized
-        # memory: counters that leave ``meta`` get their construction values at once
-        # (so ``to_empty`` alone is enough; ``reset_parameters`` puts them back too).
-        was_meta = [n for n in self._initial_counters if getattr(self, n).is_meta]
+        was_meta = self.step.is_meta  # to_empty() of a module built on meta: values back
         out = super()._apply(fn, recurse)
-        with torch.no_grad():
-            for name in was_meta:
-                buffer: Tensor = getattr(self, name)
-                if not buffer.is_meta:
-                    buffer.fill_(self._initial_counters[name])
+        if was_meta and not self.step.is_meta:
+            SteppedModule.reset_parameters(self)  # the counters only, not a subclass's
         return out
 
     def _host(self, name: str) -> int:
         """The value of the scalar buffer ``name`` as a Python int, cached on the host."""
-        t = self._buffers[name]  # not getattr: nn.Module's fallback is slow per forward
-        assert t is not None
+        t: Tensor = self._buffers[name]  # type: ignore[assignment]  # not the slow getattr
         if t.is_meta:
             return 0  # a module on the meta device has shapes, not values
         try:
@@ -418,8 +407,7 @@ class SteppedModule(nn.Module):
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
         if n.__class__ is not int or n < 0:
             check_int(type(self).__name__ + ".advance", "n", n, 0)
-        step = self._buffers["step"]
-        assert step is not None
+        step: Tensor = self._buffers["step"]  # type: ignore[assignment]
         if step.is_meta:
             return
         value = self.current_step()
@@ -441,18 +429,8 @@ class SteppedModule(nn.Module):
         return self._host("step")
 
     def _step_arg(self, step: Any, method: str) -> Any:
-        """``step`` as given to the public method ``method`` (``active_masks``,
-        ``rate``, ...): the current step for ``None``, else an int ``>= 0`` (a 0-d
-        integer tensor passes as it is: the compiled path's step).
-
-        Raises:
-            ValueError: e.g. ``"GyroDropout.active_masks: step must be an int, got 1.5"``.
-        """
-        if step is None:
-            return self.current_step()
-        if isinstance(step, Tensor) and step.dim() == 0 and not step.is_floating_point():
-            return step
-        return check_int(f"{type(self).__name__}.{method}", "step", step, 0)
+        """``step`` given to ``method`` checked (:func:`check_step`); None: the current."""
+        return self.current_step() if step is None else check_step(self, method, step)
 
     @torch.compiler.disable
     def forward_step(self) -> int:
@@ -568,14 +546,7 @@ class SteppedModule(nn.Module):
         unexpected_keys,
         error_msgs,
     ) -> None:
-        # A counter that no layer could hold (a negative step or seed, a fraction) is
-        # refused, as torch refuses a wrong shape: named in the error, not loaded.
-        for name in _COUNTER_BUFFERS:
-            problem = bad_counter(name, state_dict.get(prefix + name))
-            if problem is not None:
-                del state_dict[prefix + name]  # (load_state_dict reads a copy)
-                where = f" {prefix.rstrip('.')!r}" if prefix else ""
-                error_msgs.append(f"{type(self).__name__}{where}: {problem}")
+        refuse_bad_counters(type(self).__name__, _COUNTER_BUFFERS, state_dict, prefix, error_msgs)
         # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed, one from
         # before schedule seeds no schedule_seed: keep the module's own values.
         absent = [n for n in (*_COUNTER_BUFFERS, "_extra_state") if prefix + n not in state_dict]

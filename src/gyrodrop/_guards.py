@@ -1,19 +1,37 @@
-"""What a gyrodrop layer checks about its input and the runtime it runs in (the bottom
-layer): an input it can compute on (:func:`check_input`: a floating-point tensor, not
-batched by ``torch.func.vmap`` when masks depend on rows), a forward run during a
-backward (:func:`in_backward`: an activation-checkpoint recompute), tracing and export
-(:func:`refuse_export`), and the counters a checkpoint may hold (:func:`bad_counter`).
-:mod:`gyrodrop.stepping` re-exports these names.
+"""What a gyrodrop layer refuses, and when it is running inside a backward (the bottom
+layer: torch only).
+
+- :func:`check_input`: inputs a layer cannot compute right (not a tensor, integer or
+  bool, under ``torch.func.vmap`` when masks depend on the row);
+- :func:`refuse_export`: a training forward recorded by ``torch.jit.trace`` or
+  ``torch.export`` (the graph would freeze one step's masks);
+- :func:`check_step`: a step given to a public method (``active_masks(step=...)``);
+- :func:`bad_counter`: a checkpoint's ``step`` / seed that no layer could hold;
+- :func:`in_backward`: whether autograd runs a backward (activation-checkpoint
+  recompute).
+
+:mod:`gyrodrop.stepping` re-exports the public ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_input", "in_backward", "refuse_export", "bad_counter", "EXPORT_HINT"]
+from gyrodrop._validation import check_int
+
+__all__ = [
+    "in_backward",
+    "check_input",
+    "check_step",
+    "refuse_export",
+    "refuse_bad_counters",
+    "bad_counter",
+    "EXPORT_HINT",
+]
 
 
 def in_backward() -> bool:
@@ -55,6 +73,34 @@ def check_input(owner: str, x: Any, *, rows: bool = True) -> None:
             "would get the first row's mask). Hint: compute per-sample gradients with the "
             "model in eval(), or call the layer on the whole batch outside vmap"
         )
+
+
+def check_step(module: Any, method: str, step: Any) -> Any:
+    """``step`` as given to ``module``'s public method ``method`` (``active_masks``,
+    ``rate``, ...): an int ``>= 0`` (a 0-d integer tensor passes as it is: the compiled
+    path's step).
+
+    Raises:
+        ValueError: e.g. ``"GyroDropout.active_masks: step must be an int, got 1.5"``.
+    """
+    if isinstance(step, Tensor) and step.dim() == 0 and not step.is_floating_point():
+        return step
+    return check_int(f"{type(module).__name__}.{method}", "step", step, 0)
+
+
+def refuse_bad_counters(
+    owner: str, names: Sequence[str], state_dict: Any, prefix: str, error_msgs: list[str]
+) -> None:
+    """In ``_load_from_state_dict``: a counter no layer could hold (:func:`bad_counter`)
+    is refused as torch refuses a wrong shape: named in ``error_msgs`` (so
+    ``load_state_dict`` raises) and not loaded (its key is taken out of the copy of the
+    state dict that ``load_state_dict`` reads)."""
+    for name in names:
+        problem = bad_counter(name, state_dict.get(prefix + name))
+        if problem is not None:
+            del state_dict[prefix + name]
+            where = f" {prefix.rstrip('.')!r}" if prefix else ""
+            error_msgs.append(f"{owner}{where}: {problem}")
 
 
 def bad_counter(name: str, value: Any) -> str | None:
@@ -99,3 +145,7 @@ def refuse_export(owner: str) -> None:
             "before exporting, or undo the surgery first with gyrodrop.remove_gyro_dropout"
             "(model) (and gyrodrop.surgery.remove_stochastic_depth(model))"
         )
+
+
+def has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return any(isinstance(a, Tensor) and a.is_meta for a in (*args, *kwargs.values()))
