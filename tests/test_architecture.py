@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "gyrodrop.spatial_masks": 1,  # DropBlock's block masks over 2-d and 3-d maps
     "gyrodrop.schedule": 2,
     "gyrodrop.stepping": 2,
+    "gyrodrop.stepping_control": 2,  # set_stepping, bind_to_optimizer, step (above stepping)
     "gyrodrop.distributed": 3,
     "gyrodrop.scheduled": 4,  # the base of the scheduled layers (needs distributed)
     "gyrodrop.gyro": 4,

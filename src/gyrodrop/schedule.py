@@ -41,12 +41,10 @@ from gyrodrop.stepping import (
     TRAINER_SCHEDULED,
     SteppedModule,
     attach_stepper,
-    bind_to_optimizer,
     check_input,
     in_backward,
-    set_stepping,
-    step,
 )
+from gyrodrop.stepping_control import bind_to_optimizer, set_stepping, step
 
 __all__ = [
     "SubnetSchedule",

@@ -5,8 +5,8 @@ training steps and the next training forward uses the masks of ``step``. A model
 rewritten by the ``apply_*`` surgery functions carries one model-level stepper
 (:func:`attach_stepper`): after each training-mode forward of the model every gyrodrop
 module inside advances by one, however often each was called (0, 1 or many times), so
-all calls of one forward share the masks. :func:`bind_to_optimizer` moves that step to
-``optimizer.step()`` (gradient accumulation); :func:`set_stepping` switches between the
+all calls of one forward share the masks. :func:`gyrodrop.bind_to_optimizer` moves that step to
+``optimizer.step()`` (gradient accumulation); :func:`gyrodrop.set_stepping` switches between the
 rules; a layer outside such a model steps on each of its own training calls. A forward
 that runs while autograd executes a backward (activation-checkpoint recompute) replays
 the step of the layer's last training forward and never advances.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,15 +37,11 @@ from gyrodrop.config import LayerConfig, config_properties, warmup_rate
 
 __all__ = [
     "SteppedModule",
-    "step",
-    "set_stepping",
-    "bind_to_optimizer",
     "attach_stepper",
     "detach_stepper",
     "refuse_export",
     "check_input",
     "in_backward",
-    "Stepping",
     "TRAINER_SCHEDULED",
     "warmup_rate",
 ]
@@ -63,7 +59,7 @@ class _ModelStepper:
     """The model-level stepper (:func:`attach_stepper`), kept on the model's root module
     as ``_gyrodrop_stepper`` and referenced by the modules it advances. ``when`` is
     ``"forward"`` (after each training forward of the root) or ``"optimizer"`` (after
-    each ``optimizer.step()``, :func:`bind_to_optimizer`)."""
+    each ``optimizer.step()``, :func:`gyrodrop.bind_to_optimizer`)."""
 
     def __init__(self) -> None:
         self.when = "forward"
@@ -170,7 +166,7 @@ def attach_stepper(model: nn.Module) -> None:
 
     From then on those modules do not step on their own calls; the stepper advances
     each of them by exactly one after every training-mode forward of ``model`` (or after
-    every ``optimizer.step()`` once :func:`bind_to_optimizer` was called). What the
+    every ``optimizer.step()`` once :func:`gyrodrop.bind_to_optimizer` was called). What the
     ``apply_*`` surgery functions call; a second call (another ``apply_*``) only hands
     over the new modules. Modules with ``auto_step=False`` stay with
     :func:`gyrodrop.step`.
@@ -222,110 +218,6 @@ def _unwrap(owner: str, model: Any) -> nn.Module:
     return unwrap_model(model)
 
 
-Stepping = Literal["forward", "manual"]
-STEPPING: tuple[Stepping, ...] = ("forward", "manual")
-
-
-def set_stepping(model: nn.Module, when: Stepping) -> None:
-    """Choose who advances the step of every gyrodrop module in ``model``.
-
-    - ``"forward"`` (what the ``apply_*`` functions set up): one step after each
-      training-mode forward of ``model``, however often each layer is called.
-    - ``"manual"``: only :func:`gyrodrop.step` advances them (``auto_step=False``;
-      what the trainer callbacks use, they step once per optimizer step).
-
-    For one step per ``optimizer.step()`` use :func:`bind_to_optimizer`.
-
-    Example:
-        >>> import torch, gyrodrop
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5))
-        >>> _ = gyrodrop.apply_gyro_dropout(
-        ...     model, num_subnets=8, subnets_per_step=2, steps_per_set=1
-        ... )
-        >>> gyrodrop.set_stepping(model, "manual")
-        >>> _ = model(torch.ones(4, 4))
-        >>> int(model[1].step)
-        0
-        >>> gyrodrop.step(model)
-        >>> int(model[1].step)
-        1
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``when`` is not ``"forward"`` or ``"manual"``.
-    """
-    root = _unwrap("set_stepping", model)
-    if when not in STEPPING:
-        raise ValueError(
-            f"set_stepping: when must be one of {STEPPING}, got {when!r}; "
-            "for one step per optimizer step use gyrodrop.bind_to_optimizer(model, optimizer)"
-        )
-    stepped = [m for m in root.modules() if isinstance(m, SteppedModule)]
-    for module in stepped:
-        module.auto_step = when == "forward"
-        if when == "manual":
-            module._stepper = None
-    stepper = root.__dict__.get("_gyrodrop_stepper")
-    if isinstance(stepper, _ModelStepper) and stepper.optimizer_hook is not None:
-        stepper.optimizer_hook.remove()
-        stepper.optimizer_hook = None
-    if when == "forward":
-        attach_stepper(root)
-        root.__dict__["_gyrodrop_stepper"].when = "forward"
-
-
-def bind_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Advance every gyrodrop module of ``model`` by one after each
-    ``optimizer.step()``, instead of after each forward: the way to keep the schedule
-    with gradient accumulation (several forwards per optimizer step) in plain PyTorch.
-
-    All forwards between two optimizer steps use the same masks. Binding again (to
-    another optimizer) replaces the binding; :func:`set_stepping` undoes it. A copy of
-    the model (``copy.deepcopy``, pickling) is not bound: bind it again. Do not also
-    call :func:`gyrodrop.step`.
-
-    Example:
-        >>> import torch, gyrodrop
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5))
-        >>> _ = gyrodrop.apply_gyro_dropout(
-        ...     model, num_subnets=8, subnets_per_step=2, steps_per_set=1
-        ... )
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> gyrodrop.bind_to_optimizer(model, opt)
-        >>> for _ in range(3):  # three micro-batches of one optimizer step
-        ...     model(torch.ones(4, 4)).sum().backward()
-        >>> int(model[1].step)
-        0
-        >>> opt.step()
-        >>> int(model[1].step)
-        1
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not a
-            ``torch.optim.Optimizer``.
-    """
-    root = _unwrap("bind_to_optimizer", model)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"bind_to_optimizer: optimizer must be a torch.optim.Optimizer, "
-            f"got {type(optimizer).__name__}"
-        )
-    for module in root.modules():
-        if isinstance(module, SteppedModule):
-            module.auto_step = True
-    attach_stepper(root)
-    stepper: _ModelStepper = root.__dict__["_gyrodrop_stepper"]
-    if stepper.optimizer_hook is not None:
-        stepper.optimizer_hook.remove()
-    stepper.when = "optimizer"
-
-    def after_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
-        if root.__dict__.get("_gyrodrop_stepper") is stepper and stepper.when == "optimizer":
-            stepper.advance(root)
-
-    stepper.optimizer_hook = optimizer.register_step_post_hook(after_step)
-
-
 class SteppedModule(nn.Module):
     """Base of every gyrodrop module whose randomness follows a step counter.
 
@@ -334,7 +226,8 @@ class SteppedModule(nn.Module):
     the masks of ``step`` (:meth:`forward_step`). Who advances it:
 
     - ``auto_step=True`` inside a model rewritten by an ``apply_*`` function (or given
-      to :func:`attach_stepper` / :func:`set_stepping` / :func:`bind_to_optimizer`):
+      to :func:`attach_stepper` / :func:`gyrodrop.set_stepping` /
+      :func:`gyrodrop.bind_to_optimizer`):
       the model-level stepper, once per training forward of the model (or per
       optimizer step);
     - ``auto_step=True`` on its own: each training call of the layer;
@@ -481,7 +374,7 @@ class SteppedModule(nn.Module):
         recompute) gets the step of this layer's last training forward instead and
         advances nothing, so the recompute builds the same masks and graph. (So run
         each backward before the next training forward that steps, as training loops
-        do; with several forwards per backward use :func:`bind_to_optimizer`.)
+        do; with several forwards per backward use :func:`gyrodrop.bind_to_optimizer`.)
         Runs eagerly under ``torch.compile``.
         """
         return self._forward_step()
@@ -635,38 +528,3 @@ class SteppedModule(nn.Module):
         for name in absent:
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
-
-
-def step(model: nn.Module, n: int = 1) -> None:
-    """Advance every gyrodrop module in ``model`` by ``n`` steps.
-
-    Call after each optimizer step when the modules step manually (built with
-    ``auto_step=False``, or after ``set_stepping(model, "manual")``). With the default
-    settings the model steps itself (see :func:`attach_stepper`); for gradient
-    accumulation prefer :func:`bind_to_optimizer`.
-
-    Args:
-        model: any module; every gyrodrop module inside it (``GyroDropout``,
-            ``BlockGyroLinear``, ``StochasticDepth``, ...) advances, nothing else changes.
-        n: steps to advance, an int ``>= 0``, default 1.
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``n`` is not an int ``>= 0``.
-
-    Example:
-        >>> import torch, gyrodrop
-        >>> drop = gyrodrop.GyroDropout(0.5, 16, 4, steps_per_set=10, auto_step=False)
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), drop)
-        >>> _ = model(torch.ones(8, 4))  # two forwards of one accumulated step ...
-        >>> _ = model(torch.ones(8, 4))
-        >>> gyrodrop.step(model)  # ... then one optimizer step
-        >>> int(drop.step)
-        1
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"gyrodrop.step: model must be an nn.Module, got {type(model).__name__}")
-    check_int("gyrodrop.step", "n", n, 0)
-    for module in model.modules():
-        if isinstance(module, SteppedModule):
-            module.advance(n)
