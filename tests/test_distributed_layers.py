@@ -102,7 +102,14 @@ DROPBLOCKS = {
     "gyro_dropblock_realized": lambda: gyrodrop.GyroDropBlock2d(
         0.3, 5, 8, 5, steps_per_set=2, seed=2, scale="realized"
     ),
+    "dropblock3d": lambda: gyrodrop.DropBlock3d(0.3, 3, seed=1),
+    "gyro_dropblock3d": lambda: gyrodrop.GyroDropBlock3d(0.3, 3, 8, 3, steps_per_set=1, seed=2),
 }
+
+
+def maps(name: str, rows: int = WORLD * LOCAL) -> torch.Tensor:
+    """An input of ``rows`` feature maps for the layer ``name`` (2-d or 3-d)."""
+    return torch.ones(rows, 3, *((4, 7, 7) if name.endswith("3d") else (9, 9)))
 
 
 def counters(model: nn.Module) -> dict[str, int]:
@@ -185,7 +192,7 @@ def _worker(rank: int, store: str, out: str) -> None:
         x = torch.ones(WORLD * LOCAL, 3, 9, 9)
         for name, make in DROPBLOCKS.items():
             layer = make()
-            res[name] = [layer(x[rows]) for _ in range(3)]
+            res[name] = [layer(maps(name)[rows]) for _ in range(3)]
         res["functional"] = [
             dropblock2d(x[rows], 0.3, 3, step=5, seed=1),
             gyro_dropblock2d(x[rows], 0.3, 3, step=5, seed=1, num_subnets=8, subnets_per_step=3),
@@ -259,7 +266,7 @@ class TestDropBlockRowOffsets:
     @pytest.mark.parametrize("name", sorted(DROPBLOCKS))
     def test_stitched_rank_outputs_equal_one_process_on_the_whole_batch(self, ranks, name):
         layer = DROPBLOCKS[name]()
-        x = torch.ones(WORLD * LOCAL, 3, 9, 9)
+        x = maps(name)
         for step in range(3):
             want = layer(x)
             got = torch.cat([res[name][step] for res in ranks])

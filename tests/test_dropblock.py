@@ -299,12 +299,16 @@ class TestGyroDropBlock2dSubnetworkStreams:
 
     @pytest.mark.parametrize("channels", [1, 2, 3, 4, 7, 64, 1000])
     @pytest.mark.parametrize("shift", [2**32, 2**64])
-    def test_streams_that_agree_in_their_low_32_bits_get_distinct_masks(self, channels, shift):
+    @pytest.mark.parametrize("dims", [2, 3])
+    def test_streams_that_agree_in_their_low_32_bits_get_distinct_masks(
+        self, channels, shift, dims
+    ):
         """(The right value of shared/cases/round3/case_gyro_dropblock_high_sigma.py.)"""
         # Subnetwork k, channel c is stream k * C + c; stream s + shift lands on
         # (k2, c2) = divmod(s + shift, C), which only the high bits tell apart.
-        drop = gyrodrop.GyroDropBlock2d(0.5, 3, 2**62, 4, steps_per_set=1, seed=3)
-        like = torch.ones(1, channels, 16, 16)
+        layer = gyrodrop.GyroDropBlock2d if dims == 2 else gyrodrop.GyroDropBlock3d
+        drop = layer(0.5, 3, 2**62, 4, steps_per_set=1, seed=3)
+        like = torch.ones(1, channels, *([16, 16] if dims == 2 else [6, 8, 8]))
         for k in (0, 1, 12345):
             for c in sorted({0, channels - 1}):
                 k2, c2 = divmod(k * channels + c + shift, channels)

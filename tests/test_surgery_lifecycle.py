@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gyrodrop
-from gyrodrop.stochastic_depth import remove_stochastic_depth
+from gyrodrop.surgery import remove_stochastic_depth
 
 
 class Block(nn.Module):
@@ -51,6 +51,13 @@ def conv() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.2), nn.Conv2d(8, 8, 3, padding=1),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+def conv3d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Dropout3d(0.2), nn.Conv3d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3),
     )  # fmt: skip
 
 
@@ -97,6 +104,8 @@ CASES = [
     ("block_gyro", mlp, (4, 8), [block_gyro], [undo_gyro]),
     ("dropblock", conv, (2, 3, 8, 8), [dropblock], [undo_gyro]),
     ("gyro_dropblock", conv, (2, 3, 8, 8), [gyro_dropblock], [undo_gyro]),
+    ("dropblock3d", conv3d, (2, 2, 4, 4, 4), [dropblock], [undo_gyro]),
+    ("gyro_dropblock3d", conv3d, (2, 2, 4, 4, 4), [gyro_dropblock], [undo_gyro]),
     ("stochastic_depth", residual, (4, 8), [depth], [undo_depth]),
     ("transformer_layers", transformer, (2, 5, 8), [depth], [undo_depth]),
     ("gyro_and_depth", residual, (4, 8), [depth, gyro], [undo_gyro, undo_depth]),
@@ -296,7 +305,7 @@ def test_surgery_built_on_meta_holds_the_buffers_of_a_cpu_build(case, reset):
         assert torch.equal(a, deferred.train()(x))
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=[c[0] for c in CASES[:4]])
+@pytest.mark.parametrize("case", CASES[:6], ids=[c[0] for c in CASES[:6]])
 def test_prediction_passes_leave_the_hooks_as_they_were(case):
     model, _ = rewritten(case, train_steps=1)
     during = hooks(model)
@@ -304,6 +313,6 @@ def test_prediction_passes_leave_the_hooks_as_they_were(case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gyrodrop.mc_predict(model, x, samples=3)
-        if case[0] != "dropblock":  # no subnetworks to average
+        if not case[0].startswith("dropblock"):  # no subnetworks to average
             gyrodrop.subnet_ensemble_predict(model, x)
     assert hooks(model) == during

@@ -22,9 +22,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gyrodrop._guards import (
+    EXPORT_HINT,
+    check_input,
+    check_step,
+    has_meta_tensor,
+    in_backward,
+    refuse_bad_counters,
+    refuse_export,
+)
 from gyrodrop._modules import unwrap_model
 from gyrodrop._validation import check_bool, check_int, check_seed
-from gyrodrop.config import LayerConfig, config_properties
+from gyrodrop.config import LayerConfig, config_properties, warmup_rate
 
 __all__ = [
     "SteppedModule",
@@ -47,73 +56,7 @@ __all__ = [
 TRAINER_SCHEDULED = "_gyrodrop_trainer_scheduled"
 
 
-def warmup_rate(p: float, warmup_steps: int, step: int) -> float:
-    """The drop rate at ``step``: ``p``, ramped linearly from 0 at step 0 to ``p`` at
-    step ``warmup_steps`` (0: no ramp). What the layers with ``warmup_steps`` use."""
-    if warmup_steps and step < warmup_steps:
-        return p * max(step, 0) / warmup_steps
-    return p
-
-
-def in_backward() -> bool:
-    """Is the autograd engine executing a backward on this thread? True while
-    activation checkpointing (``torch.utils.checkpoint``, reentrant or not) recomputes
-    a forward, so the recompute can replay the step of the original forward."""
-    return bool(torch._C._current_graph_task_id() != -1)
-
-
-def _vmapped(x: Tensor) -> bool:
-    """Is ``x`` batched by ``torch.func.vmap`` (at any level)?"""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(x):
-        if functorch.is_batchedtensor(x):
-            return True
-        x = functorch.get_unwrapped(x)
-    return False
-
-
-def check_input(owner: str, x: Any, *, rows: bool = True) -> None:
-    """Refuse what a gyrodrop layer cannot compute right, with an error naming it: a
-    non-tensor, an integer or bool tensor (masks are scaled by ``1/(1-p)``, which such
-    a tensor cannot hold; ``nn.Dropout`` refuses it too), and, when the layer's masks
-    depend on the row of the batch (``rows=True``), an input batched by
-    ``torch.func.vmap`` (each call would see one row and give every sample the first
-    row's mask; ``nn.Dropout`` refuses vmap too)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(
-            f"{owner}: input must be a floating-point tensor, got dtype {x.dtype}; dropout "
-            "scales kept values by 1/(1-p), which an integer or bool tensor cannot hold "
-            "(nn.Dropout refuses it too); hint: x.float()"
-        )
-    if rows and not torch.compiler.is_compiling() and _vmapped(x):
-        raise RuntimeError(
-            f"{owner}: cannot run in training mode under torch.func.vmap: its masks "
-            "depend on each example's row in the batch, which vmap hides (every example "
-            "would get the first row's mask). Hint: compute per-sample gradients with the "
-            "model in eval(), or call the layer on the whole batch outside vmap"
-        )
-
-
 _COUNTER_BUFFERS = ("step", "seed", "schedule_seed")
-
-
-def _bad_counter(name: str, value: Any) -> str | None:
-    """Why a checkpoint's ``step`` / ``seed`` / ``schedule_seed`` cannot be loaded (a
-    value below 0, a fraction), or ``None`` (fine, or not a one-element tensor: torch
-    reports a wrong shape itself)."""
-    if not isinstance(value, Tensor) or value.numel() != 1 or value.is_meta:
-        return None
-    if value.dtype == torch.bool or value.is_complex():
-        return f"the checkpoint's {name} must be an integer, got dtype {value.dtype}"
-    number = value.item()
-    if number < 0 or number != int(number):
-        return (
-            f"the checkpoint's {name} must be an int >= 0, got {number}; "
-            "hint: the checkpoint was edited or comes from other software"
-        )
-    return None
 
 
 class _ModelStepper:
@@ -126,6 +69,7 @@ class _ModelStepper:
         self.when = "forward"
         self.in_forward = False  # between the root's forward pre-hook and post-hook
         self.used = False  # a module it owns ran a training forward in this root forward
+        self.advanced = False  # a compiled forward advanced at its start (pre-hook)
         self.warned = False
         self.optimizer_hook: Any = None  # RemovableHandle of the optimizer's post-hook
 
@@ -135,6 +79,7 @@ class _ModelStepper:
         state["optimizer_hook"] = None
         state["in_forward"] = False
         state["used"] = False
+        state["advanced"] = False
         return state
 
     def advance(self, root: nn.Module) -> None:
@@ -157,46 +102,44 @@ class _ModelStepper:
             )
 
 
-_EXPORT_HINT = (
-    "undo the surgery first with gyrodrop.remove_gyro_dropout(model) (and "
-    "gyrodrop.surgery.remove_stochastic_depth(model)), which leaves eval() outputs "
-    "unchanged, or export the model in eval mode (model.eval(): gyrodrop layers are then "
-    "the identity, BlockGyroLinear a Linear) with torch.export.export or torch.jit.trace"
-)
+def _compiled_pre_step(root: nn.Module, stepper: _ModelStepper, args: tuple[Any, ...]) -> None:
+    """The model-level step of a compiled forward, taken at its start: every owned
+    module's step is copied (``_step_snapshot``: what its layers read) and then the
+    buffers advance. Taking it here, not in the post-hook, keeps the in-place advance out
+    of the forward graph, so an activation-checkpointed region (whose recompute reads
+    the saved step) never sees its input move; and a compiled user model then makes two
+    graphs at most (this hook's, the forward's): the post-hook does no tensor work.
+    Unlike eager mode, a compiled forward that raises has advanced the step."""
+    owned = [
+        m
+        for m in root.modules()
+        if isinstance(m, SteppedModule) and m._stepper is stepper and m.auto_step
+    ]
+    for m in owned:
+        m.__dict__["_step_snapshot"] = m.step.clone()
+    if (
+        stepper.when == "forward"
+        # a training forward, or one that runs gyrodrop layers in training mode (MC
+        # dropout on a model in eval with its dropouts switched on)
+        and (root.training or any(m.training for m in owned))
+        and not has_meta_tensor(args, {})  # shape inference, not a training step
+    ):
+        for m in owned:
+            if not m.step.is_meta:
+                m.step.add_(1)  # a buffer: never requires grad
+        stepper.advanced = True
 
 
-def refuse_export(owner: str) -> None:
-    """Refuse a training forward that ``torch.jit.trace`` or ``torch.export`` records:
-    the graph would freeze this step's masks (and never advance the step)."""
-    tracer = (
-        "torch.jit.trace"
-        if torch.jit.is_tracing()  # type: ignore[attr-defined]
-        else "torch.export"
-        if torch.compiler.is_exporting()
-        else None
-    )
-    if tracer is not None:
-        raise RuntimeError(
-            f"{owner}: cannot be recorded by {tracer} in training mode: the graph would "
-            "freeze this step's masks and never advance the step. Hint: call model.eval() "
-            "before exporting, or undo the surgery first with gyrodrop.remove_gyro_dropout"
-            "(model) (and gyrodrop.surgery.remove_stochastic_depth(model))"
-        )
-
-
-def _has_meta_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    return any(isinstance(a, Tensor) and a.is_meta for a in (*args, *kwargs.values()))
-
-
-@torch.compiler.disable
 def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
     stepper = module.__dict__.get("_gyrodrop_stepper")
     if isinstance(stepper, _ModelStepper):
         stepper.in_forward = True
         stepper.used = False
+        stepper.advanced = False
+        if torch.compiler.is_compiling():
+            _compiled_pre_step(module, stepper, args)
 
 
-@torch.compiler.disable
 def _root_post_hook(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
 ) -> None:
@@ -204,6 +147,11 @@ def _root_post_hook(
     if not isinstance(stepper, _ModelStepper):
         return
     stepper.in_forward = False
+    if getattr(stepper, "advanced", False):  # a compiled forward: stepped at its start
+        stepper.advanced = False
+        for m in module.modules():
+            m.__dict__.pop("_step_snapshot", None)
+        return
     if (
         stepper.when == "forward"
         # a training forward of the model, or one that ran gyrodrop layers in training
@@ -211,7 +159,7 @@ def _root_post_hook(
         and (module.training or stepper.used)
         and output is not None  # None: the forward raised (the hook is always called)
         and not in_backward()  # an activation-checkpoint recompute of the whole model
-        and not _has_meta_tensor(args, kwargs)  # shape inference, not a training step
+        and not has_meta_tensor(args, kwargs)  # shape inference, not a training step
     ):
         stepper.advance(module)
 
@@ -241,11 +189,9 @@ def attach_stepper(model: nn.Module) -> None:
 
 
 def detach_stepper(model: nn.Module) -> bool:
-    """Take the model-level stepper off ``model`` (wrappers looked through) once no
-    gyrodrop module inside is stepped by it: its forward hooks, its optimizer hook and
-    the attribute go, so the model has exactly the hooks it had before
-    :func:`attach_stepper` (what the undo functions call after putting the plain
-    modules back). Returns whether it was taken off; a stepper still in use stays."""
+    """Take the model-level stepper (hooks, optimizer hook) off ``model`` once no module
+    inside is stepped by it, so it has the hooks it had before :func:`attach_stepper`
+    (what undo calls). Returns whether it was taken off."""
     root = _unwrap("detach_stepper", model)
     stepper = root.__dict__.get("_gyrodrop_stepper")
     if not isinstance(stepper, _ModelStepper):
@@ -444,39 +390,27 @@ class SteppedModule(nn.Module):
         self.register_buffer(name, torch.tensor(value, dtype=torch.int64))
         self._initial_counters[name] = value
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Put the ``step``, ``seed`` (and ``schedule_seed``) buffers back to what
-        construction gave them, in place (step 0, the seeds passed in).
-
-        What deferred initialization calls: a model built on the ``meta`` device (FSDP,
-        large models), then ``to_empty()`` (which leaves buffers uninitialized) and
-        ``reset_parameters()`` on every module that has it, holds what a construction
-        on the target device holds, so every rank draws the same masks. Subclasses
-        with parameters (``BlockGyroLinear``) initialize them too.
-        """
+        """Put ``step``, ``seed`` (and ``schedule_seed``) back to their construction
+        values, in place: after ``to_empty()`` of a model built on ``meta`` (FSDP), every
+        rank then holds what a construction on the device holds (and draws its masks)."""
         for name, value in self._initial_counters.items():
             buffer: Tensor = getattr(self, name)
             if not buffer.is_meta:
-                buffer.fill_(value)
+                with torch.no_grad():
+                    buffer.fill_(value)
         self._replay_step = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        # ``to_empty()`` materializes a module built on ``meta`` with uninitialized
-        # memory: counters that leave ``meta`` get their construction values at once
-        # (so ``to_empty`` alone is enough; ``reset_parameters`` puts them back too).
-        was_meta = [n for n in self._initial_counters if getattr(self, n).is_meta]
+        was_meta = self.step.is_meta  # to_empty() of a module built on meta: values back
         out = super()._apply(fn, recurse)
-        with torch.no_grad():
-            for name in was_meta:
-                buffer: Tensor = getattr(self, name)
-                if not buffer.is_meta:
-                    buffer.fill_(self._initial_counters[name])
+        if was_meta and not self.step.is_meta:
+            SteppedModule.reset_parameters(self)  # the counters only, not a subclass's
         return out
 
     def _host(self, name: str) -> int:
         """The value of the scalar buffer ``name`` as a Python int, cached on the host."""
-        t: Tensor = getattr(self, name)
+        t: Tensor = self._buffers[name]  # type: ignore[assignment]  # not the slow getattr
         if t.is_meta:
             return 0  # a module on the meta device has shapes, not values
         try:
@@ -507,13 +441,18 @@ class SteppedModule(nn.Module):
 
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
-        check_int(type(self).__name__ + ".advance", "n", n, 0)
-        if self.step.is_meta:
+        if n.__class__ is not int or n < 0:
+            check_int(type(self).__name__ + ".advance", "n", n, 0)
+        step: Tensor = self._buffers["step"]  # type: ignore[assignment]
+        if step.is_meta:
+            return
+        if torch.compiler.is_compiling():  # in the graph: no host copy to keep
+            self.step.add_(n)
             return
         value = self.current_step()
-        self.step.add_(n)  # a buffer: never requires grad
+        step.add_(n)  # a buffer: never requires grad
         try:
-            self._mirrors["step"] = (self.step, self.step._version, value + n)
+            self._mirrors["step"] = (step, step._version, value + n)
         except RuntimeError:
             self._mirrors.pop("step", None)
 
@@ -529,18 +468,8 @@ class SteppedModule(nn.Module):
         return self._host("step")
 
     def _step_arg(self, step: Any, method: str) -> Any:
-        """``step`` as given to the public method ``method`` (``active_masks``,
-        ``rate``, ...): the current step for ``None``, else an int ``>= 0`` (a 0-d
-        integer tensor passes as it is: the compiled path's step).
-
-        Raises:
-            ValueError: e.g. ``"GyroDropout.active_masks: step must be an int, got 1.5"``.
-        """
-        if step is None:
-            return self.current_step()
-        if isinstance(step, Tensor) and step.dim() == 0 and not step.is_floating_point():
-            return step
-        return check_int(f"{type(self).__name__}.{method}", "step", step, 0)
+        """``step`` given to ``method`` checked (:func:`check_step`); None: the current."""
+        return self.current_step() if step is None else check_step(self, method, step)
 
     @torch.compiler.disable
     def forward_step(self) -> int:
@@ -553,15 +482,28 @@ class SteppedModule(nn.Module):
         advances nothing, so the recompute builds the same masks and graph. (So run
         each backward before the next training forward that steps, as training loops
         do; with several forwards per backward use :func:`bind_to_optimizer`.)
+        Runs eagerly under ``torch.compile``.
         """
+        return self._forward_step()
+
+    def _forward_step(self) -> int:
+        """:meth:`forward_step` for callers that already run eagerly (a method of the
+        layer under ``torch.compiler.disable``): one wrapper less per forward."""
         refuse_export(type(self).__name__)
         if in_backward():
             replay = self._replay_step
             return self.current_step() if replay is None else replay
+        snapshot = self.__dict__.get("_step_snapshot")
+        stepper = self._stepper
+        if snapshot is not None and stepper is not None and stepper.in_forward:
+            # a compiled model advanced at its start: this forward's step is the copy
+            # (an eager piece of it, e.g. a block-mode decision behind a graph break)
+            step = int(snapshot)
+            self.__dict__["_replay_step"] = step
+            return step
         step = self.current_step()
-        self._replay_step = step
+        self.__dict__["_replay_step"] = step  # not nn.Module.__setattr__: per forward
         if self.auto_step:
-            stepper = self._stepper
             if stepper is None:
                 self.advance()
             elif stepper.in_forward:
@@ -569,6 +511,32 @@ class SteppedModule(nn.Module):
             elif stepper.when == "forward":
                 stepper.outside_forward(self)
                 self.advance()
+        return step
+
+    def forward_step_tensor(self) -> Tensor:
+        """:meth:`forward_step` for the compiled training path: the step whose masks
+        this training forward uses, as a 0-d int64 tensor on the buffers' device, and,
+        for a layer that steps on its own calls, the buffer advanced in place. Tensor
+        ops only, so ``torch.compile`` traces it into the graph: the masks are computed
+        from the step inside the graph (no recompile per step, no graph break).
+
+        An activation-checkpoint recompute inside a compiled graph is the graph's own
+        recompute of the saved step (nothing to replay); a compiled module called again
+        by a checkpoint outside the graph is not told apart (run the checkpoint inside
+        the compiled model).
+        """
+        refuse_export(type(self).__name__)
+        step = self.step
+        if self.auto_step:
+            stepper = self._stepper
+            snapshot = self.__dict__.get("_step_snapshot")
+            if stepper is not None and stepper.in_forward and snapshot is not None:
+                return snapshot
+            if stepper is None or (not stepper.in_forward and stepper.when == "forward"):
+                step = step.clone()
+                self.step.add_(1)  # a buffer: never requires grad
+            # inside the model's forward: the root's post-hook advances (no flag set
+            # here: a checkpointed region may not mutate outer state; see the hook)
         return step
 
     @classmethod
@@ -596,7 +564,7 @@ class SteppedModule(nn.Module):
         masks follow a step counter kept in Python, which TorchScript cannot run)."""
         raise RuntimeError(
             f"{type(self).__name__}: torch.jit.script cannot compile gyrodrop layers (their "
-            f"masks follow a step counter kept in Python). Hint: {_EXPORT_HINT}"
+            f"masks follow a step counter kept in Python). Hint: {EXPORT_HINT}"
         )
 
     def get_extra_state(self) -> Tensor:
@@ -650,14 +618,7 @@ class SteppedModule(nn.Module):
         unexpected_keys,
         error_msgs,
     ) -> None:
-        # A counter that no layer could hold (a negative step or seed, a fraction) is
-        # refused, as torch refuses a wrong shape: named in the error, not loaded.
-        for name in _COUNTER_BUFFERS:
-            problem = _bad_counter(name, state_dict.get(prefix + name))
-            if problem is not None:
-                del state_dict[prefix + name]  # (load_state_dict reads a copy)
-                where = f" {prefix.rstrip('.')!r}" if prefix else ""
-                error_msgs.append(f"{type(self).__name__}{where}: {problem}")
+        refuse_bad_counters(type(self).__name__, _COUNTER_BUFFERS, state_dict, prefix, error_msgs)
         # A checkpoint saved before surgery (plain nn.Dropout) has no step/seed, one from
         # before schedule seeds no schedule_seed: keep the module's own values.
         absent = [n for n in (*_COUNTER_BUFFERS, "_extra_state") if prefix + n not in state_dict]
