@@ -31,6 +31,7 @@ bench: install-dev
 	$(PY) benchmarks/bench_gyro.py
 	$(PY) benchmarks/bench_blockwise.py
 	$(PY) benchmarks/bench_stochastic_depth.py
+	$(PY) benchmarks/bench_compile.py
 
 # Mutation testing of the core modules with their fast unit tests ([tool.mutmut] in
 # pyproject.toml; report and surviving mutants: docs/testing.md). Not part of CI: run it

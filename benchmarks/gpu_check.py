@@ -16,7 +16,10 @@ is left, so the script ends in time whatever happens):
    backends, both placements) vs ``nn.Dropout + nn.Linear`` and vs a dense
    ``nn.Linear``, forward and forward+backward, at 4096x4096 with batch 8192 and at the
    paper's 1024x1024 with batch 256, p = 0.1 / 0.25 / 0.5 / 0.75; an MLP training step;
-   a stochastic-depth ResNet-18 training step. The first call of each Triton shape
+   a stochastic-depth ResNet-18 training step; sample-mode stochastic depth on an
+   8-layer transformer computing the kept rows only vs the multiply form (time, peak
+   memory); each gyrodrop layer's model compiled (``fullgraph=True``, inductor, checked
+   against eager) vs eager. The first call of each Triton shape
    autotunes (compiles and times every tile config): the warm-up rounds absorb it.
 3. A ``torch.profiler`` table of Triton forward+backward (where the time goes).
 4. **pytest**: the CUDA cases of ``tests/test_blockwise_triton.py`` (the compiled
@@ -49,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gyrodrop  # noqa: E402
-from gyrodrop import blockwise_triton  # noqa: E402
+from gyrodrop.blockwise import triton_backend as blockwise_triton  # noqa: E402
 from timing import markdown_table  # noqa: E402
 
 PS = (0.1, 0.25, 0.5, 0.75)
@@ -443,6 +446,128 @@ def bench_resnet(report: list[str], quick: bool, repeats: int) -> None:
     print(report[-1], flush=True)
 
 
+def bench_sd_skip(report: list[str], quick: bool, repeats: int) -> None:
+    """Sample-mode stochastic depth computing the kept rows only vs the multiply form
+    (every row) vs none vs block mode: an 8-layer transformer stack training step in
+    bf16 autocast, with the peak memory of each step (``max_memory_allocated``)."""
+    from bench_compile import Stack, sd_variants
+
+    dev = DEVICE
+    d, batch, tokens = (64, 16, 16) if quick else (256, 64, 128)
+    if SMOKE:
+        d, batch, tokens = 32, 8, 8
+    torch.manual_seed(0)
+    nets = sd_variants(Stack(8, d))
+    x = torch.randn(batch, tokens, d, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    steps, peaks = {}, {}
+    for name, net in nets.items():
+        net.to(dev).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def run(net: nn.Module = net, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+
+        run()  # learns the layers' output structure; allocates the optimizer state
+        if dev.type == "cuda":
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            sync()
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+        steps[name] = run
+    times = cuda_medians(steps, repeats, 3)
+    ref = times["none"]
+    rows = [
+        [n, f"{t * 1e3:.2f}", f"{ref / t:.2f}x", f"{peaks.get(n, float('nan')):.0f}"]
+        for n, t in times.items()
+    ]
+    report.append(
+        f"### Sample-mode stochastic depth, 8-layer transformer (d={d}, {tokens} tokens, "
+        f"batch {batch}), bf16 autocast training step\n\n"
+        + markdown_table(["variant", "ms / step", "speed-up vs none", "peak MiB"], rows)
+        + "\n"
+    )
+    print(report[-1], flush=True)
+
+
+def bench_compiled(report: list[str], quick: bool, repeats: int) -> bool:
+    """Each gyrodrop layer's model, eager vs ``torch.compile(fullgraph=True)``
+    (inductor): the compiled outputs checked against eager at the same steps, then
+    the training step timed side by side, with dynamo's graph and break counts."""
+    from torch._dynamo.utils import counters
+
+    from bench_compile import BLOCK_MODE, compile_models
+
+    ok = True
+    rows = []
+    for name, (net, x) in compile_models(quick or SMOKE).items():
+        torch.manual_seed(0)
+        eager = copy.deepcopy(net).to(DEVICE)
+        twin = copy.deepcopy(net).to(DEVICE)
+        x = x.to(DEVICE)
+        y = torch.randint(0, 10, (x.shape[0],), device=DEVICE)
+        torch._dynamo.reset()
+        counters.clear()
+        backend = "aot_eager" if SMOKE else "inductor"
+        compiled = torch.compile(twin, backend=backend, fullgraph=name != BLOCK_MODE)
+        err = 0.0
+        for _ in range(4):  # steps 0-3: the active set changes at step 3
+            err = max(err, _close(compiled(x), eager(x), 1.0))
+        ok &= err <= 1e-3
+        opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (eager, twin)]
+
+        def step(
+            m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+        ) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+
+        times = cuda_medians(
+            {
+                "eager": lambda e=eager, o=opts[0], x=x, y=y: step(e, o, x, y),
+                "compiled": lambda c=compiled, o=opts[1], x=x, y=y: step(c, o, x, y),
+            },
+            repeats,
+            3,
+        )
+        graphs = counters["stats"]["unique_graphs"]
+        breaks = sum(counters["graph_break"].values())
+        rows.append(
+            [
+                name,
+                f"{err:.1e}",
+                f"{times['eager'] * 1e3:.2f}",
+                f"{times['compiled'] * 1e3:.2f}",
+                f"{times['eager'] / times['compiled']:.2f}x",
+                f"{graphs} / {breaks}",
+            ]
+        )
+    report.append(
+        f"### Compiled ({'aot_eager' if SMOKE else 'inductor'}, fullgraph) vs eager "
+        "training step, float32\n\n"
+        + markdown_table(
+            [
+                "model with",
+                "max err vs eager",
+                "eager ms",
+                "compiled ms",
+                "speed-up",
+                "graphs / breaks",
+            ],
+            rows,
+        )
+        + "\n"
+    )
+    print(report[-1], flush=True)
+    return ok
+
+
 def profile_triton(report: list[str], features: int, batch: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -517,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(1024, 256)] if args.quick else [(4096, 8192), (1024, 256)]
     if SMOKE:
         repeats, shapes = 1, [(256, 32)]
+    compiled_ok: list[bool] = []
     sections: list[tuple[float, str, Callable[[], None]]] = [
         (20, "GyroDropout vs nn.Dropout", lambda: bench_dropout(report, args.quick, repeats)),
         *[
@@ -529,6 +655,12 @@ def main(argv: list[str] | None = None) -> int:
         ],
         (30, "MLP training step", lambda: bench_mlp(report, args.quick, repeats)),
         (30, "ResNet-18 step", lambda: bench_resnet(report, args.quick, repeats)),
+        (30, "sample-mode skip", lambda: bench_sd_skip(report, args.quick, repeats)),
+        (
+            90,
+            "compiled step",
+            lambda: compiled_ok.append(bench_compiled(report, args.quick, repeats)),
+        ),
         (15, "profile", lambda: profile_triton(report, *shapes[0])),
     ]
     for need, what, section in sections:
@@ -539,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
                 report.append(f"\n**{what} failed**: `{type(exc).__name__}: {exc}`\n")
                 print(report[-1], flush=True)
+    ok &= all(compiled_ok)
     # the pytest run last: compiling its many small odd shapes takes minutes, and the
     # in-process checks above already validated the kernels the timings use
     if not args.skip_tests and not SMOKE and budget.allows(60, "pytest CUDA cases", report):

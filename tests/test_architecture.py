@@ -6,10 +6,8 @@ Layers, bottom to top (docs/architecture.md explains each)::
     -> uncertainty -> integrations -> public API (gyrodrop/__init__) -> experiments
     -> python -m gyrodrop
 
-Function-level imports count too: a lazy import is still a dependency. One exception:
-a module-level ``__getattr__`` (PEP 562) that keeps the old import path of a name that
-moved up a layer (``gyrodrop.blockwise.find_block_sites`` is now surgery's) may import
-that name's new module; nothing in the package itself may use such an alias.
+Function-level imports count too: a lazy import is still a dependency, and there are no
+module-level ``__getattr__`` aliases to excuse one.
 """
 
 from __future__ import annotations
@@ -35,11 +33,9 @@ LAYERS: dict[str, int] = {
     "gyrodrop.scheduled": 4,  # the base of the scheduled layers (needs distributed)
     "gyrodrop.gyro": 4,
     "gyrodrop.blockwise": 4,
-    "gyrodrop.blockwise_triton": 4,  # old import path of gyrodrop.blockwise.triton_backend
     "gyrodrop.stochastic_depth": 4,
     "gyrodrop.dropblock": 4,
     "gyrodrop.surgery": 5,
-    "gyrodrop.surgery_family": 5,  # old import path of two surgery functions
     "gyrodrop.uncertainty": 6,
     "gyrodrop.integrations": 7,
     "gyrodrop": 8,  # __init__: the public API, which the harness builds on
@@ -64,15 +60,7 @@ def _imports(path: Path) -> set[str]:
     me = _module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     found: set[str] = set()
-    aliases = {
-        id(inner)
-        for node in tree.body
-        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
-        for inner in ast.walk(node)
-    }
     for node in ast.walk(tree):
-        if id(node) in aliases:
-            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("gyrodrop"))
         elif isinstance(node, ast.ImportFrom):

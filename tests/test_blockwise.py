@@ -415,7 +415,9 @@ class TestCompile:
             assert torch.equal(y1, y2)
             y1.sum().backward()
             y2.sum().backward()
-        torch.testing.assert_close(twin.weight.grad, eager.weight.grad, atol=0, rtol=0)
+        # the compiled path derives its backward (the same pruned GEMMs, summed in
+        # another order): equal to float rounding
+        torch.testing.assert_close(twin.weight.grad, eager.weight.grad, atol=1e-5, rtol=1e-5)
         assert int(twin.step) == int(eager.step) == 4
 
     def test_inductor_model_matches_eager_outputs_and_gradients(self):
@@ -677,15 +679,18 @@ class TestDoubleBackward:
     def test_first_order_backward_keeps_the_pruned_fast_path(self, prune, monkeypatch):
         from gyrodrop.blockwise import kernels
 
-        cls = kernels.InputPrunedLinear if prune == "input" else kernels.OutputPrunedLinear
+        graphs = []
+        real = kernels._Ops.__init__
 
-        def refuse(ctx, dy):
-            raise AssertionError("first-order backward took the differentiable path")
+        def spy(self, graph, ws):
+            graphs.append(graph)
+            real(self, graph, ws)
 
-        monkeypatch.setattr(cls, "_differentiable_backward", staticmethod(refuse))
+        monkeypatch.setattr(kernels._Ops, "__init__", spy)
         layer = make(prune=prune)
         got, ref = run_both(layer, torch.randn(8, 64))
         assert_all_close(got, ref, atol=1e-5)
+        assert graphs and not any(graphs)  # in place, on scratch: not the recorded path
 
     def test_model_gradient_penalty_through_fused_mlp_equals_dense(self):
         # a critic with an output-pruned and an input-pruned layer, nonlinear between

@@ -1,4 +1,4 @@
-"""The Triton backend of BlockGyroLinear (gyrodrop.blockwise_triton).
+"""The Triton backend of BlockGyroLinear (gyrodrop.blockwise.triton_backend).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``, set per test); where CUDA is available the same tests also run
@@ -24,7 +24,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import gyrodrop
-from gyrodrop import blockwise_triton as bt
+from gyrodrop.blockwise import triton_backend as bt
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

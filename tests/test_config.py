@@ -51,6 +51,7 @@ BAD: dict[str, Any] = {
     "warmup_steps": -1,
     "mode": "row",
     "per_rank": "yes",
+    "kept_rows": "some",
 }
 #: Another value each field accepts (different from the base settings below).
 OTHER: dict[str, Any] = {
@@ -68,6 +69,7 @@ OTHER: dict[str, Any] = {
     "warmup_steps": 5,
     "mode": "sample",
     "per_rank": True,
+    "kept_rows": "fixed",
 }
 
 
@@ -388,3 +390,122 @@ class _Split:
 
     def has_post(self, block: nn.Module) -> bool:
         return False
+
+
+def _dropout_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 16))
+
+
+def _conv_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Dropout2d(0.2))
+
+
+def _residual_net() -> nn.Module:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def branch(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+        def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc(x)
+
+    return nn.Sequential(Block(), Block())
+
+
+@dataclass(frozen=True)
+class Surgery:
+    config: type[LayerConfig]
+    apply: Callable[..., int]  # (model, **settings)
+    model: Callable[[], nn.Module]
+    base: dict[str, Any]
+    fields: tuple[str, ...]  # the config fields it takes
+    names: dict[str, str]  # its argument name of a field, where it differs
+
+    def __repr__(self) -> str:
+        return f"{self.apply.__name__}->{self.config.__name__}"
+
+
+SURGERIES = [
+    Surgery(
+        GyroDropoutConfig,
+        gyrodrop.apply_gyro_dropout,
+        _dropout_net,
+        {"num_subnets": 8, "subnets_per_step": 2, "total_steps": 40},
+        ("p", "num_subnets", "subnets_per_step", "schedule", "scale", "dims"),
+        {},
+    ),
+    Surgery(
+        BlockGyroConfig,
+        gyrodrop.apply_block_gyro,
+        _dropout_net,
+        {"num_subnets": 8, "subnets_per_step": 2, "block_size": 4, "total_steps": 40},
+        ("p", "num_subnets", "subnets_per_step", "block_size", "schedule"),
+        {},
+    ),
+    Surgery(
+        DropBlockConfig,
+        gyrodrop.apply_dropblock,
+        _conv_net,
+        {"block_size": 3},
+        ("p", "block_size", "shared_channels", "scale", "warmup_steps"),
+        {},
+    ),
+    Surgery(
+        GyroDropBlockConfig,
+        lambda model, **kw: gyrodrop.apply_dropblock(model, gyro=True, **kw),
+        _conv_net,
+        {"block_size": 3, "num_subnets": 8, "subnets_per_step": 2, "total_steps": 40},
+        ("p", "block_size", "num_subnets", "subnets_per_step", "schedule", "scale"),
+        {},
+    ),
+    Surgery(
+        StochasticDepthConfig,
+        gyrodrop.apply_stochastic_depth,
+        _residual_net,
+        {"drop_rate": 0.2},
+        ("p", "mode", "per_rank"),
+        {"p": "drop_rate"},
+    ),
+]
+SURGERY_FIELDS = [(s, name) for s in SURGERIES for name in s.fields]
+
+
+@pytest.mark.parametrize(("surgery", "name"), SURGERY_FIELDS, ids=lambda v: str(v))
+def test_surgery_refuses_a_bad_value_with_the_configs_message(surgery, name):
+    arg = surgery.names.get(name, name)
+    field_of = {v: k for k, v in surgery.names.items()}
+    config_settings = {field_of.get(k, k): v for k, v in surgery.base.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _message(
+            lambda: surgery.config(**{**config_settings, name: BAD[name]}, names=surgery.names)
+        )
+        model = surgery.model()
+        got = _message(lambda: surgery.apply(model, **{**surgery.base, arg: BAD[name]}))
+    assert got == expected and got.startswith(arg)
+
+
+@pytest.mark.parametrize("surgery", SURGERIES, ids=repr)
+def test_surgery_builds_layers_whose_config_holds_the_settings(surgery):
+    model = surgery.model()
+    settings = {name: OTHER[name] for name in surgery.fields if name not in ("dims",)}
+    if surgery.config is BlockGyroConfig:
+        settings["p"] = 0.5  # the blocks of 16 features must keep one
+    args = {**surgery.base, **{surgery.names.get(k, k): v for k, v in settings.items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert surgery.apply(model, **args) >= 1
+    layers = [m for m in model.modules() if isinstance(getattr(m, "config", None), surgery.config)]
+    assert layers
+    for layer in layers:
+        for name, value in settings.items():
+            if name != "p" or surgery.config is not StochasticDepthConfig:  # rates grow
+                assert getattr(layer.config, name) == value, name
+        if "total_steps" in surgery.base:
+            assert layer.total_steps == surgery.base["total_steps"]

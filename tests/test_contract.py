@@ -389,6 +389,17 @@ class TestEarlyAndLateDropout:
             assert torch.equal(out, ref if drops else plain), (mode, step)
         assert module.current_step() == 4
 
+    @pytest.mark.parametrize("mode", ["early", "late"])
+    def test_compiled_forward_follows_the_mode_as_eager_does(self, case: Case, mode: str) -> None:
+        x = _input(case)
+        eager = self._make(case, seed=2, drop_mode=mode, cutoff_step=2).train()
+        compiled_module = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_module, backend="eager", fullgraph=False)
+        for step in range(4):
+            with torch.no_grad():
+                assert torch.equal(eager(x), compiled(x)), step
+        assert compiled_module.current_step() == eager.current_step() == 4
+
     def test_the_cutoff_is_a_fraction_of_total_steps(self, case: Case) -> None:
         module = case.make(seed=0, drop_mode="early", drop_cutoff=0.25, cutoff_step=2)
         assert module.cutoff_step == 2 and module.drop_cutoff == 0.25

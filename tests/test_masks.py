@@ -117,3 +117,73 @@ class TestDevice:
         for n_drop in (-1, 9):
             with pytest.raises(ValueError, match=rf"n_drop must be in \[0, 8\], got {n_drop}"):
                 masks.block_keep_mask(0, torch.arange(2), 8, n_drop)
+
+
+class TestTensorTwins:
+    """The step-tensor forms the compiled path uses give the bits of the int forms."""
+
+    @given(st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=5), st.integers(0, 4))
+    @settings(max_examples=60, deadline=None)
+    def test_mix_keys_tensor_equals_mix_keys(self, keys, n_tensors):
+        mixed = [torch.tensor(k) if i < n_tensors else k for i, k in enumerate(keys)]
+        assert int(masks.mix_keys_tensor(*mixed)) == masks.mix_keys(*keys)
+
+    @given(st.integers(0, 2**62), st.lists(st.integers(0, 10**6), min_size=1, max_size=4))
+    @settings(max_examples=30, deadline=None)
+    def test_batched_permutations_equal_one_per_counter(self, seed, counters):
+        batched = masks.seeded_permutation(
+            torch.tensor(seed), masks.TAG_PERM, torch.tensor(counters), 37
+        )
+        for row, c in zip(batched, counters, strict=True):
+            assert torch.equal(row, masks.seeded_permutation(seed, masks.TAG_PERM, c, 37))
+
+    @given(st.floats(0.0, 1.0))
+    @settings(max_examples=60, deadline=None)
+    def test_drop_threshold_tensor_equals_drop_threshold(self, p):
+        t = masks.drop_threshold_tensor(torch.tensor(p, dtype=torch.float64))
+        assert int(t) == masks.drop_threshold(p)
+
+    def test_tensor_seed_gives_the_same_element_and_block_masks(self):
+        ids = torch.tensor([0, 5, 2**33])
+        for seed in (0, 17, 2**40):
+            assert torch.equal(
+                masks.element_keep_mask(torch.tensor(seed), ids, 50, 0.3),
+                masks.element_keep_mask(seed, ids, 50, 0.3),
+            )
+            assert torch.equal(
+                masks.block_keep_mask(torch.tensor(seed), ids, 9, 4),
+                masks.block_keep_mask(seed, ids, 9, 4),
+            )
+
+
+class TestStreamTags:
+    """One table of hash stream tags (``gyrodrop.masks.STREAM_TAGS``)."""
+
+    def test_the_table_holds_every_tag_at_its_pinned_value(self):
+        assert masks.STREAM_TAGS == {
+            "TAG_ELEMENT": 0x11,
+            "TAG_BLOCK": 0x22,
+            "TAG_PERM": 0x33,
+            "TAG_RANDOM_SET": 0x44,
+            "TAG_DEPTH": 0x55,
+            "TAG_REPLACE_SET": 0x66,
+            "TAG_DROPBLOCK": 0x66,
+            "TAG_MC_MEMBERS": 0x66,
+            "TAG_SUBSET": 0x67,
+            "TAG_GYRO_DROPBLOCK": 0x77,
+            "TAG_LAYER": 0xD5,
+        }
+
+    def test_no_module_defines_a_tag_of_its_own(self):
+        import re
+        from pathlib import Path
+
+        src = Path(masks.__file__).parent
+        own = [
+            f"{path.relative_to(src)}: {line.strip()}"
+            for path in src.rglob("*.py")
+            if path.name != "masks.py"
+            for line in path.read_text().splitlines()
+            if re.match(r"\s*_?TAG_\w+\s*=", line)
+        ]
+        assert not own, "stream tags belong in gyrodrop.masks: " + "; ".join(own)

@@ -234,3 +234,24 @@ class TestReplacementSchedule:
     def test_different_seeds_give_different_sets(self):
         sched = SubnetSchedule(256, 16, steps_per_set=1, schedule="replacement")
         assert not torch.equal(sched.subnets(1, 0), sched.subnets(2, 0))
+
+
+class TestStepTensorSchedule:
+    @given(
+        sigma_tau,
+        st.integers(1, 5),
+        st.sampled_from(["consecutive", "random", "replacement"]),
+        st.integers(0, 2**40),
+        st.integers(0, 2**62),
+    )
+    @settings(max_examples=80, deadline=None)
+    def test_at_step_tensor_equals_at_step(self, st_, steps_per_set, schedule, step, seed):
+        sigma, tau = st_
+        sched = SubnetSchedule(sigma, tau, steps_per_set, schedule)
+        got = sched.at_step_tensor(torch.tensor(seed), torch.tensor(step))
+        assert torch.equal(got, sched.at_step(seed, step))
+
+    def test_refuses_sigma_above_the_sorted_permutations(self):
+        sched = SubnetSchedule(2**21, 4, 1)
+        with pytest.raises(ValueError, match="num_subnets <= 2\\*\\*20"):
+            sched.at_step_tensor(torch.tensor(0), torch.tensor(0))

@@ -8,12 +8,8 @@ import torch
 from torch import nn
 
 import gyrodrop
-from gyrodrop.stochastic_depth import (
-    StochasticDepthBlock,
-    StochasticDepthLayer,
-    block_keep,
-    remove_stochastic_depth,
-)
+from gyrodrop.stochastic_depth import StochasticDepthBlock, StochasticDepthLayer, block_keep
+from gyrodrop.surgery import remove_stochastic_depth
 
 transformers = pytest.importorskip("transformers")
 
@@ -267,7 +263,8 @@ class TestUserBranchCheck:
 
 class TestReplaceDropPaths:
     def test_convnext_drop_paths_become_seeded_stochastic_depth(self):
-        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+        from gyrodrop.stochastic_depth import StochasticDepth
+        from gyrodrop.surgery import replace_drop_paths
 
         torch.manual_seed(0)
         config = transformers.ConvNextConfig(
@@ -319,7 +316,7 @@ class TestReplaceDropPathsKeepsTheMeaning:
         return float(model.train()(torch.ones(20000, 4)).mean())
 
     def test_scale_by_keep_false_is_left_alone_and_named(self):
-        from gyrodrop.stochastic_depth import replace_drop_paths
+        from gyrodrop.surgery import replace_drop_paths
 
         model = nn.Sequential(TimmDropPath(0.4, scale_by_keep=False))
         with pytest.warns(gyrodrop.SurgeryWarning, match=r"left 1 .*0 \(TimmDropPath, drop_prob"
@@ -329,7 +326,8 @@ class TestReplaceDropPathsKeepsTheMeaning:
         assert self.train_mean(model) == pytest.approx(0.6, abs=0.02)  # still (1 - p) x
 
     def test_scale_by_keep_true_is_replaced_and_keeps_the_expectation(self):
-        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+        from gyrodrop.stochastic_depth import StochasticDepth
+        from gyrodrop.surgery import replace_drop_paths
 
         model = nn.Sequential(TimmDropPath(0.4, scale_by_keep=True))
         before = self.train_mean(model)
@@ -344,7 +342,8 @@ class TestReplaceDropPathsKeepsTheMeaning:
         )
 
     def test_in_a_mixed_model_only_the_faithful_ones_are_replaced(self):
-        from gyrodrop.stochastic_depth import StochasticDepth, replace_drop_paths
+        from gyrodrop.stochastic_depth import StochasticDepth
+        from gyrodrop.surgery import replace_drop_paths
 
         blocks = nn.ModuleDict(
             {

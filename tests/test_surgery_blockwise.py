@@ -11,7 +11,7 @@ from torch import nn
 
 import gyrodrop
 from gyrodrop import BlockGyroLinear
-from gyrodrop.blockwise import BlockSite, find_block_sites
+from gyrodrop.surgery import BlockSite, find_block_sites
 
 KW = {"num_subnets": 8, "block_size": 8, "steps_per_set": 2}
 

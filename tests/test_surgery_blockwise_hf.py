@@ -12,7 +12,7 @@ from torch import nn
 
 import gyrodrop
 from gyrodrop import BlockGyroLinear
-from gyrodrop.blockwise import BlockSite, find_block_sites
+from gyrodrop.surgery import BlockSite, find_block_sites
 
 transformers = pytest.importorskip("transformers")
 

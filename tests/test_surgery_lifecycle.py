@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gyrodrop
-from gyrodrop.stochastic_depth import remove_stochastic_depth
+from gyrodrop.surgery import remove_stochastic_depth
 
 
 class Block(nn.Module):

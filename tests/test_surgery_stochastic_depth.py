@@ -12,13 +12,8 @@ from torch import nn
 
 import gyrodrop
 from gyrodrop import distributed
-from gyrodrop.stochastic_depth import (
-    ResidualBlock,
-    StochasticDepthBlock,
-    block_keep,
-    find_residual_blocks,
-    remove_stochastic_depth,
-)
+from gyrodrop.stochastic_depth import ResidualBlock, StochasticDepthBlock, block_keep
+from gyrodrop.surgery import find_residual_blocks, remove_stochastic_depth
 from statcheck import ALPHA
 
 # -- a torchvision-shaped ResNet (same attribute names and forward as torchvision's) -----

@@ -42,6 +42,7 @@ __all__ = [
     "GyroDropBlockConfig",
     "StochasticDepthConfig",
     "config_properties",
+    "warmup_rate",
     "Schedule",
     "SCHEDULES",
     "Scale",
@@ -50,6 +51,8 @@ __all__ = [
     "PRUNE_MODES",
     "Mode",
     "MODES",
+    "KeptRows",
+    "KEPT_ROWS",
     "MAX_SUBNETS",
     "DropMode",
     "DROP_MODES",
@@ -70,6 +73,9 @@ PRUNE_MODES: tuple[Prune, ...] = ("input", "output")
 #: What one stochastic-depth decision drops: the whole batch's branch or one sample's.
 Mode = Literal["block", "sample"]
 MODES: tuple[Mode, ...] = ("block", "sample")
+#: Sample-mode stochastic depth: each row kept alone, or a fixed number per step.
+KeptRows = Literal["random", "fixed"]
+KEPT_ROWS: tuple[KeptRows, ...] = ("random", "fixed")
 
 #: When a layer drops (Liu et al., ICML 2023, "Dropout Reduces Underfitting"): all
 #: run long (``standard``), only before the cutoff step (``early``: fights underfitting)
@@ -287,6 +293,14 @@ class LayerConfig:
         return ", ".join(parts)
 
 
+def warmup_rate(p: float, warmup_steps: int, step: int) -> float:
+    """The drop rate at ``step``: ``p``, ramped linearly from 0 at step 0 to ``p`` at
+    step ``warmup_steps`` (0: no ramp). What the layers with ``warmup_steps`` use."""
+    if warmup_steps and step < warmup_steps:
+        return p * max(step, 0) / warmup_steps
+    return p
+
+
 def config_properties(config_class: type[LayerConfig]) -> dict[str, property]:
     """A property per field of ``config_class``, read from (and, when assigned, rebuilt
     into) the owner's ``config``: what a module class gets for its ``config_class``
@@ -456,7 +470,8 @@ class GyroDropBlockConfig(ScheduleConfig):
 @dataclass(frozen=True, kw_only=True)
 class StochasticDepthConfig(LayerConfig):
     """:class:`gyrodrop.StochasticDepth` / :func:`gyrodrop.stochastic_depth.stochastic_depth`:
-    ``p`` in ``[0, 1)`` (no default), ``mode``, ``warmup_steps`` and ``per_rank``."""
+    ``p`` in ``[0, 1)`` (no default), ``mode``, ``warmup_steps``, ``per_rank`` and
+    ``kept_rows`` (sample mode: ``"random"`` or ``"fixed"`` rows per step)."""
 
     layer: ClassVar[str] = "StochasticDepth"
 
@@ -464,3 +479,4 @@ class StochasticDepthConfig(LayerConfig):
     mode: Mode = setting("block", _choice(MODES))
     warmup_steps: int = setting(0, _at_least(0))
     per_rank: bool = setting(False, check_bool)
+    kept_rows: KeptRows = setting("random", _choice(KEPT_ROWS))

@@ -77,11 +77,27 @@ class _Layout:
 
 _default_layout = _Layout()
 _scoped_layout: ContextVar[_Layout | None] = ContextVar("gyrodrop_row_layout", default=None)
+# The innermost scoped layout, mirrored in a plain global for torch.compile (Dynamo
+# cannot read a ContextVar; it guards on this global, so entering or leaving a scope
+# recompiles). Kept in step by _enter/_leave; per thread only through the ContextVar.
+_compiled_layout: _Layout | None = None
 
 
 def _layout() -> _Layout:
-    scoped = _scoped_layout.get()
+    scoped = _compiled_layout if torch.compiler.is_compiling() else _scoped_layout.get()
     return _default_layout if scoped is None else scoped
+
+
+@contextlib.contextmanager
+def _scope(layout: _Layout) -> Iterator[None]:
+    global _compiled_layout
+    token = _scoped_layout.set(layout)
+    previous, _compiled_layout = _compiled_layout, layout
+    try:
+        yield
+    finally:
+        _scoped_layout.reset(token)
+        _compiled_layout = previous
 
 
 def _rank_and_world(group: Any) -> tuple[int, int] | None:
@@ -241,11 +257,8 @@ def independent_ranks() -> Iterator[None]:
         ...     get_row_mode()
         'local'
     """
-    token = _scoped_layout.set(_Layout(mode="local"))
-    try:
+    with _scope(_Layout(mode="local")):
         yield
-    finally:
-        _scoped_layout.reset(token)
 
 
 def gather_local_sizes(local_batch: int, group: Any = None) -> list[int]:
@@ -295,11 +308,8 @@ def batch_layout(
     else:
         gathered = gather_local_sizes(local_batch, group)  # type: ignore[arg-type]
         layout_sizes = tuple(gathered) if place is not None else None
-    token = _scoped_layout.set(_Layout(mode="global", sizes=layout_sizes, group=group))
-    try:
+    with _scope(_Layout(mode="global", sizes=layout_sizes, group=group)):
         yield layout_sizes
-    finally:
-        _scoped_layout.reset(token)
 
 
 def _stepped_modules(model: nn.Module) -> list[tuple[str, SteppedModule]]:

@@ -55,7 +55,7 @@ def mask_shape_for(owner: str, shape: torch.Size, dims: tuple[int, ...] | None) 
 
 
 def subnet_masks(
-    seed: int,
+    seed: int | Tensor,
     subnets: Tensor,
     mask_shape: tuple[int, ...],
     p: float,
@@ -113,10 +113,16 @@ def apply_group_masks(x: Tensor, group_masks: Tensor, counts: Sequence[int]) -> 
             f"apply_group_masks: counts {counts} sum to {sum(counts)} rows but x has "
             f"{x.shape[0]} rows (dim 0); every row must be in exactly one group"
         )
-    rest = x.shape[1:]
+    return _apply_group_masks(x, group_masks, counts)
+
+
+def _apply_group_masks(x: Tensor, group_masks: Tensor, counts: Sequence[int]) -> Tensor:
+    """:func:`apply_group_masks` for counts the layers computed (checked once there)."""
+    rest, n_groups, c = x.shape[1:], len(counts), counts[0]
+    if c > 0 and list(counts).count(c) == n_groups:  # equal groups: one broadcast multiply
+        return (x.reshape(n_groups, c, *rest) * group_masks.unsqueeze(1)).reshape(x.shape)
     pieces = []
     row, g = 0, 0
-    n_groups = len(counts)
     while g < n_groups:
         c = counts[g]
         end = g
@@ -231,7 +237,7 @@ def _gyro_dropout(
     group_masks, counts = masks_for(x, mshape)
     if config.p == 0.0 or not counts:
         return x
-    return apply_group_masks(x, group_masks, counts)
+    return _apply_group_masks(x, group_masks, counts)
 
 
 class GyroDropout(ScheduledModule):
@@ -386,7 +392,7 @@ class GyroDropout(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor, mshape: tuple[int, ...]) -> tuple[Tensor, list[int]]:
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         if self.config.p == 0.0 or not self.config.drops_at(step):
             return x, []  # no group: the identity (p = 0, or early/late dropout's off steps)
         return self.active_masks(x, step, mshape), self.group_counts(x.shape[0])
@@ -394,4 +400,25 @@ class GyroDropout(ScheduledModule):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        return _gyro_dropout(type(self).__name__, x, self.config, self._prepare)
+        masks_for = self._traced_masks if self.traces_schedule() else self._prepare
+        return _gyro_dropout(type(self).__name__, x, self.config, masks_for)
+
+    def _traced_masks(self, x: Tensor, mshape: tuple[int, ...]) -> tuple[Tensor, list[int]]:
+        """The compiled training path: the step is a tensor and the active masks are
+        computed from it in the graph (the same bits as the cached eager masks)."""
+        step = self.forward_step_tensor()
+        config = self.config
+        if config.p == 0.0:
+            return x, []  # not used
+        m = subnet_masks(
+            self.seed,
+            self.active_subnets_tensor(step),
+            mshape,
+            config.p,
+            scale=config.scale,
+            dtype=x.dtype,
+            device=x.device,
+        )
+        if config.drop_mode != "standard":  # early/late dropout: masks of 1 off its steps
+            m = torch.where(config.drops_at(step), m, torch.ones_like(m))
+        return m, self.group_counts(x.shape[0])

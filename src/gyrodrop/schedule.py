@@ -127,3 +127,35 @@ class SubnetSchedule:
     def at_step(self, seed: int, step: int) -> Tensor:
         """Ids of the subnetworks active at ``step``."""
         return self.subnets(seed, self.set_index(step))
+
+    def at_step_tensor(self, seed: Tensor, step: Tensor) -> Tensor:
+        """:meth:`at_step` with the schedule seed and the step as 0-d int64 tensors: the
+        same ids, int64 on ``step``'s device, shape ``(tau,)``, computed with tensor ops
+        of static shapes only (no ``.item()``, no Python branch on the step), so that
+        ``torch.compile`` traces it once for every step. Consecutive scheduling computes
+        the two cycles a set can straddle (two sorts of sigma hashes per call).
+
+        Raises:
+            ValueError: ``num_subnets > masks.SORTED_PERMUTATION_MAX`` (the Feistel
+                permutations walk cycles a data-dependent number of times).
+        """
+        sigma, tau = self.num_subnets, self.subnets_per_step
+        if sigma > masks.SORTED_PERMUTATION_MAX:
+            raise ValueError(
+                f"SubnetSchedule: the step-tensor schedule needs num_subnets <= 2**20, got "
+                f"{sigma}; larger sigma use the eager schedule (at_step)"
+            )
+        device = step.device
+        seed = seed.to(device)
+        if self.schedule == "random":
+            perm = masks.seeded_permutation(seed, masks.TAG_RANDOM_SET, step, sigma, device)
+            return perm[:tau]
+        set_index = step // self.steps_per_set
+        if self.schedule == "replacement":
+            return masks.seeded_draws(seed, masks.TAG_REPLACE_SET, set_index, tau, sigma, device)
+        first = set_index * tau
+        c0 = first // sigma
+        cycles = torch.stack([c0, c0 + 1])  # a set of tau <= sigma ids spans two at most
+        stream = masks.seeded_permutation(seed, masks.TAG_PERM, cycles, sigma, device)
+        offset = first - c0 * sigma
+        return stream.reshape(-1)[offset + torch.arange(tau, device=device)]

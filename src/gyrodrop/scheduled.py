@@ -15,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from gyrodrop import distributed
 from gyrodrop._validation import check_seed
 from gyrodrop.config import ScheduleConfig, resolve_steps_per_set
+from gyrodrop.masks import SORTED_PERMUTATION_MAX
 from gyrodrop.schedule import SubnetSchedule
 from gyrodrop.stepping import TRAINER_SCHEDULED, SteppedModule
 
@@ -84,6 +86,17 @@ class ScheduledModule(SteppedModule):
         self.config = config
         self.total_steps = total_steps
 
+    @classmethod
+    def from_config(
+        cls, config: Any, *args: Any, total_steps: int | None = None, **kwargs: Any
+    ) -> Any:
+        """As :meth:`SteppedModule.from_config`; ``total_steps`` (the run's length that
+        ``config.steps_per_set`` was derived from, not a setting) is kept as
+        ``module.total_steps``."""
+        module = super().from_config(config, *args, **kwargs)
+        module.total_steps = total_steps
+        return module
+
     @property
     def subnet_schedule(self) -> SubnetSchedule:
         """The schedule object for the current hyperparameters (built, and validated,
@@ -95,13 +108,26 @@ class ScheduledModule(SteppedModule):
         schedule = SubnetSchedule(
             config.num_subnets, config.subnets_per_step, config.steps_per_set, config.schedule
         )
-        self.__dict__["_schedule_cache"] = (config, schedule)
+        if not torch.compiler.is_compiling():  # traced: a cache would only add guards
+            self.__dict__["_schedule_cache"] = (config, schedule)
         return schedule
 
     def active_subnets(self, step: int | None = None) -> Tensor:
         """Ids of the subnetworks active at ``step`` (default: the current step)."""
         step = self._step_arg(step, "active_subnets")
         return self.subnet_schedule.at_step(self.current_schedule_seed(), step)
+
+    def active_subnets_tensor(self, step: Tensor) -> Tensor:
+        """Ids of the subnetworks active at ``step`` (a 0-d int64 tensor), int64 on its
+        device, shape ``(tau,)``: what the compiled training path computes in the graph
+        (see :meth:`gyrodrop.schedule.SubnetSchedule.at_step_tensor`)."""
+        return self.subnet_schedule.at_step_tensor(self.schedule_seed, step)
+
+    def traces_schedule(self) -> bool:
+        """Whether the compiled training path computes this layer's active set in the
+        graph: ``True`` while being compiled, with ``num_subnets <= 2**20`` (the
+        Feistel permutations of larger sigma keep the eager path, a graph break)."""
+        return torch.compiler.is_compiling() and self.num_subnets <= SORTED_PERMUTATION_MAX
 
     def current_schedule_seed(self) -> int:
         """The schedule seed as a Python int."""
@@ -144,6 +170,10 @@ class ScheduledModule(SteppedModule):
         local share of the global batch's ``subnets_per_step`` contiguous groups (see
         :func:`gyrodrop.distributed.row_window`)."""
         start, global_batch = distributed.row_window(batch)
+        if torch.compiler.is_compiling():  # traced once: a cache would only add guards
+            return distributed.local_group_counts(
+                start, batch, global_batch, self.config.subnets_per_step
+            )
         key = (start, batch, global_batch, self.config.subnets_per_step)
         cached = self._counts_cache
         if cached is not None and cached[0] == key:

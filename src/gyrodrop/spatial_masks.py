@@ -54,7 +54,7 @@ __all__ = [
 
 def block_dims(block_size: int, sizes: Sequence[int]) -> tuple[int, ...]:
     """The block's side along each dim of a map of ``sizes`` (clamped to the map)."""
-    return tuple(min(block_size, n) for n in sizes)
+    return tuple([min(block_size, n) for n in sizes])  # lists: torch.compile traces them
 
 
 def seed_rate(p: float, block_size: int, *sizes: int) -> float:
@@ -66,10 +66,10 @@ def seed_rate(p: float, block_size: int, *sizes: int) -> float:
         >>> round(seed_rate(0.1, 3, 8, 8), 6)  # 0.1 / 9 * 64 / 36
         0.019753
     """
-    if any(n <= 0 for n in sizes):
+    if min(sizes) <= 0:
         return 0.0  # an empty map has no block position (and no position to drop)
     b = block_dims(block_size, sizes)
-    valid = math.prod(n - k + 1 for n, k in zip(sizes, b, strict=True))
+    valid = math.prod([n - k + 1 for n, k in zip(sizes, b, strict=True)])  # a list: traceable
     gamma = p * math.prod(sizes) / (math.prod(b) * valid)
     return min(max(gamma, 0.0), 1.0)
 
@@ -115,20 +115,22 @@ def grow(seeds: Tensor, block_size: int, sizes: Sequence[int]) -> Tensor:
     block's sides, not over positions; no padding copy, no float pooling.
     """
     b = block_dims(block_size, sizes)
-    out = seeds
+    # uint8 under torch.compile: inductor's CPU code generator fails on these bool ORs
+    dtype = torch.uint8 if torch.compiler.is_compiling() else torch.bool
+    out = seeds.to(dtype)
     for d in reversed(range(len(sizes))):
         axis = d + 1
         valid = out.shape[axis]
         shape = list(out.shape)
         shape[axis] = sizes[d]
-        grown = torch.zeros(shape, dtype=torch.bool, device=seeds.device)
+        grown = torch.zeros(shape, dtype=dtype, device=seeds.device)
         for k in range(b[d]):
             grown.narrow(axis, k, valid).bitwise_or_(out)
         out = grown
-    return out
+    return out.bool()
 
 
-def stream_bases(streams: Streams, key: int) -> Tensor:
+def stream_bases(streams: Streams, key: int | Tensor) -> Tensor:
     """32-bit hash bases of the streams, shape ``(m, 1)``. A stream is an int64 id, or
     ``(low, high)`` for ids of 64 bits and more (``id = high * 2**32 + low``): a
     non-zero ``high`` is mixed in (as :mod:`gyrodrop.masks` does for subnetwork ids of
@@ -142,7 +144,7 @@ def stream_bases(streams: Streams, key: int) -> Tensor:
     return base.unsqueeze(1)
 
 
-def seed_maps(streams: Streams, key: int, n: int, gamma: float) -> Tensor:
+def seed_maps(streams: Streams, key: int | Tensor, n: int, gamma: float) -> Tensor:
     """Bernoulli(``gamma``) seed maps, bool ``(m, n)`` for ``m`` streams, True at seeds.
 
     Stream ``s`` (an int64 id, or a ``(low, high)`` pair of them: see
@@ -158,15 +160,16 @@ def seed_maps(streams: Streams, key: int, n: int, gamma: float) -> Tensor:
     out = torch.zeros(m, n + 1, dtype=torch.bool, device=first.device)
     if gamma <= 0.0 or m == 0 or n == 0:
         return out[:, :n]
+    if isinstance(key, Tensor):  # the compiled path: a key mixed from the step tensor
+        key = key.to(first.device)
     base = stream_bases(streams, key)  # (m, 1)
     log_q = math.log1p(-gamma)
     mean = n * gamma
     k = int(mean + 5.0 * math.sqrt(mean) + 8.0)
+    if torch.compiler.is_compiling():
+        return _traced_seed_maps(base, k, n, log_q)
     while True:
-        j = torch.arange(k, dtype=torch.int64, device=first.device)
-        u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
-        gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
-        pos = gaps.to(torch.int64).cumsum(dim=1) - 1  # (m, k) seed positions
+        pos = _seed_positions(base, k, n, log_q)
         if bool((pos[:, -1] >= n).all()):
             break
         k *= 2  # a stream has more seeds than were drawn; its first gaps stay the same
@@ -174,11 +177,42 @@ def seed_maps(streams: Streams, key: int, n: int, gamma: float) -> Tensor:
     return out[:, :n]
 
 
+def _seed_positions(base: Tensor, k: int, n: int, log_q: float) -> Tensor:
+    """The first ``k`` seed positions of each stream, int64 ``(m, k)`` (cumulated
+    geometric gaps; positions ``>= n`` lie past the map)."""
+    j = torch.arange(k, dtype=torch.int64, device=base.device)
+    u = (masks.hash_grid(base, j).to(torch.float64) + 1.0) * 2.0**-32  # (m, k), (0, 1]
+    gaps = torch.floor(torch.log(u) / log_q).clamp_max(2.0 * n) + 1.0
+    return gaps.to(torch.int64).cumsum(dim=1) - 1
+
+
+def _scatter_seeds(pos: Tensor, n: int) -> Tensor:
+    out = torch.zeros(pos.shape[0], n + 1, dtype=torch.bool, device=pos.device)
+    return out.scatter(1, pos.clamp_max(n), True)[:, :n].contiguous()
+
+
+def _traced_seed_maps(base: Tensor, k: int, n: int, log_q: float) -> Tensor:
+    """:func:`seed_maps` under ``torch.compile``: static shapes instead of the doubling
+    loop. The first ``k`` gaps (the eager first guess) cover every stream in all but
+    rare steps; ``torch.cond`` takes ``n + 1`` gaps (enough for any stream: every gap is
+    at least 1) in those. The same first gaps, so the same maps."""
+    if k > n:
+        return _scatter_seeds(_seed_positions(base, n + 1, n, log_q), n)
+    pos = _seed_positions(base, k, n, log_q)
+    covered = (pos[:, -1] >= n).all()
+    return torch.cond(
+        covered,
+        lambda base, pos: _scatter_seeds(pos, n),
+        lambda base, pos: _scatter_seeds(_seed_positions(base, n + 1, n, log_q), n),
+        (base, pos),
+    )
+
+
 def drop_maps(
-    streams: Streams, key: int, p: float, block_size: int, sizes: Sequence[int]
+    streams: Streams, key: int | Tensor, p: float, block_size: int, sizes: Sequence[int]
 ) -> Tensor:
     """Drop maps (True dropped), bool ``(m, *sizes)``, one per stream."""
-    if any(n == 0 for n in sizes):  # an empty map: nothing to drop (as nn.Dropout2d)
+    if min(sizes) == 0:  # an empty map: nothing to drop (as nn.Dropout2d)
         first = streams[0] if isinstance(streams, tuple) else streams
         return torch.zeros(len(first), *sizes, dtype=torch.bool, device=first.device)
     b = block_dims(block_size, sizes)

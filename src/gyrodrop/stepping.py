@@ -33,7 +33,7 @@ from gyrodrop._guards import (
 )
 from gyrodrop._modules import unwrap_model
 from gyrodrop._validation import check_bool, check_int, check_seed
-from gyrodrop.config import LayerConfig, config_properties
+from gyrodrop.config import LayerConfig, config_properties, warmup_rate
 
 __all__ = [
     "SteppedModule",
@@ -56,14 +56,6 @@ __all__ = [
 TRAINER_SCHEDULED = "_gyrodrop_trainer_scheduled"
 
 
-def warmup_rate(p: float, warmup_steps: int, step: int) -> float:
-    """The drop rate at ``step``: ``p``, ramped linearly from 0 at step 0 to ``p`` at
-    step ``warmup_steps`` (0: no ramp). What the layers with ``warmup_steps`` use."""
-    if warmup_steps and step < warmup_steps:
-        return p * max(step, 0) / warmup_steps
-    return p
-
-
 _COUNTER_BUFFERS = ("step", "seed", "schedule_seed")
 
 
@@ -77,6 +69,7 @@ class _ModelStepper:
         self.when = "forward"
         self.in_forward = False  # between the root's forward pre-hook and post-hook
         self.used = False  # a module it owns ran a training forward in this root forward
+        self.advanced = False  # a compiled forward advanced at its start (pre-hook)
         self.warned = False
         self.optimizer_hook: Any = None  # RemovableHandle of the optimizer's post-hook
 
@@ -86,6 +79,7 @@ class _ModelStepper:
         state["optimizer_hook"] = None
         state["in_forward"] = False
         state["used"] = False
+        state["advanced"] = False
         return state
 
     def advance(self, root: nn.Module) -> None:
@@ -108,15 +102,44 @@ class _ModelStepper:
             )
 
 
-@torch.compiler.disable
+def _compiled_pre_step(root: nn.Module, stepper: _ModelStepper, args: tuple[Any, ...]) -> None:
+    """The model-level step of a compiled forward, taken at its start: every owned
+    module's step is copied (``_step_snapshot``: what its layers read) and then the
+    buffers advance. Taking it here, not in the post-hook, keeps the in-place advance out
+    of the forward graph, so an activation-checkpointed region (whose recompute reads
+    the saved step) never sees its input move; and a compiled user model then makes two
+    graphs at most (this hook's, the forward's): the post-hook does no tensor work.
+    Unlike eager mode, a compiled forward that raises has advanced the step."""
+    owned = [
+        m
+        for m in root.modules()
+        if isinstance(m, SteppedModule) and m._stepper is stepper and m.auto_step
+    ]
+    for m in owned:
+        m.__dict__["_step_snapshot"] = m.step.clone()
+    if (
+        stepper.when == "forward"
+        # a training forward, or one that runs gyrodrop layers in training mode (MC
+        # dropout on a model in eval with its dropouts switched on)
+        and (root.training or any(m.training for m in owned))
+        and not has_meta_tensor(args, {})  # shape inference, not a training step
+    ):
+        for m in owned:
+            if not m.step.is_meta:
+                m.step.add_(1)  # a buffer: never requires grad
+        stepper.advanced = True
+
+
 def _root_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
     stepper = module.__dict__.get("_gyrodrop_stepper")
     if isinstance(stepper, _ModelStepper):
         stepper.in_forward = True
         stepper.used = False
+        stepper.advanced = False
+        if torch.compiler.is_compiling():
+            _compiled_pre_step(module, stepper, args)
 
 
-@torch.compiler.disable
 def _root_post_hook(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
 ) -> None:
@@ -124,6 +147,11 @@ def _root_post_hook(
     if not isinstance(stepper, _ModelStepper):
         return
     stepper.in_forward = False
+    if getattr(stepper, "advanced", False):  # a compiled forward: stepped at its start
+        stepper.advanced = False
+        for m in module.modules():
+            m.__dict__.pop("_step_snapshot", None)
+        return
     if (
         stepper.when == "forward"
         # a training forward of the model, or one that ran gyrodrop layers in training
@@ -382,7 +410,7 @@ class SteppedModule(nn.Module):
 
     def _host(self, name: str) -> int:
         """The value of the scalar buffer ``name`` as a Python int, cached on the host."""
-        t: Tensor = getattr(self, name)
+        t: Tensor = self._buffers[name]  # type: ignore[assignment]  # not the slow getattr
         if t.is_meta:
             return 0  # a module on the meta device has shapes, not values
         try:
@@ -413,13 +441,18 @@ class SteppedModule(nn.Module):
 
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
-        check_int(type(self).__name__ + ".advance", "n", n, 0)
-        if self.step.is_meta:
+        if n.__class__ is not int or n < 0:
+            check_int(type(self).__name__ + ".advance", "n", n, 0)
+        step: Tensor = self._buffers["step"]  # type: ignore[assignment]
+        if step.is_meta:
+            return
+        if torch.compiler.is_compiling():  # in the graph: no host copy to keep
+            self.step.add_(n)
             return
         value = self.current_step()
-        self.step.add_(n)  # a buffer: never requires grad
+        step.add_(n)  # a buffer: never requires grad
         try:
-            self._mirrors["step"] = (self.step, self.step._version, value + n)
+            self._mirrors["step"] = (step, step._version, value + n)
         except RuntimeError:
             self._mirrors.pop("step", None)
 
@@ -449,15 +482,28 @@ class SteppedModule(nn.Module):
         advances nothing, so the recompute builds the same masks and graph. (So run
         each backward before the next training forward that steps, as training loops
         do; with several forwards per backward use :func:`bind_to_optimizer`.)
+        Runs eagerly under ``torch.compile``.
         """
+        return self._forward_step()
+
+    def _forward_step(self) -> int:
+        """:meth:`forward_step` for callers that already run eagerly (a method of the
+        layer under ``torch.compiler.disable``): one wrapper less per forward."""
         refuse_export(type(self).__name__)
         if in_backward():
             replay = self._replay_step
             return self.current_step() if replay is None else replay
+        snapshot = self.__dict__.get("_step_snapshot")
+        stepper = self._stepper
+        if snapshot is not None and stepper is not None and stepper.in_forward:
+            # a compiled model advanced at its start: this forward's step is the copy
+            # (an eager piece of it, e.g. a block-mode decision behind a graph break)
+            step = int(snapshot)
+            self.__dict__["_replay_step"] = step
+            return step
         step = self.current_step()
-        self._replay_step = step
+        self.__dict__["_replay_step"] = step  # not nn.Module.__setattr__: per forward
         if self.auto_step:
-            stepper = self._stepper
             if stepper is None:
                 self.advance()
             elif stepper.in_forward:
@@ -465,6 +511,32 @@ class SteppedModule(nn.Module):
             elif stepper.when == "forward":
                 stepper.outside_forward(self)
                 self.advance()
+        return step
+
+    def forward_step_tensor(self) -> Tensor:
+        """:meth:`forward_step` for the compiled training path: the step whose masks
+        this training forward uses, as a 0-d int64 tensor on the buffers' device, and,
+        for a layer that steps on its own calls, the buffer advanced in place. Tensor
+        ops only, so ``torch.compile`` traces it into the graph: the masks are computed
+        from the step inside the graph (no recompile per step, no graph break).
+
+        An activation-checkpoint recompute inside a compiled graph is the graph's own
+        recompute of the saved step (nothing to replay); a compiled module called again
+        by a checkpoint outside the graph is not told apart (run the checkpoint inside
+        the compiled model).
+        """
+        refuse_export(type(self).__name__)
+        step = self.step
+        if self.auto_step:
+            stepper = self._stepper
+            snapshot = self.__dict__.get("_step_snapshot")
+            if stepper is not None and stepper.in_forward and snapshot is not None:
+                return snapshot
+            if stepper is None or (not stepper.in_forward and stepper.when == "forward"):
+                step = step.clone()
+                self.step.add_(1)  # a buffer: never requires grad
+            # inside the model's forward: the root's post-hook advances (no flag set
+            # here: a checkpointed region may not mutate outer state; see the hook)
         return step
 
     @classmethod

@@ -10,10 +10,8 @@ One concept per module:
 - :mod:`~gyrodrop.blockwise.triton_backend`: the Triton kernels (``backend="triton"``).
 
 Finding the ``Dropout -> Linear`` pairs of a model to fuse is surgery
-(:func:`gyrodrop.surgery.find_block_sites`; its old path here keeps working).
+(:func:`gyrodrop.surgery.find_block_sites`).
 """
-
-from typing import Any
 
 from gyrodrop.blockwise.layer import (
     AUTO_PICKS_TRITON,
@@ -30,28 +28,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BlockGyroLinear",
-    "BlockSite",
     "PRUNE_MODES",
     "Prune",
-    "SURGERY_PRUNE",
-    "find_block_sites",
     "n_dropped_blocks",
 ]
-
-# Old import paths of names that moved up to gyrodrop.surgery (site finding is model
-# analysis). Resolved on first use: a lazy alias, not a dependency of this layer.
-_MOVED_TO_SURGERY = (
-    "BlockSite",
-    "find_block_sites",
-    "SURGERY_PRUNE",
-    "SurgeryPrune",
-    "CONV1D_NOT_FUSED",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_SURGERY:
-        from gyrodrop.surgery import blockwise_sites
-
-        return getattr(blockwise_sites, name)
-    raise AttributeError(f"module 'gyrodrop.blockwise' has no attribute {name!r}")

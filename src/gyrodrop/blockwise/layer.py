@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from gyrodrop import masks
 from gyrodrop._validation import check_bool, check_choice, check_int
 from gyrodrop.blockwise import triton_backend
-from gyrodrop.blockwise.kernels import compute_dtype, pruned_linear
+from gyrodrop.blockwise.kernels import Call, compute_dtype, pruned_linear, pruned_linear_traced
 from gyrodrop.blockwise.plan import Plan, build_plan, n_dropped_blocks
 from gyrodrop.blockwise.triton_backend import TritonPlan
 from gyrodrop.blockwise.workspace import Workspace
@@ -285,11 +285,15 @@ class BlockGyroLinear(ScheduledModule):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> BlockGyroLinear:
+    def from_linear(
+        cls, linear: nn.Linear, config: BlockGyroConfig | None = None, **kwargs: object
+    ) -> BlockGyroLinear:
         """A ``BlockGyroLinear`` that keeps ``linear``'s weights: the same
         :class:`~torch.nn.Parameter` objects (so an optimizer built before the swap
         keeps training them), on their device and in their dtype. ``kwargs`` are the
-        keyword arguments of the constructor (``p``, ``num_subnets``, ``prune``, ...).
+        keyword arguments of the constructor (``p``, ``num_subnets``, ``prune``, ...);
+        the settings may come as one ``config`` (:class:`~gyrodrop.config.BlockGyroConfig`)
+        instead.
 
         >>> import torch.nn as nn, gyrodrop
         >>> lin = nn.Linear(64, 10)
@@ -306,6 +310,13 @@ class BlockGyroLinear(ScheduledModule):
                 raise ValueError(
                     f"{cls.__name__}.from_linear: {name} comes from the Linear; do not pass it"
                 )
+        if config is not None:
+            if not isinstance(config, BlockGyroConfig):
+                raise TypeError(
+                    f"{cls.__name__}.from_linear: config must be a BlockGyroConfig, "
+                    f"got {type(config).__name__}"
+                )
+            kwargs = {**config.hparams(), **kwargs}
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -364,8 +375,9 @@ class BlockGyroLinear(ScheduledModule):
 
     # -- masks -------------------------------------------------------------------------
 
-    def _blocks(self) -> tuple[int, int]:
-        """``(n_blocks, n_dropped)`` for the current config (derived once per config)."""
+    def _blocks(self) -> tuple[int, int, float]:
+        """``(n_blocks, n_dropped, scale)`` for the current config (derived once per
+        config: this runs on every training forward)."""
         derived = self.__dict__.get("_blocks_of")
         config = self.config
         if derived is not None and derived[0] is config:
@@ -379,8 +391,10 @@ class BlockGyroLinear(ScheduledModule):
                 f"the {features} {config.prune} features (block_size={config.block_size}); "
                 "lower p or block_size"
             )
-        self.__dict__["_blocks_of"] = (config, (n_blocks, n_dropped))
-        return n_blocks, n_dropped
+        blocks = (n_blocks, n_dropped, 1.0 / (1.0 - n_dropped / n_blocks))
+        if not torch.compiler.is_compiling():  # traced: a cache would only add guards
+            self.__dict__["_blocks_of"] = (config, blocks)
+        return blocks
 
     @property
     def n_blocks(self) -> int:
@@ -411,7 +425,7 @@ class BlockGyroLinear(ScheduledModule):
     @property
     def scale(self) -> float:
         """The factor applied to kept values, ``1 / (1 - effective_p)``."""
-        return 1.0 / (1.0 - self.effective_p)
+        return self._blocks()[2]
 
     def block_masks(self, step: int | None = None, device: torch.device | None = None) -> Tensor:
         """Keep masks over blocks of the set active at ``step`` (default: the current
@@ -504,8 +518,9 @@ class BlockGyroLinear(ScheduledModule):
         :meth:`forward_step` gives (which may advance it)."""
         plan = None
         batch = x.shape[0]
-        step = self.forward_step()
-        if self.n_dropped > 0 and x.numel() > 0 and self.config.drops_at(step):
+        step = self._forward_step()  # within a compiler-disabled method
+        n_blocks, n_dropped, scale = self._blocks()
+        if n_dropped > 0 and x.numel() > 0 and self.config.drops_at(step):
             kept = self._kept_blocks(x.device, step)
             counts = self.group_counts(batch)
             rows_per_sample = x.numel() // (batch * self.in_features)
@@ -516,14 +531,14 @@ class BlockGyroLinear(ScheduledModule):
                         kept,
                         counts,
                         rows_per_sample,
-                        n_blocks=self.n_blocks,
-                        block_size=self.block_size,
+                        n_blocks=n_blocks,
+                        block_size=self.config.block_size,
                         features=self.features,
-                        scale=self.scale,
+                        scale=scale,
                     )
                 else:
-                    out = self.out_features if self.prune == "input" else None
-                    self._plan = build_plan(kept, counts, rows_per_sample, self.n_blocks, out)
+                    out = self.out_features if self.config.prune == "input" else None
+                    self._plan = build_plan(kept, counts, rows_per_sample, n_blocks, out)
                 self._plan_key = key
                 self._plan_kept = kept
             plan = self._plan
@@ -536,64 +551,92 @@ class BlockGyroLinear(ScheduledModule):
             raise ValueError(
                 f"{owner}: expected input (B, *, {self.in_features}), got shape {tuple(x.shape)}"
             )
+        weight, bias = self.weight, self.bias
         if not self.training:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, bias)
         if x.dim() < 2:
             raise ValueError(
                 f"{owner}: training needs a batch dim, input (B, *, {self.in_features}), "
                 f"got shape {tuple(x.shape)}; hint: x.unsqueeze(0)"
             )
-        if x.is_meta or self.weight.is_meta:
+        if x.is_meta or weight.is_meta:
             # Shapes only (as nn.Linear on the meta device): no masks, no step.
-            return F.linear(x, self.weight, self.bias)
-        plan = self._prepare(x, self._use_triton(x))
+            return F.linear(x, weight, bias)
+        use_triton = self._use_triton(x)
+        if not use_triton and self.traces_schedule():
+            return self._traced_forward(x)
+        plan = self._prepare(x, use_triton)
         if plan is None:
-            return F.linear(x, self.weight, self.bias)
-        return self._pruned(x, plan)
+            return F.linear(x, weight, bias)
+        return self._pruned(x, weight, bias, plan)
 
-    def _pruned(self, x: Tensor, plan: Plan | TritonPlan) -> Tensor:
+    def _traced_forward(self, x: Tensor) -> Tensor:
+        """The compiled training path (torch backend): the step is a tensor, the kept
+        blocks of the active set and the plan's indices are computed from it in the
+        graph (the same blocks as the cached eager plan), and the pruned GEMMs are
+        differentiable ops the compiler traces (:func:`pruned_linear_traced`)."""
+        step = self.forward_step_tensor()
+        if self.n_dropped == 0 or x.numel() == 0:
+            return F.linear(x, self.weight, self.bias)
+        active = self.active_subnets_tensor(step)
+        keep = masks.block_keep_mask(
+            self.seed, active, self.n_blocks, self.n_dropped, device=x.device
+        )
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        kept = order[:, : self.n_blocks - self.n_dropped]
+        batch = x.shape[0]
+        rows_per_sample = x.numel() // (batch * self.in_features)
+        out = self.out_features if self.prune == "input" else None
+        plan = build_plan(kept, self.group_counts(batch), rows_per_sample, self.n_blocks, out)
         lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        width = self.n_blocks * self.block_size
+        weight, bias = self.weight, self.bias
+        pad = width - self.features
+        if pad and self.prune == "input":
+            x2, weight = F.pad(x2, (0, pad)), F.pad(weight, (0, pad))
+        elif pad:
+            weight = F.pad(weight, (0, 0, 0, pad))
+            bias = None if bias is None else F.pad(bias, (0, pad))
+        y = pruned_linear_traced(
+            x2,
+            weight,
+            bias,
+            plan,
+            prune=self.prune,
+            block_size=self.block_size,
+            scale=self.scale,
+            dtype=compute_dtype(x),
+        )
+        if pad and self.prune == "output":
+            y = y[:, : self.out_features]
+        y = y.reshape(*lead, self.out_features)
+        if self.config.drop_mode != "standard":  # early/late dropout: dense off its steps
+            y = torch.where(self.config.drops_at(step), y, F.linear(x, self.weight, self.bias))
+        return y
+
+    def _pruned(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan | TritonPlan
+    ) -> Tensor:
+        lead, config = x.shape[:-1], self.config
         x2 = x.reshape(-1, self.in_features)  # (R, I): samples' rows are consecutive
         if isinstance(plan, TritonPlan):  # the Triton backend: no padding, no workspace
-            y = triton_backend.pruned_linear(
-                x2, self.weight, self.bias, plan, self.prune, compute_dtype(x)
-            )
+            y = triton_backend.pruned_linear(x2, weight, bias, plan, config.prune, compute_dtype(x))
             return y.reshape(*lead, self.out_features)
-        bs, width = self.block_size, self.n_blocks * self.block_size
-        dtype = compute_dtype(x)
-        ws = self._scratch_space()
-        weight, bias = self.weight, self.bias
-        if self.prune == "input":
-            pad = width - self.in_features
+        n_blocks, _, scale = self._blocks()
+        bs = config.block_size
+        call = Call(plan, bs, scale, compute_dtype(x), self._scratch_space())
+        if config.prune == "input":
+            pad = n_blocks * bs - self.in_features
             if pad:  # a shorter last block: work on zero-padded features
                 x2, weight = F.pad(x2, (0, pad)), F.pad(weight, (0, pad))
-            y = pruned_linear(
-                x2,
-                weight,
-                bias,
-                plan,
-                prune="input",
-                block_size=bs,
-                scale=self.scale,
-                dtype=dtype,
-                ws=ws,
-            )
+            y = pruned_linear(x2, weight, bias, "input", call)
         else:
-            pad = width - self.out_features
+            pad = n_blocks * bs - self.out_features
             if pad:
                 weight = F.pad(weight, (0, 0, 0, pad))
                 bias = None if bias is None else F.pad(bias, (0, pad))
-            y = pruned_linear(
-                x2,
-                weight,
-                bias,
-                plan,
-                prune="output",
-                block_size=bs,
-                scale=self.scale,
-                dtype=dtype,
-                ws=ws,
-            )
+            y = pruned_linear(x2, weight, bias, "output", call)
             if pad:
                 y = y[:, : self.out_features]
         return y.reshape(*lead, self.out_features)

@@ -14,7 +14,7 @@ from torch import Tensor
 from gyrodrop import distributed, masks, spatial_masks
 from gyrodrop._validation import check_bool, check_int, check_seed
 from gyrodrop.config import DropBlockConfig, GyroDropBlockConfig, Scale, Schedule
-from gyrodrop.gyro import apply_group_masks
+from gyrodrop.gyro import _apply_group_masks
 from gyrodrop.schedule import SubnetSchedule, check_input
 from gyrodrop.stepping import warmup_rate
 
@@ -26,9 +26,6 @@ __all__ = [
     "subnet_block_masks",
 ]
 
-# Hash stream tags of this module (distinct from those in gyrodrop.masks).
-_TAG_DROPBLOCK = 0x66
-_TAG_GYRO_DROPBLOCK = 0x77
 _M32 = 0xFFFFFFFF
 
 
@@ -72,7 +69,13 @@ def _mask_dtype(x: Tensor) -> torch.dtype:
 
 
 def _fresh_masks(
-    x: Tensor, p: float, block_size: int, seed: int, step: int, shared: bool, scale: Scale
+    x: Tensor,
+    p: float,
+    block_size: int,
+    seed: int | Tensor,
+    step: int | Tensor,
+    shared: bool,
+    scale: Scale,
 ) -> Tensor:
     """DropBlock2d's masks for ``x`` at ``step``, shape ``(B, C or 1, H, W)``, each row
     keyed by its index in the global batch."""
@@ -81,14 +84,18 @@ def _fresh_masks(
     start, _ = distributed.row_window(b)
     ids = torch.arange(start * cm, (start + b) * cm, dtype=torch.int64, device=x.device)
     streams = (ids & _M32, ids >> 32)  # ids of 2**32 and more mix their high bits
-    key = masks.mix_keys(seed, _TAG_DROPBLOCK, step)
+    key: int | Tensor
+    if isinstance(seed, Tensor) or isinstance(step, Tensor):  # the compiled path
+        key = masks.mix_keys_tensor(seed, masks.TAG_DROPBLOCK, step)
+    else:
+        key = masks.mix_keys(seed, masks.TAG_DROPBLOCK, step)
     with torch.no_grad():
         drop = spatial_masks.drop_maps(streams, key, p, block_size, sizes)
         return _scaled(drop, p, block_size, scale, _mask_dtype(x)).reshape(b, cm, *sizes)
 
 
 def subnet_block_masks(
-    seed: int,
+    seed: int | Tensor,
     subnets: Tensor,
     shape: tuple[int, ...],
     p: float,
@@ -109,7 +116,11 @@ def subnet_block_masks(
     low = (subnets[:, None] & _M32) * cm + channels  # (K, cm), < 2**63 for cm < 2**31
     high = (subnets[:, None] >> 32) * cm + (low >> 32)
     streams = ((low & _M32).reshape(-1), high.reshape(-1))
-    key = masks.mix_keys(seed, _TAG_GYRO_DROPBLOCK)
+    key: int | Tensor
+    if isinstance(seed, Tensor):  # the compiled path
+        key = masks.mix_keys_tensor(seed, masks.TAG_GYRO_DROPBLOCK)
+    else:
+        key = masks.mix_keys(seed, masks.TAG_GYRO_DROPBLOCK)
     with torch.no_grad():
         drop = spatial_masks.drop_maps(streams, key, p, block_size, sizes)
         return _scaled(drop, p, block_size, scale, dtype).reshape(len(subnets), cm, *sizes)
@@ -298,10 +309,12 @@ def _gyro_dropblock(
     m = _gyro_block_masks(x, config, seed, sched.at_step(schedule_seed, step))
     start, global_batch = distributed.row_window(x.shape[0])
     counts = distributed.local_group_counts(start, x.shape[0], global_batch, subnets_per_step)
-    return apply_group_masks(x, m, counts)
+    return _apply_group_masks(x, m, counts)
 
 
-def _gyro_block_masks(x: Tensor, config: GyroDropBlockConfig, seed: int, active: Tensor) -> Tensor:
+def _gyro_block_masks(
+    x: Tensor, config: GyroDropBlockConfig, seed: int | Tensor, active: Tensor
+) -> Tensor:
     """The scaled masks of the subnetworks ``active`` for inputs shaped like ``x``,
     shape ``(len(active), C or 1, *spatial)``: shared by the module and the function."""
     _, c, *sizes = x.shape

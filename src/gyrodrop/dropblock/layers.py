@@ -14,9 +14,10 @@ from gyrodrop.config import DropBlockConfig, DropMode, GyroDropBlockConfig, Scal
 from gyrodrop.dropblock.functional import (
     _check_input,
     _dropblock_masks,
+    _fresh_masks,
     _gyro_block_masks,
 )
-from gyrodrop.gyro import apply_group_masks
+from gyrodrop.gyro import _apply_group_masks
 from gyrodrop.schedule import SteppedModule
 from gyrodrop.scheduled import ScheduledModule
 from gyrodrop.stepping import warmup_rate
@@ -115,7 +116,7 @@ class DropBlock2d(SteppedModule):
 
     @torch.compiler.disable
     def _masks(self, x: Tensor) -> Tensor | None:
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         return _dropblock_masks(x, self.config, self.current_seed(), step)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,6 +125,17 @@ class DropBlock2d(SteppedModule):
             return x
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
+        config = self.config
+        if torch.compiler.is_compiling() and not config.warmup_steps:
+            # traced: the step is a tensor, the masks are drawn from it in the graph
+            # (a warm-up ramps gamma per step: that path stays eager, a graph break)
+            step = self.forward_step_tensor()
+            if config.p == 0.0:
+                return x
+            shared = config.shared_channels
+            m = _fresh_masks(x, config.p, config.block_size, self.seed, step, shared, config.scale)
+            y = x * m
+            return y if config.drop_mode == "standard" else torch.where(config.drops_at(step), y, x)
         m = self._masks(x)
         return x if m is None else x * m
 
@@ -236,7 +248,7 @@ class GyroDropBlock2d(ScheduledModule):
 
     @torch.compiler.disable
     def _prepare(self, x: Tensor) -> tuple[Tensor, list[int]] | None:
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         if not self.config.drops_at(step):
             return None  # early/late dropout: not this step
         return self.active_masks(x, step), self.group_counts(x.shape[0])
@@ -247,11 +259,21 @@ class GyroDropBlock2d(ScheduledModule):
             return x
         if x.is_meta:
             return x.clone()  # shapes only: no masks, no step
+        if self.traces_schedule():
+            # traced: the active masks are computed from the step tensor in the graph
+            step = self.forward_step_tensor()
+            config = self.config
+            if config.p == 0.0:
+                return x
+            active = self.active_subnets_tensor(step)
+            group_masks = _gyro_block_masks(x, config, self.seed, active)
+            y = _apply_group_masks(x, group_masks, self.group_counts(x.shape[0]))
+            return y if config.drop_mode == "standard" else torch.where(config.drops_at(step), y, x)
         if self.config.p == 0.0:
             self.forward_step()
             return x
         prepared = self._prepare(x)
-        return x if prepared is None else apply_group_masks(x, *prepared)
+        return x if prepared is None else _apply_group_masks(x, *prepared)
 
 
 class DropBlock3d(DropBlock2d):

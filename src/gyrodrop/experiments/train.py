@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 import gyrodrop
+from gyrodrop._validation import check_p
+from gyrodrop.config import BlockGyroConfig
 from gyrodrop.experiments import metrics as M
 from gyrodrop.experiments.data import (
     Dataset,
@@ -213,9 +215,8 @@ class RunConfig:
         if self.ensemble_size is not None and self.ensemble_size < 1:
             raise ValueError(f"{owner}: ensemble_size must be >= 1, got {self.ensemble_size}")
         for name in ("p", "input_p"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v < 1.0:
-                raise ValueError(f"{owner}: {name} must be in [0, 1), got {v}")
+            if getattr(self, name) is not None:  # the layers' own check and message
+                check_p(owner, getattr(self, name), name)
         changes: dict[str, Any] = {}
         if self.method == "none":
             changes.update(
@@ -233,11 +234,14 @@ class RunConfig:
         else:
             if self.num_subnets is None or self.subnets_per_step is None:
                 raise ValueError(f"{owner}: {self.method} needs num_subnets and subnets_per_step")
-            if not 1 <= self.subnets_per_step <= self.num_subnets:
-                raise ValueError(
-                    f"{owner}: subnets_per_step must be in [1, num_subnets={self.num_subnets}], "
-                    f"got {self.subnets_per_step}"
-                )
+            # sigma, tau (and the block size) as the layers check them
+            BlockGyroConfig(
+                num_subnets=self.num_subnets,
+                subnets_per_step=self.subnets_per_step,
+                block_size=32 if self.block_size is None else self.block_size,
+                steps_per_set=1,
+                owner=owner,
+            )
             if self.method == "gyro-independent":
                 changes["ens_subnets"] = None  # no subnetwork ensemble (no trained members)
             if self.method != "blockwise":

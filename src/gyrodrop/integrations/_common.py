@@ -19,8 +19,8 @@ from typing import Any
 from torch import nn
 
 from gyrodrop._modules import unwrap_model
-from gyrodrop._validation import check_p, check_seed
-from gyrodrop.gyro import GyroDropout
+from gyrodrop._validation import check_seed
+from gyrodrop.config import GyroDropoutConfig
 from gyrodrop.schedule import TRAINER_SCHEDULED, SteppedModule, set_stepping, step
 from gyrodrop.scheduled import ScheduledModule
 from gyrodrop.surgery import apply_gyro_dropout
@@ -65,13 +65,8 @@ class GyroOptions:
                 f"{owner}: unexpected keyword arguments {sorted(unknown)}; "
                 f"allowed besides p, num_subnets, subnets_per_step, seed: {sorted(_PASS_THROUGH)}"
             )
-        if kw.get("total_steps") is not None and kw.get("steps_per_set") is not None:
-            raise ValueError(
-                f"{owner}: pass at most one of total_steps and steps_per_set, got "
-                f"total_steps={kw['total_steps']} and steps_per_set={kw['steps_per_set']}"
-            )
-        self.p = None if p is None else check_p(owner, p)
-        _check_layer_args(owner, self.p, num_subnets, subnets_per_step, seed, kw)
+        config = _check_layer_args(owner, p, num_subnets, subnets_per_step, seed, kw)
+        self.p = None if p is None else config.p
         self.num_subnets = num_subnets
         self.subnets_per_step = subnets_per_step
         self.seed = check_seed(owner, seed)
@@ -99,17 +94,21 @@ def _check_layer_args(
     subnets_per_step: int,
     seed: int,
     kw: Mapping[str, Any],
-) -> None:
+) -> GyroDropoutConfig:
     """Validate the layer options at construction (not when the trainer first applies
-    them), through the one path the layers use: build a throwaway ``GyroDropout``."""
+    them), through the config the layers are built from; returns it."""
     options = dict(kw)
     if options.get("total_steps") is None and options.get("steps_per_set") is None:
         options["steps_per_set"] = 1  # the trainer sets it later
-    try:
-        GyroDropout(0.5 if p is None else p, num_subnets, subnets_per_step, seed=seed, **options)
-    except ValueError as e:
-        message = str(e).removeprefix("GyroDropout: ")
-        raise ValueError(f"{owner}: {message}") from None
+    config = GyroDropoutConfig(
+        p=0.5 if p is None else p,
+        num_subnets=num_subnets,
+        subnets_per_step=subnets_per_step,
+        owner=owner,
+        **options,
+    )
+    check_seed(owner, seed)
+    return config
 
 
 def stepped_modules(model: nn.Module) -> dict[str, SteppedModule]:

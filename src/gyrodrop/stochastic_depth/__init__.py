@@ -14,8 +14,11 @@ Two granularities:
   rank makes the same decision without communicating.
 - ``mode="sample"``: one decision per example (dim 0), keyed by the example's row in the
   *global* batch (:func:`gyrodrop.distributed.row_window`), so a DDP run draws exactly
-  what one process with the concatenated batch would. The branch is computed for all
-  rows (regularization, no saving).
+  what one process with the concatenated batch would. The wrappers compute a branch
+  whose rows are independent on the kept rows only and add it back (``index_add``):
+  the dropped rows' work is saved; a branch that couples rows (BatchNorm in training)
+  is computed for every row and multiplied. ``kept_rows="fixed"`` keeps exactly
+  ``B - round(p * B)`` rows per step (static shapes, for ``torch.compile``).
 
 Randomness is counter-based (:mod:`gyrodrop.masks`): no generator state, nothing to
 synchronize, and the ``step``/``seed`` buffers resume the exact sequence from a
@@ -32,8 +35,6 @@ wrapper is :class:`StochasticDepthBlock`. How a block exposes its branch and sho
   ``branch(x)`` and ``shortcut(x)``, and optionally ``post(y)`` (applied to their sum,
   e.g. the final ReLU of a post-activation block).
 """
-
-from typing import Any
 
 from gyrodrop.stochastic_depth.block import (
     MethodSplit,
@@ -55,12 +56,17 @@ from gyrodrop.stochastic_depth.layer import (
     shape_error,
 )
 from gyrodrop.stochastic_depth.module import (
+    KEPT_ROWS,
     MODES,
+    KeptRows,
     MCDraws,
     MCLayoutError,
     Mode,
+    RowDraw,
     StochasticDepth,
     block_keep,
+    draw_rows,
+    row_coupling,
     stochastic_depth,
 )
 from gyrodrop.stochastic_depth.rates import RATE_DISTRIBUTIONS, RateDistribution, depth_rates
@@ -68,6 +74,11 @@ from gyrodrop.stochastic_depth.rates import RATE_DISTRIBUTIONS, RateDistribution
 __all__ = [
     "MODES",
     "Mode",
+    "KEPT_ROWS",
+    "KeptRows",
+    "RowDraw",
+    "draw_rows",
+    "row_coupling",
     "ResidualBlock",
     "StochasticDepth",
     "StochasticDepthBlock",
@@ -92,23 +103,3 @@ __all__ = [
     "structural_split",
     "targeted_split",
 ]
-
-# Old import paths of names that moved up: model analysis and the surgery functions to
-# gyrodrop.surgery. Resolved on first use: lazy aliases, not dependencies of this layer.
-_MOVED = {
-    "find_residual_blocks": "gyrodrop.surgery.residual",
-    "layer_list_candidates": "gyrodrop.surgery.residual",
-    "Target": "gyrodrop.surgery.residual",
-    "remove_stochastic_depth": "gyrodrop.surgery.stochastic_depth",
-    "replace_drop_paths": "gyrodrop.surgery.stochastic_depth",
-    "linear_rates": "gyrodrop.surgery.stochastic_depth",
-    "warmup_steps_for": "gyrodrop.surgery.stochastic_depth",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'gyrodrop.stochastic_depth' has no attribute {name!r}")

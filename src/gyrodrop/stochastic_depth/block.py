@@ -5,6 +5,7 @@ the wrapper :class:`StochasticDepthBlock` that skips a dropped branch."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Protocol, overload, runtime_checkable
 
@@ -12,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from gyrodrop.stepping import refuse_export
-from gyrodrop.stochastic_depth.module import Mode, StochasticDepth
+from gyrodrop.stochastic_depth.module import (
+    KeptRows,
+    Mode,
+    StochasticDepth,
+    may_skip_empty_branch,
+    row_coupling,
+)
 
 __all__ = [
     "ResidualBlock",
@@ -241,17 +248,22 @@ class StochasticDepthBlock(nn.Module):
     - training, ``mode="block"``: when the branch is dropped it is not computed, so its
       parameters get no gradient that step (under DDP use
       ``find_unused_parameters=True``).
-    - training, ``mode="sample"``: the branch is computed for every row and multiplied
-      by per-row factors.
+    - training, ``mode="sample"``: per-row decisions; a branch whose rows are
+      independent is computed on the kept rows only and added back into the shortcut
+      (``index_add``); a block that couples rows (BatchNorm in training, as every
+      torchvision-shaped block) computes every row and multiplies, saying so once.
     - a block with its own ``branch``/``shortcut`` methods is checked once, on its first
       training input, against its ``forward`` (eval mode, no gradients): ``ValueError``
       when they differ. torchvision-shaped blocks are checked at surgery.
 
     Args:
         block: the residual block.
-        p, mode, seed, auto_step, warmup_steps, per_rank: see :class:`StochasticDepth`.
+        p, mode, seed, auto_step, warmup_steps, per_rank, kept_rows: see
+            :class:`StochasticDepth`.
         split: how to split the block; found from the block when omitted.
     """
+
+    _warned_rows = False  # said once why sample mode multiplies (class default: old pickles)
 
     def __init__(
         self,
@@ -264,13 +276,20 @@ class StochasticDepthBlock(nn.Module):
         warmup_steps: int = 0,
         split: Split | None = None,
         per_rank: bool = False,
+        kept_rows: KeptRows = "random",
     ) -> None:
         super().__init__()
         if split is None:
             split = targeted_split(block)
         self.block = block
         self.stochastic_depth = StochasticDepth(
-            p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
+            p,
+            mode,
+            seed=seed,
+            auto_step=auto_step,
+            warmup_steps=warmup_steps,
+            per_rank=per_rank,
+            kept_rows=kept_rows,
         )
         self._split = split
         self._verified = False  # a user's branch/shortcut, checked on the first input
@@ -322,5 +341,42 @@ class StochasticDepthBlock(nn.Module):
             if scale == 1.0:
                 return split.post(block, shortcut + branch)
             return split.post(block, torch.add(shortcut, branch, alpha=scale))
+        if sd.training and sd.mode == "sample" and not sd.mc_active and self._skippable(x):
+            shortcut = split.shortcut(block, x)
+            draw = sd.draw_rows(x.shape[0], x.device)
+            if draw is not None and draw.index is not None:
+                index = draw.index
+                if index.shape[0] == 0 and may_skip_empty_branch():
+                    if shortcut is x and split.has_post(block):
+                        shortcut = x.clone()  # post may work in place
+                    return split.post(block, shortcut)
+                branch = split.branch(block, x.index_select(0, index))
+                assert isinstance(draw.scale, float)
+                return split.post(block, shortcut.index_add(0, index, branch, alpha=draw.scale))
+            branch = split.branch(block, x)
+            return split.post(
+                block, shortcut + (branch if draw is None else branch * draw.factors(branch))
+            )
         shortcut = split.shortcut(block, x)
         return split.post(block, shortcut + sd(split.branch(block, x)))
+
+    def _skippable(self, x: Tensor) -> bool:
+        """Can sample mode compute the branch on the kept rows only? Not when the block
+        couples rows (BatchNorm in training, as in every torchvision-shaped block) or
+        draws by row position (:func:`~gyrodrop.stochastic_depth.module.row_coupling`):
+        then it multiplies, and says so once naming the block."""
+        if not isinstance(x, Tensor) or x.is_meta or x.dim() == 0:
+            return False
+        reason = row_coupling(self.block)
+        if reason is None:
+            return True
+        if not self._warned_rows and not torch.compiler.is_compiling():
+            self._warned_rows = True
+            warnings.warn(
+                f"StochasticDepthBlock ({type(self.block).__name__}): sample mode computes "
+                f"the branch on every row and multiplies the dropped rows by 0 (no "
+                f"saving): {reason}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return False

@@ -4,13 +4,20 @@ skips a dropped layer."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gyrodrop.stochastic_depth.module import Mode, StochasticDepth
+from gyrodrop.stochastic_depth.module import (
+    KeptRows,
+    Mode,
+    StochasticDepth,
+    may_skip_empty_branch,
+    row_coupling,
+)
 
 __all__ = [
     "StochasticDepthLayer",
@@ -137,8 +144,16 @@ class StochasticDepthLayer(nn.Module):
     - training, ``mode="block"``: when dropped, the layer is not computed and the hidden
       states pass through (other outputs, e.g. attention weights, are ``None``); when
       kept, ``x + (f(x) - x) / (1 - p)``.
-    - training, ``mode="sample"``: the layer is computed for every row; row ``b`` gets
-      ``x_b + keep_b * (f(x)_b - x_b) / (1 - p)``.
+    - training, ``mode="sample"``: row ``b`` gets ``x_b + keep_b * (f(x)_b - x_b) /
+      (1 - p)`` (``B / kept`` for ``kept_rows="fixed"``). The layer is computed on the
+      kept rows only (``index_select``, then ``index_add`` back into ``x``: dropped rows
+      are the input, exactly) when its rows are independent: no BatchNorm in training
+      and no gyrodrop layer inside (:func:`~gyrodrop.stochastic_depth.row_coupling`), no
+      other tensor argument with the batch dim, and it returns its hidden states alone
+      (learned on the first call, which computes every row). Otherwise every row is
+      computed and multiplied, and a ``UserWarning`` says why once, naming the layer.
+      Under ``torch.compile`` random rows use the multiply form (their count is not a
+      static shape); fixed rows skip.
 
     The first computed output is checked to have the input's shape (``ValueError``
     naming the layer otherwise). Attributes the wrapper lacks are read from the layer
@@ -154,9 +169,13 @@ class StochasticDepthLayer(nn.Module):
         auto_step: who advances the step.
         warmup_steps: steps over which ``p`` ramps up from 0.
         per_rank: independent decisions per data-parallel rank.
+        kept_rows: sample mode's rows: ``"random"`` or ``"fixed"`` (see
+            :class:`StochasticDepth`).
         name: the layer's name in the model, for error messages.
         split: what a probe at surgery learned about the layer's output.
     """
+
+    _warned_rows = False  # said once why sample mode multiplies (class default: old pickles)
 
     def __init__(
         self,
@@ -170,14 +189,22 @@ class StochasticDepthLayer(nn.Module):
         per_rank: bool = False,
         name: str = "",
         split: LayerSplit | None = None,
+        kept_rows: KeptRows = "random",
     ) -> None:
         super().__init__()
         self.layer = layer
         self.stochastic_depth = StochasticDepth(
-            p, mode, seed=seed, auto_step=auto_step, warmup_steps=warmup_steps, per_rank=per_rank
+            p,
+            mode,
+            seed=seed,
+            auto_step=auto_step,
+            warmup_steps=warmup_steps,
+            per_rank=per_rank,
+            kept_rows=kept_rows,
         )
         self._name = name
         self._structure: Structure | None = None if split is None else split.structure
+        self._warned_rows = False
         self.training = self.stochastic_depth.training = layer.training
 
     def extra_repr(self) -> str:
@@ -220,6 +247,80 @@ class StochasticDepthLayer(nn.Module):
             if scale == 1.0:
                 return out
             return _with_first(out, torch.add(x, h - x, alpha=scale))
+        if (
+            sd.training
+            and sd.mode == "sample"
+            and not sd.mc_active
+            and self._skippable(x, args, kwargs)
+        ):
+            draw = sd.draw_rows(x.shape[0], x.device)
+            if draw is not None and draw.index is not None:
+                return self._kept_rows_forward(x, args, kwargs, draw.index, draw.scale)
+            out = self.layer(*args, **kwargs)
+            h = self._hidden_out(out, x)
+            delta = h - x
+            return _with_first(out, x + (delta if draw is None else delta * draw.factors(x)))
         out = self.layer(*args, **kwargs)
         h = self._hidden_out(out, x)
         return _with_first(out, x + sd(h - x))
+
+    def _skippable(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Can sample mode compute the layer on the kept rows only? Its rows must be
+        independent (:func:`~gyrodrop.stochastic_depth.module.row_coupling`), no other
+        argument may carry the batch dim (it would need the same rows), and the layer
+        must return its hidden states alone (learned on the first call). Says once why
+        not, naming the layer."""
+        structure = self._structure
+        if x.is_meta or x.dim() == 0 or structure is None:
+            return False
+        reason = row_coupling(self.layer)
+        if reason is None and (structure.kind == "mapping" or structure.length != 1):
+            reason = "it returns more than its hidden states"
+        if reason is None:
+            batch = x.shape[0]
+            others = [*enumerate(args[1:], 1), *kwargs.items()]
+            for key, value in others:
+                if (
+                    isinstance(value, Tensor)
+                    and value is not x
+                    and value.dim()
+                    and (value.shape[0] == batch and batch > 1)
+                ):
+                    reason = f"argument {key!r} has the batch dim"
+                    break
+        if reason is None:
+            return True
+        if not self._warned_rows and not torch.compiler.is_compiling():
+            self._warned_rows = True
+            warnings.warn(
+                f"StochasticDepthLayer {self._name!r}: sample mode computes this layer on "
+                f"every row and multiplies the dropped rows by 0 (no saving): {reason}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return False
+
+    def _kept_rows_forward(
+        self,
+        x: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        index: Tensor,
+        scale: float | Tensor,
+    ) -> Any:
+        """The layer on the kept rows ``index`` only, added back into ``x``:
+        ``y = x`` on dropped rows, ``x + scale * (f(x) - x)`` on kept ones."""
+        assert self._structure is not None
+        if index.shape[0] == 0 and may_skip_empty_branch():
+            return self._structure.passthrough(x)
+        xk = x.index_select(0, index)
+        if args and args[0] is x:
+            out = self.layer(xk, *args[1:], **kwargs)
+        else:
+            name = next(k for k in _HIDDEN_KWARGS if kwargs.get(k) is x)
+            out = self.layer(*args, **{**kwargs, name: xk})
+        h = first_output(out)
+        if not isinstance(h, Tensor) or h.shape != xk.shape:
+            raise shape_error("StochasticDepthLayer", self._name, xk.shape, out)
+        assert isinstance(scale, float)
+        return _with_first(out, x.index_add(0, index, h - xk, alpha=scale))

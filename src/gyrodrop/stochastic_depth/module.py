@@ -4,14 +4,15 @@ that keeps ``p``, the mode and the step). See :mod:`gyrodrop.stochastic_depth`."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gyrodrop import distributed, masks
 from gyrodrop._validation import check_bool, check_int, check_seed
-from gyrodrop.config import MODES, DropMode, Mode, StochasticDepthConfig
+from gyrodrop.config import KEPT_ROWS, MODES, DropMode, KeptRows, Mode, StochasticDepthConfig
 from gyrodrop.stepping import SteppedModule, check_input, warmup_rate
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "StochasticDepth",
     "MCDraws",
     "MCLayoutError",
+    "KeptRows",
+    "KEPT_ROWS",
+    "RowDraw",
+    "draw_rows",
 ]
 
 # Sub-streams of masks.TAG_DEPTH.
@@ -29,6 +34,7 @@ _STREAM_BLOCK = 1
 _STREAM_SAMPLE = 2
 _STREAM_MC = 3
 _STREAM_RANK = 4
+_SAMPLE_SALT = 0x5A5A5A5A  # Monte-Carlo sample-mode keys apart from block-mode ones
 
 
 # --------------------------------------------------------------------------------------
@@ -51,6 +57,85 @@ def _row_factors(keep: Tensor, ndim: int, p: float, dtype: torch.dtype) -> Tenso
     """Per-row factors ``keep / (1 - p)``, shaped ``(B, 1, ..., 1)`` to broadcast."""
     factor = keep.to(dtype) * (1.0 / (1.0 - p))
     return factor.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _n_dropped_rows(rate: float | Tensor, n: int) -> int | Tensor:
+    """Rows a ``kept_rows="fixed"`` draw drops from ``n``: ``rate * n`` to the nearest
+    integer, halves up."""
+    if isinstance(rate, Tensor):
+        return torch.floor(rate * n + 0.5).to(torch.int64)
+    return int(math.floor(rate * n + 0.5))
+
+
+@dataclass(frozen=True)
+class RowDraw:
+    """One step's sample-mode decision for ``B`` local rows (:meth:`StochasticDepth.draw_rows`).
+
+    ``keep``: bool ``(B,)``; ``scale``: what a kept row's branch is multiplied by
+    (``1/(1-rate)`` for ``kept_rows="random"``, the count-exact ``B / kept`` for
+    ``"fixed"``; a float, or a 0-d tensor when the rate comes from the step tensor);
+    ``index``: the kept rows' indices, sorted, int64 ``(kept,)``, or ``None`` when a
+    compiled graph cannot have their number as a shape (random rows under
+    ``torch.compile``: the caller then multiplies).
+    """
+
+    keep: Tensor
+    scale: float | Tensor
+    index: Tensor | None
+
+    def factors(self, like: Tensor) -> Tensor:
+        """Per-row factors ``keep * scale``, shape ``(B, 1, ..., 1)``, ``like``'s dtype."""
+        factor = self.keep.to(like.dtype) * self.scale
+        return factor.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def draw_rows(
+    seed: int | Tensor,
+    step: int | Tensor,
+    rate: float | Tensor,
+    batch: int,
+    device: torch.device,
+    kept_rows: KeptRows = "random",
+) -> RowDraw:
+    """Sample-mode decisions of the ``batch`` local rows at ``step``: a pure function of
+    ``(seed, step, rate)`` and each row's index in the global batch
+    (:func:`gyrodrop.distributed.row_window`).
+
+    ``kept_rows="random"``: each row is kept alone with probability ``1 - rate`` (the
+    bits of 0.1.0). ``"fixed"``: exactly ``batch - round(rate * batch)`` rows are kept
+    per local batch, those of the largest hash values (every row equally likely), so
+    the kept count, hence the shapes of a branch computed on the kept rows only, is
+    the same every step. ``seed``, ``step`` and ``rate`` may be tensors (the compiled
+    path): the same decisions, with tensor ops only.
+    """
+    start, _ = distributed.row_window(batch)
+    key: int | Tensor
+    if isinstance(seed, Tensor) or isinstance(step, Tensor):
+        key = masks.mix_keys_tensor(seed, masks.TAG_DEPTH, _STREAM_SAMPLE, step)
+    else:
+        key = masks.mix_keys(seed, masks.TAG_DEPTH, _STREAM_SAMPLE, step)
+    index = torch.arange(start, start + batch, dtype=torch.int64, device=device)
+    h = masks.hash_grid(key if isinstance(key, int) else key.to(device), index)
+    if kept_rows == "random":
+        if isinstance(rate, Tensor):
+            keep = h >= masks.drop_threshold_tensor(rate).to(device)
+            scale: float | Tensor = 1.0 / (1.0 - rate)
+        else:
+            keep = h >= masks.drop_threshold(rate)
+            scale = 1.0 / (1.0 - rate)
+        kept = None if torch.compiler.is_compiling() else keep.nonzero().squeeze(1)
+        return RowDraw(keep, scale, kept)
+    n_drop = _n_dropped_rows(rate, batch)
+    local = torch.arange(batch, dtype=torch.int64, device=device)
+    order = torch.argsort((h << 31) | local)  # smallest hashes first: the dropped rows
+    if isinstance(n_drop, Tensor):  # a rate that depends on the step tensor
+        rank = torch.empty_like(order).scatter_(0, order, local)
+        keep = rank >= n_drop.to(device)
+        scale = batch / (batch - n_drop).clamp_min(1).to(torch.float64)
+        return RowDraw(keep, scale, None)
+    kept_index = order[n_drop:].sort().values
+    keep = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, kept_index, True)
+    return RowDraw(keep, batch / max(batch - n_drop, 1), kept_index)
 
 
 def stochastic_depth(
@@ -118,6 +203,30 @@ def _factors(x: Tensor, p: float, mode: str, seed: int, step: int) -> Tensor | f
     return _row_factors(keep, x.dim(), p, x.dtype)
 
 
+def may_skip_empty_branch() -> bool:
+    """Whether sample mode may skip a branch that keeps no row of this batch. Only in
+    one process: under data parallelism another rank may keep rows of its own, and every
+    rank must run the same modules so FSDP's all-gathers / reduce-scatters and DDP's
+    gradient reductions stay in step; there the branch runs on zero rows instead."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    return torch.distributed.get_world_size() == 1
+
+
+def row_coupling(branch: nn.Module) -> str | None:
+    """Why ``branch`` cannot be computed on the kept rows only, or ``None``: a module
+    inside couples the rows of a batch (BatchNorm in training: its statistics are over
+    the batch) or draws by row position (a gyrodrop layer: its masks follow each row's
+    place in the batch, which dropping rows would shift)."""
+    for name, module in branch.named_modules():
+        where = f" {name!r}" if name else ""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            return f"{type(module).__name__}{where} in training couples the rows"
+        if isinstance(module, SteppedModule) and module.training:
+            return f"{type(module).__name__}{where} draws its masks by row position"
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # The module.
 
@@ -170,8 +279,19 @@ class StochasticDepth(SteppedModule):
             makes the same decision; ``True``: each rank decides alone (its rank mixed
             into the seed; Composer's ``use_same_gpu_seed=False``). Sample mode already
             decides per example.
+        kept_rows: sample mode: ``"random"`` (default, the draws of 0.1.0): each example
+            is kept alone with probability ``1 - rate``, kept rows scaled by
+            ``1/(1 - rate)``; ``"fixed"``: exactly ``B - round(rate * B)`` of the ``B``
+            local rows are kept every step (every row equally likely), scaled by the
+            count-exact ``B / kept``, so a branch computed on the kept rows has the
+            same shape every step (``torch.compile`` without recompiles; DINOv2's and
+            torchtune's layer dropout do the same).
 
     Shape: input ``(B, *)``, output the same. ``eval()``: the identity.
+
+    Under ``torch.compile`` sample mode is traced: the step is a tensor and the
+    decisions are computed from it in the graph (no graph break, no recompile per
+    step). Block mode decides on the host (:meth:`draw_scale`): a graph break.
 
     Used alone it multiplies (a dropped branch was still computed). To skip the work,
     let :func:`gyrodrop.apply_stochastic_depth` wrap the block, or call
@@ -209,6 +329,7 @@ class StochasticDepth(SteppedModule):
         total_steps: int | None = None,
         warmup_steps: int = 0,
         per_rank: bool = False,
+        kept_rows: KeptRows = "random",
     ) -> None:
         owner = type(self).__name__
         config = StochasticDepthConfig(
@@ -220,6 +341,7 @@ class StochasticDepth(SteppedModule):
             drop_cutoff=drop_cutoff,
             cutoff_step=cutoff_step,
             total_steps=total_steps,
+            kept_rows=kept_rows,
             owner=owner,
         )
         super().__init__(seed=seed, auto_step=auto_step, owner=owner)
@@ -243,6 +365,49 @@ class StochasticDepth(SteppedModule):
         config = self.config
         return warmup_rate(config.p, config.warmup_steps, step) if config.drops_at(step) else 0.0
 
+    def rate_tensor(self, step: Tensor) -> float | Tensor:
+        """:meth:`rate` of a step tensor (the compiled path): ``p`` (a float) without
+        warm-up and with ``drop_mode="standard"``, else a float64 0-d tensor with the same
+        value as :meth:`rate`."""
+        config = self.config
+        rate: float | Tensor = config.p
+        if config.warmup_steps:
+            ramp = (config.p * step.clamp_min(0).to(torch.float64)) / config.warmup_steps
+            rate = torch.where(step < config.warmup_steps, ramp, torch.full_like(ramp, config.p))
+        if config.drop_mode != "standard":
+            rate = torch.where(
+                config.drops_at(step),
+                torch.as_tensor(rate, dtype=torch.float64, device=step.device),
+                0.0,
+            )
+        return rate
+
+    def _step_and_rate(self) -> tuple[int | Tensor, float | Tensor]:
+        """This training forward's step (advanced when ``auto_step``) and rate: Python
+        values in eager mode, tensors while compiled."""
+        if torch.compiler.is_compiling():
+            step_t = self.forward_step_tensor()
+            return step_t, self.rate_tensor(step_t)
+        step = self.forward_step()
+        return step, self.rate(step)
+
+    def draw_rows(self, batch: int, device: torch.device) -> RowDraw | None:
+        """Sample mode: this step's decisions for ``batch`` local rows (see
+        :func:`draw_rows`), or ``None`` when the rate is 0 (every row kept, unscaled);
+        advances the step when ``auto_step`` (an activation-checkpoint recompute gets the
+        same decisions). What :class:`StochasticDepthLayer` and
+        :class:`StochasticDepthBlock` call to compute a branch on the kept rows only."""
+        if self.mode != "sample":
+            raise ValueError(
+                f"{type(self).__name__}: draw_rows() is for mode='sample', got "
+                f"mode={self.mode!r}; use draw_scale()"
+            )
+        step, rate = self._step_and_rate()
+        if isinstance(rate, float) and rate == 0.0:
+            return None
+        seed = self.seed if torch.compiler.is_compiling() else self.current_seed()
+        return draw_rows(seed, step, rate, batch, device, self.config.kept_rows)
+
     @torch.compiler.disable
     def draw_scale(self) -> float:
         """Block mode: this step's factor for the branch, ``0.0`` (dropped: do not
@@ -261,7 +426,7 @@ class StochasticDepth(SteppedModule):
             )
         if self.step.is_meta:
             return 1.0  # shapes only
-        step = self.forward_step()
+        step = self._forward_step()  # within a compiler-disabled method
         p = self.rate(step)
         if p == 0.0:
             return 1.0
@@ -301,7 +466,7 @@ class StochasticDepth(SteppedModule):
             if self.mode == "block":
                 keep = _keep_indices(key, mc.first, 1, p, x.device).expand(n)
             else:
-                keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * n, n, p, x.device)
+                keep = _keep_indices(key ^ _SAMPLE_SALT, mc.first * n, n, p, x.device)
         elif self.mode == "block":
             if x.shape[0] % mc.rows:
                 raise ValueError(
@@ -311,14 +476,15 @@ class StochasticDepth(SteppedModule):
             keep = _keep_indices(key, mc.first, x.shape[0] // mc.rows, p, x.device)
             keep = keep.repeat_interleave(mc.rows)
         else:
-            keep = _keep_indices(key ^ 0x5A5A5A5A, mc.first * mc.rows, x.shape[0], p, x.device)
+            keep = _keep_indices(key ^ _SAMPLE_SALT, mc.first * mc.rows, x.shape[0], p, x.device)
         return x * _row_factors(keep, x.dim(), p, x.dtype)
 
     @torch.compiler.disable
     def _draw(self, x: Tensor) -> Tensor | float:
         """This step's factors for ``x`` (see :func:`stochastic_depth`); advances the
-        step when ``auto_step``. Bookkeeping runs eagerly under ``torch.compile``."""
-        step = self.forward_step()
+        step when ``auto_step``. Block mode's bookkeeping runs eagerly under
+        ``torch.compile`` (a graph break); sample mode is traced (:meth:`forward`)."""
+        step = self._forward_step()  # within a compiler-disabled method
         seed = self.decision_seed() if self.config.mode == "block" else self.current_seed()
         return _draw(x, self.config, seed, step)
 
@@ -330,5 +496,13 @@ class StochasticDepth(SteppedModule):
             return self._mc_forward(x, self._mc)
         if x.is_meta:
             return x.clone()  # shapes only: no decision, no step
+        if self.mode == "sample":
+            if x.dim() == 0:
+                raise ValueError(
+                    f"{type(self).__name__}: sample mode needs a batch dim, shape (B, *), "
+                    "got a 0-d tensor"
+                )
+            draw = self.draw_rows(x.shape[0], x.device)
+            return x if draw is None else x * draw.factors(x)
         factor = self._draw(x)
         return x if isinstance(factor, float) and factor == 1.0 else x * factor

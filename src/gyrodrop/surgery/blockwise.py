@@ -9,13 +9,13 @@ from typing import Any, cast
 from torch import nn
 
 from gyrodrop._modules import check_model, swap_all, unwrap_model
-from gyrodrop._validation import check_choice, check_int, check_p, check_seed
+from gyrodrop._validation import check_choice, check_int, check_seed
 from gyrodrop.blockwise import BlockGyroLinear, n_dropped_blocks
-from gyrodrop.config import DropMode
+from gyrodrop.config import BlockGyroConfig, DropMode
 from gyrodrop.masks import layer_seed
 from gyrodrop.schedule import attach_stepper
 from gyrodrop.surgery.blockwise_sites import SURGERY_PRUNE, SurgeryPrune, find_block_sites
-from gyrodrop.surgery.common import SurgeryWarning, check_timing
+from gyrodrop.surgery.common import SurgeryWarning, one_schedule_warning
 from gyrodrop.surgery.gyro import DROPOUT_FAMILY
 
 __all__ = ["apply_block_gyro"]
@@ -88,11 +88,8 @@ def apply_block_gyro(
         ('Identity', 'BlockGyroLinear', 0.5)
     """
     owner = "apply_block_gyro"
-    timing = check_timing(owner, drop_mode, drop_cutoff, total_steps)
     check_model(owner, model)
     check_int(owner, "block_size", block_size, 1)
-    if p is not None:
-        p = check_p(owner, p)
     check_seed(owner, seed)
     check_choice(owner, "prune", prune, SURGERY_PRUNE)
     allowed = {"schedule", "auto_step", "backend", "workspace"}
@@ -102,55 +99,55 @@ def apply_block_gyro(
             f"{owner}: unexpected keyword arguments {sorted(unknown)}; "
             f"allowed: {sorted(allowed)} besides the named ones"
         )
+    schedule = {"schedule": kw.pop("schedule")} if "schedule" in kw else {}
+    with one_schedule_warning(owner, total_steps, steps_per_set):
+        config = BlockGyroConfig(
+            p=0.5 if p is None else p,
+            num_subnets=num_subnets,
+            subnets_per_step=subnets_per_step,
+            block_size=block_size,
+            total_steps=total_steps,
+            steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            owner=owner,
+            **schedule,
+        )
     root = unwrap_model(model)
     sites, problems = find_block_sites(root, prune)
     swaps: list[tuple[str, nn.Module]] = []
     fused_dropouts = set()
-    with warnings.catch_warnings():
-        if total_steps is None and steps_per_set is None:
-            warnings.warn(
-                f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1",
-                SurgeryWarning,
-                stacklevel=3,
+    for index, site in enumerate(sites):
+        dropout = root.get_submodule(site.dropout)
+        linear = cast(nn.Linear, root.get_submodule(site.linear))
+        rate = cast(float, dropout.p) if p is None else config.p
+        features = linear.in_features if site.prune == "input" else linear.out_features
+        n_blocks = -(-features // block_size)
+        n_dropped = n_dropped_blocks(rate, n_blocks)
+        if n_dropped >= n_blocks:
+            problems.append(
+                f"{site.dropout}: p={rate} would drop all {n_blocks} blocks of "
+                f"{site.linear}'s {features} {site.prune} features; lower block_size"
             )
-            warnings.filterwarnings("ignore", message=".*neither total_steps nor steps_per_set")
-        for index, site in enumerate(sites):
-            dropout = root.get_submodule(site.dropout)
-            linear = cast(nn.Linear, root.get_submodule(site.linear))
-            rate = cast(float, dropout.p) if p is None else p
-            features = linear.in_features if site.prune == "input" else linear.out_features
-            n_blocks = -(-features // block_size)
-            n_dropped = n_dropped_blocks(rate, n_blocks)
-            if n_dropped >= n_blocks:
-                problems.append(
-                    f"{site.dropout}: p={rate} would drop all {n_blocks} blocks of "
-                    f"{site.linear}'s {features} {site.prune} features; lower block_size"
-                )
-                continue
-            if n_dropped == 0:  # fused, the pair would train without dropout
-                problems.append(
-                    f"{site.dropout}: p={rate} rounds to 0 of the {n_blocks} block(s) of "
-                    f"{site.linear}'s {features} {site.prune} features (block_size="
-                    f"{block_size}), so a fused layer would drop nothing; lower block_size "
-                    "or raise p"
-                )
-                continue
-            fused = BlockGyroLinear.from_linear(
-                linear,
-                p=rate,
-                num_subnets=num_subnets,
-                subnets_per_step=subnets_per_step,
-                block_size=block_size,
-                total_steps=total_steps,
-                steps_per_set=steps_per_set,
-                seed=layer_seed(seed, index),
-                schedule_seed=seed,
-                prune=site.prune,
-                **timing,
-                **kw,
+            continue
+        if n_dropped == 0:  # fused, the pair would train without dropout
+            problems.append(
+                f"{site.dropout}: p={rate} rounds to 0 of the {n_blocks} block(s) of "
+                f"{site.linear}'s {features} {site.prune} features (block_size="
+                f"{block_size}), so a fused layer would drop nothing; lower block_size "
+                "or raise p"
             )
-            swaps += [(site.linear, fused), (site.dropout, nn.Identity())]
-            fused_dropouts.add(site.dropout)
+            continue
+        fused = BlockGyroLinear.from_linear(
+            linear,
+            config=config.replace(owner=owner, p=rate, prune=site.prune),
+            seed=layer_seed(seed, index),
+            schedule_seed=seed,
+            **kw,
+        )
+        fused.total_steps = total_steps
+        swaps += [(site.linear, fused), (site.dropout, nn.Identity())]
+        fused_dropouts.add(site.dropout)
     swap_all(root, swaps)  # only once every fused layer was built
     count = len(fused_dropouts)
     if count and kw.get("auto_step", True):

@@ -1,12 +1,22 @@
-"""What every surgery module shares: the warning category of surgery's notices."""
+"""What every surgery function shares: the warning category of surgery's notices and
+the skeleton each ``apply_*`` runs (walk the model, ask the method's policy for each
+matching module, swap all or nothing, attach the model-level stepper, warn when nothing
+matched). Each ``apply_*`` keeps only its policy and its site rules."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
-from gyrodrop.config import DropMode, LayerConfig
+from torch import nn
 
-__all__ = ["SurgeryWarning", "check_timing"]
+from gyrodrop._modules import Policy, replace_modules
+from gyrodrop.config import DropMode, LayerConfig
+from gyrodrop.schedule import attach_stepper
+
+__all__ = ["SurgeryWarning", "rewrite", "one_schedule_warning", "check_timing"]
 
 
 def check_timing(
@@ -35,3 +45,34 @@ class SurgeryWarning(UserWarning):
         ...         print(str(notice).split(";")[0])
         apply_gyro_dropout: no nn.Dropout / Dropout1d/2d/3d layer found
     """
+
+
+def rewrite(owner: str, model: nn.Module, policy: Policy, *, auto_step: bool, nothing: str) -> int:
+    """The surgery skeleton: replace every module of ``model`` whose exact type is in
+    ``policy`` (all or nothing: :func:`gyrodrop._modules.replace_modules`), give the
+    model its stepper when ``auto_step`` and something was replaced, and warn
+    ``"{owner}: {nothing}"`` (a :class:`SurgeryWarning`) when nothing was. Returns the
+    count."""
+    count = replace_modules(model, policy) if policy else 0
+    if count and auto_step:
+        attach_stepper(model)  # one step per training forward of the model
+    if count == 0:
+        warnings.warn(f"{owner}: {nothing}", SurgeryWarning, stacklevel=3)
+    return count
+
+
+@contextlib.contextmanager
+def one_schedule_warning(
+    owner: str, total_steps: int | None, steps_per_set: int | None
+) -> Iterator[None]:
+    """Within: one :class:`SurgeryWarning` for the whole model when neither
+    ``total_steps`` nor ``steps_per_set`` is given, instead of one per layer."""
+    with warnings.catch_warnings():
+        if total_steps is None and steps_per_set is None:
+            warnings.warn(
+                f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1",
+                SurgeryWarning,
+                stacklevel=4,
+            )
+            warnings.filterwarnings("ignore", message=".*neither total_steps nor steps_per_set")
+        yield

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
-from gyrodrop._modules import replace_modules
-from gyrodrop._validation import check_bool, check_p, check_seed
-from gyrodrop.config import DropMode
+from gyrodrop._modules import check_model
+from gyrodrop._validation import check_bool, check_seed
+from gyrodrop.config import DropBlockConfig, DropMode, GyroDropBlockConfig
 from gyrodrop.dropblock import DropBlock2d, DropBlock3d, GyroDropBlock2d, GyroDropBlock3d
 from gyrodrop.masks import layer_seed
-from gyrodrop.schedule import attach_stepper
-from gyrodrop.surgery.common import SurgeryWarning, check_timing
+from gyrodrop.stepping import SteppedModule
+from gyrodrop.surgery.common import one_schedule_warning, rewrite
 from gyrodrop.surgery.gyro import ORIGIN
 
 __all__ = ["apply_dropblock"]
@@ -70,67 +69,67 @@ def apply_dropblock(
         DropBlock2d(p=0.1, block_size=5, shared_channels=False, scale=inverted, warmup_steps=0)
     """
     owner = "apply_dropblock"
-    if p is not None:
-        p = check_p(owner, p)
+    check_model(owner, model)
     check_seed(owner, seed)
     check_bool(owner, "gyro", gyro)
-    timing = check_timing(owner, drop_mode, drop_cutoff, total_steps)
-    allowed = {"shared_channels", "scale", "auto_step"} | (
-        {"schedule"} if gyro else {"warmup_steps"}
-    )
+    auto_step = check_bool(owner, "auto_step", kw.pop("auto_step", True))
+    allowed = {"shared_channels", "scale"} | ({"schedule"} if gyro else {"warmup_steps"})
     unknown = set(kw) - allowed
     if unknown:
         raise TypeError(
             f"{owner}: unexpected keyword arguments {sorted(unknown)} for gyro={gyro}; "
-            f"allowed: {sorted(allowed)} besides the named ones"
+            f"allowed: {sorted(allowed | {'auto_step'})} besides the named ones"
         )
-    if not gyro and (steps_per_set is not None or (total_steps is not None and not timing)):
+    if not gyro and (
+        steps_per_set is not None or (total_steps is not None and drop_mode == "standard")
+    ):
         raise ValueError(
             f"{owner}: total_steps / steps_per_set schedule gyro DropBlock (total_steps also "
             "places drop_cutoff); pass gyro=True, or warmup_steps= for DropBlock's linear "
             "ramp of p"
         )
-    fresh_timing = {**timing, "total_steps": total_steps} if timing else {}
-    if gyro and total_steps is None and steps_per_set is None:
-        warnings.warn(
-            f"{owner}: neither total_steps nor steps_per_set given; using steps_per_set=1",
-            SurgeryWarning,
-            stacklevel=2,
-        )
-        steps_per_set = 1
-
-    def make(module: nn.Module, index: int) -> nn.Module:
-        rate = cast(float, module.p) if p is None else p
-        volume = isinstance(module, nn.Dropout3d)
-        new: nn.Module
-        if gyro:
-            new = (GyroDropBlock3d if volume else GyroDropBlock2d)(
-                rate,
-                block_size,
-                num_subnets,
-                subnets_per_step,
-                total_steps=total_steps,
-                steps_per_set=steps_per_set,
-                seed=layer_seed(seed, index),
-                schedule_seed=seed,
+    timing: dict[str, Any] = {
+        "drop_mode": drop_mode,
+        "drop_cutoff": drop_cutoff,
+        "total_steps": total_steps,
+    }
+    config: DropBlockConfig | GyroDropBlockConfig
+    if gyro:
+        with one_schedule_warning(owner, total_steps, steps_per_set):
+            config = GyroDropBlockConfig(
+                p=0.1 if p is None else p,
+                block_size=block_size,
+                num_subnets=num_subnets,
+                subnets_per_step=subnets_per_step,
+                steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
+                owner=owner,
                 **timing,
                 **kw,
             )
+    else:
+        config = DropBlockConfig(
+            p=0.1 if p is None else p, block_size=block_size, owner=owner, **timing, **kw
+        )
+
+    def make(module: nn.Module, index: int) -> nn.Module:
+        layer = config if p is not None else config.replace(owner=owner, p=module.p)
+        options: dict[str, Any] = {"seed": layer_seed(seed, index), "auto_step": auto_step}
+        volume = isinstance(module, nn.Dropout3d)
+        if gyro:
+            options.update(schedule_seed=seed, total_steps=total_steps)
+            block: type[SteppedModule] = GyroDropBlock3d if volume else GyroDropBlock2d
         else:
             block = DropBlock3d if volume else DropBlock2d
-            new = block(rate, block_size, seed=layer_seed(seed, index), **fresh_timing, **kw)
+        new = block.from_config(layer, **options)
         object.__setattr__(new, ORIGIN, type(module))
         return new
 
-    count = replace_modules(model, {nn.Dropout2d: make, nn.Dropout3d: make})
-    if count and kw.get("auto_step", True):
-        attach_stepper(model)  # one step per training forward of the model
-    if count == 0:
-        warnings.warn(
-            f"{owner}: no nn.Dropout2d or nn.Dropout3d found; the model is unchanged. Hint: "
-            "insert gyrodrop.DropBlock2d (DropBlock3d for volumes) after the conv stages "
-            "yourself (the paper uses it after ResNet groups 3 and 4)",
-            SurgeryWarning,
-            stacklevel=2,
-        )
-    return count
+    return rewrite(
+        owner,
+        model,
+        {nn.Dropout2d: make, nn.Dropout3d: make},
+        auto_step=auto_step,
+        nothing="no nn.Dropout2d or nn.Dropout3d found; the model is unchanged. Hint: "
+        "insert gyrodrop.DropBlock2d (DropBlock3d for volumes) after the conv stages "
+        "yourself (the paper uses it after ResNet groups 3 and 4)",
+    )

@@ -9,15 +9,14 @@ from typing import Any, Literal, cast
 from torch import nn
 
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
-from gyrodrop._validation import check_choice, check_p, check_seed
+from gyrodrop._validation import check_bool, check_choice, check_seed
 from gyrodrop.blockwise import BlockGyroLinear
-from gyrodrop.config import DropMode
+from gyrodrop.config import DropMode, GyroDropoutConfig
 from gyrodrop.dropblock import DropBlock2d, DropBlock3d, GyroDropBlock2d, GyroDropBlock3d
 from gyrodrop.gyro import GyroDropout
 from gyrodrop.masks import layer_seed
-from gyrodrop.schedule import attach_stepper
 from gyrodrop.stepping import detach_stepper
-from gyrodrop.surgery.common import SurgeryWarning, check_timing
+from gyrodrop.surgery.common import SurgeryWarning, one_schedule_warning, rewrite
 
 __all__ = [
     "apply_gyro_dropout",
@@ -125,65 +124,58 @@ def apply_gyro_dropout(
         >>> model[1].p
         0.3
     """
-    check_model("apply_gyro_dropout", model)
-    if p is not None:
-        p = check_p("apply_gyro_dropout", p)
-    check_seed("apply_gyro_dropout", seed)
-    check_choice("apply_gyro_dropout", "pairing", pairing, PAIRINGS)
-    timing = check_timing("apply_gyro_dropout", drop_mode, drop_cutoff, total_steps)
+    owner = "apply_gyro_dropout"
+    check_model(owner, model)
+    check_seed(owner, seed)
+    check_choice(owner, "pairing", pairing, PAIRINGS)
     if pairing == "independent":
         kw.setdefault("schedule", "replacement")
-    allowed = {"dims", "schedule", "scale", "auto_step"}
-    unknown = set(kw) - allowed
-    if unknown:
+    auto_step = check_bool(owner, "auto_step", kw.pop("auto_step", True))
+    allowed = {"dims", "schedule", "scale"}
+    if set(kw) - allowed:
         raise TypeError(
-            f"apply_gyro_dropout: unexpected keyword arguments {sorted(unknown)}; "
-            f"allowed: {sorted(allowed)} besides the named ones"
+            f"{owner}: unexpected keyword arguments {sorted(set(kw) - allowed)}; "
+            f"allowed: {sorted(allowed | {'auto_step'})} besides the named ones"
         )
-
-    def make(module: nn.Module, index: int) -> nn.Module:
-        options = dict(kw)
-        if isinstance(module, _CHANNELWISE):
-            options.setdefault("dims", (1,))
-            if options["dims"] == (1,) or options["dims"] == 1:
-                options.setdefault("unbatched_ndim", _UNBATCHED_NDIM[type(module)])
-        else:
-            options.setdefault("dims", SEQUENCE_DIMS)
-        new = GyroDropout(
-            p=cast(float, module.p) if p is None else p,
+    with one_schedule_warning(owner, total_steps, steps_per_set):
+        config = GyroDropoutConfig(
+            p=0.5 if p is None else p,
             num_subnets=num_subnets,
             subnets_per_step=subnets_per_step,
             total_steps=total_steps,
-            steps_per_set=steps_per_set,
+            steps_per_set=steps_per_set,  # type: ignore[arg-type]  # None: derived
+            drop_mode=drop_mode,
+            drop_cutoff=drop_cutoff,
+            owner=owner,
+            **kw,
+        )
+
+    def make(module: nn.Module, index: int) -> nn.Module:
+        layer: dict[str, Any] = {} if p is not None else {"p": module.p}
+        if "dims" not in kw:
+            channelwise = isinstance(module, _CHANNELWISE)
+            layer["dims"] = (1,) if channelwise else SEQUENCE_DIMS
+        dims = layer.get("dims", config.dims)
+        if isinstance(module, _CHANNELWISE) and dims == (1,):
+            layer["unbatched_ndim"] = _UNBATCHED_NDIM[type(module)]
+        new = GyroDropout.from_config(
+            config.replace(owner=owner, **layer),
             seed=layer_seed(seed, index),
             schedule_seed=seed if pairing == "shared" else layer_seed(seed, index),
-            **options,
-            **timing,
+            auto_step=auto_step,
+            total_steps=total_steps,
         )
         object.__setattr__(new, ORIGIN, type(module))  # what remove_gyro_dropout restores
         return new
 
-    with warnings.catch_warnings():
-        # One warning for the whole model instead of one per layer.
-        if total_steps is None and steps_per_set is None:
-            warnings.warn(
-                "apply_gyro_dropout: neither total_steps nor steps_per_set given; "
-                "using steps_per_set=1",
-                SurgeryWarning,
-                stacklevel=3,
-            )
-            warnings.simplefilter("ignore", UserWarning)  # the layers' own, per layer
-        policy: Policy = dict.fromkeys((nn.Dropout, *_CHANNELWISE), make)
-        count = replace_modules(model, policy)
-    if count and kw.get("auto_step", True):
-        attach_stepper(model)
-    if count == 0:
-        warnings.warn(
-            "apply_gyro_dropout: no nn.Dropout / Dropout1d/2d/3d layer found; "
-            "the model is unchanged",
-            SurgeryWarning,
-            stacklevel=2,
-        )
+    policy: Policy = dict.fromkeys((nn.Dropout, *_CHANNELWISE), make)
+    count = rewrite(
+        owner,
+        model,
+        policy,
+        auto_step=auto_step,
+        nothing="no nn.Dropout / Dropout1d/2d/3d layer found; the model is unchanged",
+    )
     builtin = builtin_dropouts(model)
     if builtin:
         warnings.warn(

@@ -13,19 +13,17 @@ from torch import nn
 
 from gyrodrop._modules import Policy, check_model, replace_modules, unwrap_model
 from gyrodrop._validation import check_bool, check_choice, check_int, check_p, check_seed
-from gyrodrop.config import DropMode
+from gyrodrop.config import DropMode, KeptRows, StochasticDepthConfig
 from gyrodrop.masks import layer_seed
-from gyrodrop.schedule import attach_stepper
 from gyrodrop.stepping import detach_stepper
 from gyrodrop.stochastic_depth import (
-    MODES,
     LayerSplit,
     Mode,
     StochasticDepth,
     StochasticDepthBlock,
     StochasticDepthLayer,
 )
-from gyrodrop.surgery.common import SurgeryWarning, check_timing
+from gyrodrop.surgery.common import SurgeryWarning, rewrite
 from gyrodrop.surgery.residual import find_residual_blocks
 
 __all__ = [
@@ -58,6 +56,7 @@ def apply_stochastic_depth(
     example_inputs: Any = None,
     drop_mode: DropMode = "standard",
     drop_cutoff: float | None = None,
+    kept_rows: KeptRows = "random",
 ) -> int:
     """Wrap the residual blocks of ``model`` in
     :class:`~gyrodrop.stochastic_depth.StochasticDepthBlock`, in place.
@@ -98,6 +97,11 @@ def apply_stochastic_depth(
             ``cutoff_step = round(drop_cutoff * total_steps)``.
         per_rank: block mode under data parallelism: ``True`` lets each rank draw its
             own decisions (default ``False``: identical decisions on every rank).
+        kept_rows: sample mode: ``"random"`` (default: each example kept alone with
+            probability ``1 - p``) or ``"fixed"`` (exactly ``B - round(p * B)`` rows
+            kept per step, scaled by ``B / kept``: static shapes, for
+            ``torch.compile``). Either way a layer or branch whose rows are independent
+            is computed on the kept rows only (see :class:`~gyrodrop.StochasticDepth`).
         example_inputs: inputs of one forward of ``model`` (a tensor, a tuple of
             positional arguments or a dict of keywords), used once to check that the
             layers to wrap keep the shape of their hidden states.
@@ -139,13 +143,21 @@ def apply_stochastic_depth(
     check_model(owner, model)
     given = _given_rates(owner, drop_rate)
     check_choice(owner, "drop_distribution", drop_distribution, DROP_DISTRIBUTIONS)
-    check_choice(owner, "mode", mode, MODES)
     warmup = warmup_steps_for(owner, drop_warmup, total_steps)
+    config = StochasticDepthConfig(  # every setting but the rates, checked once
+        p=0.0 if isinstance(given, list) else given,
+        mode=mode,
+        warmup_steps=warmup,
+        per_rank=per_rank,
+        drop_mode=drop_mode,
+        drop_cutoff=drop_cutoff,
+        total_steps=total_steps,
+        kept_rows=kept_rows,
+        owner=owner,
+        names={"p": "drop_rate"},
+    )
     check_seed(owner, seed)
-    check_bool(owner, "auto_step", auto_step)
-
-    check_bool(owner, "per_rank", per_rank)
-    timing = check_timing(owner, drop_mode, drop_cutoff, total_steps)
+    auto_step = check_bool(owner, "auto_step", auto_step)
 
     root = unwrap_model(model)
     blocks = find_residual_blocks(root, target, example_inputs)
@@ -168,49 +180,41 @@ def apply_stochastic_depth(
         if id(module) not in chosen:
             return None
         i, split = chosen[id(module)]
+        layer = config.replace(owner=owner, p=rates[i])
+        core: dict[str, Any] = {
+            "p": layer.p,
+            "mode": layer.mode,
+            "warmup_steps": warmup,
+            "per_rank": per_rank,
+        }
+        wrapper: StochasticDepthBlock | StochasticDepthLayer
         if isinstance(split, LayerSplit):
-            return StochasticDepthLayer(
+            wrapper = StochasticDepthLayer(
                 module,
-                rates[i],
-                mode,
+                **core,
                 seed=layer_seed(seed, i),
                 auto_step=auto_step,
-                warmup_steps=warmup,
-                per_rank=per_rank,
                 name=names[i],
                 split=split,
             )
-        return StochasticDepthBlock(
-            module,
-            rates[i],
-            mode,
-            seed=layer_seed(seed, i),
-            auto_step=auto_step,
-            warmup_steps=warmup,
-            split=split,
-            per_rank=per_rank,
-        )
+        else:
+            wrapper = StochasticDepthBlock(
+                module, **core, seed=layer_seed(seed, i), auto_step=auto_step, split=split
+            )
+        wrapper.stochastic_depth.config = layer  # with the timing fields
+        return wrapper
 
-    wrappers = (StochasticDepthBlock, StochasticDepthLayer)
-    before = {id(m) for m in root.modules() if isinstance(m, wrappers)}
     policy: Policy = dict.fromkeys({type(block) for _, block, _ in blocks}, make)
-    count = replace_modules(root, policy) if blocks else 0
-    for m in root.modules():
-        if timing and isinstance(m, wrappers) and id(m) not in before:
-            sd = m.stochastic_depth  # timing checked above: this cannot fail
-            sd.config = sd.config.replace(owner=owner, total_steps=total_steps, **timing)
-    if count and auto_step:
-        attach_stepper(root)
-    if count == 0:
-        warnings.warn(
-            f"{owner}: no residual block found (torchvision-shaped BasicBlock/Bottleneck, "
-            "a class with branch/shortcut methods or a transformer layer stack, not "
-            "already wrapped); the model is "
-            "unchanged. Hint: pass target= (a block type or predicate) for other blocks",
-            SurgeryWarning,
-            stacklevel=2,
-        )
-    return count
+    return rewrite(
+        owner,
+        root,
+        policy,
+        auto_step=auto_step,
+        nothing="no residual block found (torchvision-shaped BasicBlock/Bottleneck, "
+        "a class with branch/shortcut methods or a transformer layer stack, not "
+        "already wrapped); the model is unchanged. Hint: pass target= (a block type or "
+        "predicate) for other blocks",
+    )
 
 
 def _given_rates(owner: str, drop_rate: Any) -> float | list[float]:
@@ -299,7 +303,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         >>> net[1]
         StochasticDepth(p=0.1, mode=sample, warmup_steps=0, per_rank=False)
     """
-    check_choice("replace_drop_paths", "mode", mode, MODES)
+    config = StochasticDepthConfig(p=0.0, mode=mode, owner="replace_drop_paths")
     check_seed("replace_drop_paths", seed)
     root = unwrap_model(model)
     types = {
@@ -318,7 +322,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         if reason is not None:
             left.append(f"{names[id(module)]} ({type(module).__name__}, {reason})")
             return None
-        return StochasticDepth(rate, mode, seed=layer_seed(seed, index))
+        return StochasticDepth.from_config(config.replace(p=rate), seed=layer_seed(seed, index))
 
     policy: Policy = dict.fromkeys(types, make)
     count = replace_modules(root, policy) if types else 0

@@ -108,8 +108,6 @@ DROPOUTS = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
-_TAG_MC_MEMBERS = 0x66
-_TAG_SUBSET = 0x67
 
 
 # --------------------------------------------------------------------------------------
@@ -223,9 +221,9 @@ def mc_predict(
         # Pass s uses member perm_r[s mod M] of round r = s // M: every member once
         # before any repeats.
         m_count = members.count
-        mix = masks.mix_keys(seed, _TAG_MC_MEMBERS)
+        mix = masks.mix_keys(seed, masks.TAG_MC_MEMBERS)
         rounds = [
-            masks.seeded_permutation(mix, _TAG_MC_MEMBERS, r, m_count).tolist()
+            masks.seeded_permutation(mix, masks.TAG_MC_MEMBERS, r, m_count).tolist()
             for r in range((samples + m_count - 1) // m_count)
         ]
         draws = [rounds[s // m_count][s % m_count] for s in range(samples)]
@@ -331,7 +329,7 @@ def subnet_ensemble_predict(
         chosen = list(range(m_count))
     elif isinstance(subnets, int) and not isinstance(subnets, bool):
         check_int(owner, "subnets", subnets, 1, m_count)
-        perm = masks.seeded_permutation(seed, _TAG_SUBSET, 0, m_count)
+        perm = masks.seeded_permutation(seed, masks.TAG_SUBSET, 0, m_count)
         chosen = sorted(perm[:subnets].tolist())
     elif isinstance(subnets, Sequence) and not isinstance(subnets, (str, bytes)):
         bad = [

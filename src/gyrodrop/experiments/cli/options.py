@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 import gyrodrop
+from gyrodrop.experiments.cli.layer_options import layer_option_error
 from gyrodrop.experiments.cli.ood_options import add_ood_options
 from gyrodrop.experiments.cli.study_options import add_study_parser
 from gyrodrop.experiments.data import DATASETS
@@ -641,12 +642,13 @@ def _check_blocks(v: dict[str, Any]) -> None:
 def validate(cmd: str, v: dict[str, Any]) -> None:
     """Every option of training command ``cmd`` checked before any data is loaded or any
     run trained. Raises :class:`CommandError` naming the option and what is allowed."""
-    for name in ("epochs", "seeds", "batch_size", "block_size", "threads"):
+    for name in ("epochs", "seeds", "batch_size", "threads"):
         _int_at_least(v, name, 1)
+    if (refused := layer_option_error(v)) is not None:
+        raise CommandError(refused)
     _int_at_least(v, "limit", 2)
     _finite(v, "lr", "a finite number > 0", lambda x: x > 0)
     _finite(v, "momentum", "a finite number in [0, 1)", lambda x: 0 <= x < 1)
-    _finite(v, "p", "a finite number in [0, 1)", lambda x: 0 <= x < 1)
     _finite(v, "input_p", "a finite number in [0, 1) (0 = none)", lambda x: 0 <= x < 1)
     _finite(v, "max_norm", "a finite number >= 0 (0 = none)", lambda x: x >= 0)
     _finite(v, "width_mult", "a finite number > 0", lambda x: x > 0)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gyrodrop.experiments.train import METHODS
+
 __all__ = ["add_study_parser", "STUDY_EXAMPLES"]
 
 STUDY_EXAMPLES = """examples:
@@ -28,7 +30,7 @@ def add_study_parser(sub: Any, **kw: Any) -> argparse.ArgumentParser:
         description="Run a study plan (a built-in name or a .toml/.json plan file) into the "
         "results database, resumably (rerun the command to continue; no run is trained "
         "twice), then write its report: Markdown tables, a plot and JSON with paired "
-        "differences against dropout (95%% t interval, Wilcoxon p, Holm-corrected).",
+        "differences against dropout (95% t interval, Wilcoxon p, Holm-corrected).",
         epilog=STUDY_EXAMPLES,
         **kw,
     )
@@ -51,7 +53,12 @@ def add_study_parser(sub: Any, **kw: Any) -> argparse.ArgumentParser:
         "from measured epoch times; train nothing",
     )
     p.add_argument("--report", action="store_true", help="only write the report from the database")
-    p.add_argument("--baseline", default="dropout", help="paired comparisons against (dropout)")
+    p.add_argument(
+        "--baseline",
+        default="dropout",
+        choices=METHODS,
+        help="the method every other is paired against (default dropout)",
+    )
     p.add_argument("--no-plots", action="store_true", help="no PNG plot")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -46,6 +46,10 @@ _CONFIG_FIELDS = (
     "mc_samples",
     "recipe",
     "width_mult",
+    "train_size",
+    "val_size",
+    "steps_per_epoch",
+    "lr_schedule",
     "ood_classes",
     "train_limit",
     "ensemble_size",
@@ -122,6 +126,8 @@ def section_label(sec: Section) -> str:
         parts.append(f"{s['recipe']} recipe")
     if s.get("width_mult") is not None:
         parts.append(f"conv width x{s['width_mult']:g}")
+    if s.get("train_size") is not None:
+        parts.append(f"{s['train_size']} training images (study)")
     if s.get("train_limit") is not None:
         parts.append(f"{s['train_limit']} training examples")
     if s.get("ood_classes"):

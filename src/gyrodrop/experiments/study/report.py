@@ -176,6 +176,23 @@ def _paired_md(entries: Sequence[dict[str, Any]], unit: str = "points") -> str:
     return markdown([*head, "Wilcoxon p", "Holm p"], rows)
 
 
+def _crosstab(cells: _Cells, entries: Sequence[dict[str, Any]], baseline: str) -> str:
+    """One row per cell: the baseline's final accuracy (mean ± SD) and every other
+    arm's paired difference with its interval and Holm p."""
+    arms = list(dict.fromkeys(a for _, cell in cells.items() for a in cell if a != baseline))
+    found = {(e["model"], e["train_size"], e["arm"]): e for e in entries}
+    rows = []
+    for (model, size), cell in cells.items():
+        row = [model, f"{size:,}", str(_complete_seeds(cell))]
+        row.append(_ms(cell.get(baseline, []), "final_acc"))
+        for arm in arms:
+            e = found.get((model, size, arm))
+            row.append("–" if e is None else f"{_ci(e)} (p {_p(e['p_holm'])})")
+        rows.append(row)
+    head = ["model", "n train", "seeds", f"{baseline} (%)", *(f"{a} − {baseline}" for a in arms)]
+    return markdown(head, rows)
+
+
 def _others_md(cells: _Cells, baseline: str) -> tuple[str, list[dict[str, Any]]]:
     rows, data = [], []
     metrics = (("gap", 100.0, 2), ("test_nll", 1.0, 3), ("test_ece", 1.0, 3))
@@ -320,7 +337,10 @@ def _plot(entries: Sequence[dict[str, Any]], baseline: str, path: Path, title: s
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
         ax.axhline(0, color="black", linewidth=0.8, label=baseline)
         ax.set_xscale("log")
-        ax.set_xlabel("training-set size (images)")
+        ticks = sorted(sizes[model])
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("training-set size (images); bars: 95% t interval over seeds")
         ax.set_ylabel(f"final test accuracy minus {baseline} (points)")
         ax.set_title(f"{model}: {title}")
         ax.legend(fontsize=8)
@@ -343,7 +363,9 @@ def build_report(
     cells = _Cells(runs, plan.recipe)
     cpu = sum(_vals(runs, "wall_seconds"))
     lines = [f"# Study {plan.name}", "", "```", plan.summary(), "```", ""]
-    seeds = {f"{m} {s}": _complete_seeds(arms) for (m, s), arms in cells.items()}
+    planned = [(c.model, s) for c in plan.cells for s in c.sizes]
+    seeds = {f"{m} {s}": 0 for m, s in dict.fromkeys(planned)}  # cells without runs: 0
+    seeds.update({f"{m} {s}": _complete_seeds(arms) for (m, s), arms in cells.items()})
     lines.append(
         f"{len(runs)} runs from {db or 'the database'}; CPU time {cpu / 3600:.1f} h "
         "(sum of every run's training and evaluation wall time, one thread each). Seeds "
@@ -352,6 +374,7 @@ def build_report(
         + ". Accuracies in %, differences in percentage points, mean ± SD over seeds."
     )
     summary_rows, summary = _summary_rows(cells)
+    at = len(lines)  # the summary cross-table goes here, before the per-cell table
     lines += ["", "## Accuracy per cell", ""]
     head = ["model", "n train", "method", "seeds", "final test acc", "val-selected"]
     head += ["best epoch (paper, optimistic)", "train acc", "gap", "NLL", "ECE"]
@@ -361,6 +384,9 @@ def build_report(
     for name, metric, title in ACC_TABLES:
         entries = _paired_table(cells, baseline, metric)
         data["paired"][name] = entries
+        if name == "final" and entries:
+            title_ = f"## Summary: final test accuracy, difference to {baseline} (95% CI, Holm p)"
+            lines[at:at] = ["", title_, "", _crosstab(cells, entries, baseline)]
         if entries:
             lines += ["", f"## Paired against {baseline}: {title}", ""]
             lines.append("Holm's correction is over the rows of this table.")
