@@ -42,6 +42,7 @@ __all__ = [
     "GyroDropBlockConfig",
     "StochasticDepthConfig",
     "config_properties",
+    "warmup_rate",
     "Schedule",
     "SCHEDULES",
     "Scale",
@@ -290,6 +291,14 @@ class LayerConfig:
             if value is not None and not (f.name in timing and self.drop_mode == "standard"):
                 parts.append(f"{f.name}={value}")
         return ", ".join(parts)
+
+
+def warmup_rate(p: float, warmup_steps: int, step: int) -> float:
+    """The drop rate at ``step``: ``p``, ramped linearly from 0 at step 0 to ``p`` at
+    step ``warmup_steps`` (0: no ramp). What the layers with ``warmup_steps`` use."""
+    if warmup_steps and step < warmup_steps:
+        return p * max(step, 0) / warmup_steps
+    return p
 
 
 def config_properties(config_class: type[LayerConfig]) -> dict[str, property]:

@@ -54,7 +54,7 @@ __all__ = [
 
 def block_dims(block_size: int, sizes: Sequence[int]) -> tuple[int, ...]:
     """The block's side along each dim of a map of ``sizes`` (clamped to the map)."""
-    return tuple(min(block_size, n) for n in sizes)
+    return tuple([min(block_size, n) for n in sizes])  # lists: torch.compile traces them
 
 
 def seed_rate(p: float, block_size: int, *sizes: int) -> float:
@@ -66,7 +66,7 @@ def seed_rate(p: float, block_size: int, *sizes: int) -> float:
         >>> round(seed_rate(0.1, 3, 8, 8), 6)  # 0.1 / 9 * 64 / 36
         0.019753
     """
-    if any(n <= 0 for n in sizes):
+    if min(sizes) <= 0:
         return 0.0  # an empty map has no block position (and no position to drop)
     b = block_dims(block_size, sizes)
     valid = math.prod([n - k + 1 for n, k in zip(sizes, b, strict=True)])  # a list: traceable
@@ -204,7 +204,7 @@ def drop_maps(
     streams: Streams, key: int | Tensor, p: float, block_size: int, sizes: Sequence[int]
 ) -> Tensor:
     """Drop maps (True dropped), bool ``(m, *sizes)``, one per stream."""
-    if any(n == 0 for n in sizes):  # an empty map: nothing to drop (as nn.Dropout2d)
+    if min(sizes) == 0:  # an empty map: nothing to drop (as nn.Dropout2d)
         first = streams[0] if isinstance(streams, tuple) else streams
         return torch.zeros(len(first), *sizes, dtype=torch.bool, device=first.device)
     b = block_dims(block_size, sizes)

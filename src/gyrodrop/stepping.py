@@ -33,7 +33,7 @@ from gyrodrop._guards import (
 )
 from gyrodrop._modules import unwrap_model
 from gyrodrop._validation import check_bool, check_int, check_seed
-from gyrodrop.config import LayerConfig, config_properties
+from gyrodrop.config import LayerConfig, config_properties, warmup_rate
 
 __all__ = [
     "SteppedModule",
@@ -54,14 +54,6 @@ __all__ = [
 #: after a checkpoint is loaded (:mod:`gyrodrop.integrations`): their checkpoint check
 #: skips ``steps_per_set``.
 TRAINER_SCHEDULED = "_gyrodrop_trainer_scheduled"
-
-
-def warmup_rate(p: float, warmup_steps: int, step: int) -> float:
-    """The drop rate at ``step``: ``p``, ramped linearly from 0 at step 0 to ``p`` at
-    step ``warmup_steps`` (0: no ramp). What the layers with ``warmup_steps`` use."""
-    if warmup_steps and step < warmup_steps:
-        return p * max(step, 0) / warmup_steps
-    return p
 
 
 _COUNTER_BUFFERS = ("step", "seed", "schedule_seed")
@@ -418,8 +410,7 @@ class SteppedModule(nn.Module):
 
     def _host(self, name: str) -> int:
         """The value of the scalar buffer ``name`` as a Python int, cached on the host."""
-        t = self._buffers[name]  # not getattr: nn.Module's fallback is slow per forward
-        assert t is not None
+        t: Tensor = self._buffers[name]  # type: ignore[assignment]  # not the slow getattr
         if t.is_meta:
             return 0  # a module on the meta device has shapes, not values
         try:
@@ -452,8 +443,7 @@ class SteppedModule(nn.Module):
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
         if n.__class__ is not int or n < 0:
             check_int(type(self).__name__ + ".advance", "n", n, 0)
-        step = self._buffers["step"]
-        assert step is not None
+        step: Tensor = self._buffers["step"]  # type: ignore[assignment]
         if step.is_meta:
             return
         if torch.compiler.is_compiling():  # in the graph: no host copy to keep

@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from gyrodrop.stepping import refuse_export
-from gyrodrop.stochastic_depth.module import KeptRows, Mode, StochasticDepth, row_coupling
+from gyrodrop.stochastic_depth.module import (
+    KeptRows,
+    Mode,
+    StochasticDepth,
+    may_skip_empty_branch,
+    row_coupling,
+)
 
 __all__ = [
     "ResidualBlock",
@@ -340,7 +346,7 @@ class StochasticDepthBlock(nn.Module):
             draw = sd.draw_rows(x.shape[0], x.device)
             if draw is not None and draw.index is not None:
                 index = draw.index
-                if index.shape[0] == 0:
+                if index.shape[0] == 0 and may_skip_empty_branch():
                     if shortcut is x and split.has_post(block):
                         shortcut = x.clone()  # post may work in place
                     return split.post(block, shortcut)

@@ -11,7 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gyrodrop.stochastic_depth.module import KeptRows, Mode, StochasticDepth, row_coupling
+from gyrodrop.stochastic_depth.module import (
+    KeptRows,
+    Mode,
+    StochasticDepth,
+    may_skip_empty_branch,
+    row_coupling,
+)
 
 __all__ = [
     "StochasticDepthLayer",
@@ -305,7 +311,7 @@ class StochasticDepthLayer(nn.Module):
         """The layer on the kept rows ``index`` only, added back into ``x``:
         ``y = x`` on dropped rows, ``x + scale * (f(x) - x)`` on kept ones."""
         assert self._structure is not None
-        if index.shape[0] == 0:
+        if index.shape[0] == 0 and may_skip_empty_branch():
             return self._structure.passthrough(x)
         xk = x.index_select(0, index)
         if args and args[0] is x:

@@ -203,6 +203,16 @@ def _factors(x: Tensor, p: float, mode: str, seed: int, step: int) -> Tensor | f
     return _row_factors(keep, x.dim(), p, x.dtype)
 
 
+def may_skip_empty_branch() -> bool:
+    """Whether sample mode may skip a branch that keeps no row of this batch. Only in
+    one process: under data parallelism another rank may keep rows of its own, and every
+    rank must run the same modules so FSDP's all-gathers / reduce-scatters and DDP's
+    gradient reductions stay in step; there the branch runs on zero rows instead."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    return torch.distributed.get_world_size() == 1
+
+
 def row_coupling(branch: nn.Module) -> str | None:
     """Why ``branch`` cannot be computed on the kept rows only, or ``None``: a module
     inside couples the rows of a batch (BatchNorm in training: its statistics are over

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 import gyrodrop
-from gyrodrop.config import BlockGyroConfig
+from gyrodrop.experiments.cli.layer_options import layer_option_error
 from gyrodrop.experiments.cli.ood_options import add_ood_options
 from gyrodrop.experiments.cli.study_options import add_study_parser
 from gyrodrop.experiments.data import DATASETS
@@ -488,35 +488,6 @@ def _finite(v: dict[str, Any], name: str, allowed: str, ok: Callable[[float], bo
         _fail("--" + name.replace("_", "-"), allowed, value)
 
 
-#: The option that sets each field of the layers' configs.
-LAYER_OPTIONS = {
-    "p": "--p",
-    "num_subnets": "--num-subnets",
-    "subnets_per_step": "--subnets-per-step",
-    "block_size": "--block-size",
-}
-
-
-def _check_layer_options(v: dict[str, Any]) -> None:
-    """``--p``, ``--block-size`` and every ``--num-subnets`` checked by the config the
-    layers are built from (:class:`gyrodrop.config.BlockGyroConfig`): the check and the
-    message of the library, naming the option."""
-    settings = {k: v[k] for k in ("p", "block_size") if v.get(k) is not None}
-    sigmas = v.get("num_subnets") or [1]
-    try:
-        for sigma in sigmas:
-            BlockGyroConfig(
-                **settings,
-                num_subnets=sigma,
-                subnets_per_step=1,  # tau against sigma: checked per command below
-                steps_per_set=1,
-                owner="gyrodrop",
-                names=LAYER_OPTIONS,
-            )
-    except ValueError as e:
-        raise CommandError(str(e).removeprefix("gyrodrop: ")) from None
-
-
 def check_device(text: str) -> torch.device:
     """``--device`` as a :class:`torch.device` that exists on this machine ("auto": cuda
     when present, else cpu); :class:`CommandError` otherwise."""
@@ -673,7 +644,8 @@ def validate(cmd: str, v: dict[str, Any]) -> None:
     run trained. Raises :class:`CommandError` naming the option and what is allowed."""
     for name in ("epochs", "seeds", "batch_size", "threads"):
         _int_at_least(v, name, 1)
-    _check_layer_options(v)
+    if (refused := layer_option_error(v)) is not None:
+        raise CommandError(refused)
     _int_at_least(v, "limit", 2)
     _finite(v, "lr", "a finite number > 0", lambda x: x > 0)
     _finite(v, "momentum", "a finite number in [0, 1)", lambda x: 0 <= x < 1)
