@@ -57,3 +57,15 @@ class TestPackageMetadata:
         if not changelog.is_file():
             pytest.skip("not running from a source checkout")
         assert f"## [{gyrodrop.__version__}]" in changelog.read_text(encoding="utf-8")
+
+
+def test_stochastic_depth_surgery_names_resolve_from_the_layer_package_too() -> None:
+    """Users import ``replace_drop_paths`` / ``remove_stochastic_depth`` from
+    ``gyrodrop.stochastic_depth`` (shared/cases/round3/case_droppath_scale_by_keep.py)."""
+    import gyrodrop.stochastic_depth as sd
+    import gyrodrop.surgery as surgery
+
+    assert sd.replace_drop_paths is surgery.replace_drop_paths
+    assert sd.remove_stochastic_depth is surgery.remove_stochastic_depth
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = sd.nope  # type: ignore[attr-defined]

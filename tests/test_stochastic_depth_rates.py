@@ -1,6 +1,7 @@
 """depth_rates: timm's per-block drop-path rates of a model of stages, and their use
 as apply_stochastic_depth's drop_rate."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -107,3 +108,17 @@ class TestApplyStochasticDepthWithRates:
     def test_a_bad_rate_in_the_list_is_refused_naming_its_place(self):
         with pytest.raises(ValueError, match=r"drop_rate\[1\]\[0\] must be in \[0, 1\), got 1.5"):
             gyrodrop.apply_stochastic_depth(encoder(3), drop_rate=[[0.1], [1.5, 0.1]])
+
+
+@pytest.mark.parametrize(
+    "depths", [np.array([2, 3]), torch.tensor([2, 3]), np.array([2, 3], dtype=np.int32)]
+)
+def test_depths_as_a_1d_tensor_or_numpy_array_equal_the_list(depths):
+    # timm configs and numpy code hand depths over as arrays: the same rates as the list.
+    assert gyrodrop.depth_rates(0.2, depths) == gyrodrop.depth_rates(0.2, [2, 3])
+
+
+@pytest.mark.parametrize("depths", [torch.tensor([2.0, 3.0]), torch.tensor([[2, 3]]), np.array([])])
+def test_depths_arrays_that_are_not_1d_ints_are_refused_naming_depths(depths):
+    with pytest.raises(ValueError, match=r"depth_rates: depths"):
+        gyrodrop.depth_rates(0.2, depths)

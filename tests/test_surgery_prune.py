@@ -6,6 +6,7 @@ built at the smaller depth."""
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -225,6 +226,26 @@ class TestRefusals:
         with pytest.raises(ValueError, match=message) as err:
             gyrodrop.prune_layers(encoder(4), keep)
         assert "\n" not in str(err.value)
+
+    @pytest.mark.parametrize(
+        "keep",
+        [torch.tensor([0, 3]), np.array([0, 3]), np.arange(0, 4, 3), torch.tensor([0, 3]).int()],
+    )
+    def test_a_1d_tensor_or_array_of_indices_is_taken_as_its_list(self, keep):
+        # keep=np.where(mask)[0] or torch.nonzero(...): the indices, not "not a sequence".
+        net = encoder(4)
+        gyrodrop.apply_stochastic_depth(net, drop_rate=0.5)
+        small = gyrodrop.prune_layers(net, keep)
+        assert len(small.layers) == 2
+        want = gyrodrop.prune_layers(net, [0, 3]).eval()
+        torch.testing.assert_close(small.eval()(X), want(X), rtol=0, atol=0)
+
+    @pytest.mark.parametrize(
+        "keep", [torch.tensor(1), torch.tensor([[0, 1]]), torch.tensor([0.0, 1.0])]
+    )
+    def test_a_tensor_that_is_not_1d_integer_indices_is_refused_naming_keep(self, keep):
+        with pytest.raises(ValueError, match=r"prune_layers: keep"):
+            gyrodrop.prune_layers(encoder(4), keep)
 
     def test_a_model_without_a_stack_is_refused(self):
         with pytest.raises(ValueError, match=r"prune_layers: model has no layer stack"):

@@ -103,6 +103,12 @@ PREDICTORS = {
 }
 
 
+@pytest.mark.parametrize("labels", [None, ["a", "b"], [[0], [1, 1]], object()])
+def test_fit_temperature_labels_that_are_not_a_tensor_name_labels(labels):
+    with pytest.raises(ValueError, match="fit_temperature: labels must be"):
+        fit_temperature(torch.zeros(2, 3), labels)
+
+
 class TestTemperatureOption:
     @pytest.mark.parametrize("name", PREDICTORS)
     @pytest.mark.parametrize("t", [0.5, 2.0, 7])

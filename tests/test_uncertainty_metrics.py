@@ -270,6 +270,14 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"labels must be in \[0, 2\).*got -1"):
             uncertainty_metrics(classification(P3), [0, -1, 1])
 
+    @pytest.mark.parametrize("labels", [None, ["a", "b", "c"], [[0], [1, 1], []], object()])
+    def test_labels_that_are_not_a_tensor_name_labels(self, labels):
+        # None, strings, ragged lists: one ValueError naming labels, not torch's own.
+        with pytest.raises(ValueError, match="uncertainty_metrics: labels must be"):
+            uncertainty_metrics(classification(P3), labels)
+        with pytest.raises(ValueError, match="uncertainty_metrics: labels must be"):
+            uncertainty_metrics(regression([[0.0, 1.0, 2.0]], [[1.0, 1.0, 1.0]]), labels)
+
     def test_labels_that_are_not_integers(self):
         with pytest.raises(ValueError, match="labels must be integer class indices"):
             uncertainty_metrics(classification(P3), torch.tensor([0.0, 1.0, 1.0]))

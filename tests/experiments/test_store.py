@@ -119,6 +119,34 @@ def _writer(path: str, start: int) -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method (fast: no re-import)")
 class TestConcurrentWriters:
+    def test_a_run_saved_during_the_checksum_check_is_not_a_false_alarm(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Another process commits a run (and its epochs) between the check's read of
+        # the epochs and its read of the runs: the check reads one snapshot.
+        path = tmp_path / "shared.db"
+        _writer(str(path), 0)
+        writer = Store(path)
+        connect = sqlite3.connect
+        saved = []
+
+        def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
+            con = connect(*args, **kwargs)  # type: ignore[arg-type]
+
+            def between(sql: str) -> None:
+                if sql.startswith("SELECT key, config, experiment") and not saved:
+                    saved.append(writer.save(_cfg(99), {"test_acc": 0.5}, [{"epoch": 1}]))
+
+            con.set_trace_callback(between)
+            return con
+
+        monkeypatch.setattr(sqlite3, "connect", traced)
+        try:
+            with Store(path, readonly=True) as db:
+                assert saved == [True] and len(db.records()) == 31
+        finally:
+            writer.close()
+
     def test_parallel_processes_lose_and_corrupt_nothing(self, tmp_path: Path) -> None:
         path = tmp_path / "shared.db"
         ctx = multiprocessing.get_context("fork")

@@ -288,13 +288,18 @@ class Store:
         columns["bench"] = ("config", "metrics")
         tables = self._tables()
         with self._reading():
-            for table, cols in columns.items():
-                for col in cols if table in tables else ():
-                    for (text,) in self._con.execute(f"SELECT {col} FROM {table}"):
-                        _object(text)
-            for table in _DIGESTED:
-                if table in tables and "digest" in self._columns(table):
-                    self._check_digests(table)
+            # one read transaction: one snapshot of runs and epochs while others write
+            self._con.execute("BEGIN")
+            try:
+                for table, cols in columns.items():
+                    for col in cols if table in tables else ():
+                        for (text,) in self._con.execute(f"SELECT {col} FROM {table}"):
+                            _object(text)
+                for table in _DIGESTED:
+                    if table in tables and "digest" in self._columns(table):
+                        self._check_digests(table)
+            finally:
+                self._con.execute("COMMIT")
 
     def _check_digests(self, table: str) -> None:
         """Every record with a ``digest`` still has the values it was saved with: a

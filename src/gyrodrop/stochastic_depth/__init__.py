@@ -36,6 +36,8 @@ wrapper is :class:`StochasticDepthBlock`. How a block exposes its branch and sho
   e.g. the final ReLU of a post-activation block).
 """
 
+from typing import Any
+
 from gyrodrop.stochastic_depth.block import (
     MethodSplit,
     ResidualBlock,
@@ -103,3 +105,16 @@ __all__ = [
     "structural_split",
     "targeted_split",
 ]
+
+# The stochastic-depth surgery functions live in gyrodrop.surgery (one floor up); users
+# reached two of them here before, so these names still resolve, lazily (not an import
+# of this floor, so the import graph keeps going down).
+_SURGERY_NAMES = ("remove_stochastic_depth", "replace_drop_paths")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SURGERY_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module("gyrodrop.surgery.stochastic_depth"), name)
+    raise AttributeError(f"module 'gyrodrop.stochastic_depth' has no attribute {name!r}")

@@ -41,7 +41,8 @@ def depth_rates(
 
     Args:
         drop_rate: rate of the last block, in ``[0, 1)``.
-        depths: the number of blocks of each stage (``[3, 3, 9, 3]`` for ConvNeXt-T),
+        depths: the number of blocks of each stage (``[3, 3, 9, 3]`` for ConvNeXt-T;
+            a 1-d tensor or NumPy array of ints is taken as its list),
             or one ``int`` for a model of a single stage; each at least 1.
         distribution: ``"linear"`` or ``"uniform"``.
         stagewise: one rate per stage (``"linear"`` only changes).
@@ -90,6 +91,8 @@ def _ramp(rate: float, index: int, last: int) -> float:
 
 
 def _check_depths(owner: str, depths: Any) -> list[int]:
+    if getattr(depths, "ndim", None) == 1 and callable(getattr(depths, "tolist", None)):
+        depths = depths.tolist()  # a 1-d tensor or NumPy array: its Python values
     if isinstance(depths, int) and not isinstance(depths, bool):
         return [check_int(owner, "depths", depths, 1)]
     if isinstance(depths, (str, bytes)) or not isinstance(depths, Sequence) or not depths:

@@ -56,7 +56,8 @@ def prune_layers(model: nn.Module, keep: Sequence[int] | Mapping[str, Sequence[i
         model: the trained network (DDP / ``torch.compile`` wrappers are looked
             through; the copy is the unwrapped model).
         keep: indices of the layers to keep, increasing, each in ``[0, depth)`` (e.g.
-            ``range(0, depth, 2)``: every other layer, what Fan et al. found best); for a
+            ``range(0, depth, 2)``: every other layer, what Fan et al. found best; a 1-d
+            tensor or NumPy array of ints is taken as its list); for a
             model with several stacks (an encoder and a decoder), a mapping from each
             stack's dotted name to its indices (stacks not named are left whole). A
             mapping may name any ``nn.ModuleList`` of the model.
@@ -162,6 +163,8 @@ def _plan(root: nn.Module, stacks: dict[str, int], keep: Any) -> dict[str, list[
 def _indices(what: str, indices: Any, depth: int) -> list[int]:
     if isinstance(indices, range):
         indices = list(indices)
+    elif getattr(indices, "ndim", None) == 1 and callable(getattr(indices, "tolist", None)):
+        indices = indices.tolist()  # a 1-d tensor or NumPy array: its Python values
     if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
         raise ValueError(f"{_OWNER}: {what} must be a sequence of layer indices, got {indices!r}")
     if not indices:

@@ -84,7 +84,13 @@ def _check_logits(logits: Any) -> Tensor:
 
 
 def _check_labels(labels: Any, n: int, c: int) -> Tensor:
-    y = torch.as_tensor(labels)
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"{_OWNER}: labels must be integer class indices (a tensor, array or list), "
+            f"got {type(labels).__name__} {labels!r:.60}"
+        ) from None
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"{_OWNER}: labels must be integer class indices, got dtype {y.dtype}")
     if tuple(y.shape) != (n,):

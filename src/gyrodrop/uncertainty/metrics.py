@@ -215,8 +215,20 @@ def _check_prediction(name: str, pred: Any) -> Prediction:
     return pred
 
 
+def _labels_tensor(owner: str, labels: Any, what: str, device: torch.device | None) -> Tensor:
+    """``labels`` as a tensor, or a ``ValueError`` naming ``labels`` (not torch's own
+    error for ``None``, strings or ragged lists)."""
+    try:
+        return torch.as_tensor(labels, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"{owner}: labels must be {what} (a tensor, array or list), got "
+            f"{type(labels).__name__} {labels!r:.60}"
+        ) from None
+
+
 def _class_labels(pred: Prediction, labels: Any) -> Tensor:
-    y = torch.as_tensor(labels, device=pred.mean.device)
+    y = _labels_tensor(_OWNER, labels, "integer class indices", pred.mean.device)
     n, c = pred.mean.shape
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(
@@ -238,7 +250,7 @@ def _class_labels(pred: Prediction, labels: Any) -> Tensor:
 
 
 def _regression_targets(pred: Prediction, labels: Any) -> Tensor:
-    y = torch.as_tensor(labels, device=pred.mean.device).double()
+    y = _labels_tensor(_OWNER, labels, "regression targets", pred.mean.device).double()
     shape = tuple(pred.mean.shape)
     if tuple(y.shape) != shape:
         if y.numel() == pred.mean.numel() and y.dim() >= 1 and y.shape[0] == shape[0]:
