@@ -66,8 +66,9 @@ from torch import Tensor, nn
 from gyrodrop import masks
 from gyrodrop._validation import check_bool, check_choice, check_int
 from gyrodrop.blockwise import triton_backend
-from gyrodrop.blockwise.kernels import Call, compute_dtype, pruned_linear, pruned_linear_traced
+from gyrodrop.blockwise.kernels import Call, compute_dtype, pruned_linear
 from gyrodrop.blockwise.plan import Plan, build_plan, n_dropped_blocks
+from gyrodrop.blockwise.traced import traced_forward
 from gyrodrop.blockwise.triton_backend import TritonPlan
 from gyrodrop.blockwise.workspace import Workspace
 from gyrodrop.config import PRUNE_MODES, BlockGyroConfig, DropMode, Prune, Schedule
@@ -564,56 +565,11 @@ class BlockGyroLinear(ScheduledModule):
             return F.linear(x, weight, bias)
         use_triton = self._use_triton(x)
         if not use_triton and self.traces_schedule():
-            return self._traced_forward(x)
+            return traced_forward(self, x)
         plan = self._prepare(x, use_triton)
         if plan is None:
             return F.linear(x, weight, bias)
         return self._pruned(x, weight, bias, plan)
-
-    def _traced_forward(self, x: Tensor) -> Tensor:
-        """The compiled training path (torch backend): the step is a tensor, the kept
-        blocks of the active set and the plan's indices are computed from it in the
-        graph (the same blocks as the cached eager plan), and the pruned GEMMs are
-        differentiable ops the compiler traces (:func:`pruned_linear_traced`)."""
-        step = self.forward_step_tensor()
-        if self.n_dropped == 0 or x.numel() == 0:
-            return F.linear(x, self.weight, self.bias)
-        active = self.active_subnets_tensor(step)
-        keep = masks.block_keep_mask(
-            self.seed, active, self.n_blocks, self.n_dropped, device=x.device
-        )
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-        kept = order[:, : self.n_blocks - self.n_dropped]
-        batch = x.shape[0]
-        rows_per_sample = x.numel() // (batch * self.in_features)
-        out = self.out_features if self.prune == "input" else None
-        plan = build_plan(kept, self.group_counts(batch), rows_per_sample, self.n_blocks, out)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        width = self.n_blocks * self.block_size
-        weight, bias = self.weight, self.bias
-        pad = width - self.features
-        if pad and self.prune == "input":
-            x2, weight = F.pad(x2, (0, pad)), F.pad(weight, (0, pad))
-        elif pad:
-            weight = F.pad(weight, (0, 0, 0, pad))
-            bias = None if bias is None else F.pad(bias, (0, pad))
-        y = pruned_linear_traced(
-            x2,
-            weight,
-            bias,
-            plan,
-            prune=self.prune,
-            block_size=self.block_size,
-            scale=self.scale,
-            dtype=compute_dtype(x),
-        )
-        if pad and self.prune == "output":
-            y = y[:, : self.out_features]
-        y = y.reshape(*lead, self.out_features)
-        if self.config.drop_mode != "standard":  # early/late dropout: dense off its steps
-            y = torch.where(self.config.drops_at(step), y, F.linear(x, self.weight, self.bias))
-        return y
 
     def _pruned(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan | TritonPlan

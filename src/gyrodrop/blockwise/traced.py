@@ -1,0 +1,90 @@
+"""The compiled (traced) training path of :class:`~gyrodrop.blockwise.layer.BlockGyroLinear`
+on the torch backend: everything the eager path caches is computed in the graph.
+
+:meth:`BlockGyroLinear.forward <gyrodrop.blockwise.layer.BlockGyroLinear.forward>`
+calls :func:`traced_forward` when the schedule is traced (``torch.compile``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gyrodrop import masks
+from gyrodrop.blockwise.kernels import compute_dtype, pruned_linear_traced
+from gyrodrop.blockwise.plan import build_plan
+from gyrodrop.config import BlockGyroConfig, Prune
+
+__all__ = ["TracedLayer", "traced_forward"]
+
+
+class TracedLayer(Protocol):
+    """What :func:`traced_forward` reads of the layer (a ``BlockGyroLinear``)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    config: BlockGyroConfig
+    seed: Tensor
+    in_features: int
+    out_features: int
+    block_size: int
+    prune: Prune
+
+    @property
+    def n_blocks(self) -> int: ...
+    @property
+    def n_dropped(self) -> int: ...
+    @property
+    def features(self) -> int: ...
+    @property
+    def scale(self) -> float: ...
+    def forward_step_tensor(self) -> Tensor: ...
+    def active_subnets_tensor(self, step: Tensor) -> Tensor: ...
+    def group_counts(self, batch: int) -> list[int]: ...
+
+
+def traced_forward(self: TracedLayer, x: Tensor) -> Tensor:
+    """The compiled training path (torch backend): the step is a tensor, the kept
+    blocks of the active set and the plan's indices are computed from it in the
+    graph (the same blocks as the cached eager plan), and the pruned GEMMs are
+    differentiable ops the compiler traces (:func:`pruned_linear_traced`)."""
+    step = self.forward_step_tensor()
+    if self.n_dropped == 0 or x.numel() == 0:
+        return F.linear(x, self.weight, self.bias)
+    active = self.active_subnets_tensor(step)
+    keep = masks.block_keep_mask(self.seed, active, self.n_blocks, self.n_dropped, device=x.device)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    kept = order[:, : self.n_blocks - self.n_dropped]
+    batch = x.shape[0]
+    rows_per_sample = x.numel() // (batch * self.in_features)
+    out = self.out_features if self.prune == "input" else None
+    plan = build_plan(kept, self.group_counts(batch), rows_per_sample, self.n_blocks, out)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, self.in_features)
+    width = self.n_blocks * self.block_size
+    weight, bias = self.weight, self.bias
+    pad = width - self.features
+    if pad and self.prune == "input":
+        x2, weight = F.pad(x2, (0, pad)), F.pad(weight, (0, pad))
+    elif pad:
+        weight = F.pad(weight, (0, 0, 0, pad))
+        bias = None if bias is None else F.pad(bias, (0, pad))
+    y = pruned_linear_traced(
+        x2,
+        weight,
+        bias,
+        plan,
+        prune=self.prune,
+        block_size=self.block_size,
+        scale=self.scale,
+        dtype=compute_dtype(x),
+    )
+    if pad and self.prune == "output":
+        y = y[:, : self.out_features]
+    y = y.reshape(*lead, self.out_features)
+    if self.config.drop_mode != "standard":  # early/late dropout: dense off its steps
+        y = torch.where(self.config.drops_at(step), y, F.linear(x, self.weight, self.bias))
+    return y
