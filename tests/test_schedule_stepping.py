@@ -556,3 +556,28 @@ def test_surgery_on_a_model_with_a_shared_dropout_steps_it_once(calls: str) -> N
     for expected in (1, 2):
         model.train()(torch.ones(4, 8))
         assert model.a.current_step() == expected
+
+
+class TestStepArgumentsTooLargeForTheCounter:
+    """A step or advance beyond the int64 counter is refused naming the argument (it
+    raised torch's bare OverflowError)."""
+
+    @pytest.mark.parametrize(
+        ("call", "name"),
+        [
+            (lambda m: gyrodrop.step(m, 10**30), "gyrodrop.step: n"),
+            (lambda m: m[0].advance(10**30), "GyroDropout.advance: n"),
+            (lambda m: m[0].set_step(10**30), "GyroDropout.set_step: value"),
+            (lambda m: m[0].active_subnets(step=10**30), "GyroDropout.active_subnets: step"),
+        ],
+    )
+    def test_refused_in_one_line_naming_the_argument(self, call, name) -> None:
+        model = torch.nn.Sequential(
+            gyrodrop.GyroDropout(0.5, 8, 2, steps_per_set=1, auto_step=False)
+        )
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name} must be <= 2\*\*62 \(the step counter is int64\), got {10**30}",
+        ):
+            call(model)
+        assert model[0].current_step() == 0

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gyrodrop._validation import check_int
+from gyrodrop._validation import check_step_count
 
 __all__ = [
     "in_backward",
@@ -85,7 +85,7 @@ def check_step(module: Any, method: str, step: Any) -> Any:
     """
     if isinstance(step, Tensor) and step.dim() == 0 and not step.is_floating_point():
         return step
-    return check_int(f"{type(module).__name__}.{method}", "step", step, 0)
+    return check_step_count(f"{type(module).__name__}.{method}", "step", step)
 
 
 def refuse_bad_counters(

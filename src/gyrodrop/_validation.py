@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 __all__ = [
     "MAX_SEED",
+    "MAX_STEP",
+    "check_step_count",
     "check_int",
     "check_p",
     "check_seed",
@@ -36,6 +38,26 @@ _S = TypeVar("_S", bound=str)
 
 def _hint(hint: str | None) -> str:
     return f"; hint: {hint}" if hint else ""
+
+
+#: The largest step count or step advance a layer takes: its ``step`` buffer is int64, and
+#: a step and an advance must add up without overflowing.
+MAX_STEP = 2**62
+
+
+def check_step_count(owner: str, name: str, value: Any) -> int:
+    """A step or a number of steps: an ``int`` in ``[0, 2**62]`` (the counter is int64).
+
+    Raises:
+        ValueError: e.g. ``"gyrodrop.step: n must be >= 0, got -5"`` or
+            ``"gyrodrop.step: n must be <= 2**62 (the step counter is int64), got ..."``.
+    """
+    check_int(owner, name, value, 0)
+    if value > MAX_STEP:
+        raise ValueError(
+            f"{owner}: {name} must be <= 2**62 (the step counter is int64), got {value}"
+        )
+    return int(value)
 
 
 def check_int(

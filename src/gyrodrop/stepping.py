@@ -32,7 +32,7 @@ from gyrodrop._guards import (
     refuse_export,
 )
 from gyrodrop._modules import unwrap_model
-from gyrodrop._validation import check_bool, check_int, check_seed
+from gyrodrop._validation import MAX_STEP, check_bool, check_seed, check_step_count
 from gyrodrop.config import LayerConfig, config_properties, warmup_rate
 
 __all__ = [
@@ -334,8 +334,8 @@ class SteppedModule(nn.Module):
 
     def advance(self, n: int = 1) -> None:
         """Advance the step counter by ``n >= 0`` (what :func:`gyrodrop.step` calls)."""
-        if n.__class__ is not int or n < 0:
-            check_int(type(self).__name__ + ".advance", "n", n, 0)
+        if n.__class__ is not int or n < 0 or n > MAX_STEP:
+            check_step_count(type(self).__name__ + ".advance", "n", n)
         step: Tensor = self._buffers["step"]  # type: ignore[assignment]
         if step.is_meta:
             return
@@ -353,7 +353,7 @@ class SteppedModule(nn.Module):
     def set_step(self, value: int) -> None:
         """Set the step counter to ``value >= 0`` (resuming from a trainer's saved
         state; the ``step`` buffer is written in place, so it stays the same tensor)."""
-        check_int(type(self).__name__ + ".set_step", "value", value, 0)
+        check_step_count(type(self).__name__ + ".set_step", "value", value)
         self.step.fill_(value)
 
     def current_step(self) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gyrodrop._validation import check_int
+from gyrodrop._validation import check_step_count
 from gyrodrop.stepping import SteppedModule, _ModelStepper, _unwrap, attach_stepper
 
 __all__ = ["Stepping", "STEPPING", "set_stepping", "bind_to_optimizer", "step"]
@@ -148,7 +148,7 @@ def step(model: nn.Module, n: int = 1) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gyrodrop.step: model must be an nn.Module, got {type(model).__name__}")
-    check_int("gyrodrop.step", "n", n, 0)
+    check_step_count("gyrodrop.step", "n", n)
     for module in model.modules():
         if isinstance(module, SteppedModule):
             module.advance(n)
