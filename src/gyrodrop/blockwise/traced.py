@@ -46,28 +46,30 @@ class TracedLayer(Protocol):
     def group_counts(self, batch: int) -> list[int]: ...
 
 
-def traced_forward(self: TracedLayer, x: Tensor) -> Tensor:
+def traced_forward(layer: TracedLayer, x: Tensor) -> Tensor:
     """The compiled training path (torch backend): the step is a tensor, the kept
     blocks of the active set and the plan's indices are computed from it in the
     graph (the same blocks as the cached eager plan), and the pruned GEMMs are
     differentiable ops the compiler traces (:func:`pruned_linear_traced`)."""
-    step = self.forward_step_tensor()
-    if self.n_dropped == 0 or x.numel() == 0:
-        return F.linear(x, self.weight, self.bias)
-    active = self.active_subnets_tensor(step)
-    keep = masks.block_keep_mask(self.seed, active, self.n_blocks, self.n_dropped, device=x.device)
+    step = layer.forward_step_tensor()
+    if layer.n_dropped == 0 or x.numel() == 0:
+        return F.linear(x, layer.weight, layer.bias)
+    active = layer.active_subnets_tensor(step)
+    keep = masks.block_keep_mask(
+        layer.seed, active, layer.n_blocks, layer.n_dropped, device=x.device
+    )
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    kept = order[:, : self.n_blocks - self.n_dropped]
+    kept = order[:, : layer.n_blocks - layer.n_dropped]
     batch = x.shape[0]
-    rows_per_sample = x.numel() // (batch * self.in_features)
-    out = self.out_features if self.prune == "input" else None
-    plan = build_plan(kept, self.group_counts(batch), rows_per_sample, self.n_blocks, out)
+    rows_per_sample = x.numel() // (batch * layer.in_features)
+    out = layer.out_features if layer.prune == "input" else None
+    plan = build_plan(kept, layer.group_counts(batch), rows_per_sample, layer.n_blocks, out)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, self.in_features)
-    width = self.n_blocks * self.block_size
-    weight, bias = self.weight, self.bias
-    pad = width - self.features
-    if pad and self.prune == "input":
+    x2 = x.reshape(-1, layer.in_features)
+    width = layer.n_blocks * layer.block_size
+    weight, bias = layer.weight, layer.bias
+    pad = width - layer.features
+    if pad and layer.prune == "input":
         x2, weight = F.pad(x2, (0, pad)), F.pad(weight, (0, pad))
     elif pad:
         weight = F.pad(weight, (0, 0, 0, pad))
@@ -77,14 +79,14 @@ def traced_forward(self: TracedLayer, x: Tensor) -> Tensor:
         weight,
         bias,
         plan,
-        prune=self.prune,
-        block_size=self.block_size,
-        scale=self.scale,
+        prune=layer.prune,
+        block_size=layer.block_size,
+        scale=layer.scale,
         dtype=compute_dtype(x),
     )
-    if pad and self.prune == "output":
-        y = y[:, : self.out_features]
-    y = y.reshape(*lead, self.out_features)
-    if self.config.drop_mode != "standard":  # early/late dropout: dense off its steps
-        y = torch.where(self.config.drops_at(step), y, F.linear(x, self.weight, self.bias))
+    if pad and layer.prune == "output":
+        y = y[:, : layer.out_features]
+    y = y.reshape(*lead, layer.out_features)
+    if layer.config.drop_mode != "standard":  # early/late dropout: dense off its steps
+        y = torch.where(layer.config.drops_at(step), y, F.linear(x, layer.weight, layer.bias))
     return y
