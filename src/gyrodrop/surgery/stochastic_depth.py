@@ -301,7 +301,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
         >>> replace_drop_paths(net)
         1
         >>> net[1]
-        StochasticDepth(p=0.1, mode=sample, warmup_steps=0, per_rank=False)
+        StochasticDepth(p=0.1, mode=sample, warmup_steps=0, per_rank=False, kept_rows=random)
     """
     config = StochasticDepthConfig(p=0.0, mode=mode, owner="replace_drop_paths")
     check_seed("replace_drop_paths", seed)
