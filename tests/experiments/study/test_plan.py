@@ -116,7 +116,11 @@ def test_sigma_grid_and_shared_runs_are_kept_once() -> None:
         ("cells.0.sizes", [0], "sizes: must be a positive integer"),
         ("cells", [], "cells: must be a non-empty list"),
         ("recipe", {"lr": 0.1, "learning_rate": 1}, "unknown field(s) learning_rate"),
-        ("recipe", {"p": 1.5}, "p must be in [0, 1)"),
+        ("recipe", {"p": 1.5}, "recipe.p must be in [0, 1), got 1.5"),
+        ("cells.0.recipe", {"lr": -1.0}, "cells[0].recipe.lr must be > 0"),
+        ("methods", ["none", "gyro", "none"], "methods: lists 'none' more than once"),
+        ("cells.0.sizes", [40, 80, 40], "sizes: lists 40 more than once"),
+        ("cells.0.methods", ["gyro", "gyro"], "cells[0].methods: lists 'gyro' more than once"),
         ("dataset", "imagenet", "dataset: must be one of"),
     ],
 )
@@ -130,6 +134,12 @@ def test_bad_plans_are_refused_naming_the_field(path: str, value: Any, message: 
 def test_a_size_above_the_data_is_refused_with_the_largest_allowed() -> None:
     plan = parse_plan(_with("cells.0.sizes", [40, 5000]))
     with pytest.raises(PlanError, match="largest size allowed is 1300"):
+        check_sizes(plan, 1350)
+
+
+def test_a_validation_split_as_large_as_the_data_is_blamed_on_val_size() -> None:
+    plan = parse_plan(_with("val_size", 1350))
+    with pytest.raises(PlanError, match="val_size: 1350 validation examples leave no"):
         check_sizes(plan, 1350)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,16 @@ def _int_list(where: str, value: Any) -> tuple[int, ...]:
         value = [value]
     if not isinstance(value, list) or not value:
         raise _fail(where, f"must be a non-empty list of positive integers, got {value!r}")
-    return tuple(_posint(where, v) for v in value)
+    return _no_repeats(where, tuple(_posint(where, v) for v in value))
+
+
+def _no_repeats(where: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Refuses a list that names one value twice: a repeated size or method would be
+    run once, so the plan would not mean what it says."""
+    twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if twice:
+        raise _fail(where, f"lists {', '.join(map(repr, twice))} more than once")
+    return values
 
 
 def _methods(where: str, value: Any) -> tuple[str, ...]:
@@ -180,7 +190,7 @@ def _methods(where: str, value: Any) -> tuple[str, ...]:
     for m in value:
         if m not in METHODS:
             raise _fail(where, f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
-    return tuple(value)
+    return _no_repeats(where, tuple(value))
 
 
 def _unknown(where: str, d: dict[str, Any], allowed: set[str] | tuple[str, ...]) -> None:
@@ -375,14 +385,41 @@ def expand(plan: Plan, seeds: int | None = None) -> list[RunConfig]:
                             **kw,
                         ).normalized()
                     except (TypeError, ValueError) as e:
-                        raise PlanError(f"plan {plan.name}: cells[{ci}] {method}: {e}") from None
+                        raise PlanError(
+                            f"plan {plan.name}: cells[{ci}] {method}: "
+                            + _name_recipe_field(str(e), plan.recipe, cell.recipe, ci)
+                        ) from None
                     out.setdefault(cfg.key(), cfg)
     return list(out.values())
 
 
+def _name_recipe_field(
+    message: str, recipe: dict[str, Any], cell_recipe: dict[str, Any], ci: int
+) -> str:
+    """``"RunConfig: p must be ..."`` as ``"recipe.p must be ..."`` (or
+    ``cells[i].recipe.p``): the plan's own name of the value that was refused."""
+    m = re.match(r"RunConfig: (\w+)", message)
+    if m is None:
+        return message
+    field = m.group(1)
+    if field in cell_recipe:
+        where = f"cells[{ci}].recipe.{field}"
+    elif field in recipe:
+        where = f"recipe.{field}"
+    else:
+        return message
+    return where + message[m.end() :]
+
+
 def check_sizes(plan: Plan, n_train_split: int) -> None:
     """Refuses a size that does not fit: ``size + val_size`` must be at most the
-    training split's ``n_train_split`` examples."""
+    training split's ``n_train_split`` examples (and ``val_size`` must leave some)."""
+    if plan.val_size >= n_train_split:
+        raise PlanError(
+            f"plan {plan.name}: val_size: {plan.val_size} validation examples leave no "
+            f"training example of the {n_train_split} in the {plan.dataset} training split; "
+            f"val_size must be at most {n_train_split - 1}"
+        )
     for i, c in enumerate(plan.cells):
         for s in c.sizes:
             if s + plan.val_size > n_train_split:
