@@ -143,4 +143,7 @@ def test_bad_plans_exit_2_with_one_line_before_training(
 
 def test_unknown_plan_name_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["study", "no-such-plan", "--dry-run"]) == 2
-    assert "not a built-in plan (data-ladder, overfit-ablations, tiny)" in capsys.readouterr().err
+    assert (
+        "not a built-in plan (data-ladder, overfit-ablations, full-data, tiny)"
+        in capsys.readouterr().err
+    )

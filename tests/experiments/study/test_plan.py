@@ -4,6 +4,7 @@ are refused in one line naming the field, and the data-ladder's run keys stay fi
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -68,6 +69,16 @@ def test_data_ladder_run_keys_are_pinned() -> None:
         "none",
         0,
     )
+
+
+def test_full_data_is_the_data_ladder_recipe_on_every_training_image() -> None:
+    """full-data is data-ladder's top rung: the same runs but for the size, so the two
+    reports compare like with like."""
+    top = expand(load_plan("full-data"))
+    ladder = {r.key(): r for r in expand(load_plan("data-ladder")) if r.model == "mlp2"}
+    assert {r.train_size for r in top} == {60000 - 5000} and len(top) == 5 * 3
+    for r in top:
+        assert dataclasses.replace(r, train_size=1000).key() in ladder
 
 
 def test_runs_are_seed_major_with_every_method_of_a_cell_together() -> None:

@@ -18,8 +18,8 @@ STUDY_EXAMPLES = """examples:
   gyrodrop study data-ladder --db study.db --report    # the report from the database only
   gyrodrop study my-plan.toml --device cuda            # a plan file, on a GPU
 
-Built-in plans: data-ladder, overfit-ablations, tiny. Start the same command in a second
-shell to train with two processes: each claims the next run nobody trains."""
+Built-in plans: data-ladder, overfit-ablations, full-data, tiny. Start the same command
+in a second shell to train with two processes: each claims the next run nobody trains."""
 
 
 def add_study_parser(sub: Any, **kw: Any) -> argparse.ArgumentParser:
@@ -34,7 +34,9 @@ def add_study_parser(sub: Any, **kw: Any) -> argparse.ArgumentParser:
         epilog=STUDY_EXAMPLES,
         **kw,
     )
-    p.add_argument("plan", metavar="PLAN", help="data-ladder, overfit-ablations, tiny or a file")
+    p.add_argument(
+        "plan", metavar="PLAN", help="data-ladder, overfit-ablations, full-data, tiny or a file"
+    )
     p.add_argument("--db", default="results.db", help="SQLite results file (default results.db)")
     p.add_argument(
         "--out", default="results/study", help="report directory (default results/study/)"

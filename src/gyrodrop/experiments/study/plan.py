@@ -65,6 +65,7 @@ PLANS_DIR = Path(__file__).resolve().parent / "plans"
 BUILTIN: dict[str, Path] = {
     "data-ladder": PLANS_DIR / "data-ladder.toml",
     "overfit-ablations": PLANS_DIR / "overfit-ablations.toml",
+    "full-data": PLANS_DIR / "full-data.toml",
     "tiny": PLANS_DIR / "tiny.toml",
 }
 #: RunConfig fields a plan's ``recipe`` may set.
