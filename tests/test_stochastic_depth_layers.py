@@ -62,7 +62,13 @@ def llama():
 def swin():
     torch.manual_seed(0)
     config = transformers.SwinConfig(
-        embed_dim=8, depths=[2, 2], num_heads=[1, 1], image_size=16, patch_size=2, window_size=2
+        embed_dim=8,
+        depths=[2, 2],
+        num_heads=[1, 1],
+        image_size=16,
+        patch_size=2,
+        window_size=2,
+        drop_path_rate=0.0,  # its own DropPath off: wrapped, it would drop twice
     )
     return transformers.SwinForImageClassification(config)
 
@@ -284,6 +290,58 @@ class TestReplaceDropPaths:
         assert got == pytest.approx(expected)
         assert torch.equal(model(pixel_values=x).logits, before)
         model.train()(pixel_values=x).logits.sum().backward()
+
+
+class TestWrappingBlocksThatDropTheirPath:
+    """A block that already drops its own path (HF ConvNeXt/Swin with drop_path_rate > 0)
+    would be dropped twice once wrapped: apply_stochastic_depth says so."""
+
+    @staticmethod
+    def convnext(drop_path_rate: float) -> nn.Module:
+        config = transformers.ConvNextConfig(
+            num_channels=3,
+            hidden_sizes=[8, 16, 16, 16],
+            depths=[1, 1, 1, 1],
+            drop_path_rate=drop_path_rate,
+            image_size=32,
+            num_labels=3,
+        )
+        return transformers.ConvNextForImageClassification(config)
+
+    def test_hf_convnext_with_its_own_drop_path_warns_naming_the_module(self):
+        model = self.convnext(0.2)
+        x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+        with pytest.warns(
+            gyrodrop.SurgeryWarning,
+            match=r"convnext\.encoder\.stages\.3\.layers\.0\.drop_path: ConvNextDropPath "
+            r"drop_prob=0\.2\), so they are dropped twice; .*drop_path_rate=0\.0",
+        ):
+            assert gyrodrop.apply_stochastic_depth(model, 0.2, example_inputs=x) == 4
+
+    def test_without_its_own_drop_path_it_is_quiet(self):
+        model = self.convnext(0.0)
+        x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert gyrodrop.apply_stochastic_depth(model, 0.2, example_inputs=x) == 4
+
+    def test_a_timm_drop_path_inside_a_user_block_warns(self):
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.fc, self.drop_path = nn.Linear(4, 4), TimmDropPath(0.1)
+
+            def branch(self, x):
+                return self.drop_path(self.fc(x))
+
+            def shortcut(self, x):
+                return x
+
+            def forward(self, x):
+                return self.shortcut(x) + self.branch(x)
+
+        with pytest.warns(gyrodrop.SurgeryWarning, match=r"0\.drop_path: TimmDropPath drop_p"):
+            gyrodrop.apply_stochastic_depth(nn.Sequential(Block(), Block()), 0.5)
 
 
 class TimmDropPath(nn.Module):

@@ -175,6 +175,7 @@ def apply_stochastic_depth(
         rates = [given] * len(blocks)
     chosen = {id(block): (i, split) for i, (_, block, split) in enumerate(blocks)}
     names = [name for name, _, _ in blocks]
+    _warn_on_drop_paths_inside(owner, blocks, rates)
 
     def make(module: nn.Module, _: int) -> nn.Module | None:
         if id(module) not in chosen:
@@ -215,6 +216,41 @@ def apply_stochastic_depth(
         "already wrapped); the model is unchanged. Hint: pass target= (a block type or "
         "predicate) for other blocks",
     )
+
+
+def _active_drop_path(module: nn.Module) -> str | None:
+    """``"ConvNextDropPath drop_prob=0.1"`` for a module that already drops its path in
+    training (a ``*DropPath`` with ``drop_prob > 0``, a ``StochasticDepth`` with
+    ``p > 0``), else ``None``."""
+    cls = type(module).__name__
+    for attr, match in (("drop_prob", cls.endswith("DropPath")), ("p", cls == "StochasticDepth")):
+        rate = getattr(module, attr, None) if match else None
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+            return f"{cls} {attr}={rate:g}"
+    return None
+
+
+def _warn_on_drop_paths_inside(owner: str, blocks: list[Any], rates: list[float]) -> None:
+    """Warns when blocks about to be wrapped already drop their path themselves (a Hugging
+    Face ConvNeXt or Swin built with ``drop_path_rate > 0``, a timm block): wrapped, such
+    a block is dropped twice in training, at a rate the user did not ask for."""
+    found = [
+        f"{name}.{inner}: {what}"
+        for (name, block, _), rate in zip(blocks, rates, strict=True)
+        if rate > 0
+        for inner, m in block.named_modules()
+        if inner and (what := _active_drop_path(m)) is not None
+    ]
+    if found:
+        shown = "; ".join(found[:3]) + (f"; ... ({len(found)} in all)" if len(found) > 3 else "")
+        warnings.warn(
+            f"{owner}: blocks being wrapped already drop their path in training ({shown}), "
+            "so they are dropped twice; hint: build the model with its own drop-path rate "
+            "0 (Hugging Face: drop_path_rate=0.0), or keep its rates and make them seeded "
+            "with gyrodrop.surgery.replace_drop_paths(model) instead",
+            SurgeryWarning,
+            stacklevel=3,
+        )
 
 
 def _given_rates(owner: str, drop_rate: Any) -> float | list[float]:
