@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import gc
 import os
-import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -27,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gyrodrop
 from gyrodrop import BlockGyroLinear, StochasticDepth
 from gyrodrop import distributed as gd
+from twoproc import run_ranks, save_rank
 
 WORLD = 2
 LOCAL = 4
@@ -183,27 +181,14 @@ def _worker(rank: int, store: str, out: str) -> None:
             sd = StochasticDepth(0.5, mode="sample", seed=2)
             res["depth_sample"] = [sd(torch.ones(LOCAL, 3)) for _ in range(4)]
 
-        with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(res, f)
+        save_rank(out, rank, res)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("ddp")
-    ctx = mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the two gloo ranks did not finish within 180 s")
-    out = []
-    for r in range(WORLD):
-        with open(tmp / f"rank{r}.pkl", "rb") as f:
-            out.append(pickle.load(f))
-    return out
+    return run_ranks(_worker, tmp_path_factory.mktemp("ddp"), WORLD, timeout_s=180)
 
 
 # ----------------------------------------------------------------------------- pure rules

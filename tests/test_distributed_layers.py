@@ -15,21 +15,18 @@ tests compare it with single-process references computed here.
 
 from __future__ import annotations
 
-import os
-import pickle
-import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import gyrodrop
 from gyrodrop import distributed as gd
 from gyrodrop.dropblock import dropblock2d, gyro_dropblock2d
 from gyrodrop.stepping import SteppedModule
+from twoproc import run_ranks, save_rank
 
 WORLD = 2
 LOCAL = 4
@@ -217,27 +214,14 @@ def _worker(rank: int, store: str, out: str) -> None:
             m.decision_seed() for m in wrapped.modules() if isinstance(m, gyrodrop.StochasticDepth)
         ]
 
-        with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(res, f)
+        save_rank(out, rank, res)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("ranks")
-    ctx = mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the two gloo ranks did not finish within 240 s")
-    out = []
-    for r in range(WORLD):
-        with open(tmp / f"rank{r}.pkl", "rb") as f:
-            out.append(pickle.load(f))
-    return out
+    return run_ranks(_worker, tmp_path_factory.mktemp("ranks"), WORLD, timeout_s=240)
 
 
 class TestFullyShardOnMeta:
