@@ -83,3 +83,23 @@ def test_arm_labels_name_non_default_sigma_and_diversity() -> None:
         == "gyro σ=64 τ=16"
     )
     assert arm_label({"method": "dropout", "subnetworks": 10}, recipe) == "dropout (diversity)"
+
+
+def test_the_plot_of_differences_is_written(tmp_path: Any) -> None:
+    """One line per method against training-set size (a plan of one size has none)."""
+    from gyrodrop.experiments.study.report import _plot
+
+    runs = [
+        _run(m, s, 0.8 + 0.01 * s + (m == "gyro") * n / 4000, train_size=n)
+        for n in (20, 40)
+        for s in range(3)
+        for m in ("dropout", "gyro")
+    ]
+    entries = [
+        {**e, "train_size": n}
+        for n in (20, 40)
+        for e in build_report(PLAN, [r for r in runs if r["train_size"] == n])[1]["paired"]["final"]
+    ]
+    png = _plot(entries, "dropout", tmp_path / "sub" / "p.png", "r")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+    assert _plot(entries[:1], "dropout", tmp_path / "one.png", "r") is None

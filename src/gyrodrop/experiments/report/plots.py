@@ -44,6 +44,20 @@ def _pyplot() -> Any | None:
     return plt
 
 
+def save_figure(fig: Any, path: Path, title: str | None = None) -> Path:
+    """Titles (``title``, small), lays out, writes ``path`` (its folder made) and closes
+    ``fig``: the last step of every report plot."""
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curves(
     sec: Section, epochs_of: Callable[[str], list[dict[str, Any]]], path: Path
 ) -> Path | None:
@@ -79,12 +93,7 @@ def plot_learning_curves(
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
     ax_acc.legend(fontsize=8)
-    fig.suptitle(section_label(sec), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, section_label(sec))
 
 
 def plot_sweep(sec: Section, path: Path) -> Path | None:
@@ -118,12 +127,7 @@ def plot_sweep(sec: Section, path: Path) -> Path | None:
                 if not math.isnan(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    fig.suptitle(section_label(sec), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, section_label(sec))
 
 
 def plot_diversity(sec: Section, path: Path) -> Path | None:
@@ -155,12 +159,7 @@ def plot_diversity(sec: Section, path: Path) -> Path | None:
     ax.set(
         title="mean distance" + (" / dropout" if ref else ""), ylabel="relative" if ref else "L1"
     )
-    fig.suptitle(section_label(sec), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, section_label(sec))
 
 
 def _pool_bins(runs: Sequence[dict[str, Any]], name: str) -> list[tuple[float, float, int]] | None:
@@ -207,9 +206,4 @@ def plot_reliability(sec: Section, path: Path) -> Path | None:
             ylim=(0, 1),
         )
         ax.legend(fontsize=7)
-    fig.suptitle(section_label(sec), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, section_label(sec))

@@ -150,7 +150,7 @@ def _mean_curve(runs: Sequence[dict[str, Any]], name: str) -> list[tuple[float, 
 def plot_uncertainty(sec: Section, path: Path) -> Path | None:
     """Per variant: the reliability diagram (bins pooled over seeds) and the
     risk-coverage curve (mean over seeds) of every evaluator."""
-    from gyrodrop.experiments.report.plots import _pool_bins, _pyplot
+    from gyrodrop.experiments.report.plots import _pool_bins, _pyplot, save_figure
 
     plt = _pyplot()
     if plt is None:
@@ -183,9 +183,4 @@ def plot_uncertainty(sec: Section, path: Path) -> Path | None:
         rc.set(xlabel="coverage (least uncertain kept)", ylabel="risk (error rate)", xlim=(0, 1))
         rel.legend(fontsize=7)
         rc.legend(fontsize=6)
-    fig.suptitle(section_label(sec), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, section_label(sec))

@@ -308,7 +308,7 @@ def _diversity(cells: _Cells) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _plot(entries: Sequence[dict[str, Any]], baseline: str, path: Path, title: str) -> Path | None:
-    from gyrodrop.experiments.report.plots import _pyplot
+    from gyrodrop.experiments.report.plots import _pyplot, save_figure
 
     models = list(dict.fromkeys(e["model"] for e in entries))
     sizes = {m: {e["train_size"] for e in entries if e["model"] == m} for m in models}
@@ -344,11 +344,7 @@ def _plot(entries: Sequence[dict[str, Any]], baseline: str, path: Path, title: s
         ax.set_ylabel(f"final test accuracy minus {baseline} (points)")
         ax.set_title(f"{model}: {title}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def build_report(
