@@ -11,18 +11,17 @@ from gyrodrop.experiments.study.plan import parse_plan
 from gyrodrop.experiments.study.report import arm_label, build_report
 from gyrodrop.experiments.study.stats import holm
 
-PLAN = parse_plan(
-    {
-        "name": "r",
-        "dataset": "digits",
-        "seeds": 3,
-        "val_size": 10,
-        "methods": ["dropout", "gyro", "gyro-random"],
-        "budget": {"steps": 4, "evaluations": 2},
-        "recipe": {"num_subnets": 8, "subnets_per_step": 2},
-        "cells": [{"model": "mlp", "sizes": [20]}],
-    }
-)
+_PLAN_DATA: dict[str, Any] = {
+    "name": "r",
+    "dataset": "digits",
+    "seeds": 3,
+    "val_size": 10,
+    "methods": ["dropout", "gyro", "gyro-random"],
+    "budget": {"steps": 4, "evaluations": 2},
+    "recipe": {"num_subnets": 8, "subnets_per_step": 2},
+    "cells": [{"model": "mlp", "sizes": [20]}],
+}
+PLAN = parse_plan(_PLAN_DATA)
 
 
 def _run(method: str, seed: int, acc: float, **extra: Any) -> dict[str, Any]:
@@ -103,3 +102,28 @@ def test_the_plot_of_differences_is_written(tmp_path: Any) -> None:
     png = _plot(entries, "dropout", tmp_path / "sub" / "p.png", "r")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
     assert _plot(entries[:1], "dropout", tmp_path / "one.png", "r") is None
+
+
+def test_pooled_over_sizes_averages_each_seed_then_tests_over_seeds() -> None:
+    """By hand: seed s's gyro − dropout is d(20, s) at size 20 and d(40, s) at 40; the
+    pooled row tests the per-seed means (d(20, s) + d(40, s)) / 2 over seeds."""
+    plan = parse_plan({**_PLAN_DATA, "cells": [{"model": "mlp", "sizes": [20, 40]}]})
+    d = {20: [0.010, 0.030, -0.005], 40: [0.000, 0.010, 0.020]}
+    runs = []
+    for n in (20, 40):
+        for s in range(3):
+            runs += [
+                _run("dropout", s, 0.8, train_size=n),
+                _run("gyro", s, 0.8 + d[n][s], train_size=n),
+            ]
+    runs.append(_run("gyro", 3, 0.9, train_size=20))  # seed 3 lacks size 40: left out
+    _, data = build_report(plan, runs)
+    (e,) = data["pooled"]
+    per_seed = [(d[20][s] + d[40][s]) / 2 for s in range(3)]
+    mean = sum(per_seed) / 3
+    sd = (sum((x - mean) ** 2 for x in per_seed) / 2) ** 0.5
+    half = 4.302652729911275 * sd / 3**0.5  # t(0.975, 2)
+    assert (e["arm"], e["sizes"], e["n"]) == ("gyro", [20, 40], 3)
+    assert e["mean_diff"] == pytest.approx(mean)
+    assert (e["ci_low"], e["ci_high"]) == pytest.approx((mean - half, mean + half))
+    assert e["p_holm"] == e["p_value"]  # one row: Holm changes nothing

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gyrodrop.experiments.report.paired import paired_summary
 from gyrodrop.experiments.report.tables import markdown
 from gyrodrop.experiments.store import Store
 from gyrodrop.experiments.study.plan import Plan
@@ -191,6 +192,55 @@ def _crosstab(cells: _Cells, entries: Sequence[dict[str, Any]], baseline: str) -
         rows.append(row)
     head = ["model", "n train", "seeds", f"{baseline} (%)", *(f"{a} − {baseline}" for a in arms)]
     return markdown(head, rows)
+
+
+def _pooled(cells: _Cells, baseline: str, metric: str = "final_acc") -> list[dict[str, Any]]:
+    """Per model of more than one size, every arm's difference to ``baseline`` averaged
+    over the sizes within each seed, then compared over seeds (the seed is the unit:
+    one t interval and one Wilcoxon test per arm); Holm over the table. Seeds missing
+    any size of the arm or the baseline are left out."""
+    by_model: dict[str, dict[int, dict[str, list[Run]]]] = {}
+    for (model, size), cell_arms in cells.items():
+        by_model.setdefault(model, {})[size] = cell_arms
+    out = []
+    for model, sizes in by_model.items():
+        if len(sizes) < 2:
+            continue
+        names = dict.fromkeys(a for c in sizes.values() for a in c if a != baseline)
+        for arm in names:
+            per_seed: dict[int, list[float]] = {}
+            for cell in sizes.values():
+                base = {r["seed"]: r.get(metric) for r in cell.get(baseline, [])}
+                for r in cell.get(arm, []):
+                    x, y = r.get(metric), base.get(r["seed"])
+                    if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+                        per_seed.setdefault(r["seed"], []).append(float(x) - float(y))
+            diffs = [
+                statistics.fmean(d) for _, d in sorted(per_seed.items()) if len(d) == len(sizes)
+            ]
+            e: dict[str, Any] = {"model": model, "sizes": sorted(sizes), "arm": arm}
+            e.update(baseline=baseline, metric=metric, **paired_summary(diffs))
+            out.append(e)
+    for e, adj in zip(out, holm([e["p_value"] for e in out]), strict=True):
+        e["p_holm"] = adj
+    return out
+
+
+def _pooled_md(entries: Sequence[dict[str, Any]]) -> str:
+    rows = [
+        [
+            e["model"],
+            ", ".join(f"{s:,}" for s in e["sizes"]),
+            e["arm"],
+            str(e["n"]),
+            _ci(e),
+            _p(e["p_value"]),
+            _p(e["p_holm"]),
+        ]
+        for e in entries
+    ]
+    head = ["model", "sizes", "method", "seeds", "mean difference (points) [95% CI]"]
+    return markdown([*head, "Wilcoxon p", "Holm p"], rows)
 
 
 def _others_md(cells: _Cells, baseline: str) -> tuple[str, list[dict[str, Any]]]:
@@ -387,6 +437,15 @@ def build_report(
             lines += ["", f"## Paired against {baseline}: {title}", ""]
             lines.append("Holm's correction is over the rows of this table.")
             lines += ["", _paired_md(entries)]
+    data["pooled"] = _pooled(cells, baseline)
+    if data["pooled"]:
+        lines += ["", f"## Pooled over sizes: final test accuracy, difference to {baseline}", ""]
+        lines.append(
+            "Each seed's difference averaged over the model's sizes, then the 95% t "
+            "interval and the Wilcoxon test over seeds (the seed is the unit); is a method "
+            "ahead on average across the ladder? Holm over the rows of this table."
+        )
+        lines += ["", _pooled_md(data["pooled"])]
     other, data["paired"]["gap_nll_ece"] = _others_md(cells, baseline)
     if data["paired"]["gap_nll_ece"]:
         lines += ["", f"## Paired against {baseline}: generalization gap, NLL, ECE", ""]
