@@ -223,11 +223,20 @@ def _active_drop_path(module: nn.Module) -> str | None:
     training (a ``*DropPath`` with ``drop_prob > 0``, a ``StochasticDepth`` with
     ``p > 0``), else ``None``."""
     cls = type(module).__name__
-    for attr, match in (("drop_prob", cls.endswith("DropPath")), ("p", cls == "StochasticDepth")):
-        rate = getattr(module, attr, None) if match else None
-        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
-            return f"{cls} {attr}={rate:g}"
+    if _is_drop_path(module) and getattr(module, "drop_prob") > 0:  # noqa: B009
+        return f"{cls} drop_prob={getattr(module, 'drop_prob'):g}"  # noqa: B009
+    rate = getattr(module, "p", None)
+    if cls == "StochasticDepth" and isinstance(rate, float) and rate > 0:
+        return f"{cls} p={rate:g}"
     return None
+
+
+def _is_drop_path(module: nn.Module) -> bool:
+    """A model's own DropPath (timm's, Hugging Face ``ConvNextDropPath``, ...): a class
+    named ``*DropPath`` with a float ``drop_prob``."""
+    return type(module).__name__.endswith("DropPath") and isinstance(
+        getattr(module, "drop_prob", None), float
+    )
 
 
 def _warn_on_drop_paths_inside(owner: str, blocks: list[Any], rates: list[float]) -> None:
@@ -342,12 +351,7 @@ def replace_drop_paths(model: nn.Module, *, mode: Mode = "sample", seed: int = 0
     config = StochasticDepthConfig(p=0.0, mode=mode, owner="replace_drop_paths")
     check_seed("replace_drop_paths", seed)
     root = unwrap_model(model)
-    types = {
-        type(m)
-        for m in root.modules()
-        if type(m).__name__.endswith("DropPath")
-        and isinstance(getattr(m, "drop_prob", None), float)
-    }
+    types = {type(m) for m in root.modules() if _is_drop_path(m)}
 
     names = {id(m): name for name, m in root.named_modules()}
     left: list[str] = []
