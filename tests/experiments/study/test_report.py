@@ -72,6 +72,20 @@ def test_report_pairs_by_seed_and_holm_corrects_each_table() -> None:
     assert "## Table 6" in text and "## Figure 5" in text and "Holm p" in text
 
 
+def test_diversity_arms_are_measured_not_compared_again() -> None:
+    """A (diversity) arm trains exactly as its method: no second paired test for Holm."""
+    runs = []
+    for s in range(3):
+        runs += [
+            _run("dropout", s, 0.80 + s / 100),
+            _run("gyro", s, 0.81 + s / 100),
+            _run("gyro", s, 0.81 + s / 100, subnetworks=10, diversity_mean=0.5),
+        ]
+    _, data = build_report(PLAN, runs)
+    assert [e["arm"] for e in data["paired"]["final"]] == ["gyro"]
+    assert [e["arm"] for e in data["diversity"]] == ["gyro (diversity)"]
+
+
 def test_arm_labels_name_non_default_sigma_and_diversity() -> None:
     recipe = {"num_subnets": 256, "subnets_per_step": 16}
     assert (

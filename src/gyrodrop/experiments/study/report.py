@@ -104,6 +104,13 @@ class _Cells:
         return list(self.cells.items())
 
 
+def _compared(arm: str, baseline: str) -> bool:
+    """Whether ``arm`` gets a paired comparison with ``baseline``: not the baseline
+    itself, nor a ``(diversity)`` arm (the same training as its method's arm, plus a
+    measurement: comparing it again would only add a duplicate test to Holm's count)."""
+    return arm != baseline and not arm.endswith(" (diversity)")
+
+
 def _complete_seeds(arms: dict[str, list[Run]]) -> int:
     """Seeds every arm of a cell has (complete pairs)."""
     sets = [{r["seed"] for r in runs} for runs in arms.values()]
@@ -149,7 +156,7 @@ def _paired_table(
         if not base:
             continue
         for arm, runs in arms.items():
-            if arm == baseline:
+            if not _compared(arm, baseline):
                 continue
             e: dict[str, Any] = {"model": model, "train_size": size, "arm": arm}
             e.update(baseline=baseline, metric=metric)
@@ -180,7 +187,9 @@ def _paired_md(entries: Sequence[dict[str, Any]], unit: str = "points") -> str:
 def _crosstab(cells: _Cells, entries: Sequence[dict[str, Any]], baseline: str) -> str:
     """One row per cell: the baseline's final accuracy (mean ± SD) and every other
     arm's paired difference with its interval and Holm p."""
-    arms = list(dict.fromkeys(a for _, cell in cells.items() for a in cell if a != baseline))
+    arms = list(
+        dict.fromkeys(a for _, cell in cells.items() for a in cell if _compared(a, baseline))
+    )
     found = {(e["model"], e["train_size"], e["arm"]): e for e in entries}
     rows = []
     for (model, size), cell in cells.items():
@@ -206,7 +215,7 @@ def _pooled(cells: _Cells, baseline: str, metric: str = "final_acc") -> list[dic
     for model, sizes in by_model.items():
         if len(sizes) < 2:
             continue
-        names = dict.fromkeys(a for c in sizes.values() for a in c if a != baseline)
+        names = dict.fromkeys(a for c in sizes.values() for a in c if _compared(a, baseline))
         for arm in names:
             per_seed: dict[int, list[float]] = {}
             for cell in sizes.values():
@@ -251,7 +260,7 @@ def _others_md(cells: _Cells, baseline: str) -> tuple[str, list[dict[str, Any]]]
         if not base:
             continue
         for arm, runs in arms.items():
-            if arm == baseline:
+            if not _compared(arm, baseline):
                 continue
             row = [model, f"{size:,}", arm]
             for m, scale, digits in metrics:
