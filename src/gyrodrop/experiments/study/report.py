@@ -34,7 +34,7 @@ from gyrodrop.experiments.report.paired import paired_summary
 from gyrodrop.experiments.report.tables import markdown
 from gyrodrop.experiments.store import Store
 from gyrodrop.experiments.study.plan import Plan
-from gyrodrop.experiments.study.stats import derive, holm, paired
+from gyrodrop.experiments.study.stats import derive, holm, paired, seed_differences
 
 __all__ = ["write_report", "build_report", "arm_label"]
 
@@ -219,11 +219,9 @@ def _pooled(cells: _Cells, baseline: str, metric: str = "final_acc") -> list[dic
         for arm in names:
             per_seed: dict[int, list[float]] = {}
             for cell in sizes.values():
-                base = {r["seed"]: r.get(metric) for r in cell.get(baseline, [])}
-                for r in cell.get(arm, []):
-                    x, y = r.get(metric), base.get(r["seed"])
-                    if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-                        per_seed.setdefault(r["seed"], []).append(float(x) - float(y))
+                found = seed_differences(cell.get(arm, []), cell.get(baseline, []), metric)
+                for seed, d in found.items():
+                    per_seed.setdefault(seed, []).append(d)
             diffs = [
                 statistics.fmean(d) for _, d in sorted(per_seed.items()) if len(d) == len(sizes)
             ]

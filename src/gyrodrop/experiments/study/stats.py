@@ -20,7 +20,7 @@ from typing import Any
 
 from gyrodrop.experiments.report.paired import paired_summary
 
-__all__ = ["holm", "selected_epoch", "derive", "paired", "DERIVED"]
+__all__ = ["holm", "selected_epoch", "derive", "paired", "seed_differences", "DERIVED"]
 
 #: Per-run metrics :func:`derive` adds (fractions; ``sel_epoch`` is 1-based).
 DERIVED: tuple[str, ...] = ("final_acc", "sel_acc", "sel_epoch", "sel_gap", "best_acc")
@@ -80,18 +80,26 @@ def derive(rec: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any
     return out
 
 
+def seed_differences(
+    runs: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]], metric: str
+) -> dict[int, float]:
+    """``{seed: run minus base}`` on ``metric`` for the seeds both sides have with a
+    finite value, in seed order."""
+    b = {r["seed"]: r.get(metric) for r in base}
+    out: dict[int, float] = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        x, y = r.get(metric), b.get(r["seed"])
+        if not (isinstance(x, (int, float)) and isinstance(y, (int, float))):
+            continue
+        if math.isfinite(x) and math.isfinite(y):
+            out[r["seed"]] = float(x) - float(y)
+    return out
+
+
 def paired(
     runs: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]], metric: str
 ) -> dict[str, Any]:
     """Paired comparison of ``runs`` with ``base`` on ``metric``, matched by seed:
     ``n, mean_diff, ci_low, ci_high, p_value`` (runs minus base; seeds missing from
     either side or without a finite value are left out)."""
-    b = {r["seed"]: r.get(metric) for r in base}
-    diffs = []
-    for r in sorted(runs, key=lambda r: r["seed"]):
-        x, y = r.get(metric), b.get(r["seed"])
-        if not (isinstance(x, (int, float)) and isinstance(y, (int, float))):
-            continue
-        if math.isfinite(x) and math.isfinite(y):
-            diffs.append(float(x) - float(y))
-    return paired_summary(diffs)
+    return paired_summary(list(seed_differences(runs, base, metric).values()))
